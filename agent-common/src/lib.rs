@@ -1,0 +1,197 @@
+//! Layouts shared by the kernel programs (`kspan-ebpf`) and the userspace agent.
+//!
+//! Everything here is `#[repr(C)]` and plain data: the kernel writes these bytes into maps and
+//! the ring buffer, userspace reads them back. Field order is chosen so no implicit padding
+//! exists (explicit `_pad` fields), which keeps the layout identical on both sides.
+#![cfg_attr(not(any(feature = "user", test)), no_std)]
+
+/// Hard upper bound on payload bytes copied per syscall (the 2x scratch record must fit the
+/// kernel's 32 KiB per-CPU value limit). The runtime cap
+/// ([`Config::payload_cap`]) may only lower it.
+pub const MAX_PAYLOAD: usize = 8192;
+/// Default runtime cap on payload bytes copied per syscall.
+pub const DEFAULT_PAYLOAD_CAP: u32 = 4096;
+/// Number of iovec segments copied for readv/writev/recvmsg/sendmsg.
+pub const MAX_IOV: usize = 8;
+
+pub mod role {
+    /// The socket came from accept(): we are the server on it.
+    pub const SERVER: u8 = 1;
+    /// The socket was connect()ed: we are the client on it.
+    pub const CLIENT: u8 = 2;
+}
+
+pub mod proto {
+    /// No payload seen yet.
+    pub const UNKNOWN: u8 = 0;
+    pub const HTTP1: u8 = 1;
+    pub const HTTP2: u8 = 2;
+    /// First payload was not HTTP: the kernel ignores this connection from then on.
+    pub const OTHER: u8 = 3;
+    /// Userspace filters (`--pid`, `--port`, `--exe`) excluded this connection.
+    pub const IGNORED: u8 = 4;
+}
+
+pub mod direction {
+    /// Bytes the traced process received (read, recv*).
+    pub const INGRESS: u8 = 0;
+    /// Bytes the traced process sent (write, send*, sendfile).
+    pub const EGRESS: u8 = 1;
+}
+
+pub mod kind {
+    pub const DATA: u32 = 1;
+    pub const CLOSE: u32 = 2;
+}
+
+pub mod event_flags {
+    /// Bytes were sent but not copied (sendfile): only the count is known.
+    pub const NO_PAYLOAD: u8 = 1;
+    /// Earlier events of this connection were lost (ring buffer full): the stream has a gap.
+    pub const GAP: u8 = 2;
+}
+
+/// Indexes into the per-CPU `STATS` array.
+pub mod stat {
+    /// Events written to the ring buffer.
+    pub const EVENTS: u32 = 0;
+    /// Events lost because the ring buffer was full.
+    pub const LOST_RINGBUF: u32 = 1;
+    /// Syscalls whose payload exceeded the copy cap (the byte count is still exact).
+    pub const TRUNCATED: u32 = 2;
+    /// Connections inserted into the tracking table.
+    pub const CONNS_TRACKED: u32 = 3;
+    /// Connections dropped in kernel because their first bytes were not HTTP.
+    pub const CONNS_NOT_HTTP: u32 = 4;
+    /// Payload copies from user memory that faulted.
+    pub const READ_FAULTS: u32 = 5;
+    /// Connection table inserts that failed.
+    pub const CONN_INSERT_FAILED: u32 = 6;
+    pub const COUNT: u32 = 8;
+}
+
+/// Key of the connection table: one socket fd in one process.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ConnKey {
+    pub tgid: u32,
+    pub fd: u32,
+}
+
+/// Addresses of a TCP socket as the kernel sees them, read once when the socket is opened.
+/// Ports are in host byte order. IPv4 addresses occupy the first 4 bytes of the arrays.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Tuple {
+    /// AF_INET (2) or AF_INET6 (10); 0 when the kernel offsets were unavailable.
+    pub family: u16,
+    pub local_port: u16,
+    pub peer_port: u16,
+    pub _pad: u16,
+    pub local_addr: [u8; 16],
+    pub peer_addr: [u8; 16],
+    /// Inode of the socket's network namespace: loopback addresses are only unique within one.
+    pub netns: u32,
+    pub _pad2: u32,
+}
+
+/// Value of the connection table.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ConnInfo {
+    /// Kernel time the socket was opened: with (tgid, fd) it tells reused fds apart.
+    pub generation: u64,
+    pub tuple: Tuple,
+    pub role: u8,
+    pub proto: u8,
+    /// Set by the kernel when an event of this connection could not be output.
+    pub gap_pending: u8,
+    pub _pad: [u8; 5],
+}
+
+/// Fixed head of every ring-buffer record; `DATA` records are followed by `captured_len`
+/// payload bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+pub struct EventHeader {
+    pub kind: u32,
+    pub tgid: u32,
+    pub tid: u32,
+    pub fd: u32,
+    /// CLOCK_MONOTONIC nanoseconds at syscall exit.
+    pub ts_ns: u64,
+    pub conn: ConnInfo,
+    /// Bytes the syscall actually transferred (its return value).
+    pub total_len: u64,
+    pub captured_len: u32,
+    pub direction: u8,
+    pub flags: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Scratch layout used by the kernel to assemble a record before output.
+#[repr(C)]
+pub struct DataEvent {
+    pub header: EventHeader,
+    /// Twice the maximum so bounded-offset writes of vectored I/O always stay in range for the
+    /// verifier; only the first `MAX_PAYLOAD` bytes are ever submitted.
+    pub payload: [u8; MAX_PAYLOAD * 2],
+}
+
+/// Byte offsets of kernel struct fields, resolved from the running kernel's BTF by userspace
+/// and written into the program as a read-only global before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelOffsets {
+    pub task_files: u32,
+    pub files_fdt: u32,
+    pub fdt_fd: u32,
+    pub fdt_max_fds: u32,
+    pub file_private_data: u32,
+    pub socket_sk: u32,
+    pub skc_family: u32,
+    pub skc_daddr: u32,
+    pub skc_rcv_saddr: u32,
+    pub skc_dport: u32,
+    pub skc_num: u32,
+    pub skc_v6_daddr: u32,
+    pub skc_v6_rcv_saddr: u32,
+    pub skc_net: u32,
+    pub net_ns_inum: u32,
+    /// Non-zero once userspace has filled the struct; the kernel skips address reads otherwise.
+    pub valid: u32,
+}
+
+/// Runtime settings written into the program as read-only globals before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    /// The agent's own tgid: it never traces itself.
+    pub self_tgid: u32,
+    /// Payload bytes copied per syscall, at most [`MAX_PAYLOAD`].
+    pub payload_cap: u32,
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: all types are #[repr(C)], Copy, and made of integers and byte arrays with explicit
+    // padding, so every bit pattern is valid.
+    unsafe impl aya::Pod for super::ConnKey {}
+    unsafe impl aya::Pod for super::ConnInfo {}
+    unsafe impl aya::Pod for super::KernelOffsets {}
+    unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use core::mem::size_of;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<Tuple>(), 2 * 4 + 32 + 8);
+        assert_eq!(size_of::<ConnInfo>(), 8 + size_of::<Tuple>() + 8);
+        assert_eq!(size_of::<EventHeader>(), 24 + size_of::<ConnInfo>() + 16);
+        assert_eq!(size_of::<EventHeader>() % 8, 0);
+    }
+}

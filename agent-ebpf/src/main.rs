@@ -1,0 +1,452 @@
+//! kspan's kernel side: one raw tracepoint on `sys_exit`.
+//!
+//! At syscall exit the saved registers still hold the syscall number and its arguments, and the
+//! return value tells how many bytes moved, so a single hook sees everything a pair of
+//! enter/exit hooks would, at half the cost. Work is ordered cheapest-first: syscall number,
+//! then the connection table, then payload copies only for connections that sniffed as HTTP.
+#![no_std]
+#![no_main]
+
+mod arch;
+
+use core::{ffi::c_void, mem::size_of};
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
+        bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw,
+    },
+    macros::{map, raw_tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::RawTracePointContext,
+};
+use kspan_common::{
+    ConnInfo, ConnKey, Config, DataEvent, EventHeader, KernelOffsets, MAX_IOV, MAX_PAYLOAD,
+    Tuple, direction, event_flags, kind, proto, role, stat,
+};
+
+use arch::*;
+
+/// Filled by userspace before load (`EbpfLoader::override_global`).
+#[unsafe(no_mangle)]
+static CONFIG: Config = Config {
+    self_tgid: 0,
+    payload_cap: kspan_common::DEFAULT_PAYLOAD_CAP,
+};
+
+/// Filled by userspace before load from the running kernel's BTF.
+#[unsafe(no_mangle)]
+static OFFSETS: KernelOffsets = KernelOffsets {
+    task_files: 0,
+    files_fdt: 0,
+    fdt_fd: 0,
+    fdt_max_fds: 0,
+    file_private_data: 0,
+    socket_sk: 0,
+    skc_family: 0,
+    skc_daddr: 0,
+    skc_rcv_saddr: 0,
+    skc_dport: 0,
+    skc_num: 0,
+    skc_v6_daddr: 0,
+    skc_v6_rcv_saddr: 0,
+    skc_net: 0,
+    net_ns_inum: 0,
+    valid: 0,
+};
+
+/// Tracked TCP sockets. LRU so that sockets of processes that exit without close() age out
+/// instead of filling the table.
+#[map]
+static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(131_072, 0);
+
+/// Size is overridden by userspace (`--ring-buffer-mb`).
+#[map]
+static EVENTS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+#[map]
+static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
+
+/// Per-CPU scratch record: too large for the 512-byte BPF stack.
+#[map]
+static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
+
+const HEADER_LEN: usize = size_of::<EventHeader>();
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn kspan_sys_exit(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sys_exit(&ctx);
+    0
+}
+
+enum Copy {
+    /// `buf` argument points at the bytes.
+    Flat,
+    /// `buf` argument points at an iovec array of `arg2` entries.
+    Iov,
+    /// `buf` argument points at a msghdr.
+    Msg,
+    /// Bytes moved in kernel (sendfile): count only.
+    None,
+}
+
+#[inline(always)]
+fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
+    let regs: *const u8 = ctx.arg(0);
+    let ret: i64 = ctx.arg(1);
+    let nr: i64 = reg(regs, REG_NR)?;
+
+    // Cheapest rejection first: most syscalls on a busy host are none of these.
+    let (dir, copy) = match nr {
+        NR_READ | NR_RECVFROM => (direction::INGRESS, Copy::Flat),
+        NR_WRITE | NR_SENDTO => (direction::EGRESS, Copy::Flat),
+        NR_READV => (direction::INGRESS, Copy::Iov),
+        NR_WRITEV => (direction::EGRESS, Copy::Iov),
+        NR_RECVMSG => (direction::INGRESS, Copy::Msg),
+        NR_SENDMSG => (direction::EGRESS, Copy::Msg),
+        NR_SENDFILE => (direction::EGRESS, Copy::None),
+        NR_ACCEPT | NR_ACCEPT4 => {
+            if ret >= 0 && !is_self() {
+                on_open(ret as u32, role::SERVER);
+            }
+            return Ok(());
+        }
+        NR_CONNECT => {
+            if (ret == 0 || ret == -EINPROGRESS) && !is_self() {
+                let fd: u64 = reg(regs, REG_ARG0)?;
+                on_open(fd as u32, role::CLIENT);
+            }
+            return Ok(());
+        }
+        NR_CLOSE => {
+            let fd: u64 = reg(regs, REG_ARG0)?;
+            on_close(fd as u32);
+            return Ok(());
+        }
+        _ => return Ok(()),
+    };
+    if ret <= 0 {
+        return Ok(());
+    }
+    let fd: u64 = reg(regs, REG_ARG0)?;
+    on_data(regs, fd as u32, ret as u64, dir, copy)
+}
+
+#[inline(always)]
+fn reg<T>(regs: *const u8, offset: usize) -> Result<T, i32> {
+    // SAFETY: bpf_probe_read_kernel tolerates any address; a bad one returns an error.
+    unsafe { bpf_probe_read_kernel(regs.add(offset) as *const T) }
+}
+
+#[inline(always)]
+fn tgid_tid() -> (u32, u32) {
+    let v = bpf_get_current_pid_tgid();
+    ((v >> 32) as u32, v as u32)
+}
+
+#[inline(always)]
+fn is_self() -> bool {
+    // SAFETY: read of a read-only global.
+    let cfg = unsafe { core::ptr::read_volatile(&CONFIG) };
+    tgid_tid().0 == cfg.self_tgid
+}
+
+#[inline(always)]
+fn bump(index: u32) {
+    if let Some(p) = STATS.get_ptr_mut(index) {
+        // SAFETY: per-CPU slot; raw tracepoints run with migration disabled.
+        unsafe { *p += 1 };
+    }
+}
+
+fn on_open(fd: u32, role: u8) {
+    let Ok(tuple) = read_tuple(fd) else {
+        return;
+    };
+    // Unix sockets and anything else that is not TCP/IP carry no HTTP we can attribute.
+    if tuple.family != 0 && tuple.family != AF_INET && tuple.family != AF_INET6 {
+        return;
+    }
+    let key = ConnKey {
+        tgid: tgid_tid().0,
+        fd,
+    };
+    let info = ConnInfo {
+        // SAFETY: helper without preconditions.
+        generation: unsafe { bpf_ktime_get_ns() },
+        tuple,
+        role,
+        proto: proto::UNKNOWN,
+        gap_pending: 0,
+        _pad: [0; 5],
+    };
+    if CONNS.insert(&key, &info, 0).is_ok() {
+        bump(stat::CONNS_TRACKED);
+    } else {
+        bump(stat::CONN_INSERT_FAILED);
+    }
+}
+
+fn on_close(fd: u32) {
+    let (tgid, tid) = tgid_tid();
+    let key = ConnKey { tgid, fd };
+    let Some(info) = CONNS.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: pointer from a successful lookup, read before the entry is removed.
+    let info = unsafe { *info };
+    let _ = CONNS.remove(&key);
+    if info.proto != proto::HTTP1 && info.proto != proto::HTTP2 {
+        return;
+    }
+    let header = EventHeader {
+        kind: kind::CLOSE,
+        tgid,
+        tid,
+        fd,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn: info,
+        total_len: 0,
+        captured_len: 0,
+        direction: 0,
+        flags: if info.gap_pending != 0 { event_flags::GAP } else { 0 },
+        _pad: [0; 2],
+    };
+    if EVENTS.output::<EventHeader>(&header, 0).is_ok() {
+        bump(stat::EVENTS);
+    } else {
+        bump(stat::LOST_RINGBUF);
+    }
+}
+
+#[inline(always)]
+fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<(), i32> {
+    let (tgid, tid) = tgid_tid();
+    let key = ConnKey { tgid, fd };
+    let Some(info) = CONNS.get_ptr_mut(&key) else {
+        return Ok(());
+    };
+    // SAFETY: pointer from a successful lookup; the LRU map keeps it valid for this program run.
+    let info = unsafe { &mut *info };
+    if info.proto == proto::OTHER || info.proto == proto::IGNORED {
+        return Ok(());
+    }
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
+    let ev = unsafe { &mut *ev };
+
+    // SAFETY: read of a read-only global.
+    let cfg = unsafe { core::ptr::read_volatile(&CONFIG) };
+    let mut cap = cfg.payload_cap as u64;
+    if cap > MAX_PAYLOAD as u64 {
+        cap = MAX_PAYLOAD as u64;
+    }
+    let want = if total < cap { total } else { cap };
+    let buf: u64 = reg(regs, REG_ARG1)?;
+    let mut flags = 0u8;
+    let captured = match copy {
+        Copy::Flat => copy_flat(ev, buf as *const u8, want),
+        Copy::Iov => {
+            let count: u64 = reg(regs, REG_ARG2)?;
+            copy_iov(ev, buf as *const u8, count, want)
+        }
+        Copy::Msg => {
+            let msg = buf as *const u8;
+            // SAFETY: user pointers read through the fault-tolerant helper.
+            let iov: u64 = unsafe { bpf_probe_read_user(msg.add(MSGHDR_IOV) as *const u64) }?;
+            let count: u64 = unsafe { bpf_probe_read_user(msg.add(MSGHDR_IOVLEN) as *const u64) }?;
+            copy_iov(ev, iov as *const u8, count, want)
+        }
+        Copy::None => {
+            flags |= event_flags::NO_PAYLOAD;
+            0
+        }
+    };
+    if captured < want {
+        bump(stat::READ_FAULTS);
+    }
+    if total > captured && flags & event_flags::NO_PAYLOAD == 0 {
+        bump(stat::TRUNCATED);
+    }
+
+    if info.proto == proto::UNKNOWN {
+        // A byte count alone tells nothing about the protocol: wait for real bytes. Fewer than
+        // four are passed on undecided and userspace judges them.
+        if captured == 0 {
+            return Ok(());
+        }
+        match if captured < 4 { Some(proto::UNKNOWN) } else { sniff(&ev.payload) } {
+            Some(p) => info.proto = p,
+            None => {
+                info.proto = proto::OTHER;
+                bump(stat::CONNS_NOT_HTTP);
+                return Ok(());
+            }
+        }
+    }
+
+    if info.gap_pending != 0 {
+        flags |= event_flags::GAP;
+    }
+    ev.header = EventHeader {
+        kind: kind::DATA,
+        tgid,
+        tid,
+        fd,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn: *info,
+        total_len: total,
+        captured_len: captured as u32,
+        direction: dir,
+        flags,
+        _pad: [0; 2],
+    };
+    let mut len = HEADER_LEN as u64 + captured;
+    if len > (HEADER_LEN + MAX_PAYLOAD) as u64 {
+        len = (HEADER_LEN + MAX_PAYLOAD) as u64;
+    }
+    // SAFETY: `len` is bounded by the size of the scratch record.
+    let bytes = unsafe { core::slice::from_raw_parts(ev as *const DataEvent as *const u8, len as usize) };
+    if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
+        info.gap_pending = 0;
+        bump(stat::EVENTS);
+    } else {
+        info.gap_pending = 1;
+        bump(stat::LOST_RINGBUF);
+    }
+    Ok(())
+}
+
+/// Copies `want` (≤ MAX_PAYLOAD) bytes from user memory; returns how many were copied.
+#[inline(always)]
+fn copy_flat(ev: &mut DataEvent, src: *const u8, want: u64) -> u64 {
+    let mut n = want;
+    if n > MAX_PAYLOAD as u64 {
+        n = MAX_PAYLOAD as u64;
+    }
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: destination has 2*MAX_PAYLOAD bytes and n ≤ MAX_PAYLOAD; the helper checks src.
+    let r = unsafe {
+        probe_read_user_raw(ev.payload.as_mut_ptr() as *mut c_void, n as u32, src as *const c_void)
+    };
+    if r == 0 { n } else { 0 }
+}
+
+/// Walks up to MAX_IOV iovec entries copying at most `want` bytes in order.
+#[inline(always)]
+fn copy_iov(ev: &mut DataEvent, iov: *const u8, count: u64, want: u64) -> u64 {
+    let mut off: u64 = 0;
+    let mut i = 0usize;
+    while i < MAX_IOV {
+        if i as u64 >= count || off >= want {
+            break;
+        }
+        // SAFETY: user pointers read through the fault-tolerant helper.
+        let base: u64 = match unsafe { bpf_probe_read_user(iov.add(i * IOVEC_SIZE) as *const u64) } {
+            Ok(v) => v,
+            Err(_) => break,
+        };
+        let len: u64 = match unsafe { bpf_probe_read_user(iov.add(i * IOVEC_SIZE + 8) as *const u64) } {
+            Ok(v) => v,
+            Err(_) => break,
+        };
+        let mut seg = want - off;
+        if len < seg {
+            seg = len;
+        }
+        // Masks prove to the verifier what the branch above already guarantees:
+        // off < MAX_PAYLOAD and seg ≤ MAX_PAYLOAD, so off + seg stays inside the 2x scratch.
+        let o = (off as usize) & (MAX_PAYLOAD - 1);
+        let mut s = seg;
+        if s > MAX_PAYLOAD as u64 {
+            s = MAX_PAYLOAD as u64;
+        }
+        if s > 0 {
+            // SAFETY: see above; the helper checks the user source.
+            let r = unsafe {
+                probe_read_user_raw(
+                    ev.payload.as_mut_ptr().add(o) as *mut c_void,
+                    s as u32,
+                    base as *const c_void,
+                )
+            };
+            if r != 0 {
+                break;
+            }
+        }
+        off += s;
+        i += 1;
+    }
+    off
+}
+
+/// Recognises the first bytes of an HTTP/1.x request or response, or the HTTP/2 preface.
+#[inline(always)]
+fn sniff(p: &[u8]) -> Option<u8> {
+    let b = [p[0], p[1], p[2], p[3]];
+    match &b {
+        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"OPTI" | b"PATC" | b"CONN" | b"TRAC"
+        | b"HTTP" => Some(proto::HTTP1),
+        b"PRI " => Some(proto::HTTP2),
+        _ => None,
+    }
+}
+
+/// Reads the socket's addresses by walking task → files → fdtable → file → socket → sock with
+/// offsets resolved from BTF. A failed walk yields family 0 so the connection is still tracked.
+fn read_tuple(fd: u32) -> Result<Tuple, i32> {
+    // SAFETY: read of a read-only global.
+    let o = unsafe { core::ptr::read_volatile(&OFFSETS) };
+    let mut t = Tuple::default();
+    if o.valid == 0 {
+        return Ok(t);
+    }
+    // SAFETY: every dereference goes through bpf_probe_read_kernel, which tolerates bad addresses.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let files: *const u8 = bpf_probe_read_kernel(task.add(o.task_files as usize) as *const _)?;
+        let fdt: *const u8 = bpf_probe_read_kernel(files.add(o.files_fdt as usize) as *const _)?;
+        let max_fds: u32 = bpf_probe_read_kernel(fdt.add(o.fdt_max_fds as usize) as *const _)?;
+        if fd >= max_fds {
+            return Ok(t);
+        }
+        let fds: *const *const u8 = bpf_probe_read_kernel(fdt.add(o.fdt_fd as usize) as *const _)?;
+        let file: *const u8 = bpf_probe_read_kernel(fds.add(fd as usize))?;
+        let socket: *const u8 =
+            bpf_probe_read_kernel(file.add(o.file_private_data as usize) as *const _)?;
+        let sk: *const u8 = bpf_probe_read_kernel(socket.add(o.socket_sk as usize) as *const _)?;
+        let family: u16 = bpf_probe_read_kernel(sk.add(o.skc_family as usize) as *const _)?;
+        t.family = family;
+        let dport: u16 = bpf_probe_read_kernel(sk.add(o.skc_dport as usize) as *const _)?;
+        t.peer_port = u16::from_be(dport);
+        t.local_port = bpf_probe_read_kernel(sk.add(o.skc_num as usize) as *const _)?;
+        if family == AF_INET {
+            let d: [u8; 4] = bpf_probe_read_kernel(sk.add(o.skc_daddr as usize) as *const _)?;
+            let s: [u8; 4] = bpf_probe_read_kernel(sk.add(o.skc_rcv_saddr as usize) as *const _)?;
+            t.peer_addr[..4].copy_from_slice(&d);
+            t.local_addr[..4].copy_from_slice(&s);
+        } else if family == AF_INET6 && o.skc_v6_daddr != 0 {
+            t.peer_addr = bpf_probe_read_kernel(sk.add(o.skc_v6_daddr as usize) as *const _)?;
+            t.local_addr = bpf_probe_read_kernel(sk.add(o.skc_v6_rcv_saddr as usize) as *const _)?;
+        }
+        let net: *const u8 = bpf_probe_read_kernel(sk.add(o.skc_net as usize) as *const _)?;
+        t.netns = bpf_probe_read_kernel(net.add(o.net_ns_inum as usize) as *const _)?;
+    }
+    Ok(t)
+}
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,215 @@
+//! Decodes ring-buffer records into owned events. Pure: also used by replay.
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+
+use kspan_common::{EventHeader, Tuple, direction, event_flags, kind, role};
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum DecodeError {
+    #[error("record of {0} bytes is shorter than the event header")]
+    Short(usize),
+    #[error("record claims {claimed} payload bytes but carries {actual}")]
+    PayloadLength { claimed: usize, actual: usize },
+    #[error("unknown record kind {0}")]
+    Kind(u32),
+}
+
+/// Identity of one connection for its whole life: fd numbers are reused, generations are not.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId {
+    pub tgid: u32,
+    pub fd: u32,
+    pub generation: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Server,
+    Client,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Direction {
+    /// Bytes the process received.
+    Ingress,
+    /// Bytes the process sent.
+    Egress,
+}
+
+/// Socket addresses as seen from the traced process.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Endpoints {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
+    pub netns: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EventKind {
+    Data {
+        direction: Direction,
+        /// Bytes the syscall moved; `payload` may hold fewer (copy cap, sendfile).
+        total_len: u64,
+        payload: Vec<u8>,
+        /// Earlier events of this connection were lost.
+        gap: bool,
+    },
+    Close,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Event {
+    pub conn: ConnId,
+    pub tid: u32,
+    pub ts_ns: u64,
+    pub role: Role,
+    /// `None` when the kernel could not read the socket's addresses.
+    pub endpoints: Option<Endpoints>,
+    pub kind: EventKind,
+}
+
+const HEADER_LEN: usize = size_of::<EventHeader>();
+
+fn addr(family: u16, raw: [u8; 16]) -> Option<IpAddr> {
+    match family {
+        2 => Some(IpAddr::V4(Ipv4Addr::new(raw[0], raw[1], raw[2], raw[3]))),
+        10 => {
+            let v6 = Ipv6Addr::from(raw);
+            // Dual-stack listeners see IPv4 peers as ::ffff:a.b.c.d; the other side of the same
+            // connection sees plain IPv4, and both must compare equal.
+            Some(v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)))
+        }
+        _ => None,
+    }
+}
+
+pub fn endpoints(t: &Tuple) -> Option<Endpoints> {
+    Some(Endpoints {
+        local: SocketAddr::new(addr(t.family, t.local_addr)?, t.local_port),
+        peer: SocketAddr::new(addr(t.family, t.peer_addr)?, t.peer_port),
+        netns: t.netns,
+    })
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: EventHeader is plain old data of exactly HEADER_LEN bytes; read_unaligned copes
+    // with any alignment of the record.
+    let h: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let conn = ConnId { tgid: h.tgid, fd: h.fd, generation: h.conn.generation };
+    let role = if h.conn.role == role::SERVER { Role::Server } else { Role::Client };
+    let kind = match h.kind {
+        kind::DATA => {
+            let payload = &bytes[HEADER_LEN..];
+            let claimed = h.captured_len as usize;
+            if claimed > payload.len() {
+                return Err(DecodeError::PayloadLength { claimed, actual: payload.len() });
+            }
+            EventKind::Data {
+                direction: if h.direction == direction::EGRESS { Direction::Egress } else { Direction::Ingress },
+                total_len: h.total_len,
+                payload: payload[..claimed].to_vec(),
+                gap: h.flags & event_flags::GAP != 0,
+            }
+        }
+        kind::CLOSE => EventKind::Close,
+        other => return Err(DecodeError::Kind(other)),
+    };
+    Ok(Event { conn, tid: h.tid, ts_ns: h.ts_ns, role, endpoints: endpoints(&h.conn.tuple), kind })
+}
+
+/// Encodes an event back into the kernel's record layout (used by recording and tests).
+pub fn encode(ev: &Event) -> Vec<u8> {
+    let mut h = EventHeader { tgid: ev.conn.tgid, fd: ev.conn.fd, tid: ev.tid, ts_ns: ev.ts_ns, ..Default::default() };
+    h.conn.generation = ev.conn.generation;
+    h.conn.role = match ev.role {
+        Role::Server => role::SERVER,
+        Role::Client => role::CLIENT,
+    };
+    if let Some(e) = &ev.endpoints {
+        let put = |a: IpAddr, out: &mut [u8; 16]| match a {
+            IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
+            IpAddr::V6(v6) => *out = v6.octets(),
+        };
+        h.conn.tuple.family = if e.local.is_ipv4() { 2 } else { 10 };
+        h.conn.tuple.local_port = e.local.port();
+        h.conn.tuple.peer_port = e.peer.port();
+        h.conn.tuple.netns = e.netns;
+        put(e.local.ip(), &mut h.conn.tuple.local_addr);
+        put(e.peer.ip(), &mut h.conn.tuple.peer_addr);
+    }
+    let payload: &[u8] = match &ev.kind {
+        EventKind::Data { direction: d, total_len, payload, gap } => {
+            h.kind = kind::DATA;
+            h.direction = if *d == Direction::Egress { direction::EGRESS } else { direction::INGRESS };
+            h.total_len = *total_len;
+            h.captured_len = payload.len() as u32;
+            if *gap {
+                h.flags |= event_flags::GAP;
+            }
+            if payload.is_empty() && *total_len > 0 {
+                h.flags |= event_flags::NO_PAYLOAD;
+            }
+            payload
+        }
+        EventKind::Close => {
+            h.kind = kind::CLOSE;
+            &[]
+        }
+    };
+    let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
+    // SAFETY: EventHeader is plain old data without implicit padding.
+    out.extend_from_slice(unsafe { std::slice::from_raw_parts((&h as *const EventHeader).cast::<u8>(), HEADER_LEN) });
+    out.extend_from_slice(payload);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Event {
+        Event {
+            conn: ConnId { tgid: 7, fd: 4, generation: 99 },
+            tid: 8,
+            ts_ns: 1234,
+            role: Role::Server,
+            endpoints: Some(Endpoints {
+                local: "[2001:db8::2]:8080".parse().unwrap(),
+                peer: "[2001:db8::1]:5555".parse().unwrap(),
+                netns: 4026531840,
+            }),
+            kind: EventKind::Data { direction: Direction::Ingress, total_len: 10_000, payload: b"GET / HTTP/1.1\r\n".to_vec(), gap: true },
+        }
+    }
+
+    #[test]
+    fn roundtrips() {
+        let ev = sample();
+        assert_eq!(decode(&encode(&ev)).unwrap(), ev);
+        let close = Event { kind: EventKind::Close, ..sample() };
+        assert_eq!(decode(&encode(&close)).unwrap(), close);
+    }
+
+    #[test]
+    fn v4_mapped_addresses_become_v4() {
+        let mut raw = [0u8; 16];
+        raw[10] = 0xff;
+        raw[11] = 0xff;
+        raw[12..].copy_from_slice(&[10, 0, 0, 1]);
+        assert_eq!(addr(10, raw), Some("10.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn malformed_records_are_errors() {
+        assert_eq!(decode(&[0; 8]), Err(DecodeError::Short(8)));
+        let mut bytes = encode(&sample());
+        bytes.truncate(bytes.len() - 1);
+        assert!(matches!(decode(&bytes), Err(DecodeError::PayloadLength { .. })));
+        let mut bytes = encode(&sample());
+        bytes[0] = 9;
+        assert_eq!(decode(&bytes), Err(DecodeError::Kind(9)));
+    }
+}

@@ -1,0 +1,175 @@
+//! Kernel capture: loads the eBPF programs, attaches them and hands out raw ring-buffer records.
+//! Everything after the ring buffer is pure and lives in other modules.
+pub mod btf;
+pub mod event;
+pub mod replay;
+
+use std::{
+    io,
+    os::fd::{AsRawFd, RawFd},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
+    programs::RawTracePoint,
+};
+use kspan_common::{Config, ConnInfo, ConnKey, MAX_PAYLOAD, proto, stat};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kspan-ebpf"));
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "kspan needs root (or CAP_BPF + CAP_PERFMON, or CAP_SYS_ADMIN) to load eBPF programs; run it with sudo or as a privileged DaemonSet"
+    )]
+    NotPrivileged,
+    #[error(
+        "this kspan binary was built without its eBPF programs (bpf-linker or the nightly toolchain was missing at build time); rebuild with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("the kernel exposes no BTF at {BTF_PATH} (it needs CONFIG_DEBUG_INFO_BTF=y): {0}")]
+    NoBtf(#[source] io::Error),
+    #[error("the kernel's BTF could not be used: {0}")]
+    Btf(#[from] btf::BtfError),
+    #[error("the kernel refused kspan's eBPF programs (is BPF enabled and allowed here?): {0:#}")]
+    Load(#[source] aya::EbpfError),
+    #[error("could not attach to the sys_exit raw tracepoint: {0}")]
+    Attach(#[source] aya::programs::ProgramError),
+    #[error("eBPF object is missing `{0}`")]
+    Missing(&'static str),
+    #[error("eBPF map error: {0}")]
+    Map(#[from] aya::maps::MapError),
+    #[error("--payload-cap must be between 64 and {MAX_PAYLOAD} bytes, got {0}")]
+    PayloadCap(u32),
+    #[error("--ring-buffer-mb must be a power of two between 1 and 1024, got {0}")]
+    RingSize(u32),
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct CaptureOptions {
+    pub payload_cap: u32,
+    pub ring_buffer_mb: u32,
+}
+
+/// Kernel-side counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelStats {
+    pub events: u64,
+    pub lost: u64,
+    pub truncated: u64,
+    pub conns_tracked: u64,
+    pub conns_not_http: u64,
+    pub read_faults: u64,
+    pub conn_insert_failed: u64,
+}
+
+pub struct Capture {
+    // Dropping `Ebpf` detaches the programs, so it lives as long as the capture.
+    _ebpf: Ebpf,
+    ring: RingBuf<MapData>,
+    stats: PerCpuArray<MapData, u64>,
+    conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
+}
+
+/// True when the effective capabilities allow loading tracing programs.
+fn privileged() -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
+        return false;
+    };
+    let Some(hex) = status.lines().find_map(|l| l.strip_prefix("CapEff:")) else {
+        return false;
+    };
+    let Ok(caps) = u64::from_str_radix(hex.trim(), 16) else {
+        return false;
+    };
+    const SYS_ADMIN: u64 = 1 << 21;
+    const PERFMON: u64 = 1 << 38;
+    const BPF: u64 = 1 << 39;
+    caps & SYS_ADMIN != 0 || (caps & PERFMON != 0 && caps & BPF != 0)
+}
+
+impl Capture {
+    pub fn load(opts: CaptureOptions) -> Result<Self, CaptureError> {
+        if !(64..=MAX_PAYLOAD as u32).contains(&opts.payload_cap) {
+            return Err(CaptureError::PayloadCap(opts.payload_cap));
+        }
+        if !opts.ring_buffer_mb.is_power_of_two() || opts.ring_buffer_mb > 1024 {
+            return Err(CaptureError::RingSize(opts.ring_buffer_mb));
+        }
+        if !privileged() {
+            return Err(CaptureError::NotPrivileged);
+        }
+        if OBJECT.is_empty() {
+            return Err(CaptureError::NoObject);
+        }
+        let raw_btf = std::fs::read(BTF_PATH).map_err(CaptureError::NoBtf)?;
+        let offsets = btf::kernel_offsets(&btf::Btf::parse(&raw_btf)?)?;
+        let config = Config { self_tgid: std::process::id(), payload_cap: opts.payload_cap };
+
+        // Older kernels charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless elsewhere.
+        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        // SAFETY: plain syscall with a valid pointer.
+        unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
+
+        let mut ebpf = EbpfLoader::new()
+            .override_global("CONFIG", &config, true)
+            .override_global("OFFSETS", &offsets, true)
+            .map_max_entries("EVENTS", opts.ring_buffer_mb * 1024 * 1024)
+            .load(OBJECT)
+            .map_err(CaptureError::Load)?;
+        let prog: &mut RawTracePoint = ebpf
+            .program_mut("kspan_sys_exit")
+            .ok_or(CaptureError::Missing("kspan_sys_exit"))?
+            .try_into()
+            .map_err(CaptureError::Attach)?;
+        prog.load().map_err(CaptureError::Attach)?;
+        prog.attach("sys_exit").map_err(CaptureError::Attach)?;
+
+        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(CaptureError::Missing("EVENTS"))?)?;
+        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(CaptureError::Missing("STATS"))?)?;
+        let conns = BpfHashMap::try_from(ebpf.take_map("CONNS").ok_or(CaptureError::Missing("CONNS"))?)?;
+        Ok(Self { _ebpf: ebpf, ring, stats, conns })
+    }
+
+    /// Readable when records are waiting.
+    pub fn ring_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// Hands every waiting record to `f`; returns how many there were.
+    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+        let mut n = 0;
+        while let Some(item) = self.ring.next() {
+            f(&item);
+            n += 1;
+        }
+        n
+    }
+
+    pub fn stats(&self) -> Result<KernelStats, CaptureError> {
+        let sum = |i: u32| -> Result<u64, CaptureError> { Ok(self.stats.get(&i, 0)?.iter().sum()) };
+        Ok(KernelStats {
+            events: sum(stat::EVENTS)?,
+            lost: sum(stat::LOST_RINGBUF)?,
+            truncated: sum(stat::TRUNCATED)?,
+            conns_tracked: sum(stat::CONNS_TRACKED)?,
+            conns_not_http: sum(stat::CONNS_NOT_HTTP)?,
+            read_faults: sum(stat::READ_FAULTS)?,
+            conn_insert_failed: sum(stat::CONN_INSERT_FAILED)?,
+        })
+    }
+
+    /// Tells the kernel to stop copying payload for a connection the filters exclude.
+    pub fn ignore(&mut self, tgid: u32, fd: u32, generation: u64) {
+        let key = ConnKey { tgid, fd };
+        if let Ok(mut info) = self.conns.get(&key, 0) {
+            // The fd may already belong to a newer connection that the filters never judged.
+            if info.generation == generation {
+                info.proto = proto::IGNORED;
+                let _ = self.conns.insert(key, info, 0);
+            }
+        }
+    }
+}

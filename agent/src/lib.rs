@@ -1,0 +1,3 @@
+//! kspan: kernel events → connection streams → HTTP messages → spans → exporters.
+pub mod capture;
+pub mod protocol;

@@ -1,0 +1,630 @@
+//! Incremental HTTP/1.x decoding of one connection, both directions.
+//!
+//! Input is what the kernel saw per syscall: a captured prefix plus the true byte count. Bytes
+//! that were not captured are fine inside bodies (they are counted, not parsed); inside a head
+//! they break framing, and the direction resynchronises at the next chunk that starts like a
+//! message. Only the headers spans need are kept, so decoding allocates little.
+use std::collections::VecDeque;
+
+/// Longest head we buffer before declaring the stream garbage.
+const MAX_HEAD: usize = 64 * 1024;
+const MAX_HEADERS: usize = 96;
+/// Headers kept from each message (lower-case).
+const KEPT: &[&str] = &[
+    "host",
+    "user-agent",
+    "content-length",
+    "content-type",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+    "x-b3-flags",
+    "traceparent",
+    "tracestate",
+];
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Headers(Vec<(&'static str, String)>);
+
+impl Headers {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+    }
+
+    pub fn insert(&mut self, name: &str, value: &str) {
+        if let Some(kept) = KEPT.iter().find(|k| k.eq_ignore_ascii_case(name)) {
+            self.0.push((kept, value.to_string()));
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    pub target: String,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: Headers,
+    pub start_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub status: u16,
+    pub version: u8,
+    pub headers: Headers,
+    pub start_ns: u64,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    RequestHead(RequestHead),
+    /// The request (head and body) is complete.
+    RequestEnd { end_ns: u64, body_len: u64 },
+    /// A final (non-1xx) response head.
+    ResponseHead(ResponseHead),
+    ResponseEnd { end_ns: u64, body_len: u64 },
+    /// Framing was lost in this direction (garbage, or a head that was not captured).
+    Desync { requests: bool },
+    /// `101 Switching Protocols`: the connection is no longer HTTP/1.
+    Upgraded,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Body {
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the connection closes (HTTP/1.0-style responses).
+    UntilClose,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Chunk {
+    /// Reading a chunk-size line; `value` so far, `ext` once past digits.
+    Size { value: u64, digits: u8, ext: bool },
+    SizeLf { value: u64, digits: u8 },
+    Data(u64),
+    DataCr,
+    DataLf,
+    /// After the last chunk: trailer lines until an empty one. `blank` is true at line start.
+    Trailer { blank: bool },
+    TrailerLf { blank: bool },
+}
+
+#[derive(Debug)]
+enum State {
+    /// Between messages.
+    Idle,
+    Head,
+    Body { body: Body, len: u64 },
+    /// Lost framing: wait for a chunk that starts a message.
+    Desync,
+    /// After an upgrade: ignore everything.
+    Done,
+}
+
+/// One direction of a connection.
+#[derive(Debug)]
+struct Decoder {
+    requests: bool,
+    state: State,
+    head: Vec<u8>,
+    head_start_ns: u64,
+}
+
+#[derive(Debug)]
+pub struct Http1Conn {
+    req: Decoder,
+    resp: Decoder,
+    /// For each request whose response is still to come: was it HEAD (no response body)?
+    awaiting: VecDeque<bool>,
+}
+
+impl Default for Http1Conn {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Http1Conn {
+    pub fn new() -> Self {
+        Self { req: Decoder::new(true), resp: Decoder::new(false), awaiting: VecDeque::new() }
+    }
+
+    /// Feeds one syscall's worth of bytes. `missing` counts bytes moved but not captured
+    /// (they follow `data`).
+    pub fn feed(&mut self, requests: bool, data: &[u8], missing: u64, ts_ns: u64, out: &mut Vec<Message>) {
+        let d = if requests { &mut self.req } else { &mut self.resp };
+        d.feed(data, missing, ts_ns, &mut self.awaiting, out);
+    }
+
+    /// The connection closed: finishes a response delimited by close.
+    pub fn close(&mut self, ts_ns: u64, out: &mut Vec<Message>) {
+        if let State::Body { body: Body::UntilClose, len } = self.resp.state {
+            out.push(Message::ResponseEnd { end_ns: ts_ns, body_len: len });
+            self.resp.state = State::Idle;
+        }
+    }
+}
+
+fn starts_message(data: &[u8], requests: bool) -> bool {
+    if requests {
+        const METHODS: &[&[u8]] = &[
+            b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ",
+        ];
+        METHODS.iter().any(|m| data.starts_with(m))
+    } else {
+        data.starts_with(b"HTTP/1.")
+    }
+}
+
+impl Decoder {
+    fn new(requests: bool) -> Self {
+        Self { requests, state: State::Idle, head: Vec::new(), head_start_ns: 0 }
+    }
+
+    fn desync(&mut self, out: &mut Vec<Message>) {
+        self.head.clear();
+        self.state = State::Desync;
+        out.push(Message::Desync { requests: self.requests });
+    }
+
+    fn feed(&mut self, mut data: &[u8], mut missing: u64, ts: u64, awaiting: &mut VecDeque<bool>, out: &mut Vec<Message>) {
+        if matches!(self.state, State::Desync) {
+            if starts_message(data, self.requests) {
+                self.state = State::Idle;
+            } else {
+                return;
+            }
+        }
+        loop {
+            match &mut self.state {
+                State::Done | State::Desync => return,
+                State::Idle => {
+                    if data.is_empty() {
+                        if missing > 0 {
+                            // A message began with bytes we never saw.
+                            self.desync(out);
+                        }
+                        return;
+                    }
+                    self.head_start_ns = ts;
+                    self.state = State::Head;
+                }
+                State::Head => {
+                    let before = self.head.len();
+                    let take = data.len().min(MAX_HEAD - before);
+                    self.head.extend_from_slice(&data[..take]);
+                    match self.parse_head(awaiting, out) {
+                        Ok(Some(used)) => {
+                            let consumed = used - before;
+                            data = &data[consumed..];
+                            self.head.clear();
+                            if let State::Body { body: Body::Length(0), .. } = self.state {
+                                self.finish(0, ts, out);
+                            }
+                        }
+                        Ok(None) => {
+                            if self.head.len() >= MAX_HEAD || missing > 0 {
+                                self.desync(out);
+                            }
+                            return;
+                        }
+                        Err(()) => {
+                            self.desync(out);
+                            return;
+                        }
+                    }
+                }
+                State::Body { body, len } => {
+                    if data.is_empty() && missing == 0 {
+                        return;
+                    }
+                    match body {
+                        Body::Length(remaining) => {
+                            let avail = data.len() as u64 + missing;
+                            let used = avail.min(*remaining);
+                            *remaining -= used;
+                            *len += used;
+                            let from_data = used.min(data.len() as u64) as usize;
+                            data = &data[from_data..];
+                            missing -= used - from_data as u64;
+                            if *remaining == 0 {
+                                let n = *len;
+                                self.finish(n, ts, out);
+                            } else {
+                                return;
+                            }
+                        }
+                        Body::UntilClose => {
+                            *len += data.len() as u64 + missing;
+                            return;
+                        }
+                        Body::Chunked(chunk) => {
+                            match step_chunked(chunk, data, missing) {
+                                Ok((used_data, used_missing, body_bytes, done)) => {
+                                    *len += body_bytes;
+                                    data = &data[used_data..];
+                                    missing -= used_missing;
+                                    if done {
+                                        let n = *len;
+                                        self.finish(n, ts, out);
+                                    } else if data.is_empty() && missing == 0 {
+                                        return;
+                                    }
+                                }
+                                Err(()) => {
+                                    self.desync(out);
+                                    return;
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn finish(&mut self, body_len: u64, ts: u64, out: &mut Vec<Message>) {
+        out.push(if self.requests {
+            Message::RequestEnd { end_ns: ts, body_len }
+        } else {
+            Message::ResponseEnd { end_ns: ts, body_len }
+        });
+        self.state = State::Idle;
+    }
+
+    /// Parses the buffered head. `Ok(Some(n))`: complete, `n` bytes of the buffer were the head.
+    fn parse_head(&mut self, awaiting: &mut VecDeque<bool>, out: &mut Vec<Message>) -> Result<Option<usize>, ()> {
+        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        if self.requests {
+            let mut req = httparse::Request::new(&mut raw);
+            let n = match req.parse(&self.head) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(_) => return Err(()),
+            };
+            let mut headers = Headers::default();
+            let framing = collect(req.headers, &mut headers)?;
+            let method = req.method.ok_or(())?.to_string();
+            let body = match framing {
+                Framing::Chunked => Body::Chunked(Chunk::Size { value: 0, digits: 0, ext: false }),
+                Framing::Length(n) => Body::Length(n),
+                // Requests without framing headers have no body (RFC 9112 §6.3).
+                Framing::None => Body::Length(0),
+            };
+            awaiting.push_back(method.eq_ignore_ascii_case("HEAD"));
+            out.push(Message::RequestHead(RequestHead {
+                method,
+                target: req.path.ok_or(())?.to_string(),
+                version: req.version.ok_or(())?,
+                headers,
+                start_ns: self.head_start_ns,
+            }));
+            self.state = State::Body { body, len: 0 };
+            Ok(Some(n))
+        } else {
+            let mut resp = httparse::Response::new(&mut raw);
+            let n = match resp.parse(&self.head) {
+                Ok(httparse::Status::Complete(n)) => n,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(_) => return Err(()),
+            };
+            let status = resp.code.ok_or(())?;
+            let version = resp.version.ok_or(())?;
+            let mut headers = Headers::default();
+            let framing = collect(resp.headers, &mut headers)?;
+            if status == 101 {
+                awaiting.pop_front();
+                out.push(Message::Upgraded);
+                self.state = State::Done;
+                return Ok(Some(n));
+            }
+            if (100..200).contains(&status) {
+                // Interim response: the final one for the same request follows.
+                self.state = State::Idle;
+                return Ok(Some(n));
+            }
+            let was_head = awaiting.pop_front().unwrap_or(false);
+            let body = if was_head || status == 204 || status == 304 {
+                Body::Length(0)
+            } else {
+                match framing {
+                    Framing::Chunked => Body::Chunked(Chunk::Size { value: 0, digits: 0, ext: false }),
+                    Framing::Length(n) => Body::Length(n),
+                    Framing::None => Body::UntilClose,
+                }
+            };
+            out.push(Message::ResponseHead(ResponseHead { status, version, headers, start_ns: self.head_start_ns }));
+            self.state = State::Body { body, len: 0 };
+            Ok(Some(n))
+        }
+    }
+}
+
+enum Framing {
+    None,
+    Length(u64),
+    Chunked,
+}
+
+fn collect(raw: &[httparse::Header<'_>], headers: &mut Headers) -> Result<Framing, ()> {
+    let mut framing = Framing::None;
+    for h in raw {
+        let value = std::str::from_utf8(h.value).map_err(|_| ())?.trim();
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            if value.to_ascii_lowercase().ends_with("chunked") {
+                framing = Framing::Chunked;
+            }
+        } else if h.name.eq_ignore_ascii_case("content-length") && !matches!(framing, Framing::Chunked) {
+            framing = Framing::Length(value.parse().map_err(|_| ())?);
+        }
+        headers.insert(h.name, value);
+    }
+    Ok(framing)
+}
+
+/// Advances the chunked-body state machine. Returns (data bytes used, missing bytes used,
+/// body payload bytes, message complete). Uncaptured bytes may only fall inside chunk data.
+fn step_chunked(c: &mut Chunk, data: &[u8], missing: u64) -> Result<(usize, u64, u64, bool), ()> {
+    let mut i = 0;
+    let mut body = 0u64;
+    let mut used_missing = 0u64;
+    loop {
+        if let Chunk::Data(remaining) = c {
+            let avail = (data.len() - i) as u64;
+            let take = avail.min(*remaining);
+            i += take as usize;
+            *remaining -= take;
+            body += take;
+            if *remaining > 0 && i == data.len() {
+                let m = (missing - used_missing).min(*remaining);
+                used_missing += m;
+                *remaining -= m;
+                body += m;
+            }
+            if *remaining == 0 {
+                *c = Chunk::DataCr;
+            } else {
+                return Ok((i, used_missing, body, false));
+            }
+            continue;
+        }
+        let Some(&b) = data.get(i) else {
+            if missing > used_missing {
+                return Err(());
+            }
+            return Ok((i, used_missing, body, false));
+        };
+        i += 1;
+        *c = match *c {
+            Chunk::Size { value, digits, ext } => match b {
+                b'\r' => Chunk::SizeLf { value, digits },
+                b'\n' => after_size(value, digits)?,
+                _ if ext => Chunk::Size { value, digits, ext },
+                b';' | b' ' | b'\t' => Chunk::Size { value, digits, ext: true },
+                _ => {
+                    let v = (b as char).to_digit(16).ok_or(())? as u64;
+                    if digits >= 15 {
+                        return Err(());
+                    }
+                    Chunk::Size { value: value * 16 + v, digits: digits + 1, ext }
+                }
+            },
+            Chunk::SizeLf { value, digits } => {
+                if b != b'\n' {
+                    return Err(());
+                }
+                after_size(value, digits)?
+            }
+            Chunk::DataCr => match b {
+                b'\r' => Chunk::DataLf,
+                b'\n' => Chunk::Size { value: 0, digits: 0, ext: false },
+                _ => return Err(()),
+            },
+            Chunk::DataLf => {
+                if b != b'\n' {
+                    return Err(());
+                }
+                Chunk::Size { value: 0, digits: 0, ext: false }
+            }
+            Chunk::Trailer { blank } => match b {
+                b'\r' => Chunk::TrailerLf { blank },
+                b'\n' if blank => return Ok((i, used_missing, body, true)),
+                b'\n' => Chunk::Trailer { blank: true },
+                _ => Chunk::Trailer { blank: false },
+            },
+            Chunk::TrailerLf { blank } => {
+                if b != b'\n' {
+                    return Err(());
+                }
+                if blank {
+                    return Ok((i, used_missing, body, true));
+                }
+                Chunk::Trailer { blank: true }
+            }
+            // Handled before reading a byte.
+            Chunk::Data(r) => Chunk::Data(r),
+        };
+    }
+}
+
+fn after_size(value: u64, digits: u8) -> Result<Chunk, ()> {
+    if digits == 0 {
+        return Err(());
+    }
+    Ok(if value == 0 { Chunk::Trailer { blank: true } } else { Chunk::Data(value) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn feed(c: &mut Http1Conn, requests: bool, data: &[u8], ts: u64) -> Vec<Message> {
+        let mut out = Vec::new();
+        c.feed(requests, data, 0, ts, &mut out);
+        out
+    }
+
+    fn req_head(m: &Message) -> &RequestHead {
+        match m {
+            Message::RequestHead(h) => h,
+            other => panic!("expected request head, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn request_split_across_reads_keeps_first_byte_time() {
+        let mut c = Http1Conn::new();
+        assert!(feed(&mut c, true, b"GET /a?x=1 HTTP/1.1\r\nHo", 10).is_empty());
+        let out = feed(&mut c, true, b"st: svc\r\nX-B3-TraceId: abc\r\nCookie: s\r\n\r\n", 20);
+        let h = req_head(&out[0]);
+        assert_eq!((h.method.as_str(), h.target.as_str(), h.start_ns), ("GET", "/a?x=1", 10));
+        assert_eq!(h.headers.get("host"), Some("svc"));
+        assert_eq!(h.headers.get("x-b3-traceid"), Some("abc"));
+        assert_eq!(h.headers.get("cookie"), None, "only needed headers are kept");
+        assert_eq!(out[1], Message::RequestEnd { end_ns: 20, body_len: 0 });
+    }
+
+    #[test]
+    fn keep_alive_and_content_length_bodies() {
+        let mut c = Http1Conn::new();
+        let out = feed(&mut c, true, b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", 1);
+        assert_eq!(out.len(), 1);
+        assert_eq!(feed(&mut c, true, b"cde", 2), vec![Message::RequestEnd { end_ns: 2, body_len: 5 }]);
+        let out = feed(&mut c, false, b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nxyz", 3);
+        assert!(matches!(&out[0], Message::ResponseHead(h) if h.status == 201));
+        assert_eq!(out[1], Message::ResponseEnd { end_ns: 3, body_len: 3 });
+        // Second exchange on the same connection.
+        let out = feed(&mut c, true, b"GET /q HTTP/1.1\r\n\r\n", 4);
+        assert_eq!(req_head(&out[0]).target, "/q");
+        let out = feed(&mut c, false, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 5);
+        assert_eq!(out.len(), 2);
+    }
+
+    #[test]
+    fn pipelined_requests_and_responses() {
+        let mut c = Http1Conn::new();
+        let out = feed(&mut c, true, b"GET /1 HTTP/1.1\r\n\r\nHEAD /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n", 1);
+        let targets: Vec<_> = out
+            .iter()
+            .filter_map(|m| match m {
+                Message::RequestHead(h) => Some(h.target.as_str()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(targets, ["/1", "/2", "/3"]);
+        // The HEAD response announces a length but carries no body.
+        let out = feed(
+            &mut c,
+            false,
+            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokHTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nHTTP/1.1 500 E\r\nContent-Length: 1\r\n\r\n!",
+            2,
+        );
+        let ends: Vec<_> = out
+            .iter()
+            .filter_map(|m| match m {
+                Message::ResponseEnd { body_len, .. } => Some(*body_len),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ends, [2, 0, 1]);
+    }
+
+    #[test]
+    fn chunked_body_split_everywhere() {
+        let body = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nX-T: 1\r\n\r\n";
+        // Every split point must give the same result.
+        for split in 1..body.len() {
+            let mut c = Http1Conn::new();
+            feed(&mut c, true, b"GET / HTTP/1.1\r\n\r\n", 0);
+            let mut out = feed(&mut c, false, &body[..split], 1);
+            out.extend(feed(&mut c, false, &body[split..], 2));
+            assert_eq!(out.last(), Some(&Message::ResponseEnd { end_ns: 2, body_len: 21 }), "split at {split}");
+        }
+    }
+
+    #[test]
+    fn interim_responses_are_skipped() {
+        let mut c = Http1Conn::new();
+        feed(&mut c, true, b"PUT /u HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n", 0);
+        assert!(feed(&mut c, false, b"HTTP/1.1 100 Continue\r\n\r\n", 1).is_empty());
+        feed(&mut c, true, b"z", 2);
+        let out = feed(&mut c, false, b"HTTP/1.1 204 No Content\r\n\r\n", 3);
+        assert!(matches!(&out[0], Message::ResponseHead(h) if h.status == 204));
+        assert_eq!(out[1], Message::ResponseEnd { end_ns: 3, body_len: 0 });
+    }
+
+    #[test]
+    fn uncaptured_body_bytes_are_counted() {
+        let mut c = Http1Conn::new();
+        feed(&mut c, true, b"GET / HTTP/1.1\r\n\r\n", 0);
+        let mut out = Vec::new();
+        // 4096 bytes captured of a 100000-byte write; the rest is body.
+        let head_len = b"HTTP/1.1 200 OK\r\nContent-Length: 99959\r\n\r\n".len() as u64;
+        let mut first = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 100_000 - head_len).into_bytes();
+        assert_eq!(first.len() as u64, head_len);
+        first.resize(4096, b'x');
+        c.feed(false, &first, 100_000 - 4096, 5, &mut out);
+        assert_eq!(out[1], Message::ResponseEnd { end_ns: 5, body_len: 100_000 - head_len });
+    }
+
+    #[test]
+    fn lost_head_desyncs_then_recovers() {
+        let mut c = Http1Conn::new();
+        let mut out = Vec::new();
+        c.feed(true, b"GET /big HTTP/1.1\r\nX-Long: aaaa", 60_000, 1, &mut out);
+        assert_eq!(out, vec![Message::Desync { requests: true }]);
+        out.clear();
+        c.feed(true, b"more header bytes\r\n\r\n", 0, 2, &mut out);
+        assert!(out.is_empty(), "bytes of the lost message are skipped");
+        c.feed(true, b"GET /next HTTP/1.1\r\n\r\n", 0, 3, &mut out);
+        assert_eq!(req_head(&out[0]).target, "/next");
+    }
+
+    #[test]
+    fn close_delimited_response() {
+        let mut c = Http1Conn::new();
+        feed(&mut c, true, b"GET / HTTP/1.0\r\n\r\n", 0);
+        let out = feed(&mut c, false, b"HTTP/1.0 200 OK\r\nServer: x\r\n\r\nabc", 1);
+        assert_eq!(out.len(), 1);
+        feed(&mut c, false, b"defg", 2);
+        let mut out = Vec::new();
+        c.close(3, &mut out);
+        assert_eq!(out, vec![Message::ResponseEnd { end_ns: 3, body_len: 7 }]);
+    }
+
+    #[test]
+    fn upgrade_stops_decoding() {
+        let mut c = Http1Conn::new();
+        feed(&mut c, true, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", 0);
+        assert_eq!(feed(&mut c, false, b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x05hello", 1), vec![Message::Upgraded]);
+        assert!(feed(&mut c, false, b"HTTP/1.1 200 OK\r\n\r\n", 2).is_empty());
+    }
+
+    #[test]
+    fn malformed_input_is_an_error_not_a_panic() {
+        let cases: &[&[u8]] = &[
+            b"GET / HTTP/1.1\r\nContent-Length: nope\r\n\r\n",
+            b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+            b"GET / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nfffffffffffffffff\r\n",
+            b"GET\x00 / HTTP/1.1\r\n\r\n",
+            b"\xff\xfe\xfd garbage",
+            b"GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+        ];
+        for case in cases {
+            let mut c = Http1Conn::new();
+            let out = feed(&mut c, true, case, 0);
+            assert!(out.contains(&Message::Desync { requests: true }), "{:?}: {out:?}", String::from_utf8_lossy(case));
+        }
+        // A head that never ends is bounded.
+        let mut c = Http1Conn::new();
+        let mut out = feed(&mut c, true, b"GET / HTTP/1.1\r\n", 0);
+        for _ in 0..20 {
+            out.extend(feed(&mut c, true, &[b'a'; 4096], 0));
+        }
+        assert!(out.contains(&Message::Desync { requests: true }));
+    }
+}
