@@ -1,3 +1,12 @@
 //! kspan: kernel events → connection streams → HTTP messages → spans → exporters.
+//!
+//! Each stage is a module with no knowledge of the ones before it: `capture` (kernel and
+//! recordings), `conn` + `protocol` (byte streams to messages), `trace` (messages to linked
+//! spans), `export` (spans out), with `pipeline` joining the pure stages.
 pub mod capture;
+pub mod config;
+pub mod conn;
+pub mod pipeline;
+pub mod process;
 pub mod protocol;
+pub mod trace;

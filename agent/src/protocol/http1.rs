@@ -140,6 +140,15 @@ impl Http1Conn {
         d.feed(data, missing, ts_ns, &mut self.awaiting, out);
     }
 
+    /// Framing was lost: skip to the next chunk that starts a message, on both sides.
+    pub fn resync(&mut self) {
+        for d in [&mut self.req, &mut self.resp] {
+            d.head.clear();
+            d.state = State::Desync;
+        }
+        self.awaiting.clear();
+    }
+
     /// The connection closed: finishes a response delimited by close.
     pub fn close(&mut self, ts_ns: u64, out: &mut Vec<Message>) {
         if let State::Body { body: Body::UntilClose, len } = self.resp.state {

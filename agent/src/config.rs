@@ -1,0 +1,247 @@
+//! Command line and environment. Flags win over the standard OpenTelemetry variables.
+use std::{net::SocketAddr, path::PathBuf};
+
+use clap::Parser;
+
+use crate::{capture::event::Endpoints, process::ProcessInfo};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "kspan", version, about = "Zero-code HTTP tracing with eBPF; spans linked through B3, exported over OTLP")]
+pub struct Args {
+    /// Trace only these process ids (repeat or comma-separate). Default: every process.
+    #[arg(long, value_delimiter = ',', env = "KSPAN_PID")]
+    pub pid: Vec<u32>,
+    /// Trace only connections with this local or peer port.
+    #[arg(long, value_delimiter = ',', env = "KSPAN_PORT")]
+    pub port: Vec<u16>,
+    /// Trace only processes whose executable has this name or full path.
+    #[arg(long, value_delimiter = ',', env = "KSPAN_EXE")]
+    pub exe: Vec<String>,
+
+    /// OTLP traces endpoint, e.g. http://collector:4317 (gRPC) or http://collector:4318/v1/traces.
+    /// Default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then OTEL_EXPORTER_OTLP_ENDPOINT; with none,
+    /// traces are printed as trees on stdout.
+    #[arg(long)]
+    pub otlp_endpoint: Option<String>,
+    /// `grpc` or `http/protobuf`. Default: OTEL_EXPORTER_OTLP_TRACES_PROTOCOL,
+    /// OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf as the OTLP spec says.
+    #[arg(long)]
+    pub otlp_protocol: Option<String>,
+    /// Extra export header `key=value` (repeatable); added to OTEL_EXPORTER_OTLP_HEADERS.
+    #[arg(long = "otlp-header")]
+    pub otlp_headers: Vec<String>,
+    /// Also print trace trees on stdout when exporting over OTLP.
+    #[arg(long)]
+    pub stdout: bool,
+
+    /// Address of the /metrics and /readyz endpoint.
+    #[arg(long, default_value = "127.0.0.1:9464", env = "KSPAN_METRICS_ADDR")]
+    pub metrics_addr: SocketAddr,
+    /// Payload bytes copied per syscall (64..=8192). Byte counts stay exact beyond it.
+    #[arg(long, default_value_t = kspan_common::DEFAULT_PAYLOAD_CAP)]
+    pub payload_cap: u32,
+    /// Kernel ring buffer size in MiB (power of two).
+    #[arg(long, default_value_t = 16)]
+    pub ring_buffer_mb: u32,
+    /// Spans buffered for export; beyond it spans are dropped and counted.
+    #[arg(long, default_value_t = 16_384)]
+    pub export_queue: usize,
+    /// How long finished spans wait for late events of linked spans before export (ms).
+    #[arg(long, default_value_t = 300)]
+    pub linger_ms: u64,
+
+    /// Write every kernel event to this file (for replay).
+    #[arg(long)]
+    pub record: Option<PathBuf>,
+    /// Read events from a recording instead of the kernel, then exit.
+    #[arg(long, conflicts_with = "record")]
+    pub replay: Option<PathBuf>,
+    /// Stop after this many seconds (0: run until SIGINT/SIGTERM).
+    #[arg(long, default_value_t = 0)]
+    pub duration_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Protocol {
+    Grpc,
+    HttpProtobuf,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OtlpConfig {
+    pub endpoint: String,
+    pub protocol: Protocol,
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    #[error("unsupported OTLP protocol {0:?}: use grpc or http/protobuf")]
+    Protocol(String),
+    #[error("bad OTLP header {0:?}: expected key=value")]
+    Header(String),
+    #[error("bad OTLP endpoint {0:?}: expected an http:// or https:// URL")]
+    Endpoint(String),
+}
+
+/// Resolves the OTLP exporter settings; `None` means "print to stdout".
+pub fn otlp(args: &Args, env: impl Fn(&str) -> Option<String>) -> Result<Option<OtlpConfig>, ConfigError> {
+    let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let protocol = match args
+        .otlp_protocol
+        .clone()
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_PROTOCOL"))
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("http/protobuf") => Protocol::HttpProtobuf,
+        Some("grpc") => Protocol::Grpc,
+        Some(other) => return Err(ConfigError::Protocol(other.to_string())),
+    };
+    // A signal-specific endpoint is used as is; the generic one gets /v1/traces for HTTP.
+    let endpoint = match (&args.otlp_endpoint, env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), env("OTEL_EXPORTER_OTLP_ENDPOINT")) {
+        (Some(e), _, _) => e.clone(),
+        (None, Some(e), _) => e,
+        (None, None, Some(base)) => match protocol {
+            Protocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
+            Protocol::Grpc => base,
+        },
+        (None, None, None) => return Ok(None),
+    };
+    let endpoint = endpoint.trim().to_string();
+    if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+        return Err(ConfigError::Endpoint(endpoint));
+    }
+    let mut headers = Vec::new();
+    let from_env = env("OTEL_EXPORTER_OTLP_TRACES_HEADERS").or_else(|| env("OTEL_EXPORTER_OTLP_HEADERS")).unwrap_or_default();
+    for kv in from_env.split(',').map(str::trim).filter(|s| !s.is_empty()).chain(args.otlp_headers.iter().map(String::as_str)) {
+        let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::Header(kv.to_string()))?;
+        let k = k.trim();
+        if k.is_empty() {
+            return Err(ConfigError::Header(kv.to_string()));
+        }
+        headers.push((k.to_string(), percent_decode(v.trim())));
+    }
+    Ok(Some(OtlpConfig { endpoint, protocol, headers }))
+}
+
+/// OTEL_EXPORTER_OTLP_HEADERS values are URL-encoded (W3C baggage format).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            let digit = |c: u8| (c as char).to_digit(16);
+            if let (Some(h), Some(l)) = (digit(b[i + 1]), digit(b[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Which connections are traced. Empty lists admit everything.
+#[derive(Clone, Debug, Default)]
+pub struct Filter {
+    pub pids: Vec<u32>,
+    pub ports: Vec<u16>,
+    pub exes: Vec<String>,
+}
+
+impl Filter {
+    pub fn from_args(a: &Args) -> Self {
+        Self { pids: a.pid.clone(), ports: a.port.clone(), exes: a.exe.clone() }
+    }
+
+    pub fn admits(&self, p: &ProcessInfo, e: Option<&Endpoints>) -> bool {
+        let pid_ok = self.pids.is_empty() || self.pids.contains(&p.pid);
+        let port_ok = self.ports.is_empty()
+            || e.is_some_and(|e| self.ports.contains(&e.local.port()) || self.ports.contains(&e.peer.port()));
+        let exe_ok = self.exes.is_empty() || self.exes.iter().any(|x| *x == p.exe || x == p.exe_name());
+        pid_ok && port_ok && exe_ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        Args::try_parse_from(std::iter::once("kspan").chain(extra.iter().copied())).unwrap()
+    }
+
+    fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
+        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+    }
+
+    #[test]
+    fn no_endpoint_means_stdout() {
+        assert_eq!(otlp(&args(&[]), env(&[])).unwrap(), None);
+    }
+
+    #[test]
+    fn standard_variables() {
+        let c = otlp(
+            &args(&[]),
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318/"),
+                ("OTEL_EXPORTER_OTLP_HEADERS", "api-key=a%20b, tenant=t1"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!(c.endpoint, "http://collector:4318/v1/traces");
+        assert_eq!(c.protocol, Protocol::HttpProtobuf);
+        assert_eq!(c.headers, vec![("api-key".into(), "a b".into()), ("tenant".into(), "t1".into())]);
+        assert_eq!(percent_decode("%zz%é%4"), "%zz%é%4");
+
+        let c = otlp(
+            &args(&[]),
+            env(&[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4317"),
+                ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "http://traces:4317"),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc"),
+            ]),
+        )
+        .unwrap()
+        .unwrap();
+        assert_eq!((c.endpoint.as_str(), c.protocol), ("http://traces:4317", Protocol::Grpc));
+    }
+
+    #[test]
+    fn flags_win_and_bad_values_are_errors() {
+        let a = args(&["--otlp-endpoint", "http://x:1", "--otlp-protocol", "grpc", "--otlp-header", "k=v"]);
+        let c = otlp(&a, env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")])).unwrap().unwrap();
+        assert_eq!((c.endpoint.as_str(), c.protocol), ("http://x:1", Protocol::Grpc));
+        assert_eq!(c.headers, vec![("k".into(), "v".into())]);
+        assert!(matches!(otlp(&args(&["--otlp-endpoint", "x:1"]), env(&[])), Err(ConfigError::Endpoint(_))));
+        assert!(matches!(
+            otlp(&args(&["--otlp-endpoint", "http://x", "--otlp-protocol", "http/json"]), env(&[])),
+            Err(ConfigError::Protocol(_))
+        ));
+        assert!(matches!(
+            otlp(&args(&["--otlp-endpoint", "http://x", "--otlp-header", "novalue"]), env(&[])),
+            Err(ConfigError::Header(_))
+        ));
+    }
+
+    #[test]
+    fn filters() {
+        let p = ProcessInfo { pid: 10, exe: "/usr/sbin/nginx".into(), command_line: String::new(), service_name: "nginx".into() };
+        let e = Endpoints { local: "127.0.0.1:80".parse().unwrap(), peer: "127.0.0.1:5000".parse().unwrap(), netns: 1 };
+        assert!(Filter::default().admits(&p, Some(&e)));
+        assert!(Filter { exes: vec!["nginx".into()], ..Default::default() }.admits(&p, Some(&e)));
+        assert!(Filter { exes: vec!["/usr/sbin/nginx".into()], ..Default::default() }.admits(&p, Some(&e)));
+        assert!(!Filter { exes: vec!["python3".into()], ..Default::default() }.admits(&p, Some(&e)));
+        assert!(Filter { ports: vec![5000], ..Default::default() }.admits(&p, Some(&e)));
+        assert!(!Filter { ports: vec![81], ..Default::default() }.admits(&p, Some(&e)));
+        assert!(!Filter { pids: vec![11], ..Default::default() }.admits(&p, Some(&e)));
+        assert!(!Filter { ports: vec![80], ..Default::default() }.admits(&p, None));
+    }
+}

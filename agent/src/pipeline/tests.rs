@@ -1,0 +1,239 @@
+//! Linking scenarios driven through the whole pure pipeline with synthetic kernel events.
+use super::*;
+use crate::{
+    capture::event::{Direction, Endpoints},
+    trace::span::AttrValue,
+};
+
+const LOOPBACK_NS: u32 = 4026531840;
+
+struct Sim {
+    p: Pipeline,
+    ts: u64,
+    gens: u64,
+}
+
+/// One TCP connection as both processes see it.
+#[derive(Clone, Copy)]
+struct Link {
+    client: ConnId,
+    server: ConnId,
+    client_addr: &'static str,
+    server_addr: &'static str,
+}
+
+impl Sim {
+    fn new(filter: Filter) -> Self {
+        let opts = PipelineOptions { filter, linger_ns: 1_000, max_open_spans: 1000, max_conns: 1000, clock_offset_ns: 0 };
+        Self { p: Pipeline::new(opts, ProcessCache::new("/nonexistent")), ts: 1_000, gens: 0 }
+    }
+
+    fn connect(&mut self, client_pid: u32, server_pid: u32, client_addr: &'static str, server_addr: &'static str) -> Link {
+        self.gens += 1;
+        Link {
+            client: ConnId { tgid: client_pid, fd: 3, generation: self.gens },
+            server: ConnId { tgid: server_pid, fd: 4, generation: self.gens + 1000 },
+            client_addr,
+            server_addr,
+        }
+    }
+
+    fn event(&mut self, l: Link, client_side: bool, dir: Direction, bytes: &[u8]) {
+        self.ts += 10;
+        let (conn, role, local, peer) = if client_side {
+            (l.client, Role::Client, l.client_addr, l.server_addr)
+        } else {
+            (l.server, Role::Server, l.server_addr, l.client_addr)
+        };
+        self.p.handle(Event {
+            conn,
+            tid: conn.tgid,
+            ts_ns: self.ts,
+            role,
+            endpoints: Some(Endpoints { local: local.parse().unwrap(), peer: peer.parse().unwrap(), netns: LOOPBACK_NS }),
+            kind: EventKind::Data { direction: dir, total_len: bytes.len() as u64, payload: bytes.to_vec(), gap: false },
+        });
+    }
+
+    /// Client writes, server reads (or the reverse order when `server_first`).
+    fn send_request(&mut self, l: Link, req: &[u8], server_first: bool) {
+        if server_first {
+            self.event(l, false, Direction::Ingress, req);
+            self.event(l, true, Direction::Egress, req);
+        } else {
+            self.event(l, true, Direction::Egress, req);
+            self.event(l, false, Direction::Ingress, req);
+        }
+    }
+
+    /// Server writes, client reads; by default in the order seen on real kernels where the
+    /// reader's syscall can return before the writer's.
+    fn send_response(&mut self, l: Link, resp: &[u8]) {
+        self.event(l, true, Direction::Ingress, resp);
+        self.event(l, false, Direction::Egress, resp);
+    }
+
+    fn spans(&mut self) -> Vec<SpanRecord> {
+        let mut out = Vec::new();
+        self.p.tick(u64::MAX, &mut out);
+        out
+    }
+}
+
+fn str_attr<'a>(s: &'a SpanRecord, key: &str) -> &'a str {
+    match s.attr(key) {
+        Some(AttrValue::Str(v)) => v,
+        other => panic!("{key}: {other:?}"),
+    }
+}
+
+const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+
+fn find<'a>(spans: &'a [SpanRecord], kind: SpanKind, pid: u32) -> &'a SpanRecord {
+    spans.iter().find(|s| s.kind == kind && s.process.pid == pid).unwrap_or_else(|| panic!("no {kind:?} span of {pid}: {spans:#?}"))
+}
+
+/// curl (pid 1) → front (pid 2) → back (pid 3), front forwarding the B3 headers it got.
+fn chain(headers: &str, server_first: bool) -> Vec<SpanRecord> {
+    let mut s = Sim::new(Filter::default());
+    let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+    let b = s.connect(2, 3, "127.0.0.1:40001", "127.0.0.1:8081");
+    let req_a = format!("GET /front HTTP/1.1\r\nHost: localhost:8080\r\n{headers}\r\n");
+    let req_b = format!("GET /back HTTP/1.1\r\nHost: localhost:8081\r\n{headers}\r\n");
+    s.send_request(a, req_a.as_bytes(), server_first);
+    s.send_request(b, req_b.as_bytes(), server_first);
+    s.send_response(b, OK);
+    s.send_response(a, OK);
+    s.spans()
+}
+
+fn assert_chain_shape(spans: &[SpanRecord]) {
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let curl = find(spans, SpanKind::Client, 1);
+    let front_srv = find(spans, SpanKind::Server, 2);
+    let front_cli = find(spans, SpanKind::Client, 2);
+    let back_srv = find(spans, SpanKind::Server, 3);
+    for sp in spans {
+        assert_eq!(sp.trace_id, curl.trace_id, "one trace");
+    }
+    assert_eq!(front_srv.parent_span_id, Some(curl.span_id));
+    assert_eq!(front_cli.parent_span_id, Some(front_srv.span_id));
+    assert_eq!(back_srv.parent_span_id, Some(front_cli.span_id));
+    // Parents cover their children even though the kernel saw the client read first.
+    for (parent, child) in [(curl, front_srv), (front_srv, front_cli), (front_cli, back_srv)] {
+        assert!(parent.start_unix_ns <= child.start_unix_ns && child.end_unix_ns <= parent.end_unix_ns, "{parent:#?} {child:#?}");
+    }
+}
+
+#[test]
+fn forwarded_b3_headers_link_the_chain() {
+    for server_first in [false, true] {
+        let spans = chain("X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 1\r\n", server_first);
+        assert_chain_shape(&spans);
+        let curl = find(&spans, SpanKind::Client, 1);
+        assert_eq!(curl.trace_id, 0x463ac35c9f6413ad);
+        assert_eq!(curl.parent_span_id, Some(0xa2fb4a1d1a96d312), "curl's own headers name its parent");
+        let back = find(&spans, SpanKind::Server, 3);
+        assert_eq!(back.attr("url.path"), Some(&AttrValue::from("/back")));
+        assert_eq!(back.attr("http.response.status_code"), Some(&AttrValue::Int(200)));
+    }
+}
+
+#[test]
+fn single_b3_header_and_traceparent() {
+    let spans = chain("b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n", false);
+    assert_chain_shape(&spans);
+    assert_eq!(spans[0].trace_id, 0x80f198ee56343ba864fe8b2a57d3eff7);
+    let spans = chain("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n", false);
+    assert_chain_shape(&spans);
+    assert_eq!(spans[0].trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
+}
+
+#[test]
+fn no_headers_make_one_new_trace() {
+    for server_first in [false, true] {
+        let spans = chain("", server_first);
+        assert_chain_shape(&spans);
+        assert_eq!(find(&spans, SpanKind::Client, 1).parent_span_id, None, "curl's span is the root");
+    }
+}
+
+#[test]
+fn sampled_zero_is_honoured_and_debug_forces() {
+    let spans = chain("X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 0\r\n", false);
+    assert!(spans.is_empty(), "{spans:#?}");
+    let spans = chain("b3: 0\r\n", false);
+    assert!(spans.is_empty(), "{spans:#?}");
+    let spans = chain("X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 0\r\nX-B3-Flags: 1\r\n", false);
+    assert_chain_shape(&spans);
+}
+
+#[test]
+fn instrumented_app_span_id_becomes_the_parent() {
+    let mut s = Sim::new(Filter { exes: vec![], pids: vec![2, 3], ports: vec![] });
+    let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+    let b = s.connect(2, 3, "127.0.0.1:40001", "127.0.0.1:8081");
+    s.send_request(a, b"GET / HTTP/1.1\r\nX-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\n\r\n", false);
+    // The app made its own span 1111… and propagated it.
+    s.send_request(b, b"GET / HTTP/1.1\r\nX-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: 1111111111111111\r\n\r\n", false);
+    s.send_response(b, OK);
+    s.send_response(a, OK);
+    let spans = s.spans();
+    assert_eq!(spans.len(), 3, "pid filter drops curl's span: {spans:#?}");
+    let front_srv = find(&spans, SpanKind::Server, 2);
+    assert_eq!(front_srv.parent_span_id, Some(0xa2fb4a1d1a96d312), "no CLIENT span seen for it: header parent");
+    assert_eq!(find(&spans, SpanKind::Client, 2).parent_span_id, Some(0x1111111111111111));
+    assert_eq!(s.p.stats.conns_filtered, 1);
+    assert_eq!(s.p.to_ignore.len(), 1);
+}
+
+#[test]
+fn keep_alive_and_pipelining_pair_requests_in_order() {
+    let mut s = Sim::new(Filter::default());
+    let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+    // Pipelined: both requests in one write, answered in one write.
+    s.send_request(a, b"GET /1 HTTP/1.1\r\n\r\nGET /2 HTTP/1.1\r\n\r\n", false);
+    s.send_response(a, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\nHTTP/1.1 503 Busy\r\nContent-Length: 0\r\n\r\n");
+    // Keep-alive: a third request later on the same connection.
+    s.send_request(a, b"GET /3 HTTP/1.1\r\n\r\n", false);
+    s.send_response(a, OK);
+    let spans = s.spans();
+    assert_eq!(spans.len(), 6);
+    let servers: Vec<_> = spans.iter().filter(|x| x.kind == SpanKind::Server).collect();
+    for srv in &servers {
+        let parent = spans.iter().find(|c| Some(c.span_id) == srv.parent_span_id).expect("linked to its client span");
+        assert!(str_attr(parent, "url.full").ends_with(str_attr(srv, "url.path")), "{parent:#?} {srv:#?}");
+        assert_eq!(parent.trace_id, srv.trace_id);
+    }
+    let busy = servers.iter().find(|x| x.attr("url.path") == Some(&AttrValue::from("/2"))).unwrap();
+    assert_eq!(busy.error.as_deref(), Some("HTTP 503"));
+}
+
+#[test]
+fn close_without_response_is_an_error_span() {
+    let mut s = Sim::new(Filter::default());
+    let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+    s.send_request(a, b"GET /slow HTTP/1.1\r\n\r\n", false);
+    s.ts += 10;
+    s.p.handle(Event { conn: a.server, tid: 2, ts_ns: s.ts, role: Role::Server, endpoints: None, kind: EventKind::Close });
+    let spans = s.spans();
+    let srv = find(&spans, SpanKind::Server, 2);
+    assert!(srv.error.as_deref().unwrap().contains("closed"));
+    assert_eq!(s.p.conns(), 1, "client side still open");
+}
+
+#[test]
+fn gaps_and_garbage_are_counted_not_guessed() {
+    let mut s = Sim::new(Filter::default());
+    let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+    s.event(a, false, Direction::Ingress, b"GET /a HTTP/1.1\r\n\r\n");
+    s.event(a, false, Direction::Ingress, b"\x00\x01garbage that is not http\r\n\r\n");
+    s.event(a, false, Direction::Egress, OK);
+    assert!(s.spans().is_empty(), "the request's pairing is unknown after garbage");
+    assert_eq!(s.p.stats.desyncs, 1);
+    assert_eq!(s.p.tracer_stats().spans_abandoned, 1);
+    // The stream resynchronises on the next request.
+    s.event(a, false, Direction::Ingress, b"GET /b HTTP/1.1\r\n\r\n");
+    s.event(a, false, Direction::Egress, OK);
+    assert_eq!(s.spans().len(), 1);
+}

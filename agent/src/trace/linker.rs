@@ -1,0 +1,404 @@
+//! Turns request/response lifecycles into spans and links them into trees.
+//!
+//! Linking rules (README "How spans are linked"):
+//! 1. A SERVER span takes trace id and parent from the B3/traceparent context it received;
+//!    without one it starts a new trace.
+//! 2. A CLIENT span's parent is the SERVER span of the same process that is open at that moment
+//!    with the same trace id (any open one when the request carries no context), preferring
+//!    the same thread. When the outgoing span id differs from the one the server received, the
+//!    application made its own span in between, and that id is the parent.
+//! 3. A SERVER span whose connection's other end is a CLIENT span this agent saw (same address
+//!    pair, same request number on the connection) is that CLIENT span's child. This beats
+//!    rule 1, because applications that merely forward B3 headers pass on their caller's span
+//!    id, not an id for their own outgoing call.
+//!
+//! The kernel reports each process's syscalls when they return, so across processes events can
+//! arrive slightly out of causal order: either side of rule 3 may be seen first, and a parent
+//! may appear to end microseconds before its child. Finished spans therefore linger briefly
+//! before export, and a CLIENT span is stretched to cover its linked SERVER child.
+use std::{
+    collections::{HashMap, VecDeque},
+    net::SocketAddr,
+    sync::Arc,
+};
+
+use super::{
+    context::{self, Sampling},
+    span::{HttpExchange, SpanKind, SpanRecord},
+};
+use crate::{
+    capture::event::{ConnId, Endpoints},
+    process::ProcessInfo,
+    protocol::http1::RequestHead,
+};
+
+/// Identifies one request on one TCP connection from either end.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct LinkKey {
+    client: SocketAddr,
+    server: SocketAddr,
+    /// Loopback addresses repeat in every network namespace; others are unique as they are.
+    netns: u32,
+    seq: u64,
+}
+
+impl LinkKey {
+    fn new(client: SocketAddr, server: SocketAddr, netns: u32, seq: u64) -> Self {
+        let netns = if client.ip().is_loopback() { netns } else { 0 };
+        Self { client, server, netns, seq }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TracerStats {
+    pub spans_started: u64,
+    pub spans_finished: u64,
+    pub spans_unsampled: u64,
+    /// Requests not traced because too many spans were open.
+    pub spans_dropped_overflow: u64,
+    /// Open spans abandoned (stream desync, or no response for too long).
+    pub spans_abandoned: u64,
+    pub bad_context: u64,
+    /// Parent links made through rule 3.
+    pub links_same_agent: u64,
+}
+
+struct Open {
+    kind: SpanKind,
+    tgid: u32,
+    tid: u32,
+    trace_id: u128,
+    parent: Option<u64>,
+    sampling: Sampling,
+    /// Sampling came from this request's own headers (not inherited).
+    explicit_sampling: bool,
+    /// SERVER: the span id its caller sent.
+    inbound_span_id: Option<u64>,
+    start_ns: u64,
+    end_ns: Option<u64>,
+    exchange: HttpExchange,
+    error: Option<String>,
+    process: Arc<ProcessInfo>,
+    /// SERVER: CLIENT spans made while serving.
+    children: Vec<u64>,
+    /// CLIENT: the SERVER span at the other end of the connection (rule 3).
+    linked_server: Option<u64>,
+}
+
+/// What the connection layer knows when a request begins.
+pub struct RequestStart<'a> {
+    pub conn: ConnId,
+    pub tid: u32,
+    pub kind: SpanKind,
+    pub endpoints: Option<Endpoints>,
+    /// 0-based index of this request on its connection.
+    pub seq: u64,
+    pub process: Arc<ProcessInfo>,
+    pub head: &'a RequestHead,
+}
+
+pub struct Tracer {
+    spans: HashMap<u64, Open>,
+    open_servers: HashMap<u32, Vec<u64>>,
+    clients_by_key: HashMap<LinkKey, (u64, u64)>,
+    waiting_servers: HashMap<LinkKey, (u64, u64)>,
+    lingering: VecDeque<(u64, u64)>,
+    linger_ns: u64,
+    max_open: usize,
+    /// Monotonic → Unix epoch offset.
+    clock_offset_ns: i128,
+    pub stats: TracerStats,
+}
+
+const LINK_TTL_NS: u64 = 10_000_000_000;
+const MAX_LINK_ENTRIES: usize = 65_536;
+/// An exchange with no response after this long is given up.
+const OPEN_TTL_NS: u64 = 600_000_000_000;
+
+fn new_span_id() -> u64 {
+    loop {
+        let id: u64 = rand::random();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+fn new_trace_id() -> u128 {
+    loop {
+        let id: u128 = rand::random();
+        if id != 0 {
+            return id;
+        }
+    }
+}
+
+impl Tracer {
+    pub fn new(linger_ns: u64, max_open: usize, clock_offset_ns: i128) -> Self {
+        Self {
+            spans: HashMap::new(),
+            open_servers: HashMap::new(),
+            clients_by_key: HashMap::new(),
+            waiting_servers: HashMap::new(),
+            lingering: VecDeque::new(),
+            linger_ns,
+            max_open,
+            clock_offset_ns,
+            stats: TracerStats::default(),
+        }
+    }
+
+    pub fn open_spans(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Starts a span for a request; `None` when the span table is full (counted).
+    pub fn request_started(&mut self, r: RequestStart<'_>) -> Option<u64> {
+        if self.spans.len() >= self.max_open {
+            self.stats.spans_dropped_overflow += 1;
+            return None;
+        }
+        let ctx = match context::extract(&r.head.headers) {
+            Ok(c) => c,
+            Err(_) => {
+                self.stats.bad_context += 1;
+                None
+            }
+        };
+        let id = new_span_id();
+        let explicit = ctx.map(|c| c.sampling).unwrap_or(Sampling::Unset);
+        let ids = ctx.and_then(|c| c.ids);
+        let exchange = HttpExchange {
+            method: r.head.method.clone(),
+            target: r.head.target.clone(),
+            version: r.head.version,
+            host: r.head.headers.get("host").map(str::to_string),
+            user_agent: r.head.headers.get("user-agent").map(str::to_string),
+            local: r.endpoints.map(|e| e.local),
+            peer: r.endpoints.map(|e| e.peer),
+            ..Default::default()
+        };
+        let mut span = Open {
+            kind: r.kind,
+            tgid: r.conn.tgid,
+            tid: r.tid,
+            trace_id: 0,
+            parent: None,
+            sampling: explicit,
+            explicit_sampling: explicit != Sampling::Unset,
+            inbound_span_id: None,
+            start_ns: r.head.start_ns,
+            end_ns: None,
+            exchange,
+            error: None,
+            process: r.process,
+            children: Vec::new(),
+            linked_server: None,
+        };
+        match r.kind {
+            SpanKind::Server => {
+                match ids {
+                    Some(ids) => {
+                        span.trace_id = ids.trace_id;
+                        span.parent = Some(ids.span_id);
+                        span.inbound_span_id = Some(ids.span_id);
+                    }
+                    None => span.trace_id = new_trace_id(),
+                }
+                self.spans.insert(id, span);
+                self.open_servers.entry(r.conn.tgid).or_default().push(id);
+                if let Some(e) = r.endpoints {
+                    let key = LinkKey::new(e.peer, e.local, e.netns, r.seq);
+                    match self.clients_by_key.remove(&key) {
+                        Some((client, _)) => self.link(id, client),
+                        None => self.insert_link(true, key, id, r.head.start_ns),
+                    }
+                }
+            }
+            SpanKind::Client => {
+                let server = self.pick_server(r.conn.tgid, r.tid, ids.map(|i| i.trace_id));
+                match (ids, server) {
+                    (Some(ids), Some(s)) => {
+                        span.trace_id = ids.trace_id;
+                        let inbound = self.spans.get(&s).and_then(|o| o.inbound_span_id);
+                        span.parent = Some(if inbound == Some(ids.span_id) { s } else { ids.span_id });
+                    }
+                    (Some(ids), None) => {
+                        span.trace_id = ids.trace_id;
+                        span.parent = Some(ids.span_id);
+                    }
+                    (None, Some(s)) => {
+                        span.parent = Some(s);
+                        span.trace_id = self.spans.get(&s).map(|o| o.trace_id).unwrap_or_else(new_trace_id);
+                    }
+                    (None, None) => span.trace_id = new_trace_id(),
+                }
+                if let Some(s) = server.and_then(|s| self.spans.get_mut(&s)) {
+                    s.children.push(id);
+                    if !span.explicit_sampling {
+                        span.sampling = s.sampling;
+                    }
+                }
+                self.spans.insert(id, span);
+                if let Some(e) = r.endpoints {
+                    let key = LinkKey::new(e.local, e.peer, e.netns, r.seq);
+                    match self.waiting_servers.remove(&key) {
+                        Some((srv, _)) => self.link(srv, id),
+                        None => self.insert_link(false, key, id, r.head.start_ns),
+                    }
+                }
+            }
+        }
+        self.stats.spans_started += 1;
+        Some(id)
+    }
+
+    fn insert_link(&mut self, server_side: bool, key: LinkKey, id: u64, ts: u64) {
+        let map = if server_side { &mut self.waiting_servers } else { &mut self.clients_by_key };
+        if map.len() < MAX_LINK_ENTRIES {
+            map.insert(key, (id, ts));
+        }
+    }
+
+    /// The open SERVER span of `tgid` to parent an outgoing request, if any.
+    fn pick_server(&self, tgid: u32, tid: u32, trace_id: Option<u128>) -> Option<u64> {
+        let candidates = self.open_servers.get(&tgid)?;
+        let mut best: Option<(bool, u64, u64)> = None;
+        for &id in candidates {
+            let Some(s) = self.spans.get(&id) else { continue };
+            if trace_id.is_some_and(|t| t != s.trace_id) {
+                continue;
+            }
+            let rank = (s.tid == tid, s.start_ns, id);
+            if best.is_none_or(|b| (rank.0, rank.1) > (b.0, b.1)) {
+                best = Some(rank);
+            }
+        }
+        best.map(|b| b.2)
+    }
+
+    /// Rule 3: `server` is the far end of `client`.
+    fn link(&mut self, server: u64, client: u64) {
+        let Some(c) = self.spans.get_mut(&client) else { return };
+        c.linked_server = Some(server);
+        let (trace_id, sampling, explicit) = (c.trace_id, c.sampling, c.explicit_sampling);
+        let Some(s) = self.spans.get_mut(&server) else { return };
+        s.parent = Some(client);
+        s.trace_id = trace_id;
+        if explicit || !s.explicit_sampling {
+            s.sampling = sampling;
+        }
+        let (children, sampling) = (s.children.clone(), s.sampling);
+        // Outgoing calls made before the link was known inherit the corrected trace.
+        for child in children {
+            if let Some(ch) = self.spans.get_mut(&child) {
+                ch.trace_id = trace_id;
+                if !ch.explicit_sampling {
+                    ch.sampling = sampling;
+                }
+            }
+        }
+        self.stats.links_same_agent += 1;
+    }
+
+    pub fn request_ended(&mut self, id: u64, body_len: u64) {
+        if let Some(s) = self.spans.get_mut(&id) {
+            s.exchange.request_body = body_len;
+        }
+    }
+
+    pub fn response_started(&mut self, id: u64, status: u16) {
+        if let Some(s) = self.spans.get_mut(&id) {
+            s.exchange.status = Some(status);
+        }
+    }
+
+    /// The exchange is over (`error` set when it ended without a complete response).
+    pub fn finished(&mut self, id: u64, end_ns: u64, response_body: u64, error: Option<&str>) {
+        let Some(s) = self.spans.get_mut(&id) else { return };
+        if s.end_ns.is_some() {
+            return;
+        }
+        s.end_ns = Some(end_ns.max(s.start_ns));
+        s.exchange.response_body = response_body;
+        s.error = error.map(str::to_string);
+        if s.kind == SpanKind::Server {
+            let tgid = s.tgid;
+            if let Some(list) = self.open_servers.get_mut(&tgid) {
+                list.retain(|&x| x != id);
+                if list.is_empty() {
+                    self.open_servers.remove(&tgid);
+                }
+            }
+        }
+        self.lingering.push_back((end_ns.saturating_add(self.linger_ns), id));
+    }
+
+    /// Drops an exchange whose outcome can never be known (counted).
+    pub fn abandon(&mut self, id: u64) {
+        if let Some(s) = self.spans.remove(&id) {
+            if s.end_ns.is_none() {
+                if let Some(list) = self.open_servers.get_mut(&s.tgid) {
+                    list.retain(|&x| x != id);
+                }
+                self.stats.spans_abandoned += 1;
+            } else {
+                self.spans.insert(id, s);
+            }
+        }
+    }
+
+    /// Emits spans whose linger expired by `now_ns` (monotonic) and expires stale state.
+    pub fn flush(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) {
+        while let Some(&(ready, id)) = self.lingering.front() {
+            if ready > now_ns {
+                break;
+            }
+            self.lingering.pop_front();
+            if let Some(rec) = self.record(id) {
+                out.push(rec);
+            }
+        }
+        let cutoff = now_ns.saturating_sub(LINK_TTL_NS);
+        self.clients_by_key.retain(|_, (_, ts)| *ts >= cutoff);
+        self.waiting_servers.retain(|_, (_, ts)| *ts >= cutoff);
+    }
+
+    /// Gives up on exchanges open longer than the limit (call rarely: it scans).
+    pub fn expire(&mut self, now_ns: u64) {
+        let cutoff = now_ns.saturating_sub(OPEN_TTL_NS);
+        let stale: Vec<u64> =
+            self.spans.iter().filter(|(_, s)| s.end_ns.is_none() && s.start_ns < cutoff).map(|(&id, _)| id).collect();
+        for id in stale {
+            self.abandon(id);
+        }
+    }
+
+    fn record(&mut self, id: u64) -> Option<SpanRecord> {
+        let s = self.spans.remove(&id)?;
+        let mut start = s.start_ns;
+        let mut end = s.end_ns.unwrap_or(start);
+        if let Some(server) = s.linked_server.and_then(|x| self.spans.get(&x)) {
+            start = start.min(server.start_ns);
+            end = end.max(server.end_ns.unwrap_or(end));
+        }
+        self.stats.spans_finished += 1;
+        if !s.sampling.exported() {
+            self.stats.spans_unsampled += 1;
+            return None;
+        }
+        let to_unix = |ns: u64| (ns as i128 + self.clock_offset_ns).max(0) as u64;
+        Some(SpanRecord {
+            trace_id: s.trace_id,
+            span_id: id,
+            parent_span_id: s.parent,
+            kind: s.kind,
+            name: s.exchange.span_name(),
+            start_unix_ns: to_unix(start),
+            end_unix_ns: to_unix(end),
+            attributes: s.exchange.attributes(s.kind),
+            error: s.error.clone().or_else(|| s.exchange.error(s.kind)),
+            process: s.process,
+        })
+    }
+}

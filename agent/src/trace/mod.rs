@@ -1,0 +1,4 @@
+//! Trace context, span records and the linking of spans into trees.
+pub mod context;
+pub mod linker;
+pub mod span;

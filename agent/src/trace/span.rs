@@ -1,0 +1,241 @@
+//! Finished spans as handed to exporters, with OpenTelemetry semantic-convention attributes.
+use std::{net::SocketAddr, sync::Arc};
+
+use crate::process::ProcessInfo;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpanKind {
+    Server,
+    Client,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum AttrValue {
+    Str(String),
+    Int(i64),
+    Bool(bool),
+}
+
+impl From<&str> for AttrValue {
+    fn from(v: &str) -> Self {
+        AttrValue::Str(v.to_string())
+    }
+}
+impl From<String> for AttrValue {
+    fn from(v: String) -> Self {
+        AttrValue::Str(v)
+    }
+}
+impl From<i64> for AttrValue {
+    fn from(v: i64) -> Self {
+        AttrValue::Int(v)
+    }
+}
+impl From<bool> for AttrValue {
+    fn from(v: bool) -> Self {
+        AttrValue::Bool(v)
+    }
+}
+
+impl std::fmt::Display for AttrValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AttrValue::Str(s) => write!(f, "{s:?}"),
+            AttrValue::Int(i) => write!(f, "{i}"),
+            AttrValue::Bool(b) => write!(f, "{b}"),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SpanRecord {
+    pub trace_id: u128,
+    pub span_id: u64,
+    pub parent_span_id: Option<u64>,
+    pub kind: SpanKind,
+    pub name: String,
+    /// Unix epoch nanoseconds.
+    pub start_unix_ns: u64,
+    pub end_unix_ns: u64,
+    pub attributes: Vec<(&'static str, AttrValue)>,
+    /// Error status with its description.
+    pub error: Option<String>,
+    pub process: Arc<ProcessInfo>,
+}
+
+impl SpanRecord {
+    pub fn attr(&self, key: &str) -> Option<&AttrValue> {
+        self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+    }
+}
+
+/// Everything known about one HTTP exchange when its span is built.
+#[derive(Clone, Debug, Default)]
+pub struct HttpExchange {
+    pub method: String,
+    pub target: String,
+    pub version: u8,
+    pub host: Option<String>,
+    pub user_agent: Option<String>,
+    pub request_body: u64,
+    pub status: Option<u16>,
+    pub response_body: u64,
+    pub local: Option<SocketAddr>,
+    pub peer: Option<SocketAddr>,
+}
+
+/// Splits a Host header into host and port, tolerating IPv6 literals.
+fn split_host(host: &str) -> (&str, Option<u16>) {
+    if let Some(rest) = host.strip_prefix('[') {
+        if let Some((h, tail)) = rest.split_once(']') {
+            return (h, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
+        }
+    }
+    match host.rsplit_once(':') {
+        Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
+        _ => (host, None),
+    }
+}
+
+impl HttpExchange {
+    /// Span name per the HTTP semantic conventions: the method alone when no route template is
+    /// known (raw paths would explode cardinality).
+    pub fn span_name(&self) -> String {
+        self.method.clone()
+    }
+
+    pub fn attributes(&self, kind: SpanKind) -> Vec<(&'static str, AttrValue)> {
+        let mut a: Vec<(&'static str, AttrValue)> = Vec::with_capacity(16);
+        a.push(("http.request.method", self.method.as_str().into()));
+        let (path, query) = match self.target.split_once('?') {
+            Some((p, q)) => (p, Some(q)),
+            None => (self.target.as_str(), None),
+        };
+        let host = self.host.as_deref().map(split_host);
+        match kind {
+            SpanKind::Server => {
+                a.push(("url.path", path.into()));
+                if let Some(q) = query {
+                    a.push(("url.query", q.into()));
+                }
+                a.push(("url.scheme", "http".into()));
+                if let Some((h, p)) = host {
+                    a.push(("server.address", h.into()));
+                    if let Some(p) = p.or(self.local.map(|l| l.port())) {
+                        a.push(("server.port", (p as i64).into()));
+                    }
+                } else if let Some(l) = self.local {
+                    a.push(("server.address", l.ip().to_string().into()));
+                    a.push(("server.port", (l.port() as i64).into()));
+                }
+                if let Some(p) = self.peer {
+                    a.push(("client.address", p.ip().to_string().into()));
+                    a.push(("client.port", (p.port() as i64).into()));
+                }
+            }
+            SpanKind::Client => {
+                let (h, port) = match (host, self.peer) {
+                    (Some((h, p)), peer) => (h.to_string(), p.or(peer.map(|x| x.port())).unwrap_or(80)),
+                    (None, Some(peer)) => (peer.ip().to_string(), peer.port()),
+                    (None, None) => (String::new(), 80),
+                };
+                let authority = if port == 80 { h.clone() } else { format!("{h}:{port}") };
+                let authority = if h.contains(':') && port != 80 { format!("[{h}]:{port}") } else { authority };
+                a.push(("url.full", format!("http://{authority}{}", self.target).into()));
+                if !h.is_empty() {
+                    a.push(("server.address", h.into()));
+                }
+                a.push(("server.port", (port as i64).into()));
+            }
+        }
+        if let Some(p) = self.peer {
+            a.push(("network.peer.address", p.ip().to_string().into()));
+            a.push(("network.peer.port", (p.port() as i64).into()));
+        }
+        if let Some(l) = self.local {
+            a.push(("network.local.address", l.ip().to_string().into()));
+            a.push(("network.local.port", (l.port() as i64).into()));
+            a.push(("network.type", if l.is_ipv4() { "ipv4" } else { "ipv6" }.into()));
+        }
+        a.push(("network.transport", "tcp".into()));
+        a.push(("network.protocol.name", "http".into()));
+        a.push(("network.protocol.version", format!("1.{}", self.version).into()));
+        if let Some(ua) = &self.user_agent {
+            a.push(("user_agent.original", ua.as_str().into()));
+        }
+        a.push(("http.request.body.size", (self.request_body as i64).into()));
+        if let Some(s) = self.status {
+            a.push(("http.response.status_code", (s as i64).into()));
+            a.push(("http.response.body.size", (self.response_body as i64).into()));
+        }
+        a
+    }
+
+    /// Error status per the conventions: 5xx for servers, 4xx and 5xx for clients.
+    pub fn error(&self, kind: SpanKind) -> Option<String> {
+        let s = self.status?;
+        let bad = match kind {
+            SpanKind::Server => s >= 500,
+            SpanKind::Client => s >= 400,
+        };
+        bad.then(|| format!("HTTP {s}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ex() -> HttpExchange {
+        HttpExchange {
+            method: "GET".into(),
+            target: "/api/items?id=3".into(),
+            version: 1,
+            host: Some("backend:8081".into()),
+            user_agent: Some("curl/8".into()),
+            request_body: 0,
+            status: Some(404),
+            response_body: 12,
+            local: Some("127.0.0.1:40000".parse().unwrap()),
+            peer: Some("127.0.0.1:8081".parse().unwrap()),
+        }
+    }
+
+    #[test]
+    fn client_attributes_follow_semconv() {
+        let e = ex();
+        let a = e.attributes(SpanKind::Client);
+        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("url.full"), Some("http://backend:8081/api/items?id=3".into()));
+        assert_eq!(get("server.address"), Some("backend".into()));
+        assert_eq!(get("server.port"), Some(8081i64.into()));
+        assert_eq!(get("http.response.status_code"), Some(404i64.into()));
+        assert_eq!(get("user_agent.original"), Some("curl/8".into()));
+        assert_eq!(e.error(SpanKind::Client).as_deref(), Some("HTTP 404"));
+        assert_eq!(e.error(SpanKind::Server), None);
+    }
+
+    #[test]
+    fn server_attributes_follow_semconv() {
+        let mut e = ex();
+        e.local = Some("10.0.0.2:8081".parse().unwrap());
+        e.peer = Some("10.0.0.1:5555".parse().unwrap());
+        let a = e.attributes(SpanKind::Server);
+        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(get("url.path"), Some("/api/items".into()));
+        assert_eq!(get("url.query"), Some("id=3".into()));
+        assert_eq!(get("client.address"), Some("10.0.0.1".into()));
+        assert_eq!(get("client.port"), Some(5555i64.into()));
+        assert_eq!(get("network.protocol.version"), Some("1.1".into()));
+    }
+
+    #[test]
+    fn host_header_forms() {
+        assert_eq!(split_host("a:1"), ("a", Some(1)));
+        assert_eq!(split_host("a"), ("a", None));
+        assert_eq!(split_host("[::1]:8080"), ("::1", Some(8080)));
+        assert_eq!(split_host("[::1]"), ("::1", None));
+        assert_eq!(split_host("::1"), ("::1", None));
+        assert_eq!(split_host("a:notaport"), ("a", None));
+    }
+}
