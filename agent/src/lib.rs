@@ -10,3 +10,5 @@ pub mod pipeline;
 pub mod process;
 pub mod protocol;
 pub mod trace;
+pub mod export;
+pub mod metrics;

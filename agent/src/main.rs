@@ -1,13 +1,279 @@
-use kspan::capture::{Capture, CaptureOptions, event};
-fn main() -> anyhow::Result<()> {
-    let mut cap = Capture::load(CaptureOptions { payload_cap: 4096, ring_buffer_mb: 16 })?;
-    let fd = cap.ring_fd();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(6);
-    while std::time::Instant::now() < deadline {
-        let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
-        unsafe { libc::poll(&mut p, 1, 200) };
-        cap.drain(|b| match event::decode(b) { Ok(e) => println!("{:?} {:?} {:?}", e.conn, e.endpoints, match &e.kind { event::EventKind::Data{direction, total_len, payload, ..} => format!("{direction:?} {total_len} {:?}", String::from_utf8_lossy(&payload[..payload.len().min(60)])), k => format!("{k:?}")}), Err(e) => println!("ERR {e}") });
+//! `kspan`: the agent binary. The pipeline runs on this thread (it is CPU-bound and
+//! synchronous); exporting and the metrics endpoint run on a small tokio runtime.
+use std::{
+    fs::File,
+    io::{BufReader, BufWriter},
+    process::ExitCode,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use anyhow::Context as _;
+use clap::Parser as _;
+use kspan::{
+    capture::{Capture, CaptureOptions, event, replay},
+    config::{self, Args, Filter},
+    export::{self, Sinks, SpanQueue, otlp::OtlpSink, tree::TreePrinter},
+    metrics::{self, Metrics},
+    pipeline::{Pipeline, PipelineOptions},
+    process::ProcessCache,
+};
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let args = Args::parse();
+    match run(args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("kspan: {e:#}");
+            ExitCode::FAILURE
+        }
     }
-    println!("{:?}", cap.stats()?);
-    Ok(())
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid pointer to a timespec.
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Kernel event times are CLOCK_MONOTONIC; spans need wall-clock time.
+fn clock_offset() -> i128 {
+    clock_ns(libc::CLOCK_REALTIME) as i128 - clock_ns(libc::CLOCK_MONOTONIC) as i128
+}
+
+fn host_name() -> String {
+    std::env::var("KSPAN_HOST_NAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let otlp = config::otlp(&args, |k| std::env::var(k).ok())?;
+    let metrics = Arc::new(Metrics::default());
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("kspan-io").build()?;
+
+    let mut source = match &args.replay {
+        Some(path) => Source::Replay(replay::Player::new(BufReader::new(
+            File::open(path).with_context(|| format!("opening recording {}", path.display()))?,
+        ))?),
+        None => Source::Kernel(Capture::load(CaptureOptions { payload_cap: args.payload_cap, ring_buffer_mb: args.ring_buffer_mb })?),
+    };
+    let mut recorder = match &args.record {
+        Some(path) => Some(replay::Recorder::new(BufWriter::new(
+            File::create(path).with_context(|| format!("creating recording {}", path.display()))?,
+        ))?),
+        None => None,
+    };
+
+    let listener = rt
+        .block_on(metrics::bind(args.metrics_addr))
+        .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
+    rt.spawn(metrics::serve(listener, metrics.clone()));
+
+    let sinks = {
+        // Building the gRPC client needs the runtime's context.
+        let _guard = rt.enter();
+        let otlp_sink = otlp.as_ref().map(|c| OtlpSink::new(c, host_name())).transpose()?;
+        let tree = (otlp_sink.is_none() || args.stdout).then(|| TreePrinter::new(Duration::from_secs(1)));
+        Sinks { otlp: otlp_sink, tree }
+    };
+    match &otlp {
+        Some(c) => log::info!("exporting spans to {} over {:?}", c.endpoint, c.protocol),
+        None => eprintln!("kspan: no OTLP endpoint configured; printing traces on stdout"),
+    }
+    let (queue, rx) = SpanQueue::new(args.export_queue, metrics.clone());
+    let exporter = rt.spawn(export::run(rx, sinks, metrics.clone()));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        rt.spawn(async move {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    log::error!("cannot watch SIGTERM: {e}");
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            stop.store(true, Relaxed);
+        });
+    }
+
+    let mut pipeline = Pipeline::new(
+        PipelineOptions {
+            filter: Filter::from_args(&args),
+            linger_ns: args.linger_ms * 1_000_000,
+            max_open_spans: 100_000,
+            max_conns: 65_536,
+            clock_offset_ns: clock_offset(),
+        },
+        ProcessCache::new("/proc"),
+    );
+    metrics.ready.store(true, Relaxed);
+    if matches!(source, Source::Kernel(_)) {
+        eprintln!("kspan: probes attached; tracing HTTP/1.x (metrics on http://{}/metrics)", args.metrics_addr);
+    }
+    let deadline = (args.duration_secs > 0).then(|| Instant::now() + Duration::from_secs(args.duration_secs));
+    let loop_result = run_loop(&mut source, &mut pipeline, recorder.as_mut(), &queue, &metrics, &stop, deadline);
+
+    // Flush: every finished span leaves, then the exporter drains its queue.
+    let mut out = Vec::new();
+    pipeline.tick(u64::MAX, &mut out);
+    for s in out {
+        queue.push(s);
+    }
+    publish(&pipeline, &source, &metrics);
+    if let Some(r) = recorder.as_mut() {
+        r.flush().context("writing the recording")?;
+    }
+    drop(queue);
+    rt.block_on(async {
+        if tokio::time::timeout(Duration::from_secs(15), exporter).await.is_err() {
+            log::warn!("exporter did not finish within 15 s; remaining spans were dropped");
+        }
+    });
+    loop_result
+}
+
+enum Source {
+    Kernel(Capture),
+    Replay(replay::Player<BufReader<File>>),
+}
+
+/// Most records handled before the loop attends to timers again.
+const DRAIN_BUDGET: usize = 8192;
+
+fn run_loop(
+    source: &mut Source,
+    pipeline: &mut Pipeline,
+    mut recorder: Option<&mut replay::Recorder<BufWriter<File>>>,
+    queue: &SpanQueue,
+    metrics: &Metrics,
+    stop: &AtomicBool,
+    deadline: Option<Instant>,
+) -> anyhow::Result<()> {
+    let mut out = Vec::new();
+    let mut last_publish = Instant::now();
+    let mut last_expire = Instant::now();
+    let mut record_err = None;
+    loop {
+        if stop.load(Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
+            return Ok(());
+        }
+        let now_ns = match source {
+            Source::Kernel(cap) => {
+                let mut pfd = libc::pollfd { fd: cap.ring_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                unsafe { libc::poll(&mut pfd, 1, 100) };
+                cap.drain(DRAIN_BUDGET, |bytes| {
+                    if let Some(r) = recorder.as_deref_mut() {
+                        if let Err(e) = r.record(bytes) {
+                            record_err.get_or_insert(e);
+                        }
+                    }
+                    match event::decode(bytes) {
+                        Ok(ev) => pipeline.handle(ev),
+                        Err(e) => {
+                            metrics.decode_errors.fetch_add(1, Relaxed);
+                            log::debug!("bad ring-buffer record: {e}");
+                        }
+                    }
+                });
+                for c in pipeline.to_ignore.drain(..) {
+                    cap.ignore(c.tgid, c.fd, c.generation);
+                }
+                clock_ns(libc::CLOCK_MONOTONIC)
+            }
+            Source::Replay(player) => {
+                let mut last_ts = 0;
+                for _ in 0..DRAIN_BUDGET {
+                    let Some(bytes) = player.next_record()? else {
+                        pipeline.tick(u64::MAX, &mut out);
+                        out.drain(..).for_each(|s| queue.push(s));
+                        return Ok(());
+                    };
+                    match event::decode(bytes) {
+                        Ok(ev) => {
+                            last_ts = ev.ts_ns;
+                            pipeline.handle(ev);
+                        }
+                        Err(_) => {
+                            metrics.decode_errors.fetch_add(1, Relaxed);
+                        }
+                    }
+                }
+                pipeline.to_ignore.clear();
+                last_ts
+            }
+        };
+        if let Some(e) = record_err.take() {
+            return Err(e).context("writing the recording");
+        }
+        pipeline.tick(now_ns, &mut out);
+        for s in out.drain(..) {
+            queue.push(s);
+        }
+        if last_publish.elapsed() >= Duration::from_secs(1) {
+            publish(pipeline, source, metrics);
+            last_publish = Instant::now();
+        }
+        if last_expire.elapsed() >= Duration::from_secs(10) {
+            pipeline.expire(now_ns);
+            last_expire = Instant::now();
+        }
+    }
+}
+
+/// Copies the stages' counters into the shared metrics.
+fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
+    let p = pipeline.stats;
+    let t = pipeline.tracer_stats();
+    for (cell, v) in [
+        (&m.events_decoded, p.events),
+        (&m.requests, p.requests),
+        (&m.desyncs, p.desyncs),
+        (&m.gaps, p.gaps),
+        (&m.conns_filtered, p.conns_filtered),
+        (&m.conns_unsupported, p.conns_unsupported),
+        (&m.conns_evicted, p.conns_evicted),
+        (&m.spans_finished, t.spans_finished),
+        (&m.spans_unsampled, t.spans_unsampled),
+        (&m.spans_abandoned, t.spans_abandoned),
+        (&m.spans_overflow, t.spans_dropped_overflow),
+        (&m.bad_context, t.bad_context),
+        (&m.links_same_agent, t.links_same_agent),
+        (&m.open_conns, pipeline.conns() as u64),
+        (&m.open_spans, pipeline.open_spans() as u64),
+    ] {
+        cell.store(v, Relaxed);
+    }
+    if let Source::Kernel(cap) = source {
+        match cap.stats() {
+            Ok(k) => {
+                for (cell, v) in [
+                    (&m.kernel_events, k.events),
+                    (&m.kernel_lost, k.lost),
+                    (&m.kernel_truncated, k.truncated),
+                    (&m.kernel_read_faults, k.read_faults),
+                    (&m.kernel_conns_tracked, k.conns_tracked),
+                    (&m.kernel_conns_not_http, k.conns_not_http),
+                    (&m.kernel_conn_insert_failed, k.conn_insert_failed),
+                ] {
+                    cell.store(v, Relaxed);
+                }
+            }
+            Err(e) => log::warn!("reading kernel counters: {e}"),
+        }
+    }
 }

@@ -138,10 +138,11 @@ impl Capture {
         self.ring.as_raw_fd()
     }
 
-    /// Hands every waiting record to `f`; returns how many there were.
-    pub fn drain(&mut self, mut f: impl FnMut(&[u8])) -> usize {
+    /// Hands up to `budget` waiting records to `f`; returns how many there were.
+    pub fn drain(&mut self, budget: usize, mut f: impl FnMut(&[u8])) -> usize {
         let mut n = 0;
-        while let Some(item) = self.ring.next() {
+        while n < budget {
+            let Some(item) = self.ring.next() else { break };
             f(&item);
             n += 1;
         }

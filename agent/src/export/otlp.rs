@@ -1,0 +1,167 @@
+//! OTLP export through opentelemetry-otlp. Spans are built as `SpanData` directly (their ids,
+//! parents and times come from the traffic, not from a tracer), and each batch is split by
+//! process so every span carries its own service's resource.
+use std::{
+    borrow::Cow,
+    collections::HashMap,
+    sync::Arc,
+    time::{Duration, UNIX_EPOCH},
+};
+
+use opentelemetry::{
+    InstrumentationScope, KeyValue, Value,
+    trace::{SpanContext, SpanId, SpanKind as OtelKind, Status, TraceFlags, TraceId, TraceState},
+};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig, WithTonicConfig};
+use opentelemetry_sdk::{
+    Resource,
+    trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
+};
+
+use crate::{
+    config::{OtlpConfig, Protocol},
+    process::ProcessInfo,
+    trace::span::{AttrValue, SpanKind, SpanRecord},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    #[error("could not build the OTLP exporter: {0}")]
+    Build(String),
+    #[error("OTLP export failed: {0}")]
+    Export(String),
+}
+
+pub struct OtlpSink {
+    exporter: opentelemetry_otlp::SpanExporter,
+    scope: InstrumentationScope,
+    host: String,
+}
+
+impl OtlpSink {
+    pub fn new(cfg: &OtlpConfig, host: String) -> Result<Self, OtlpError> {
+        let timeout = Duration::from_secs(10);
+        let exporter = match cfg.protocol {
+            Protocol::Grpc => {
+                let mut md = tonic::metadata::MetadataMap::new();
+                for (k, v) in &cfg.headers {
+                    let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                        .map_err(|e| OtlpError::Build(format!("header {k:?}: {e}")))?;
+                    let val = v.parse().map_err(|e| OtlpError::Build(format!("header {k:?}: {e}")))?;
+                    md.insert(key, val);
+                }
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .with_endpoint(cfg.endpoint.clone())
+                    .with_timeout(timeout)
+                    .with_metadata(md)
+                    .build()
+            }
+            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
+                .with_http()
+                .with_endpoint(cfg.endpoint.clone())
+                .with_timeout(timeout)
+                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                .with_headers(cfg.headers.iter().cloned().collect())
+                .build(),
+        }
+        .map_err(|e| OtlpError::Build(e.to_string()))?;
+        let scope = InstrumentationScope::builder("kspan").with_version(env!("CARGO_PKG_VERSION")).build();
+        Ok(Self { exporter, scope, host })
+    }
+
+    /// Exports one batch; returns how many spans were delivered.
+    pub async fn export(&mut self, spans: &[SpanRecord]) -> Result<usize, OtlpError> {
+        // Keyed by the shared allocation: one Arc per process from the cache.
+        let mut by_process: HashMap<usize, (Arc<ProcessInfo>, Vec<SpanData>)> = HashMap::new();
+        for s in spans {
+            by_process
+                .entry(Arc::as_ptr(&s.process) as usize)
+                .or_insert_with(|| (s.process.clone(), Vec::new()))
+                .1
+                .push(to_span_data(s, &self.scope));
+        }
+        let mut sent = 0;
+        let mut first_err = None;
+        for (_, (process, batch)) in by_process {
+            let n = batch.len();
+            self.exporter.set_resource(&resource(&process, &self.host));
+            match self.exporter.export(batch).await {
+                Ok(()) => sent += n,
+                Err(e) => first_err = first_err.or(Some(e.to_string())),
+            }
+        }
+        match first_err {
+            Some(e) if sent == 0 => Err(OtlpError::Export(e)),
+            Some(e) => {
+                log::warn!("part of an OTLP batch failed: {e}");
+                Ok(sent)
+            }
+            None => Ok(sent),
+        }
+    }
+
+    pub fn shutdown(&mut self) {
+        let _ = self.exporter.shutdown();
+    }
+}
+
+pub fn resource(p: &ProcessInfo, host: &str) -> Resource {
+    let mut attrs = vec![
+        KeyValue::new("service.name", p.service_name.clone()),
+        KeyValue::new("process.pid", p.pid as i64),
+        KeyValue::new("host.name", host.to_string()),
+        KeyValue::new("telemetry.distro.name", "kspan"),
+        KeyValue::new("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
+    ];
+    if !p.exe.is_empty() {
+        attrs.push(KeyValue::new("process.executable.path", p.exe.clone()));
+        attrs.push(KeyValue::new("process.executable.name", p.exe_name().to_string()));
+    }
+    if !p.command_line.is_empty() {
+        attrs.push(KeyValue::new("process.command_line", p.command_line.clone()));
+    }
+    Resource::builder_empty().with_attributes(attrs).build()
+}
+
+fn to_span_data(s: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
+    let time = |ns: u64| UNIX_EPOCH + Duration::from_nanos(ns);
+    SpanData {
+        span_context: SpanContext::new(
+            TraceId::from(s.trace_id),
+            SpanId::from(s.span_id),
+            TraceFlags::SAMPLED,
+            false,
+            TraceState::default(),
+        ),
+        parent_span_id: s.parent_span_id.map(SpanId::from).unwrap_or(SpanId::INVALID),
+        parent_span_is_remote: false,
+        span_kind: match s.kind {
+            SpanKind::Server => OtelKind::Server,
+            SpanKind::Client => OtelKind::Client,
+        },
+        name: Cow::Owned(s.name.clone()),
+        start_time: time(s.start_unix_ns),
+        end_time: time(s.end_unix_ns),
+        attributes: s
+            .attributes
+            .iter()
+            .map(|(k, v)| {
+                let v: Value = match v {
+                    AttrValue::Str(x) => x.clone().into(),
+                    AttrValue::Int(x) => (*x).into(),
+                    AttrValue::Bool(x) => (*x).into(),
+                };
+                KeyValue::new(*k, v)
+            })
+            .collect(),
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: match &s.error {
+            Some(e) => Status::error(e.clone()),
+            None => Status::Unset,
+        },
+        instrumentation_scope: scope.clone(),
+    }
+}

@@ -1,0 +1,137 @@
+//! The agent's own health: counters for every stage (nothing is dropped without a count), and
+//! a tiny HTTP endpoint serving `/metrics` (Prometheus text) and `/readyz`.
+use std::{
+    fmt::Write as _,
+    net::SocketAddr,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
+    },
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::TcpListener,
+};
+
+macro_rules! metrics {
+    ($( $field:ident : $kind:literal, $name:literal, $help:literal; )*) => {
+        /// Counters and gauges, written by the pipeline and exporter threads.
+        #[derive(Default, Debug)]
+        pub struct Metrics {
+            $( pub $field: AtomicU64, )*
+            /// Probes attached and exporter running.
+            pub ready: AtomicBool,
+        }
+
+        impl Metrics {
+            pub fn render(&self) -> String {
+                let mut out = String::with_capacity(4096);
+                $(
+                    let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}\n{} {}", $name, $help, $name, $kind, $name, self.$field.load(Relaxed));
+                )*
+                out
+            }
+        }
+    };
+}
+
+metrics! {
+    kernel_events: "counter", "kspan_kernel_events_total", "Events the kernel programs wrote to the ring buffer.";
+    kernel_lost: "counter", "kspan_kernel_lost_events_total", "Events the kernel dropped because the ring buffer was full.";
+    kernel_truncated: "counter", "kspan_kernel_truncated_payloads_total", "Syscalls whose payload exceeded the copy cap (byte counts stay exact).";
+    kernel_read_faults: "counter", "kspan_kernel_read_faults_total", "Payload copies from process memory that faulted.";
+    kernel_conns_tracked: "counter", "kspan_kernel_connections_tracked_total", "TCP connections the kernel started tracking.";
+    kernel_conns_not_http: "counter", "kspan_kernel_connections_not_http_total", "Connections dropped in kernel because their first bytes were not HTTP.";
+    kernel_conn_insert_failed: "counter", "kspan_kernel_connection_insert_failures_total", "Connections the kernel could not track (table full).";
+    events_decoded: "counter", "kspan_events_total", "Events received by userspace.";
+    decode_errors: "counter", "kspan_event_decode_errors_total", "Ring-buffer records that could not be decoded.";
+    requests: "counter", "kspan_http_requests_total", "HTTP requests decoded.";
+    desyncs: "counter", "kspan_http_desyncs_total", "Times an HTTP stream lost framing and resynchronised.";
+    gaps: "counter", "kspan_stream_gaps_total", "Events seen after kernel-side losses on the same connection.";
+    conns_filtered: "counter", "kspan_connections_filtered_total", "Connections excluded by --pid/--port/--exe.";
+    conns_unsupported: "counter", "kspan_connections_unsupported_total", "Connections with a protocol this version does not decode (HTTP/2).";
+    conns_evicted: "counter", "kspan_connections_evicted_total", "Connections forgotten while idle or at the table limit.";
+    spans_finished: "counter", "kspan_spans_finished_total", "Spans completed by the linker.";
+    spans_unsampled: "counter", "kspan_spans_unsampled_total", "Spans not exported because B3/traceparent said not sampled.";
+    spans_abandoned: "counter", "kspan_spans_abandoned_total", "Exchanges given up (lost framing, or no response in time).";
+    spans_overflow: "counter", "kspan_spans_overflow_total", "Requests not traced because too many spans were open.";
+    spans_queue_dropped: "counter", "kspan_spans_queue_dropped_total", "Spans dropped because the export queue was full.";
+    spans_exported: "counter", "kspan_spans_exported_total", "Spans delivered to the exporter's destination.";
+    spans_export_failed: "counter", "kspan_spans_export_failed_total", "Spans in export batches the destination rejected or did not receive.";
+    bad_context: "counter", "kspan_trace_context_invalid_total", "Requests whose B3/traceparent headers were malformed (treated as absent).";
+    links_same_agent: "counter", "kspan_links_same_agent_total", "SERVER spans parented to a CLIENT span seen by this agent.";
+    open_conns: "gauge", "kspan_open_connections", "Connections currently tracked in userspace.";
+    open_spans: "gauge", "kspan_open_spans", "Spans in flight or lingering before export.";
+}
+
+/// Serves `/metrics` and `/readyz` until the listener fails. HTTP/1.0-style: one request per
+/// connection, which is all scrapers and probes need.
+pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
+    loop {
+        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let mut buf = [0u8; 2048];
+            let mut len = 0;
+            // Read until the end of the request head (or the buffer is full).
+            while len < buf.len() {
+                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf[len..])).await {
+                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
+                    Ok(Ok(n)) => len += n,
+                }
+                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
+                    break;
+                }
+            }
+            let line = buf[..len].split(|&b| b == b'\r').next().unwrap_or_default();
+            let path = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
+            let (status, ctype, body) = match path {
+                b"/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
+                b"/readyz" if metrics.ready.load(Relaxed) => ("200 OK", "text/plain", "ready\n".to_string()),
+                b"/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
+                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
+            };
+            let resp = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let _ = sock.write_all(resp.as_bytes()).await;
+        });
+    }
+}
+
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_text() {
+        let m = Metrics::default();
+        m.kernel_lost.store(3, Relaxed);
+        let text = m.render();
+        assert!(text.contains("# TYPE kspan_kernel_lost_events_total counter\nkspan_kernel_lost_events_total 3\n"));
+        assert!(text.contains("# TYPE kspan_open_spans gauge\n"));
+    }
+
+    #[tokio::test]
+    async fn serves_metrics_and_readiness() {
+        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let m = Arc::new(Metrics::default());
+        tokio::spawn(serve(listener, m.clone()));
+        let get = |path: &'static str| async move {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
+        m.ready.store(true, Relaxed);
+        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get("/metrics").await.contains("kspan_spans_exported_total 0"));
+        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
+    }
+}
