@@ -1,1 +1,171 @@
-fn main() {}
+//! `cargo xtask setup|build|run|test`: the project's entry points. Every command installs what
+//! it needs first, so they work on a fresh machine.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use anyhow::{Context as _, bail};
+use clap::Parser;
+
+const BPF_LINKER_VERSION: &str = "0.10.3";
+
+#[derive(Parser)]
+#[command(about = "kspan developer tasks")]
+enum Cmd {
+    /// Install the eBPF toolchain (nightly rust-src, bpf-linker) and the test peers.
+    Setup,
+    /// Build the agent with its kernel programs.
+    Build {
+        #[arg(long)]
+        debug: bool,
+    },
+    /// Build and start the agent (through sudo when not root). Arguments go to kspan.
+    Run {
+        #[arg(long)]
+        debug: bool,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Unit tests, then integration tests that load the real probes (needs root).
+    Test,
+}
+
+fn main() -> anyhow::Result<()> {
+    let root = workspace_root()?;
+    std::env::set_current_dir(&root)?;
+    match Cmd::parse() {
+        Cmd::Setup => {
+            setup_toolchain()?;
+            setup_test_peers()
+        }
+        Cmd::Build { debug } => {
+            setup_toolchain()?;
+            build(debug).map(|_| ())
+        }
+        Cmd::Run { debug, args } => {
+            setup_toolchain()?;
+            let bin = build(debug)?;
+            let mut cmd = if is_root() {
+                Command::new(&bin)
+            } else if which("sudo") {
+                eprintln!("xtask: kspan needs root; running it with sudo");
+                let mut c = Command::new("sudo");
+                c.arg("-E").arg(&bin);
+                c
+            } else {
+                Command::new(&bin)
+            };
+            let status = cmd.args(args).status().context("starting kspan")?;
+            std::process::exit(status.code().unwrap_or(1));
+        }
+        Cmd::Test => {
+            setup_toolchain()?;
+            setup_test_peers()?;
+            test()
+        }
+    }
+}
+
+fn workspace_root() -> anyhow::Result<PathBuf> {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    Ok(manifest.parent().context("xtask has no parent directory")?.to_path_buf())
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    eprintln!("xtask: {cmd:?}");
+    let status = cmd.status().with_context(|| format!("spawning {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+fn output(cmd: &mut Command) -> Option<String> {
+    cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+}
+
+fn which(program: &str) -> bool {
+    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+}
+
+fn is_root() -> bool {
+    output(Command::new("id").arg("-u")).is_some_and(|s| s.trim() == "0")
+}
+
+/// Nightly with rust-src (for `-Z build-std=core`) and bpf-linker, pinned to the release that
+/// links with rustc's own LLVM (newer ones need a system LLVM this platform lacks).
+fn setup_toolchain() -> anyhow::Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is required")?;
+    if !toolchains.lines().any(|l| l.starts_with("nightly")) {
+        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+    }
+    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"])).unwrap_or_default();
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+    }
+    let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if !linker.contains(BPF_LINKER_VERSION) {
+        run(Command::new("cargo").args(["+nightly", "install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]))?;
+    }
+    Ok(())
+}
+
+/// Real peers the integration tests drive: nginx, curl, python3.
+fn setup_test_peers() -> anyhow::Result<()> {
+    let missing: Vec<&str> = [("nginx", "/usr/sbin/nginx"), ("curl", "/usr/bin/curl")]
+        .iter()
+        .filter(|(_, path)| !Path::new(path).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !which("python3") {
+        bail!("python3 is required for the integration tests");
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !is_root() || !which("apt-get") {
+        bail!("missing test peers {missing:?}: install nginx-light and curl (as root: apt-get install nginx-light curl)");
+    }
+    let pkgs: Vec<&str> = missing.iter().map(|p| if *p == "nginx" { "nginx-light" } else { p }).collect();
+    run(Command::new("apt-get").arg("update"))?;
+    // The tests start their own nginx; keep the package's service from starting on port 80
+    // (unless the machine already has a policy of its own).
+    let policy = Path::new("/usr/sbin/policy-rc.d");
+    let ours = !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok();
+    if ours {
+        set_executable(policy);
+    }
+    let result = run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&pkgs).env("DEBIAN_FRONTEND", "noninteractive"));
+    if ours {
+        std::fs::remove_file(policy).ok();
+    }
+    result
+}
+
+fn set_executable(path: &Path) {
+    use std::os::unix::fs::PermissionsExt as _;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755));
+}
+
+fn build(debug: bool) -> anyhow::Result<PathBuf> {
+    let mut cmd = Command::new("cargo");
+    cmd.args(["build", "--package", "kspan", "--bin", "kspan"]);
+    if !debug {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    Ok(PathBuf::from("target").join(if debug { "debug" } else { "release" }).join("kspan").canonicalize()?)
+}
+
+fn test() -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the integration tests load eBPF programs: run `cargo xtask test` as root (e.g. sudo -E)");
+    }
+    // Unit tests of every crate (parsers, linker, exporters) run in parallel.
+    // (kspan-ebpf only builds for the BPF target.)
+    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "kspan-tests", "--exclude", "kspan-ebpf"]))?;
+    // The integration tests share one agent and start real servers: one at a time.
+    let bin = build(true)?;
+    run(Command::new("cargo").args(["test", "--package", "kspan-tests", "--", "--test-threads=1"]).env("KSPAN_BIN", bin))
+}
