@@ -34,6 +34,9 @@ pub struct Args {
     #[arg(long)]
     pub stdout: bool,
 
+    /// Where the host's procfs is mounted (a DaemonSet mounts it at /host/proc).
+    #[arg(long, default_value = "/proc", env = "KSPAN_PROC_ROOT")]
+    pub proc_root: PathBuf,
     /// Address of the /metrics and /readyz endpoint.
     #[arg(long, default_value = "127.0.0.1:9464", env = "KSPAN_METRICS_ADDR")]
     pub metrics_addr: SocketAddr,

@@ -118,7 +118,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_conns: 65_536,
             clock_offset_ns: clock_offset(),
         },
-        ProcessCache::new("/proc"),
+        ProcessCache::new(&args.proc_root),
     );
     metrics.ready.store(true, Relaxed);
     if matches!(source, Source::Kernel(_)) {

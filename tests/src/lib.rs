@@ -94,8 +94,15 @@ impl TraceService for Store {
         &self,
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        self.add(req.into_inner());
+        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+    }
+}
+
+impl Store {
+    fn add(&self, req: ExportTraceServiceRequest) {
         let mut got = Vec::new();
-        for rs in req.into_inner().resource_spans {
+        for rs in req.resource_spans {
             let resource = kv(&rs.resource.map(|r| r.attributes).unwrap_or_default());
             for ss in rs.scope_spans {
                 for s in ss.spans {
@@ -120,19 +127,21 @@ impl TraceService for Store {
             }
         }
         self.0.lock().unwrap().extend(got);
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
     }
 }
 
 /// Processes started by the harness, killed when the test binary exits.
 static CHILDREN: Mutex<Vec<u32>> = Mutex::new(Vec::new());
 
+/// Kills a child's whole process group (nginx workers outlive a killed master otherwise).
+fn kill_group(pid: u32) {
+    // SAFETY: plain syscall; every child leads its own process group.
+    unsafe { libc::kill(-(pid as i32), libc::SIGKILL) };
+}
+
 extern "C" fn kill_children() {
     if let Ok(list) = CHILDREN.lock() {
-        for &pid in list.iter() {
-            // SAFETY: plain syscall.
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
+        list.iter().copied().for_each(kill_group);
     }
 }
 
@@ -157,6 +166,7 @@ impl Proc {
         let log = std::env::temp_dir().join(format!("kspan-test-{name}-{}.log", std::process::id()));
         let file = std::fs::File::create(&log).expect("log file");
         cmd.stdout(file.try_clone().expect("dup")).stderr(file).stdin(Stdio::null());
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
         track(&child);
         Self { child, name: name.to_string(), log }
@@ -180,8 +190,9 @@ impl Proc {
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
+        kill_group(self.child.id());
         let _ = self.child.wait();
+        CHILDREN.lock().map(|mut l| l.retain(|&p| p != self.child.id())).ok();
     }
 }
 
@@ -280,47 +291,161 @@ fn nginx_binary() -> PathBuf {
         .expect("nginx is not installed: run `cargo xtask setup`")
 }
 
-/// The shared agent and collector for every test in this binary.
+/// A real OTLP/gRPC collector (opentelemetry-proto's generated service on tonic).
+pub fn grpc_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
+    let store = Store::default();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("collector bind");
+    let addr = listener.local_addr().expect("addr");
+    let svc = TraceServiceServer::new(store.clone());
+    rt.spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(svc)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
+            .await
+            .expect("collector");
+    });
+    (addr, Spans(store))
+}
+
+/// A real OTLP/HTTP collector: POST /v1/traces with a protobuf body, as the spec defines.
+pub fn http_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
+    use prost::Message as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let store = Store::default();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("collector bind");
+    let addr = listener.local_addr().expect("addr");
+    let shared = store.clone();
+    rt.spawn(async move {
+        loop {
+            let Ok((mut sock, _)) = listener.accept().await else { continue };
+            let store = shared.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let mut chunk = [0u8; 8192];
+                    let n = match sock.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    // One request at a time: parse the head, wait for the whole body.
+                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
+                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    if buf.len() < end + 4 + len {
+                        continue;
+                    }
+                    let body = buf[end + 4..end + 4 + len].to_vec();
+                    buf.drain(..end + 4 + len);
+                    let ok = head.starts_with("post /v1/traces ") && head.contains("content-type: application/x-protobuf");
+                    let status = match ExportTraceServiceRequest::decode(&body[..]) {
+                        Ok(req) if ok => {
+                            store.add(req);
+                            "200 OK"
+                        }
+                        _ => "400 Bad Request",
+                    };
+                    let resp = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
+                    let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n", resp.len());
+                    if sock.write_all(head.as_bytes()).await.is_err() || sock.write_all(&resp).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (addr, Spans(store))
+}
+
+/// Spans a collector received.
+#[derive(Clone)]
+pub struct Spans(Store);
+
+impl Spans {
+    pub fn all(&self) -> Vec<Got> {
+        self.0.0.lock().unwrap().clone()
+    }
+}
+
+/// A running agent, stopped (SIGKILL) on drop.
+pub struct Agent {
+    pub proc: Proc,
+    pub metrics: SocketAddr,
+}
+
+impl Agent {
+    /// Starts the agent and waits until `/readyz` says it is ready.
+    pub fn start(name: &str, args: &[&str], env: &[(&str, String)]) -> Self {
+        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(kspan_bin());
+        cmd.arg("--metrics-addr").arg(metrics.to_string()).args(args);
+        cmd.env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut proc = Proc::spawn(name, cmd);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http_get(metrics, "/readyz").map(|r| !r.starts_with("HTTP/1.1 200")).unwrap_or(true) {
+            proc.assert_running();
+            assert!(Instant::now() < deadline, "kspan never became ready:\n{}", proc.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Self { proc, metrics }
+    }
+
+    /// Sends SIGTERM and waits (bounded) for a clean exit.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(self.proc.pid() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(Some(status)) = self.proc.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "kspan did not exit after SIGTERM:\n{}", self.proc.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+pub fn kspan_bin() -> String {
+    std::env::var("KSPAN_BIN").expect("KSPAN_BIN must point at the kspan binary (`cargo xtask test` sets it)")
+}
+
+/// The shared agent and collector for every test in one test binary.
 pub struct Env {
     pub rt: tokio::runtime::Runtime,
-    store: Store,
+    spans: Spans,
     pub collector: SocketAddr,
     pub metrics: SocketAddr,
-    agent: Mutex<Proc>,
+    agent: Mutex<Agent>,
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+}
+
+pub fn assert_root() {
+    // SAFETY: plain syscall.
+    assert_eq!(unsafe { libc::geteuid() }, 0, "kspan's integration tests load eBPF programs and must run as root");
 }
 
 pub fn env() -> &'static Env {
     static ENV: OnceLock<Env> = OnceLock::new();
     ENV.get_or_init(|| {
-        // SAFETY: plain syscall.
-        assert_eq!(unsafe { libc::geteuid() }, 0, "kspan's integration tests load eBPF programs and must run as root");
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-        let store = Store::default();
-        let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("collector bind");
-        let collector = listener.local_addr().expect("addr");
-        let svc = TraceServiceServer::new(store.clone());
-        rt.spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-                .await
-                .expect("collector");
-        });
-        let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let bin = std::env::var("KSPAN_BIN").expect("KSPAN_BIN must point at the kspan binary (`cargo xtask test` sets it)");
-        let mut cmd = Command::new(bin);
-        cmd.arg("--metrics-addr").arg(metrics.to_string()).arg("--linger-ms").arg("200");
-        cmd.env("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}"));
-        cmd.env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc");
-        cmd.env("RUST_LOG", "info");
-        let mut agent = Proc::spawn("kspan", cmd);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(metrics, "/readyz").map(|r| !r.starts_with("HTTP/1.1 200")).unwrap_or(true) {
-            agent.assert_running();
-            assert!(Instant::now() < deadline, "kspan never became ready:\n{}", agent.log());
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        Env { rt, store, collector, metrics, agent: Mutex::new(agent) }
+        assert_root();
+        let rt = runtime();
+        let (collector, spans) = grpc_collector(&rt);
+        let agent = Agent::start(
+            "kspan",
+            &["--linger-ms", "200"],
+            &[("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into())],
+        );
+        Env { rt, spans, collector, metrics: agent.metrics, agent: Mutex::new(agent) }
     })
 }
 
@@ -340,16 +465,20 @@ impl Env {
     pub fn wait_spans(&self, what: &str, pred: impl Fn(&[Got]) -> bool) -> Vec<Got> {
         let deadline = Instant::now() + Duration::from_secs(15);
         loop {
-            let spans = self.store.0.lock().unwrap().clone();
+            let spans = self.spans.all();
             if pred(&spans) {
                 return spans;
             }
-            self.agent.lock().unwrap().assert_running();
+            self.agent.lock().unwrap().proc.assert_running();
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; received {} spans:\n{spans:#?}\nagent log:\n{}", spans.len(), self.agent.lock().unwrap().log());
+                panic!("timed out waiting for {what}; received {} spans:\n{spans:#?}\nagent log:\n{}", spans.len(), self.agent.lock().unwrap().proc.log());
             }
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    pub fn agent_pid(&self) -> u32 {
+        self.agent.lock().unwrap().proc.pid()
     }
 
     /// All spans of one trace, once `n` of them arrived.
@@ -388,6 +517,26 @@ pub fn curl(args: &[&str]) -> String {
     let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl is not installed");
     assert!(out.status.success(), "curl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Trace ids unique to this test process. Every agent sees all traffic on the host, so two
+/// suites running at once must never share ids.
+pub fn trace_id(tag: u16) -> u128 {
+    (nonce() as u128) << 64 | tag as u128
+}
+
+/// A 64-bit B3 trace id unique to this test process.
+pub fn trace_id_64(tag: u16) -> u64 {
+    nonce() << 16 | tag as u64
+}
+
+fn nonce() -> u64 {
+    static NONCE: OnceLock<u64> = OnceLock::new();
+    *NONCE.get_or_init(|| {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        // 40 bits: leaves room for the tag in 64-bit ids, never zero.
+        ((t ^ (std::process::id() as u64) << 20) & 0xff_ffff_ffff) | 1
+    })
 }
 
 /// A unique path so tests can find their own spans when no trace id is known up front.

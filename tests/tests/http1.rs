@@ -6,9 +6,8 @@ use std::{
     time::Duration,
 };
 
-use kspan_tests::{Got, Nginx, PyService, Val, curl, env, unique_path};
+use kspan_tests::{Got, Nginx, PyService, Val, curl, env, trace_id, trace_id_64, unique_path};
 
-const T64: &str = "463ac35c9f6413ad";
 const S: u64 = 0xa2fb4a1d1a96d312;
 
 fn one<'a>(spans: &'a [Got], kind: &str, service: &str) -> &'a Got {
@@ -62,9 +61,10 @@ fn b3_multi_headers() {
     let (front, back) = chain();
     let path = unique_path("multi");
     let url = format!("http://127.0.0.1:{}{path}", front.port);
-    curl(&["-H", &format!("X-B3-TraceId: {T64}"), "-H", "X-B3-SpanId: a2fb4a1d1a96d312", "-H", "X-B3-Sampled: 1", &url]);
-    let trace = u128::from_str_radix(T64, 16).unwrap();
-    let spans = e.trace(trace, 4);
+    let t64 = trace_id_64(1);
+    curl(&["-H", &format!("X-B3-TraceId: {t64:016x}"), "-H", "X-B3-SpanId: a2fb4a1d1a96d312", "-H", "X-B3-Sampled: 1", &url]);
+    // A 64-bit B3 trace id is widened to 128 bits with zero high bits.
+    let spans = e.trace(t64 as u128, 4);
     let curl_parent = assert_chain(&spans, &front, &back, &path);
     assert_eq!(curl_parent, S, "the B3 span id curl sent is its span's parent");
 }
@@ -75,8 +75,9 @@ fn b3_single_header() {
     let (front, back) = chain();
     let path = unique_path("single");
     let url = format!("http://127.0.0.1:{}{path}", front.port);
-    curl(&["-H", "b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90", &url]);
-    let spans = e.trace(0x80f198ee56343ba864fe8b2a57d3eff7, 4);
+    let t = trace_id(2);
+    curl(&["-H", &format!("b3: {t:032x}-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90"), &url]);
+    let spans = e.trace(t, 4);
     assert_eq!(assert_chain(&spans, &front, &back, &path), 0xe457b5a2e4d86bd1);
 }
 
@@ -86,8 +87,9 @@ fn traceparent_header() {
     let (front, back) = chain();
     let path = unique_path("w3c");
     let url = format!("http://127.0.0.1:{}{path}", front.port);
-    curl(&["-H", "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", &url]);
-    let spans = e.trace(0x4bf92f3577b34da6a3ce929d0e0e4736, 4);
+    let t = trace_id(3);
+    curl(&["-H", &format!("traceparent: 00-{t:032x}-00f067aa0ba902b7-01"), &url]);
+    let spans = e.trace(t, 4);
     assert_eq!(assert_chain(&spans, &front, &back, &path), 0x00f067aa0ba902b7);
 }
 
@@ -109,17 +111,18 @@ fn sampled_zero_exports_nothing_and_flags_force() {
     let (front, _back) = chain();
     let unsampled_before = e.metric("kspan_spans_unsampled_total");
     let url = format!("http://127.0.0.1:{}{}", front.port, unique_path("unsampled"));
-    curl(&["-H", "X-B3-TraceId: 0000000000000000000000000000abcd", "-H", "X-B3-SpanId: 000000000000abcd", "-H", "X-B3-Sampled: 0", &url]);
+    let (unsampled, debug) = (trace_id(4), trace_id(5));
+    curl(&["-H", &format!("X-B3-TraceId: {unsampled:032x}"), "-H", "X-B3-SpanId: 000000000000abcd", "-H", "X-B3-Sampled: 0", &url]);
     curl(&["-H", "b3: 0", &url]);
     // Debug flag overrides sampled=0; its spans arriving later proves the earlier ones had
     // every chance to arrive too.
-    curl(&["-H", "X-B3-TraceId: 0000000000000000000000000000dbd0", "-H", "X-B3-SpanId: 000000000000dbd0", "-H", "X-B3-Sampled: 0", "-H", "X-B3-Flags: 1", &url]);
-    let spans = e.trace(0xdbd0, 4);
+    curl(&["-H", &format!("X-B3-TraceId: {debug:032x}"), "-H", "X-B3-SpanId: 000000000000dbd0", "-H", "X-B3-Sampled: 0", "-H", "X-B3-Flags: 1", &url]);
+    let spans = e.trace(debug, 4);
     assert_eq!(spans.len(), 4);
     std::thread::sleep(Duration::from_millis(500));
     let all = e.wait_spans("nothing", |_| true);
-    assert!(all.iter().all(|g| g.trace_id != 0xabcd), "sampled=0 spans must not be exported");
-    assert!(all.iter().all(|g| g.attrs.get("url.full").map(Val::s) != Some(url.as_str()) || g.trace_id == 0xdbd0), "b3: 0 spans must not be exported");
+    assert!(all.iter().all(|g| g.trace_id != unsampled), "sampled=0 spans must not be exported");
+    assert!(all.iter().all(|g| g.attrs.get("url.full").map(Val::s) != Some(url.as_str()) || g.trace_id == debug), "b3: 0 spans must not be exported");
     // Both unsampled chains (4 spans each) are counted, not silently gone.
     e.wait_metric("kspan_spans_unsampled_total", |v| v >= unsampled_before + 8);
 }
@@ -156,10 +159,11 @@ fn pipelined_requests_through_nginx() {
     // Three requests in one write; nginx answers them in order.
     let mut s = TcpStream::connect(("127.0.0.1", nginx.port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let (b1, b2, b3) = (trace_id(6), trace_id(7), trace_id(8));
     let reqs = format!(
-        "GET {p1} HTTP/1.1\r\nHost: shop\r\nX-B3-TraceId: 00000000000000000000000000000b01\r\nX-B3-SpanId: 0000000000000b01\r\n\r\n\
-         GET /teapot HTTP/1.1\r\nHost: shop\r\nX-B3-TraceId: 00000000000000000000000000000b02\r\nX-B3-SpanId: 0000000000000b02\r\n\r\n\
-         GET /status/503{p3} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\nX-B3-TraceId: 00000000000000000000000000000b03\r\nX-B3-SpanId: 0000000000000b03\r\n\r\n"
+        "GET {p1} HTTP/1.1\r\nHost: shop\r\nX-B3-TraceId: {b1:032x}\r\nX-B3-SpanId: 0000000000000b01\r\n\r\n\
+         GET /teapot HTTP/1.1\r\nHost: shop\r\nX-B3-TraceId: {b2:032x}\r\nX-B3-SpanId: 0000000000000b02\r\n\r\n\
+         GET /status/503{p3} HTTP/1.1\r\nHost: shop\r\nConnection: close\r\nX-B3-TraceId: {b3:032x}\r\nX-B3-SpanId: 0000000000000b03\r\n\r\n"
     );
     s.write_all(reqs.as_bytes()).unwrap();
     let mut resp = String::new();
@@ -167,7 +171,7 @@ fn pipelined_requests_through_nginx() {
     assert_eq!(resp.matches("HTTP/1.1 ").count(), 3, "{resp}");
 
     // Proxied request: test CLIENT → nginx SERVER → nginx CLIENT → backend SERVER.
-    let t1 = e.trace(0xb01, 4);
+    let t1 = e.trace(b1, 4);
     let test_client = t1.iter().find(|g| g.kind == "CLIENT" && g.service() != "nginx").expect("test process CLIENT span");
     let ns = one(&t1, "SERVER", "nginx");
     let nc = one(&t1, "CLIENT", "nginx");
@@ -181,7 +185,7 @@ fn pipelined_requests_through_nginx() {
     assert!(ns.contains(nc) && nc.contains(bs));
 
     // Answered by nginx itself: 418 is a client error for the client only.
-    let t2 = e.trace(0xb02, 2);
+    let t2 = e.trace(b2, 2);
     let ns2 = one(&t2, "SERVER", "nginx");
     assert_eq!(ns2.attr("http.response.status_code").i(), 418);
     assert_eq!(ns2.status, 0, "4xx is not a server error");
@@ -190,7 +194,7 @@ fn pipelined_requests_through_nginx() {
     assert_eq!(ns2.parent, Some(tc2.span_id));
 
     // Proxied 503: an error on every span.
-    let t3 = e.trace(0xb03, 4);
+    let t3 = e.trace(b3, 4);
     for g in &t3 {
         assert_eq!(g.attr("http.response.status_code").i(), 503);
         assert_eq!(g.status, 2, "5xx is an error for servers and clients: {g:#?}");
@@ -209,4 +213,11 @@ fn agent_reports_health() {
     let _ = e.metric("kspan_kernel_events_total");
     assert_eq!(e.metric("kspan_kernel_lost_events_total"), 0);
     assert_eq!(e.metric("kspan_event_decode_errors_total"), 0);
+    // The agent never traces itself: the /metrics requests above were answered by it, and the
+    // test's CLIENT spans of them arrive, but no span of the agent's own process does.
+    let agent = e.agent_pid() as i64;
+    let all = e.wait_spans("this test's /metrics CLIENT spans", |s| {
+        s.iter().any(|g| g.kind == "CLIENT" && g.attrs.get("server.port").map(Val::i) == Some(e.metrics.port() as i64))
+    });
+    assert!(all.iter().all(|g| g.resource.get("process.pid") != Some(&Val::I(agent))), "spans from the agent itself");
 }
