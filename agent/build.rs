@@ -18,7 +18,11 @@ fn main() -> anyhow::Result<()> {
     if skip || !have_linker {
         println!(
             "cargo:warning=building kspan without eBPF programs ({}); run `cargo xtask setup` for a working agent",
-            if skip { "AYA_BUILD_SKIP set" } else { "bpf-linker not found" }
+            if skip {
+                "AYA_BUILD_SKIP set"
+            } else {
+                "bpf-linker not found"
+            }
         );
         fs::write(&stub, b"").context("writing eBPF stub")?;
         return Ok(());
@@ -37,5 +41,6 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn which(program: &str) -> bool {
-    env::var_os("PATH").is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
+    env::var_os("PATH")
+        .is_some_and(|paths| env::split_paths(&paths).any(|dir| dir.join(program).is_file()))
 }

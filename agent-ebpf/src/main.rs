@@ -21,8 +21,8 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use kspan_common::{
-    ConnInfo, ConnKey, Config, DataEvent, EventHeader, KernelOffsets, MAX_IOV, MAX_PAYLOAD,
-    Tuple, direction, event_flags, kind, proto, role, stat,
+    Config, ConnInfo, ConnKey, DataEvent, EventHeader, KernelOffsets, MAX_IOV, MAX_PAYLOAD, Tuple,
+    direction, event_flags, kind, proto, role, stat,
 };
 
 use arch::*;
@@ -210,7 +210,11 @@ fn on_close(fd: u32) {
         total_len: 0,
         captured_len: 0,
         direction: 0,
-        flags: if info.gap_pending != 0 { event_flags::GAP } else { 0 },
+        flags: if info.gap_pending != 0 {
+            event_flags::GAP
+        } else {
+            0
+        },
         _pad: [0; 2],
     };
     if EVENTS.output::<EventHeader>(&header, 0).is_ok() {
@@ -278,7 +282,11 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
         if captured == 0 {
             return Ok(());
         }
-        match if captured < 4 { Some(proto::UNKNOWN) } else { sniff(&ev.payload) } {
+        match if captured < 4 {
+            Some(proto::UNKNOWN)
+        } else {
+            sniff(&ev.payload)
+        } {
             Some(p) => info.proto = p,
             None => {
                 info.proto = proto::OTHER;
@@ -310,7 +318,8 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
         len = (HEADER_LEN + MAX_PAYLOAD) as u64;
     }
     // SAFETY: `len` is bounded by the size of the scratch record.
-    let bytes = unsafe { core::slice::from_raw_parts(ev as *const DataEvent as *const u8, len as usize) };
+    let bytes =
+        unsafe { core::slice::from_raw_parts(ev as *const DataEvent as *const u8, len as usize) };
     if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
         info.gap_pending = 0;
         bump(stat::EVENTS);
@@ -333,7 +342,11 @@ fn copy_flat(ev: &mut DataEvent, src: *const u8, want: u64) -> u64 {
     }
     // SAFETY: destination has 2*MAX_PAYLOAD bytes and n ≤ MAX_PAYLOAD; the helper checks src.
     let r = unsafe {
-        probe_read_user_raw(ev.payload.as_mut_ptr() as *mut c_void, n as u32, src as *const c_void)
+        probe_read_user_raw(
+            ev.payload.as_mut_ptr() as *mut c_void,
+            n as u32,
+            src as *const c_void,
+        )
     };
     if r == 0 { n } else { 0 }
 }
@@ -348,14 +361,16 @@ fn copy_iov(ev: &mut DataEvent, iov: *const u8, count: u64, want: u64) -> u64 {
             break;
         }
         // SAFETY: user pointers read through the fault-tolerant helper.
-        let base: u64 = match unsafe { bpf_probe_read_user(iov.add(i * IOVEC_SIZE) as *const u64) } {
+        let base: u64 = match unsafe { bpf_probe_read_user(iov.add(i * IOVEC_SIZE) as *const u64) }
+        {
             Ok(v) => v,
             Err(_) => break,
         };
-        let len: u64 = match unsafe { bpf_probe_read_user(iov.add(i * IOVEC_SIZE + 8) as *const u64) } {
-            Ok(v) => v,
-            Err(_) => break,
-        };
+        let len: u64 =
+            match unsafe { bpf_probe_read_user(iov.add(i * IOVEC_SIZE + 8) as *const u64) } {
+                Ok(v) => v,
+                Err(_) => break,
+            };
         let mut seg = want - off;
         if len < seg {
             seg = len;

@@ -6,7 +6,11 @@ use clap::Parser;
 use crate::{capture::event::Endpoints, process::ProcessInfo};
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "kspan", version, about = "Zero-code HTTP tracing with eBPF; spans linked through B3, exported over OTLP")]
+#[command(
+    name = "kspan",
+    version,
+    about = "Zero-code HTTP tracing with eBPF; spans linked through B3, exported over OTLP"
+)]
 pub struct Args {
     /// Trace only these process ids (repeat or comma-separate). Default: every process.
     #[arg(long, value_delimiter = ',', env = "KSPAN_PID")]
@@ -88,7 +92,10 @@ pub enum ConfigError {
 }
 
 /// Resolves the OTLP exporter settings; `None` means "print to stdout".
-pub fn otlp(args: &Args, env: impl Fn(&str) -> Option<String>) -> Result<Option<OtlpConfig>, ConfigError> {
+pub fn otlp(
+    args: &Args,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<OtlpConfig>, ConfigError> {
     let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
     let protocol = match args
         .otlp_protocol
@@ -103,7 +110,11 @@ pub fn otlp(args: &Args, env: impl Fn(&str) -> Option<String>) -> Result<Option<
         Some(other) => return Err(ConfigError::Protocol(other.to_string())),
     };
     // A signal-specific endpoint is used as is; the generic one gets /v1/traces for HTTP.
-    let endpoint = match (&args.otlp_endpoint, env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"), env("OTEL_EXPORTER_OTLP_ENDPOINT")) {
+    let endpoint = match (
+        &args.otlp_endpoint,
+        env("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"),
+        env("OTEL_EXPORTER_OTLP_ENDPOINT"),
+    ) {
         (Some(e), _, _) => e.clone(),
         (None, Some(e), _) => e,
         (None, None, Some(base)) => match protocol {
@@ -117,16 +128,29 @@ pub fn otlp(args: &Args, env: impl Fn(&str) -> Option<String>) -> Result<Option<
         return Err(ConfigError::Endpoint(endpoint));
     }
     let mut headers = Vec::new();
-    let from_env = env("OTEL_EXPORTER_OTLP_TRACES_HEADERS").or_else(|| env("OTEL_EXPORTER_OTLP_HEADERS")).unwrap_or_default();
-    for kv in from_env.split(',').map(str::trim).filter(|s| !s.is_empty()).chain(args.otlp_headers.iter().map(String::as_str)) {
-        let (k, v) = kv.split_once('=').ok_or_else(|| ConfigError::Header(kv.to_string()))?;
+    let from_env = env("OTEL_EXPORTER_OTLP_TRACES_HEADERS")
+        .or_else(|| env("OTEL_EXPORTER_OTLP_HEADERS"))
+        .unwrap_or_default();
+    for kv in from_env
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .chain(args.otlp_headers.iter().map(String::as_str))
+    {
+        let (k, v) = kv
+            .split_once('=')
+            .ok_or_else(|| ConfigError::Header(kv.to_string()))?;
         let k = k.trim();
         if k.is_empty() {
             return Err(ConfigError::Header(kv.to_string()));
         }
         headers.push((k.to_string(), percent_decode(v.trim())));
     }
-    Ok(Some(OtlpConfig { endpoint, protocol, headers }))
+    Ok(Some(OtlpConfig {
+        endpoint,
+        protocol,
+        headers,
+    }))
 }
 
 /// OTEL_EXPORTER_OTLP_HEADERS values are URL-encoded (W3C baggage format).
@@ -159,14 +183,21 @@ pub struct Filter {
 
 impl Filter {
     pub fn from_args(a: &Args) -> Self {
-        Self { pids: a.pid.clone(), ports: a.port.clone(), exes: a.exe.clone() }
+        Self {
+            pids: a.pid.clone(),
+            ports: a.port.clone(),
+            exes: a.exe.clone(),
+        }
     }
 
     pub fn admits(&self, p: &ProcessInfo, e: Option<&Endpoints>) -> bool {
         let pid_ok = self.pids.is_empty() || self.pids.contains(&p.pid);
         let port_ok = self.ports.is_empty()
-            || e.is_some_and(|e| self.ports.contains(&e.local.port()) || self.ports.contains(&e.peer.port()));
-        let exe_ok = self.exes.is_empty() || self.exes.iter().any(|x| *x == p.exe || x == p.exe_name());
+            || e.is_some_and(|e| {
+                self.ports.contains(&e.local.port()) || self.ports.contains(&e.peer.port())
+            });
+        let exe_ok =
+            self.exes.is_empty() || self.exes.iter().any(|x| *x == p.exe || x == p.exe_name());
         pid_ok && port_ok && exe_ok
     }
 }
@@ -180,7 +211,12 @@ mod tests {
     }
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -201,7 +237,13 @@ mod tests {
         .unwrap();
         assert_eq!(c.endpoint, "http://collector:4318/v1/traces");
         assert_eq!(c.protocol, Protocol::HttpProtobuf);
-        assert_eq!(c.headers, vec![("api-key".into(), "a b".into()), ("tenant".into(), "t1".into())]);
+        assert_eq!(
+            c.headers,
+            vec![
+                ("api-key".into(), "a b".into()),
+                ("tenant".into(), "t1".into())
+            ]
+        );
         assert_eq!(percent_decode("%zz%é%4"), "%zz%é%4");
 
         let c = otlp(
@@ -214,37 +256,117 @@ mod tests {
         )
         .unwrap()
         .unwrap();
-        assert_eq!((c.endpoint.as_str(), c.protocol), ("http://traces:4317", Protocol::Grpc));
+        assert_eq!(
+            (c.endpoint.as_str(), c.protocol),
+            ("http://traces:4317", Protocol::Grpc)
+        );
     }
 
     #[test]
     fn flags_win_and_bad_values_are_errors() {
-        let a = args(&["--otlp-endpoint", "http://x:1", "--otlp-protocol", "grpc", "--otlp-header", "k=v"]);
-        let c = otlp(&a, env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")])).unwrap().unwrap();
-        assert_eq!((c.endpoint.as_str(), c.protocol), ("http://x:1", Protocol::Grpc));
+        let a = args(&[
+            "--otlp-endpoint",
+            "http://x:1",
+            "--otlp-protocol",
+            "grpc",
+            "--otlp-header",
+            "k=v",
+        ]);
+        let c = otlp(&a, env(&[("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (c.endpoint.as_str(), c.protocol),
+            ("http://x:1", Protocol::Grpc)
+        );
         assert_eq!(c.headers, vec![("k".into(), "v".into())]);
-        assert!(matches!(otlp(&args(&["--otlp-endpoint", "x:1"]), env(&[])), Err(ConfigError::Endpoint(_))));
         assert!(matches!(
-            otlp(&args(&["--otlp-endpoint", "http://x", "--otlp-protocol", "http/json"]), env(&[])),
+            otlp(&args(&["--otlp-endpoint", "x:1"]), env(&[])),
+            Err(ConfigError::Endpoint(_))
+        ));
+        assert!(matches!(
+            otlp(
+                &args(&[
+                    "--otlp-endpoint",
+                    "http://x",
+                    "--otlp-protocol",
+                    "http/json"
+                ]),
+                env(&[])
+            ),
             Err(ConfigError::Protocol(_))
         ));
         assert!(matches!(
-            otlp(&args(&["--otlp-endpoint", "http://x", "--otlp-header", "novalue"]), env(&[])),
+            otlp(
+                &args(&["--otlp-endpoint", "http://x", "--otlp-header", "novalue"]),
+                env(&[])
+            ),
             Err(ConfigError::Header(_))
         ));
     }
 
     #[test]
     fn filters() {
-        let p = ProcessInfo { pid: 10, exe: "/usr/sbin/nginx".into(), command_line: String::new(), service_name: "nginx".into() };
-        let e = Endpoints { local: "127.0.0.1:80".parse().unwrap(), peer: "127.0.0.1:5000".parse().unwrap(), netns: 1 };
+        let p = ProcessInfo {
+            pid: 10,
+            exe: "/usr/sbin/nginx".into(),
+            command_line: String::new(),
+            service_name: "nginx".into(),
+        };
+        let e = Endpoints {
+            local: "127.0.0.1:80".parse().unwrap(),
+            peer: "127.0.0.1:5000".parse().unwrap(),
+            netns: 1,
+        };
         assert!(Filter::default().admits(&p, Some(&e)));
-        assert!(Filter { exes: vec!["nginx".into()], ..Default::default() }.admits(&p, Some(&e)));
-        assert!(Filter { exes: vec!["/usr/sbin/nginx".into()], ..Default::default() }.admits(&p, Some(&e)));
-        assert!(!Filter { exes: vec!["python3".into()], ..Default::default() }.admits(&p, Some(&e)));
-        assert!(Filter { ports: vec![5000], ..Default::default() }.admits(&p, Some(&e)));
-        assert!(!Filter { ports: vec![81], ..Default::default() }.admits(&p, Some(&e)));
-        assert!(!Filter { pids: vec![11], ..Default::default() }.admits(&p, Some(&e)));
-        assert!(!Filter { ports: vec![80], ..Default::default() }.admits(&p, None));
+        assert!(
+            Filter {
+                exes: vec!["nginx".into()],
+                ..Default::default()
+            }
+            .admits(&p, Some(&e))
+        );
+        assert!(
+            Filter {
+                exes: vec!["/usr/sbin/nginx".into()],
+                ..Default::default()
+            }
+            .admits(&p, Some(&e))
+        );
+        assert!(
+            !Filter {
+                exes: vec!["python3".into()],
+                ..Default::default()
+            }
+            .admits(&p, Some(&e))
+        );
+        assert!(
+            Filter {
+                ports: vec![5000],
+                ..Default::default()
+            }
+            .admits(&p, Some(&e))
+        );
+        assert!(
+            !Filter {
+                ports: vec![81],
+                ..Default::default()
+            }
+            .admits(&p, Some(&e))
+        );
+        assert!(
+            !Filter {
+                pids: vec![11],
+                ..Default::default()
+            }
+            .admits(&p, Some(&e))
+        );
+        assert!(
+            !Filter {
+                ports: vec![80],
+                ..Default::default()
+            }
+            .admits(&p, None)
+        );
     }
 }

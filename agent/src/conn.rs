@@ -28,7 +28,12 @@ pub struct Conn {
 }
 
 impl Conn {
-    pub fn new(role: Role, endpoints: Option<Endpoints>, process: Arc<ProcessInfo>, ts_ns: u64) -> Self {
+    pub fn new(
+        role: Role,
+        endpoints: Option<Endpoints>,
+        process: Arc<ProcessInfo>,
+        ts_ns: u64,
+    ) -> Self {
         Self {
             role,
             endpoints,
@@ -43,6 +48,9 @@ impl Conn {
 
     /// Whether bytes moving in `dir` are requests (as opposed to responses).
     pub fn carries_requests(&self, dir: Direction) -> bool {
-        matches!((self.role, dir), (Role::Server, Direction::Ingress) | (Role::Client, Direction::Egress))
+        matches!(
+            (self.role, dir),
+            (Role::Server, Direction::Ingress) | (Role::Client, Direction::Egress)
+        )
     }
 }

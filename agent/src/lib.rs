@@ -6,9 +6,9 @@
 pub mod capture;
 pub mod config;
 pub mod conn;
+pub mod export;
+pub mod metrics;
 pub mod pipeline;
 pub mod process;
 pub mod protocol;
 pub mod trace;
-pub mod export;
-pub mod metrics;

@@ -6,7 +6,7 @@ use std::{
     process::ExitCode,
     sync::{
         Arc,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::{Duration, Instant},
 };
@@ -35,7 +35,10 @@ fn main() -> ExitCode {
 }
 
 fn clock_ns(clock: libc::clockid_t) -> u64 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -57,13 +60,20 @@ fn host_name() -> String {
 fn run(args: Args) -> anyhow::Result<()> {
     let otlp = config::otlp(&args, |k| std::env::var(k).ok())?;
     let metrics = Arc::new(Metrics::default());
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().thread_name("kspan-io").build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .thread_name("kspan-io")
+        .build()?;
 
     let mut source = match &args.replay {
         Some(path) => Source::Replay(replay::Player::new(BufReader::new(
             File::open(path).with_context(|| format!("opening recording {}", path.display()))?,
         ))?),
-        None => Source::Kernel(Capture::load(CaptureOptions { payload_cap: args.payload_cap, ring_buffer_mb: args.ring_buffer_mb })?),
+        None => Source::Kernel(Capture::load(CaptureOptions {
+            payload_cap: args.payload_cap,
+            ring_buffer_mb: args.ring_buffer_mb,
+        })?),
     };
     let mut recorder = match &args.record {
         Some(path) => Some(replay::Recorder::new(BufWriter::new(
@@ -80,9 +90,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     let sinks = {
         // Building the gRPC client needs the runtime's context.
         let _guard = rt.enter();
-        let otlp_sink = otlp.as_ref().map(|c| OtlpSink::new(c, host_name())).transpose()?;
-        let tree = (otlp_sink.is_none() || args.stdout).then(|| TreePrinter::new(Duration::from_secs(1)));
-        Sinks { otlp: otlp_sink, tree }
+        let otlp_sink = otlp
+            .as_ref()
+            .map(|c| OtlpSink::new(c, host_name()))
+            .transpose()?;
+        let tree =
+            (otlp_sink.is_none() || args.stdout).then(|| TreePrinter::new(Duration::from_secs(1)));
+        Sinks {
+            otlp: otlp_sink,
+            tree,
+        }
     };
     match &otlp {
         Some(c) => log::info!("exporting spans to {} over {:?}", c.endpoint, c.protocol),
@@ -95,13 +112,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     {
         let stop = stop.clone();
         rt.spawn(async move {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    log::error!("cannot watch SIGTERM: {e}");
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        log::error!("cannot watch SIGTERM: {e}");
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = term.recv() => {}
                 _ = tokio::signal::ctrl_c() => {}
@@ -122,10 +140,22 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     metrics.ready.store(true, Relaxed);
     if matches!(source, Source::Kernel(_)) {
-        eprintln!("kspan: probes attached; tracing HTTP/1.x (metrics on http://{}/metrics)", args.metrics_addr);
+        eprintln!(
+            "kspan: probes attached; tracing HTTP/1.x (metrics on http://{}/metrics)",
+            args.metrics_addr
+        );
     }
-    let deadline = (args.duration_secs > 0).then(|| Instant::now() + Duration::from_secs(args.duration_secs));
-    let loop_result = run_loop(&mut source, &mut pipeline, recorder.as_mut(), &queue, &metrics, &stop, deadline);
+    let deadline =
+        (args.duration_secs > 0).then(|| Instant::now() + Duration::from_secs(args.duration_secs));
+    let loop_result = run_loop(
+        &mut source,
+        &mut pipeline,
+        recorder.as_mut(),
+        &queue,
+        &metrics,
+        &stop,
+        deadline,
+    );
 
     // Flush: every finished span leaves, then the exporter drains its queue.
     let mut out = Vec::new();
@@ -139,13 +169,18 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     drop(queue);
     rt.block_on(async {
-        if tokio::time::timeout(Duration::from_secs(15), exporter).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(15), exporter)
+            .await
+            .is_err()
+        {
             log::warn!("exporter did not finish within 15 s; remaining spans were dropped");
         }
     });
     loop_result
 }
 
+// One value per run; the size difference between variants does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Source {
     Kernel(Capture),
     Replay(replay::Player<BufReader<File>>),
@@ -173,14 +208,18 @@ fn run_loop(
         }
         let now_ns = match source {
             Source::Kernel(cap) => {
-                let mut pfd = libc::pollfd { fd: cap.ring_fd(), events: libc::POLLIN, revents: 0 };
+                let mut pfd = libc::pollfd {
+                    fd: cap.ring_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
                 // SAFETY: one valid pollfd.
                 unsafe { libc::poll(&mut pfd, 1, 100) };
                 cap.drain(DRAIN_BUDGET, |bytes| {
-                    if let Some(r) = recorder.as_deref_mut() {
-                        if let Err(e) = r.record(bytes) {
-                            record_err.get_or_insert(e);
-                        }
+                    if let Some(r) = recorder.as_deref_mut()
+                        && let Err(e) = r.record(bytes)
+                    {
+                        record_err.get_or_insert(e);
                     }
                     match event::decode(bytes) {
                         Ok(ev) => pipeline.handle(ev),
@@ -237,9 +276,11 @@ fn run_loop(
 
 /// Copies the stages' counters into the shared metrics.
 fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
+    let store =
+        |pairs: &[(&AtomicU64, u64)]| pairs.iter().for_each(|(cell, v)| cell.store(*v, Relaxed));
     let p = pipeline.stats;
     let t = pipeline.tracer_stats();
-    for (cell, v) in [
+    store(&[
         (&m.events_decoded, p.events),
         (&m.requests, p.requests),
         (&m.desyncs, p.desyncs),
@@ -255,24 +296,18 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.links_same_agent, t.links_same_agent),
         (&m.open_conns, pipeline.conns() as u64),
         (&m.open_spans, pipeline.open_spans() as u64),
-    ] {
-        cell.store(v, Relaxed);
-    }
+    ]);
     if let Source::Kernel(cap) = source {
         match cap.stats() {
-            Ok(k) => {
-                for (cell, v) in [
-                    (&m.kernel_events, k.events),
-                    (&m.kernel_lost, k.lost),
-                    (&m.kernel_truncated, k.truncated),
-                    (&m.kernel_read_faults, k.read_faults),
-                    (&m.kernel_conns_tracked, k.conns_tracked),
-                    (&m.kernel_conns_not_http, k.conns_not_http),
-                    (&m.kernel_conn_insert_failed, k.conn_insert_failed),
-                ] {
-                    cell.store(v, Relaxed);
-                }
-            }
+            Ok(k) => store(&[
+                (&m.kernel_events, k.events),
+                (&m.kernel_lost, k.lost),
+                (&m.kernel_truncated, k.truncated),
+                (&m.kernel_read_faults, k.read_faults),
+                (&m.kernel_conns_tracked, k.conns_tracked),
+                (&m.kernel_conns_not_http, k.conns_not_http),
+                (&m.kernel_conn_insert_failed, k.conn_insert_failed),
+            ]),
             Err(e) => log::warn!("reading kernel counters: {e}"),
         }
     }

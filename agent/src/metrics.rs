@@ -69,14 +69,21 @@ metrics! {
 /// connection, which is all scrapers and probes need.
 pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else { continue };
+        let Ok((mut sock, _)) = listener.accept().await else {
+            continue;
+        };
         let metrics = metrics.clone();
         tokio::spawn(async move {
             let mut buf = [0u8; 2048];
             let mut len = 0;
             // Read until the end of the request head (or the buffer is full).
             while len < buf.len() {
-                match tokio::time::timeout(std::time::Duration::from_secs(5), sock.read(&mut buf[len..])).await {
+                match tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    sock.read(&mut buf[len..]),
+                )
+                .await
+                {
                     Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
                     Ok(Ok(n)) => len += n,
                 }
@@ -88,11 +95,20 @@ pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
             let path = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
             let (status, ctype, body) = match path {
                 b"/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                b"/readyz" if metrics.ready.load(Relaxed) => ("200 OK", "text/plain", "ready\n".to_string()),
-                b"/readyz" => ("503 Service Unavailable", "text/plain", "not ready\n".to_string()),
+                b"/readyz" if metrics.ready.load(Relaxed) => {
+                    ("200 OK", "text/plain", "ready\n".to_string())
+                }
+                b"/readyz" => (
+                    "503 Service Unavailable",
+                    "text/plain",
+                    "not ready\n".to_string(),
+                ),
                 _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
             };
-            let resp = format!("HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
+            let resp = format!(
+                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
             let _ = sock.write_all(resp.as_bytes()).await;
         });
     }
@@ -111,7 +127,9 @@ mod tests {
         let m = Metrics::default();
         m.kernel_lost.store(3, Relaxed);
         let text = m.render();
-        assert!(text.contains("# TYPE kspan_kernel_lost_events_total counter\nkspan_kernel_lost_events_total 3\n"));
+        assert!(text.contains(
+            "# TYPE kspan_kernel_lost_events_total counter\nkspan_kernel_lost_events_total 3\n"
+        ));
         assert!(text.contains("# TYPE kspan_open_spans gauge\n"));
     }
 
@@ -123,7 +141,9 @@ mod tests {
         tokio::spawn(serve(listener, m.clone()));
         let get = |path: &'static str| async move {
             let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes()).await.unwrap();
+            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+                .await
+                .unwrap();
             let mut out = String::new();
             s.read_to_string(&mut out).await.unwrap();
             out
@@ -131,7 +151,11 @@ mod tests {
         assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
         m.ready.store(true, Relaxed);
         assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
-        assert!(get("/metrics").await.contains("kspan_spans_exported_total 0"));
+        assert!(
+            get("/metrics")
+                .await
+                .contains("kspan_spans_exported_total 0")
+        );
         assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
     }
 }

@@ -103,21 +103,37 @@ impl Pipeline {
                 self.evict_oldest();
             }
             self.stats.conns_opened += 1;
-            self.conns.insert(ev.conn, Conn::new(ev.role, ev.endpoints, process, ev.ts_ns));
+            self.conns
+                .insert(ev.conn, Conn::new(ev.role, ev.endpoints, process, ev.ts_ns));
         }
-        let Some(conn) = self.conns.get_mut(&ev.conn) else { return };
+        let Some(conn) = self.conns.get_mut(&ev.conn) else {
+            return;
+        };
         conn.last_seen_ns = ev.ts_ns;
-        let mut sink = Sink { tracer: &mut self.tracer, stats: &mut self.stats };
+        let mut sink = Sink {
+            tracer: &mut self.tracer,
+            stats: &mut self.stats,
+        };
         match ev.kind {
             EventKind::Close => {
                 conn.http.close(ev.ts_ns, &mut self.messages);
                 sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
                 for id in conn.in_flight.drain(..).flatten() {
-                    sink.tracer.finished(id, ev.ts_ns, 0, Some("connection closed before the response completed"));
+                    sink.tracer.finished(
+                        id,
+                        ev.ts_ns,
+                        0,
+                        Some("connection closed before the response completed"),
+                    );
                 }
                 self.conns.remove(&ev.conn);
             }
-            EventKind::Data { direction, total_len, payload, gap } => {
+            EventKind::Data {
+                direction,
+                total_len,
+                payload,
+                gap,
+            } => {
                 sink.stats.bytes += total_len;
                 if conn.protocol == Protocol::Unsupported {
                     return;
@@ -133,7 +149,8 @@ impl Pipeline {
                 }
                 let requests = conn.carries_requests(direction);
                 let missing = total_len.saturating_sub(payload.len() as u64);
-                conn.http.feed(requests, &payload, missing, ev.ts_ns, &mut self.messages);
+                conn.http
+                    .feed(requests, &payload, missing, ev.ts_ns, &mut self.messages);
                 sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
             }
         }
@@ -141,7 +158,11 @@ impl Pipeline {
 
     fn evict_oldest(&mut self) {
         // Rare (only at the cap): a scan is cheaper than keeping an ordered index.
-        let mut ages: Vec<(u64, ConnId)> = self.conns.iter().map(|(id, c)| (c.last_seen_ns, *id)).collect();
+        let mut ages: Vec<(u64, ConnId)> = self
+            .conns
+            .iter()
+            .map(|(id, c)| (c.last_seen_ns, *id))
+            .collect();
         ages.sort_unstable();
         for (_, id) in ages.into_iter().take(self.max_conns / 10 + 1) {
             self.drop_conn(id);
@@ -165,7 +186,12 @@ impl Pipeline {
     /// Slow periodic work (scans): idle connections and stale exchanges.
     pub fn expire(&mut self, now_ns: u64) {
         let cutoff = now_ns.saturating_sub(IDLE_NS);
-        let idle: Vec<ConnId> = self.conns.iter().filter(|(_, c)| c.last_seen_ns < cutoff).map(|(id, _)| *id).collect();
+        let idle: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| c.last_seen_ns < cutoff)
+            .map(|(id, _)| *id)
+            .collect();
         for id in idle {
             self.drop_conn(id);
         }
@@ -183,7 +209,14 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     /// Applies decoded messages of one connection to the tracer.
-    fn apply(&mut self, conn: &mut Conn, messages: &mut Vec<Message>, id: ConnId, tid: u32, ts_ns: u64) {
+    fn apply(
+        &mut self,
+        conn: &mut Conn,
+        messages: &mut Vec<Message>,
+        id: ConnId,
+        tid: u32,
+        ts_ns: u64,
+    ) {
         for msg in messages.drain(..) {
             match msg {
                 Message::RequestHead(head) => {
@@ -191,7 +224,11 @@ impl Sink<'_> {
                     let span = self.tracer.request_started(RequestStart {
                         conn: id,
                         tid,
-                        kind: if conn.role == Role::Server { SpanKind::Server } else { SpanKind::Client },
+                        kind: if conn.role == Role::Server {
+                            SpanKind::Server
+                        } else {
+                            SpanKind::Client
+                        },
                         endpoints: conn.endpoints,
                         seq: conn.requests,
                         process: conn.process.clone(),

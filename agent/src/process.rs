@@ -25,10 +25,16 @@ impl ProcessInfo {
 /// Reads one process's metadata. `root` is normally `/proc`.
 pub fn read(root: &Path, pid: u32) -> ProcessInfo {
     let dir = root.join(pid.to_string());
-    let exe = std::fs::read_link(dir.join("exe")).map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+    let exe = std::fs::read_link(dir.join("exe"))
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_default();
     let command_line = std::fs::read(dir.join("cmdline"))
         .map(|raw| {
-            raw.split(|&b| b == 0).filter(|s| !s.is_empty()).map(String::from_utf8_lossy).collect::<Vec<_>>().join(" ")
+            raw.split(|&b| b == 0)
+                .filter(|s| !s.is_empty())
+                .map(String::from_utf8_lossy)
+                .collect::<Vec<_>>()
+                .join(" ")
         })
         .unwrap_or_default();
     let env_name = std::fs::read(dir.join("environ")).ok().and_then(|raw| {
@@ -39,9 +45,18 @@ pub fn read(root: &Path, pid: u32) -> ProcessInfo {
     });
     let exe_name = exe.rsplit('/').next().unwrap_or_default().to_string();
     let service_name = env_name.unwrap_or_else(|| {
-        if exe_name.is_empty() { format!("unknown_service:{pid}") } else { exe_name }
+        if exe_name.is_empty() {
+            format!("unknown_service:{pid}")
+        } else {
+            exe_name
+        }
     });
-    ProcessInfo { pid, exe, command_line, service_name }
+    ProcessInfo {
+        pid,
+        exe,
+        command_line,
+        service_name,
+    }
 }
 
 /// Bounded cache. Entries are re-read after `ttl`, which also covers pid reuse.
@@ -54,19 +69,25 @@ pub struct ProcessCache {
 
 impl ProcessCache {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into(), ttl: Duration::from_secs(30), max: 16_384, entries: HashMap::new() }
+        Self {
+            root: root.into(),
+            ttl: Duration::from_secs(30),
+            max: 16_384,
+            entries: HashMap::new(),
+        }
     }
 
     pub fn get(&mut self, pid: u32) -> Arc<ProcessInfo> {
         let now = Instant::now();
-        if let Some((at, info)) = self.entries.get(&pid) {
-            if now.duration_since(*at) < self.ttl {
-                return info.clone();
-            }
+        if let Some((at, info)) = self.entries.get(&pid)
+            && now.duration_since(*at) < self.ttl
+        {
+            return info.clone();
         }
         if self.entries.len() >= self.max {
             let ttl = self.ttl;
-            self.entries.retain(|_, (at, _)| now.duration_since(*at) < ttl);
+            self.entries
+                .retain(|_, (at, _)| now.duration_since(*at) < ttl);
             if self.entries.len() >= self.max {
                 self.entries.clear();
             }
@@ -91,7 +112,11 @@ mod tests {
         std::fs::create_dir_all(&p).unwrap();
         std::os::unix::fs::symlink("/usr/bin/python3.11", p.join("exe")).unwrap();
         std::fs::write(p.join("cmdline"), b"python3\0app.py\0--port\x008080\0").unwrap();
-        std::fs::write(p.join("environ"), b"HOME=/root\0OTEL_SERVICE_NAME=checkout\0").unwrap();
+        std::fs::write(
+            p.join("environ"),
+            b"HOME=/root\0OTEL_SERVICE_NAME=checkout\0",
+        )
+        .unwrap();
         let info = read(&dir, 42);
         assert_eq!(info.service_name, "checkout");
         assert_eq!(info.command_line, "python3 app.py --port 8080");

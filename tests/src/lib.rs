@@ -62,10 +62,15 @@ pub struct Got {
 
 impl Got {
     pub fn attr(&self, k: &str) -> &Val {
-        self.attrs.get(k).unwrap_or_else(|| panic!("span has no {k}: {self:#?}"))
+        self.attrs
+            .get(k)
+            .unwrap_or_else(|| panic!("span has no {k}: {self:#?}"))
     }
     pub fn service(&self) -> &str {
-        self.resource.get("service.name").map(Val::s).unwrap_or_default()
+        self.resource
+            .get("service.name")
+            .map(Val::s)
+            .unwrap_or_default()
     }
     pub fn contains(&self, child: &Got) -> bool {
         self.start <= child.start && child.end <= self.end
@@ -82,7 +87,9 @@ fn val(v: &Option<AnyValue>) -> Val {
 }
 
 fn kv(list: &[KeyValue]) -> HashMap<String, Val> {
-    list.iter().map(|k| (k.key.clone(), val(&k.value))).collect()
+    list.iter()
+        .map(|k| (k.key.clone(), val(&k.value)))
+        .collect()
 }
 
 #[derive(Clone, Default)]
@@ -95,7 +102,9 @@ impl TraceService for Store {
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
         self.add(req.into_inner());
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
     }
 }
 
@@ -110,7 +119,8 @@ impl Store {
                     got.push(Got {
                         trace_id: id(&s.trace_id),
                         span_id: id(&s.span_id) as u64,
-                        parent: (!s.parent_span_id.is_empty()).then(|| id(&s.parent_span_id) as u64),
+                        parent: (!s.parent_span_id.is_empty())
+                            .then(|| id(&s.parent_span_id) as u64),
                         kind: match s.kind {
                             2 => "SERVER",
                             3 => "CLIENT",
@@ -163,13 +173,22 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(name: &str, mut cmd: Command) -> Self {
-        let log = std::env::temp_dir().join(format!("kspan-test-{name}-{}.log", std::process::id()));
+        let log =
+            std::env::temp_dir().join(format!("kspan-test-{name}-{}.log", std::process::id()));
         let file = std::fs::File::create(&log).expect("log file");
-        cmd.stdout(file.try_clone().expect("dup")).stderr(file).stdin(Stdio::null());
+        cmd.stdout(file.try_clone().expect("dup"))
+            .stderr(file)
+            .stdin(Stdio::null());
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         track(&child);
-        Self { child, name: name.to_string(), log }
+        Self {
+            child,
+            name: name.to_string(),
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -192,19 +211,31 @@ impl Drop for Proc {
     fn drop(&mut self) {
         kill_group(self.child.id());
         let _ = self.child.wait();
-        CHILDREN.lock().map(|mut l| l.retain(|&p| p != self.child.id())).ok();
+        CHILDREN
+            .lock()
+            .map(|mut l| l.retain(|&p| p != self.child.id()))
+            .ok();
     }
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port()
+    TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port()
 }
 
 pub fn wait_for_port(p: &mut Proc, port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         p.assert_running();
-        assert!(Instant::now() < deadline, "{} never listened on {port}:\n{}", p.name, p.log());
+        assert!(
+            Instant::now() < deadline,
+            "{} never listened on {port}:\n{}",
+            p.name,
+            p.log()
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -245,7 +276,10 @@ impl PyService {
         let port = free_port();
         let mut cmd = Command::new("python3");
         cmd.arg("-c").arg(APP).arg(port.to_string());
-        cmd.arg(next.map(|n| format!("http://127.0.0.1:{n}")).unwrap_or_default());
+        cmd.arg(
+            next.map(|n| format!("http://127.0.0.1:{n}"))
+                .unwrap_or_default(),
+        );
         cmd.env("OTEL_SERVICE_NAME", service_name);
         let mut proc = Proc::spawn(service_name, cmd);
         wait_for_port(&mut proc, port);
@@ -276,10 +310,19 @@ impl Nginx {
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
         let mut cmd = Command::new(nginx_binary());
-        cmd.arg("-p").arg(&dir).arg("-c").arg(dir.join("nginx.conf")).arg("-g").arg("daemon off;");
+        cmd.arg("-p")
+            .arg(&dir)
+            .arg("-c")
+            .arg(dir.join("nginx.conf"))
+            .arg("-g")
+            .arg("daemon off;");
         let mut proc = Proc::spawn("nginx", cmd);
         wait_for_port(&mut proc, port);
-        Self { port, proc, _dir: dir }
+        Self {
+            port,
+            proc,
+            _dir: dir,
+        }
     }
 }
 
@@ -294,7 +337,9 @@ fn nginx_binary() -> PathBuf {
 /// A real OTLP/gRPC collector (opentelemetry-proto's generated service on tonic).
 pub fn grpc_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
     let store = Store::default();
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("collector bind");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("collector bind");
     let addr = listener.local_addr().expect("addr");
     let svc = TraceServiceServer::new(store.clone());
     rt.spawn(async move {
@@ -312,7 +357,9 @@ pub fn http_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
     use prost::Message as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let store = Store::default();
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).expect("collector bind");
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .expect("collector bind");
     let addr = listener.local_addr().expect("addr");
     let shared = store.clone();
     rt.spawn(async move {
@@ -382,16 +429,25 @@ impl Agent {
     pub fn start(name: &str, args: &[&str], env: &[(&str, String)]) -> Self {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(kspan_bin());
-        cmd.arg("--metrics-addr").arg(metrics.to_string()).args(args);
+        cmd.arg("--metrics-addr")
+            .arg(metrics.to_string())
+            .args(args);
         cmd.env("RUST_LOG", "info");
         for (k, v) in env {
             cmd.env(k, v);
         }
         let mut proc = Proc::spawn(name, cmd);
         let deadline = Instant::now() + Duration::from_secs(30);
-        while http_get(metrics, "/readyz").map(|r| !r.starts_with("HTTP/1.1 200")).unwrap_or(true) {
+        while http_get(metrics, "/readyz")
+            .map(|r| !r.starts_with("HTTP/1.1 200"))
+            .unwrap_or(true)
+        {
             proc.assert_running();
-            assert!(Instant::now() < deadline, "kspan never became ready:\n{}", proc.log());
+            assert!(
+                Instant::now() < deadline,
+                "kspan never became ready:\n{}",
+                proc.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
         Self { proc, metrics }
@@ -406,14 +462,19 @@ impl Agent {
             if let Ok(Some(status)) = self.proc.child.try_wait() {
                 return status;
             }
-            assert!(Instant::now() < deadline, "kspan did not exit after SIGTERM:\n{}", self.proc.log());
+            assert!(
+                Instant::now() < deadline,
+                "kspan did not exit after SIGTERM:\n{}",
+                self.proc.log()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
 }
 
 pub fn kspan_bin() -> String {
-    std::env::var("KSPAN_BIN").expect("KSPAN_BIN must point at the kspan binary (`cargo xtask test` sets it)")
+    std::env::var("KSPAN_BIN")
+        .expect("KSPAN_BIN must point at the kspan binary (`cargo xtask test` sets it)")
 }
 
 /// The shared agent and collector for every test in one test binary.
@@ -426,12 +487,20 @@ pub struct Env {
 }
 
 pub fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }
 
 pub fn assert_root() {
     // SAFETY: plain syscall.
-    assert_eq!(unsafe { libc::geteuid() }, 0, "kspan's integration tests load eBPF programs and must run as root");
+    assert_eq!(
+        unsafe { libc::geteuid() },
+        0,
+        "kspan's integration tests load eBPF programs and must run as root"
+    );
 }
 
 pub fn env() -> &'static Env {
@@ -443,9 +512,18 @@ pub fn env() -> &'static Env {
         let agent = Agent::start(
             "kspan",
             &["--linger-ms", "200"],
-            &[("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")), ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into())],
+            &[
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+            ],
         );
-        Env { rt, spans, collector, metrics: agent.metrics, agent: Mutex::new(agent) }
+        Env {
+            rt,
+            spans,
+            collector,
+            metrics: agent.metrics,
+            agent: Mutex::new(agent),
+        }
     })
 }
 
@@ -454,7 +532,9 @@ pub fn env() -> &'static Env {
 pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<String> {
     let mut s = TcpStream::connect(addr)?;
     s.set_read_timeout(Some(Duration::from_secs(5)))?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: kspan\r\nConnection: close\r\n\r\n").as_bytes())?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: kspan\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;
     Ok(out)
@@ -471,7 +551,11 @@ impl Env {
             }
             self.agent.lock().unwrap().proc.assert_running();
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}; received {} spans:\n{spans:#?}\nagent log:\n{}", spans.len(), self.agent.lock().unwrap().proc.log());
+                panic!(
+                    "timed out waiting for {what}; received {} spans:\n{spans:#?}\nagent log:\n{}",
+                    spans.len(),
+                    self.agent.lock().unwrap().proc.log()
+                );
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -483,10 +567,12 @@ impl Env {
 
     /// All spans of one trace, once `n` of them arrived.
     pub fn trace(&self, trace_id: u128, n: usize) -> Vec<Got> {
-        self.wait_spans(&format!("{n} spans of trace {trace_id:032x}"), |s| s.iter().filter(|g| g.trace_id == trace_id).count() >= n)
-            .into_iter()
-            .filter(|g| g.trace_id == trace_id)
-            .collect()
+        self.wait_spans(&format!("{n} spans of trace {trace_id:032x}"), |s| {
+            s.iter().filter(|g| g.trace_id == trace_id).count() >= n
+        })
+        .into_iter()
+        .filter(|g| g.trace_id == trace_id)
+        .collect()
     }
 
     /// Waits (bounded) until a metric satisfies `pred`: the agent publishes counters once a
@@ -514,8 +600,16 @@ impl Env {
 
 /// Runs curl and returns its stdout; fails the test on a non-zero exit.
 pub fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl").args(["-sS", "--max-time", "10"]).args(args).output().expect("curl is not installed");
-    assert!(out.status.success(), "curl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "10"])
+        .args(args)
+        .output()
+        .expect("curl is not installed");
+    assert!(
+        out.status.success(),
+        "curl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -533,7 +627,10 @@ pub fn trace_id_64(tag: u16) -> u64 {
 fn nonce() -> u64 {
     static NONCE: OnceLock<u64> = OnceLock::new();
     *NONCE.get_or_init(|| {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1);
         // 40 bits: leaves room for the tag in 64-bit ids, never zero.
         ((t ^ (std::process::id() as u64) << 20) & 0xff_ffff_ffff) | 1
     })
@@ -542,5 +639,9 @@ fn nonce() -> u64 {
 /// A unique path so tests can find their own spans when no trace id is known up front.
 pub fn unique_path(tag: &str) -> String {
     static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    format!("/{tag}-{}-{}", std::process::id(), N.fetch_add(1, std::sync::atomic::Ordering::Relaxed))
+    format!(
+        "/{tag}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    )
 }

@@ -69,7 +69,10 @@ fn main() -> anyhow::Result<()> {
 
 fn workspace_root() -> anyhow::Result<PathBuf> {
     let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    Ok(manifest.parent().context("xtask has no parent directory")?.to_path_buf())
+    Ok(manifest
+        .parent()
+        .context("xtask has no parent directory")?
+        .to_path_buf())
 }
 
 fn run(cmd: &mut Command) -> anyhow::Result<()> {
@@ -82,11 +85,15 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
 }
 
 fn output(cmd: &mut Command) -> Option<String> {
-    cmd.output().ok().filter(|o| o.status.success()).map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+    cmd.output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
 }
 
 fn which(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
+    std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(program).is_file()))
 }
 
 fn is_root() -> bool {
@@ -96,17 +103,45 @@ fn is_root() -> bool {
 /// Nightly with rust-src (for `-Z build-std=core`) and bpf-linker, pinned to the release that
 /// links with rustc's own LLVM (newer ones need a system LLVM this platform lacks).
 fn setup_toolchain() -> anyhow::Result<()> {
-    let toolchains = output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is required")?;
+    let toolchains =
+        output(Command::new("rustup").args(["toolchain", "list"])).context("rustup is required")?;
     if !toolchains.lines().any(|l| l.starts_with("nightly")) {
-        run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal", "--component", "rust-src"]))?;
+        run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+        ]))?;
     }
-    let components = output(Command::new("rustup").args(["component", "list", "--installed", "--toolchain", "nightly"])).unwrap_or_default();
+    let components = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        "nightly",
+    ]))
+    .unwrap_or_default();
     if !components.lines().any(|l| l.starts_with("rust-src")) {
-        run(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", "nightly"]))?;
+        run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
     }
     let linker = output(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
     if !linker.contains(BPF_LINKER_VERSION) {
-        run(Command::new("cargo").args(["+nightly", "install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"]))?;
+        run(Command::new("cargo").args([
+            "+nightly",
+            "install",
+            &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+            "--locked",
+            "--force",
+        ]))?;
     }
     Ok(())
 }
@@ -125,9 +160,14 @@ fn setup_test_peers() -> anyhow::Result<()> {
         return Ok(());
     }
     if !is_root() || !which("apt-get") {
-        bail!("missing test peers {missing:?}: install nginx-light and curl (as root: apt-get install nginx-light curl)");
+        bail!(
+            "missing test peers {missing:?}: install nginx-light and curl (as root: apt-get install nginx-light curl)"
+        );
     }
-    let pkgs: Vec<&str> = missing.iter().map(|p| if *p == "nginx" { "nginx-light" } else { p }).collect();
+    let pkgs: Vec<&str> = missing
+        .iter()
+        .map(|p| if *p == "nginx" { "nginx-light" } else { p })
+        .collect();
     run(Command::new("apt-get").arg("update"))?;
     // The tests start their own nginx; keep the package's service from starting on port 80
     // (unless the machine already has a policy of its own).
@@ -136,7 +176,10 @@ fn setup_test_peers() -> anyhow::Result<()> {
     if ours {
         set_executable(policy);
     }
-    let result = run(Command::new("apt-get").args(["install", "-y", "--no-install-recommends"]).args(&pkgs).env("DEBIAN_FRONTEND", "noninteractive"));
+    let result = run(Command::new("apt-get")
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&pkgs)
+        .env("DEBIAN_FRONTEND", "noninteractive"));
     if ours {
         std::fs::remove_file(policy).ok();
     }
@@ -155,17 +198,31 @@ fn build(debug: bool) -> anyhow::Result<PathBuf> {
         cmd.arg("--release");
     }
     run(&mut cmd)?;
-    Ok(PathBuf::from("target").join(if debug { "debug" } else { "release" }).join("kspan").canonicalize()?)
+    Ok(PathBuf::from("target")
+        .join(if debug { "debug" } else { "release" })
+        .join("kspan")
+        .canonicalize()?)
 }
 
 fn test() -> anyhow::Result<()> {
     if !is_root() {
-        bail!("the integration tests load eBPF programs: run `cargo xtask test` as root (e.g. sudo -E)");
+        bail!(
+            "the integration tests load eBPF programs: run `cargo xtask test` as root (e.g. sudo -E)"
+        );
     }
     // Unit tests of every crate (parsers, linker, exporters) run in parallel.
     // (kspan-ebpf only builds for the BPF target.)
-    run(Command::new("cargo").args(["test", "--workspace", "--exclude", "kspan-tests", "--exclude", "kspan-ebpf"]))?;
+    run(Command::new("cargo").args([
+        "test",
+        "--workspace",
+        "--exclude",
+        "kspan-tests",
+        "--exclude",
+        "kspan-ebpf",
+    ]))?;
     // The integration tests share one agent and start real servers: one at a time.
     let bin = build(true)?;
-    run(Command::new("cargo").args(["test", "--package", "kspan-tests", "--", "--test-threads=1"]).env("KSPAN_BIN", bin))
+    run(Command::new("cargo")
+        .args(["test", "--package", "kspan-tests", "--", "--test-threads=1"])
+        .env("KSPAN_BIN", bin))
 }

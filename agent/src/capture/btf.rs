@@ -84,7 +84,12 @@ impl Btf {
         if types_end > data.len() {
             return Err(BtfError::Malformed(types_end));
         }
-        let mut types = vec![Type { name_off: 0, kind: 0, type_ref: 0, members: Vec::new() }];
+        let mut types = vec![Type {
+            name_off: 0,
+            kind: 0,
+            type_ref: 0,
+            members: Vec::new(),
+        }];
         let mut at = types_start;
         while at < types_end {
             let name_off = u32_at(data, at)?;
@@ -116,7 +121,12 @@ impl Btf {
                 _ => 0,
             };
             at += extra;
-            types.push(Type { name_off, kind, type_ref: size_or_type, members });
+            types.push(Type {
+                name_off,
+                kind,
+                type_ref: size_or_type,
+                members,
+            });
         }
         Ok(Self { types, strings })
     }
@@ -180,7 +190,9 @@ impl Btf {
     /// Byte offset of `path` (member names, each within the previous member's type) from the
     /// start of struct `root`.
     pub fn offset_of(&self, root: &str, path: &[&str]) -> Result<u32, BtfError> {
-        let mut id = self.struct_id(root).ok_or_else(|| BtfError::NoStruct(root.to_string()))?;
+        let mut id = self
+            .struct_id(root)
+            .ok_or_else(|| BtfError::NoStruct(root.to_string()))?;
         let mut total = 0;
         let mut parent = root.to_string();
         for field in path {
@@ -233,7 +245,11 @@ mod tests {
         let strings = b"\0int\0outer\0a\0b\0c\0inner\0x\0y\0".to_vec();
         let s = |name: &str| -> u32 {
             let pat = format!("\0{name}\0");
-            strings.windows(pat.len()).position(|w| w == pat.as_bytes()).unwrap() as u32 + 1
+            strings
+                .windows(pat.len())
+                .position(|w| w == pat.as_bytes())
+                .unwrap() as u32
+                + 1
         };
         let mut t = Vec::new();
         let mut ty = |name: u32, kind: u32, vlen: u32, size: u32, extra: &[u32]| {
@@ -242,7 +258,13 @@ mod tests {
             }
         };
         ty(s("int"), KIND_INT, 0, 4, &[32]); // 1
-        ty(s("inner"), KIND_STRUCT, 2, 8, &[s("x"), 1, 0, s("y"), 1, 32]); // 2
+        ty(
+            s("inner"),
+            KIND_STRUCT,
+            2,
+            8,
+            &[s("x"), 1, 0, s("y"), 1, 32],
+        ); // 2
         ty(0, KIND_UNION, 2, 8, &[s("b"), 1, 0, s("c"), 4, 0]); // 3
         ty(0, KIND_TYPEDEF, 0, 2, &[]); // 4 = typedef to inner (anonymous name, fine for test)
         ty(s("outer"), KIND_STRUCT, 2, 12, &[s("a"), 1, 0, 0, 3, 32]); // 5
@@ -264,8 +286,14 @@ mod tests {
         assert_eq!(btf.offset_of("outer", &["a"]).unwrap(), 0);
         assert_eq!(btf.offset_of("outer", &["b"]).unwrap(), 4);
         assert_eq!(btf.offset_of("outer", &["c", "y"]).unwrap(), 8);
-        assert!(matches!(btf.offset_of("outer", &["z"]), Err(BtfError::NoMember(..))));
-        assert!(matches!(btf.offset_of("nope", &["a"]), Err(BtfError::NoStruct(_))));
+        assert!(matches!(
+            btf.offset_of("outer", &["z"]),
+            Err(BtfError::NoMember(..))
+        ));
+        assert!(matches!(
+            btf.offset_of("nope", &["a"]),
+            Err(BtfError::NoStruct(_))
+        ));
     }
 
     #[test]

@@ -76,7 +76,11 @@ fn addr(family: u16, raw: [u8; 16]) -> Option<IpAddr> {
             let v6 = Ipv6Addr::from(raw);
             // Dual-stack listeners see IPv4 peers as ::ffff:a.b.c.d; the other side of the same
             // connection sees plain IPv4, and both must compare equal.
-            Some(v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6)))
+            Some(
+                v6.to_ipv4_mapped()
+                    .map(IpAddr::V4)
+                    .unwrap_or(IpAddr::V6(v6)),
+            )
         }
         _ => None,
     }
@@ -98,17 +102,32 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
     // SAFETY: EventHeader is plain old data of exactly HEADER_LEN bytes; read_unaligned copes
     // with any alignment of the record.
     let h: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
-    let conn = ConnId { tgid: h.tgid, fd: h.fd, generation: h.conn.generation };
-    let role = if h.conn.role == role::SERVER { Role::Server } else { Role::Client };
+    let conn = ConnId {
+        tgid: h.tgid,
+        fd: h.fd,
+        generation: h.conn.generation,
+    };
+    let role = if h.conn.role == role::SERVER {
+        Role::Server
+    } else {
+        Role::Client
+    };
     let kind = match h.kind {
         kind::DATA => {
             let payload = &bytes[HEADER_LEN..];
             let claimed = h.captured_len as usize;
             if claimed > payload.len() {
-                return Err(DecodeError::PayloadLength { claimed, actual: payload.len() });
+                return Err(DecodeError::PayloadLength {
+                    claimed,
+                    actual: payload.len(),
+                });
             }
             EventKind::Data {
-                direction: if h.direction == direction::EGRESS { Direction::Egress } else { Direction::Ingress },
+                direction: if h.direction == direction::EGRESS {
+                    Direction::Egress
+                } else {
+                    Direction::Ingress
+                },
                 total_len: h.total_len,
                 payload: payload[..claimed].to_vec(),
                 gap: h.flags & event_flags::GAP != 0,
@@ -117,12 +136,25 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         kind::CLOSE => EventKind::Close,
         other => return Err(DecodeError::Kind(other)),
     };
-    Ok(Event { conn, tid: h.tid, ts_ns: h.ts_ns, role, endpoints: endpoints(&h.conn.tuple), kind })
+    Ok(Event {
+        conn,
+        tid: h.tid,
+        ts_ns: h.ts_ns,
+        role,
+        endpoints: endpoints(&h.conn.tuple),
+        kind,
+    })
 }
 
 /// Encodes an event back into the kernel's record layout (used by recording and tests).
 pub fn encode(ev: &Event) -> Vec<u8> {
-    let mut h = EventHeader { tgid: ev.conn.tgid, fd: ev.conn.fd, tid: ev.tid, ts_ns: ev.ts_ns, ..Default::default() };
+    let mut h = EventHeader {
+        tgid: ev.conn.tgid,
+        fd: ev.conn.fd,
+        tid: ev.tid,
+        ts_ns: ev.ts_ns,
+        ..Default::default()
+    };
     h.conn.generation = ev.conn.generation;
     h.conn.role = match ev.role {
         Role::Server => role::SERVER,
@@ -141,9 +173,18 @@ pub fn encode(ev: &Event) -> Vec<u8> {
         put(e.peer.ip(), &mut h.conn.tuple.peer_addr);
     }
     let payload: &[u8] = match &ev.kind {
-        EventKind::Data { direction: d, total_len, payload, gap } => {
+        EventKind::Data {
+            direction: d,
+            total_len,
+            payload,
+            gap,
+        } => {
             h.kind = kind::DATA;
-            h.direction = if *d == Direction::Egress { direction::EGRESS } else { direction::INGRESS };
+            h.direction = if *d == Direction::Egress {
+                direction::EGRESS
+            } else {
+                direction::INGRESS
+            };
             h.total_len = *total_len;
             h.captured_len = payload.len() as u32;
             if *gap {
@@ -161,7 +202,9 @@ pub fn encode(ev: &Event) -> Vec<u8> {
     };
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     // SAFETY: EventHeader is plain old data without implicit padding.
-    out.extend_from_slice(unsafe { std::slice::from_raw_parts((&h as *const EventHeader).cast::<u8>(), HEADER_LEN) });
+    out.extend_from_slice(unsafe {
+        std::slice::from_raw_parts((&h as *const EventHeader).cast::<u8>(), HEADER_LEN)
+    });
     out.extend_from_slice(payload);
     out
 }
@@ -172,7 +215,11 @@ mod tests {
 
     fn sample() -> Event {
         Event {
-            conn: ConnId { tgid: 7, fd: 4, generation: 99 },
+            conn: ConnId {
+                tgid: 7,
+                fd: 4,
+                generation: 99,
+            },
             tid: 8,
             ts_ns: 1234,
             role: Role::Server,
@@ -181,7 +228,12 @@ mod tests {
                 peer: "[2001:db8::1]:5555".parse().unwrap(),
                 netns: 4026531840,
             }),
-            kind: EventKind::Data { direction: Direction::Ingress, total_len: 10_000, payload: b"GET / HTTP/1.1\r\n".to_vec(), gap: true },
+            kind: EventKind::Data {
+                direction: Direction::Ingress,
+                total_len: 10_000,
+                payload: b"GET / HTTP/1.1\r\n".to_vec(),
+                gap: true,
+            },
         }
     }
 
@@ -189,7 +241,10 @@ mod tests {
     fn roundtrips() {
         let ev = sample();
         assert_eq!(decode(&encode(&ev)).unwrap(), ev);
-        let close = Event { kind: EventKind::Close, ..sample() };
+        let close = Event {
+            kind: EventKind::Close,
+            ..sample()
+        };
         assert_eq!(decode(&encode(&close)).unwrap(), close);
     }
 
@@ -207,7 +262,10 @@ mod tests {
         assert_eq!(decode(&[0; 8]), Err(DecodeError::Short(8)));
         let mut bytes = encode(&sample());
         bytes.truncate(bytes.len() - 1);
-        assert!(matches!(decode(&bytes), Err(DecodeError::PayloadLength { .. })));
+        assert!(matches!(
+            decode(&bytes),
+            Err(DecodeError::PayloadLength { .. })
+        ));
         let mut bytes = encode(&sample());
         bytes[0] = 9;
         assert_eq!(decode(&bytes), Err(DecodeError::Kind(9)));

@@ -106,10 +106,16 @@ impl Capture {
         }
         let raw_btf = std::fs::read(BTF_PATH).map_err(CaptureError::NoBtf)?;
         let offsets = btf::kernel_offsets(&btf::Btf::parse(&raw_btf)?)?;
-        let config = Config { self_tgid: std::process::id(), payload_cap: opts.payload_cap };
+        let config = Config {
+            self_tgid: std::process::id(),
+            payload_cap: opts.payload_cap,
+        };
 
         // Older kernels charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless elsewhere.
-        let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+        let unlimited = libc::rlimit {
+            rlim_cur: libc::RLIM_INFINITY,
+            rlim_max: libc::RLIM_INFINITY,
+        };
         // SAFETY: plain syscall with a valid pointer.
         unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) };
 
@@ -127,10 +133,24 @@ impl Capture {
         prog.load().map_err(CaptureError::Attach)?;
         prog.attach("sys_exit").map_err(CaptureError::Attach)?;
 
-        let ring = RingBuf::try_from(ebpf.take_map("EVENTS").ok_or(CaptureError::Missing("EVENTS"))?)?;
-        let stats = PerCpuArray::try_from(ebpf.take_map("STATS").ok_or(CaptureError::Missing("STATS"))?)?;
-        let conns = BpfHashMap::try_from(ebpf.take_map("CONNS").ok_or(CaptureError::Missing("CONNS"))?)?;
-        Ok(Self { _ebpf: ebpf, ring, stats, conns })
+        let ring = RingBuf::try_from(
+            ebpf.take_map("EVENTS")
+                .ok_or(CaptureError::Missing("EVENTS"))?,
+        )?;
+        let stats = PerCpuArray::try_from(
+            ebpf.take_map("STATS")
+                .ok_or(CaptureError::Missing("STATS"))?,
+        )?;
+        let conns = BpfHashMap::try_from(
+            ebpf.take_map("CONNS")
+                .ok_or(CaptureError::Missing("CONNS"))?,
+        )?;
+        Ok(Self {
+            _ebpf: ebpf,
+            ring,
+            stats,
+            conns,
+        })
     }
 
     /// Readable when records are waiting.

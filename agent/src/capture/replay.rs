@@ -48,11 +48,16 @@ pub struct Player<R: BufRead> {
 impl<R: BufRead> Player<R> {
     pub fn new(mut input: R) -> Result<Self, ReplayError> {
         let mut magic = [0u8; MAGIC.len()];
-        input.read_exact(&mut magic).map_err(|_| ReplayError::BadMagic)?;
+        input
+            .read_exact(&mut magic)
+            .map_err(|_| ReplayError::BadMagic)?;
         if magic != MAGIC {
             return Err(ReplayError::BadMagic);
         }
-        Ok(Self { input, buf: Vec::new() })
+        Ok(Self {
+            input,
+            buf: Vec::new(),
+        })
     }
 
     /// The next record, or `None` at a clean end of file.
@@ -61,13 +66,17 @@ impl<R: BufRead> Player<R> {
             return Ok(None);
         }
         let mut len = [0u8; 4];
-        self.input.read_exact(&mut len).map_err(|_| ReplayError::Truncated)?;
+        self.input
+            .read_exact(&mut len)
+            .map_err(|_| ReplayError::Truncated)?;
         let len = u32::from_le_bytes(len) as usize;
         if len > MAX_RECORD {
             return Err(ReplayError::TooLong(len));
         }
         self.buf.resize(len, 0);
-        self.input.read_exact(&mut self.buf).map_err(|_| ReplayError::Truncated)?;
+        self.input
+            .read_exact(&mut self.buf)
+            .map_err(|_| ReplayError::Truncated)?;
         Ok(Some(&self.buf))
     }
 }
@@ -93,9 +102,15 @@ mod tests {
         p.next_record().unwrap();
         p.next_record().unwrap();
         assert!(matches!(p.next_record(), Err(ReplayError::Truncated)));
-        assert!(matches!(Player::new(&b"nope"[..]), Err(ReplayError::BadMagic)));
+        assert!(matches!(
+            Player::new(&b"nope"[..]),
+            Err(ReplayError::BadMagic)
+        ));
         let mut huge = MAGIC.to_vec();
         huge.extend_from_slice(&u32::MAX.to_le_bytes());
-        assert!(matches!(Player::new(&huge[..]).unwrap().next_record(), Err(ReplayError::TooLong(_))));
+        assert!(matches!(
+            Player::new(&huge[..]).unwrap().next_record(),
+            Err(ReplayError::TooLong(_))
+        ));
     }
 }

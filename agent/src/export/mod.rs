@@ -52,7 +52,10 @@ pub async fn run(mut rx: mpsc::Receiver<SpanRecord>, mut sinks: Sinks, metrics: 
             n = rx.recv_many(&mut batch, BATCH) => open = n > 0,
             _ = tick.tick() => {}
         }
-        if batch.len() >= BATCH || (!batch.is_empty() && last_flush.elapsed() >= FLUSH_EVERY) || !open {
+        if batch.len() >= BATCH
+            || (!batch.is_empty() && last_flush.elapsed() >= FLUSH_EVERY)
+            || !open
+        {
             flush(&mut sinks, &mut batch, &metrics).await;
             last_flush = Instant::now();
         }
@@ -74,7 +77,9 @@ async fn flush(sinks: &mut Sinks, batch: &mut Vec<SpanRecord>, metrics: &Metrics
         Some(o) => match o.export(batch).await {
             Ok(sent) => {
                 metrics.spans_exported.fetch_add(sent as u64, Relaxed);
-                metrics.spans_export_failed.fetch_add(n - sent as u64, Relaxed);
+                metrics
+                    .spans_export_failed
+                    .fetch_add(n - sent as u64, Relaxed);
             }
             Err(e) => {
                 log::warn!("{e}");

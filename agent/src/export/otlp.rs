@@ -45,9 +45,12 @@ impl OtlpSink {
             Protocol::Grpc => {
                 let mut md = tonic::metadata::MetadataMap::new();
                 for (k, v) in &cfg.headers {
-                    let key = tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                    let key =
+                        tonic::metadata::MetadataKey::from_bytes(k.to_ascii_lowercase().as_bytes())
+                            .map_err(|e| OtlpError::Build(format!("header {k:?}: {e}")))?;
+                    let val = v
+                        .parse()
                         .map_err(|e| OtlpError::Build(format!("header {k:?}: {e}")))?;
-                    let val = v.parse().map_err(|e| OtlpError::Build(format!("header {k:?}: {e}")))?;
                     md.insert(key, val);
                 }
                 opentelemetry_otlp::SpanExporter::builder()
@@ -66,8 +69,14 @@ impl OtlpSink {
                 .build(),
         }
         .map_err(|e| OtlpError::Build(e.to_string()))?;
-        let scope = InstrumentationScope::builder("kspan").with_version(env!("CARGO_PKG_VERSION")).build();
-        Ok(Self { exporter, scope, host })
+        let scope = InstrumentationScope::builder("kspan")
+            .with_version(env!("CARGO_PKG_VERSION"))
+            .build();
+        Ok(Self {
+            exporter,
+            scope,
+            host,
+        })
     }
 
     /// Exports one batch; returns how many spans were delivered.
@@ -116,10 +125,16 @@ pub fn resource(p: &ProcessInfo, host: &str) -> Resource {
     ];
     if !p.exe.is_empty() {
         attrs.push(KeyValue::new("process.executable.path", p.exe.clone()));
-        attrs.push(KeyValue::new("process.executable.name", p.exe_name().to_string()));
+        attrs.push(KeyValue::new(
+            "process.executable.name",
+            p.exe_name().to_string(),
+        ));
     }
     if !p.command_line.is_empty() {
-        attrs.push(KeyValue::new("process.command_line", p.command_line.clone()));
+        attrs.push(KeyValue::new(
+            "process.command_line",
+            p.command_line.clone(),
+        ));
     }
     Resource::builder_empty().with_attributes(attrs).build()
 }
@@ -134,7 +149,10 @@ fn to_span_data(s: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
             false,
             TraceState::default(),
         ),
-        parent_span_id: s.parent_span_id.map(SpanId::from).unwrap_or(SpanId::INVALID),
+        parent_span_id: s
+            .parent_span_id
+            .map(SpanId::from)
+            .unwrap_or(SpanId::INVALID),
         parent_span_is_remote: false,
         span_kind: match s.kind {
             SpanKind::Server => OtelKind::Server,

@@ -16,7 +16,11 @@ pub struct TreePrinter {
 
 impl TreePrinter {
     pub fn new(quiet: Duration) -> Self {
-        Self { quiet, traces: HashMap::new(), max_traces: 10_000 }
+        Self {
+            quiet,
+            traces: HashMap::new(),
+            max_traces: 10_000,
+        }
     }
 
     pub fn add(&mut self, spans: Vec<SpanRecord>, now: Instant) {
@@ -25,7 +29,10 @@ impl TreePrinter {
                 // Memory stays bounded even if nothing ever goes quiet.
                 continue;
             }
-            let entry = self.traces.entry(s.trace_id).or_insert_with(|| (now, Vec::new()));
+            let entry = self
+                .traces
+                .entry(s.trace_id)
+                .or_insert_with(|| (now, Vec::new()));
             entry.0 = now;
             entry.1.push(s);
         }
@@ -68,8 +75,15 @@ fn describe(s: &SpanRecord) -> String {
         SpanKind::Client => "CLIENT",
     };
     let ms = s.end_unix_ns.saturating_sub(s.start_unix_ns) as f64 / 1e6;
-    let err = s.error.as_deref().map(|e| format!("  ERROR: {e}")).unwrap_or_default();
-    format!("{kind} {} [pid {}] {} {target} -> {status} ({ms:.3} ms) span {:016x}{err}", s.process.service_name, s.process.pid, s.name, s.span_id)
+    let err = s
+        .error
+        .as_deref()
+        .map(|e| format!("  ERROR: {e}"))
+        .unwrap_or_default();
+    format!(
+        "{kind} {} [pid {}] {} {target} -> {status} ({ms:.3} ms) span {:016x}{err}",
+        s.process.service_name, s.process.pid, s.name, s.span_id
+    )
 }
 
 pub fn render(trace_id: u128, mut spans: Vec<SpanRecord>) -> String {
@@ -84,20 +98,41 @@ pub fn render(trace_id: u128, mut spans: Vec<SpanRecord>) -> String {
         }
     }
     let mut out = format!("trace {trace_id:032x} ({} spans)\n", spans.len());
-    fn walk(out: &mut String, spans: &[SpanRecord], children: &HashMap<u64, Vec<usize>>, i: usize, prefix: &str, last: bool, depth: usize) {
+    fn walk(
+        out: &mut String,
+        spans: &[SpanRecord],
+        children: &HashMap<u64, Vec<usize>>,
+        i: usize,
+        prefix: &str,
+        last: bool,
+        depth: usize,
+    ) {
         let s = &spans[i];
         let remote = match (depth, s.parent_span_id) {
             (0, Some(p)) => format!(" (parent {p:016x} not seen here)"),
             _ => String::new(),
         };
-        let _ = writeln!(out, "{prefix}{}{}{remote}", if last { "└─ " } else { "├─ " }, describe(s));
+        let _ = writeln!(
+            out,
+            "{prefix}{}{}{remote}",
+            if last { "└─ " } else { "├─ " },
+            describe(s)
+        );
         let next = format!("{prefix}{}", if last { "   " } else { "│  " });
         if depth > 64 {
             return;
         }
         if let Some(kids) = children.get(&s.span_id) {
             for (k, &c) in kids.iter().enumerate() {
-                walk(out, spans, children, c, &next, k + 1 == kids.len(), depth + 1);
+                walk(
+                    out,
+                    spans,
+                    children,
+                    c,
+                    &next,
+                    k + 1 == kids.len(),
+                    depth + 1,
+                );
             }
         }
     }
@@ -123,9 +158,17 @@ mod tests {
             name: "GET".into(),
             start_unix_ns: start,
             end_unix_ns: start + 1_000_000,
-            attributes: vec![("url.path", "/x".into()), ("http.response.status_code", 200i64.into())],
+            attributes: vec![
+                ("url.path", "/x".into()),
+                ("http.response.status_code", 200i64.into()),
+            ],
             error: None,
-            process: Arc::new(ProcessInfo { pid: 1, exe: String::new(), command_line: String::new(), service_name: service.into() }),
+            process: Arc::new(ProcessInfo {
+                pid: 1,
+                exe: String::new(),
+                command_line: String::new(),
+                service_name: service.into(),
+            }),
         }
     }
 
@@ -133,13 +176,28 @@ mod tests {
     fn renders_nested_tree_once_quiet() {
         let mut p = TreePrinter::new(Duration::from_millis(100));
         let t0 = Instant::now();
-        p.add(vec![span(2, Some(1), SpanKind::Server, "back", 20), span(1, Some(99), SpanKind::Server, "front", 10)], t0);
+        p.add(
+            vec![
+                span(2, Some(1), SpanKind::Server, "back", 20),
+                span(1, Some(99), SpanKind::Server, "front", 10),
+            ],
+            t0,
+        );
         assert!(p.take_ready(t0, false).is_empty());
         let out = p.take_ready(t0 + Duration::from_millis(150), false);
         assert_eq!(out.len(), 1);
         let lines: Vec<&str> = out[0].lines().collect();
         assert_eq!(lines[0], format!("trace {:032x} (2 spans)", 7));
-        assert!(lines[1].starts_with("└─ SERVER front") && lines[1].ends_with("(parent 0000000000000063 not seen here)"), "{}", lines[1]);
-        assert!(lines[2].starts_with("   └─ SERVER back [pid 1] GET /x -> 200 (1.000 ms)"), "{}", lines[2]);
+        assert!(
+            lines[1].starts_with("└─ SERVER front")
+                && lines[1].ends_with("(parent 0000000000000063 not seen here)"),
+            "{}",
+            lines[1]
+        );
+        assert!(
+            lines[2].starts_with("   └─ SERVER back [pid 1] GET /x -> 200 (1.000 ms)"),
+            "{}",
+            lines[2]
+        );
     }
 }

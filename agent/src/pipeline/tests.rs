@@ -24,15 +24,39 @@ struct Link {
 
 impl Sim {
     fn new(filter: Filter) -> Self {
-        let opts = PipelineOptions { filter, linger_ns: 1_000, max_open_spans: 1000, max_conns: 1000, clock_offset_ns: 0 };
-        Self { p: Pipeline::new(opts, ProcessCache::new("/nonexistent")), ts: 1_000, gens: 0 }
+        let opts = PipelineOptions {
+            filter,
+            linger_ns: 1_000,
+            max_open_spans: 1000,
+            max_conns: 1000,
+            clock_offset_ns: 0,
+        };
+        Self {
+            p: Pipeline::new(opts, ProcessCache::new("/nonexistent")),
+            ts: 1_000,
+            gens: 0,
+        }
     }
 
-    fn connect(&mut self, client_pid: u32, server_pid: u32, client_addr: &'static str, server_addr: &'static str) -> Link {
+    fn connect(
+        &mut self,
+        client_pid: u32,
+        server_pid: u32,
+        client_addr: &'static str,
+        server_addr: &'static str,
+    ) -> Link {
         self.gens += 1;
         Link {
-            client: ConnId { tgid: client_pid, fd: 3, generation: self.gens },
-            server: ConnId { tgid: server_pid, fd: 4, generation: self.gens + 1000 },
+            client: ConnId {
+                tgid: client_pid,
+                fd: 3,
+                generation: self.gens,
+            },
+            server: ConnId {
+                tgid: server_pid,
+                fd: 4,
+                generation: self.gens + 1000,
+            },
             client_addr,
             server_addr,
         }
@@ -50,8 +74,17 @@ impl Sim {
             tid: conn.tgid,
             ts_ns: self.ts,
             role,
-            endpoints: Some(Endpoints { local: local.parse().unwrap(), peer: peer.parse().unwrap(), netns: LOOPBACK_NS }),
-            kind: EventKind::Data { direction: dir, total_len: bytes.len() as u64, payload: bytes.to_vec(), gap: false },
+            endpoints: Some(Endpoints {
+                local: local.parse().unwrap(),
+                peer: peer.parse().unwrap(),
+                netns: LOOPBACK_NS,
+            }),
+            kind: EventKind::Data {
+                direction: dir,
+                total_len: bytes.len() as u64,
+                payload: bytes.to_vec(),
+                gap: false,
+            },
         });
     }
 
@@ -89,8 +122,11 @@ fn str_attr<'a>(s: &'a SpanRecord, key: &str) -> &'a str {
 
 const OK: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
 
-fn find<'a>(spans: &'a [SpanRecord], kind: SpanKind, pid: u32) -> &'a SpanRecord {
-    spans.iter().find(|s| s.kind == kind && s.process.pid == pid).unwrap_or_else(|| panic!("no {kind:?} span of {pid}: {spans:#?}"))
+fn find(spans: &[SpanRecord], kind: SpanKind, pid: u32) -> &SpanRecord {
+    spans
+        .iter()
+        .find(|s| s.kind == kind && s.process.pid == pid)
+        .unwrap_or_else(|| panic!("no {kind:?} span of {pid}: {spans:#?}"))
 }
 
 /// curl (pid 1) → front (pid 2) → back (pid 3), front forwarding the B3 headers it got.
@@ -120,31 +156,54 @@ fn assert_chain_shape(spans: &[SpanRecord]) {
     assert_eq!(front_cli.parent_span_id, Some(front_srv.span_id));
     assert_eq!(back_srv.parent_span_id, Some(front_cli.span_id));
     // Parents cover their children even though the kernel saw the client read first.
-    for (parent, child) in [(curl, front_srv), (front_srv, front_cli), (front_cli, back_srv)] {
-        assert!(parent.start_unix_ns <= child.start_unix_ns && child.end_unix_ns <= parent.end_unix_ns, "{parent:#?} {child:#?}");
+    for (parent, child) in [
+        (curl, front_srv),
+        (front_srv, front_cli),
+        (front_cli, back_srv),
+    ] {
+        assert!(
+            parent.start_unix_ns <= child.start_unix_ns && child.end_unix_ns <= parent.end_unix_ns,
+            "{parent:#?} {child:#?}"
+        );
     }
 }
 
 #[test]
 fn forwarded_b3_headers_link_the_chain() {
     for server_first in [false, true] {
-        let spans = chain("X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 1\r\n", server_first);
+        let spans = chain(
+            "X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 1\r\n",
+            server_first,
+        );
         assert_chain_shape(&spans);
         let curl = find(&spans, SpanKind::Client, 1);
         assert_eq!(curl.trace_id, 0x463ac35c9f6413ad);
-        assert_eq!(curl.parent_span_id, Some(0xa2fb4a1d1a96d312), "curl's own headers name its parent");
+        assert_eq!(
+            curl.parent_span_id,
+            Some(0xa2fb4a1d1a96d312),
+            "curl's own headers name its parent"
+        );
         let back = find(&spans, SpanKind::Server, 3);
         assert_eq!(back.attr("url.path"), Some(&AttrValue::from("/back")));
-        assert_eq!(back.attr("http.response.status_code"), Some(&AttrValue::Int(200)));
+        assert_eq!(
+            back.attr("http.response.status_code"),
+            Some(&AttrValue::Int(200))
+        );
     }
 }
 
 #[test]
 fn single_b3_header_and_traceparent() {
-    let spans = chain("b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n", false);
+    let spans = chain(
+        "b3: 80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1\r\n",
+        false,
+    );
     assert_chain_shape(&spans);
     assert_eq!(spans[0].trace_id, 0x80f198ee56343ba864fe8b2a57d3eff7);
-    let spans = chain("traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n", false);
+    let spans = chain(
+        "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n",
+        false,
+    );
     assert_chain_shape(&spans);
     assert_eq!(spans[0].trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
 }
@@ -154,23 +213,37 @@ fn no_headers_make_one_new_trace() {
     for server_first in [false, true] {
         let spans = chain("", server_first);
         assert_chain_shape(&spans);
-        assert_eq!(find(&spans, SpanKind::Client, 1).parent_span_id, None, "curl's span is the root");
+        assert_eq!(
+            find(&spans, SpanKind::Client, 1).parent_span_id,
+            None,
+            "curl's span is the root"
+        );
     }
 }
 
 #[test]
 fn sampled_zero_is_honoured_and_debug_forces() {
-    let spans = chain("X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 0\r\n", false);
+    let spans = chain(
+        "X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 0\r\n",
+        false,
+    );
     assert!(spans.is_empty(), "{spans:#?}");
     let spans = chain("b3: 0\r\n", false);
     assert!(spans.is_empty(), "{spans:#?}");
-    let spans = chain("X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 0\r\nX-B3-Flags: 1\r\n", false);
+    let spans = chain(
+        "X-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\nX-B3-Sampled: 0\r\nX-B3-Flags: 1\r\n",
+        false,
+    );
     assert_chain_shape(&spans);
 }
 
 #[test]
 fn instrumented_app_span_id_becomes_the_parent() {
-    let mut s = Sim::new(Filter { exes: vec![], pids: vec![2, 3], ports: vec![] });
+    let mut s = Sim::new(Filter {
+        exes: vec![],
+        pids: vec![2, 3],
+        ports: vec![],
+    });
     let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
     let b = s.connect(2, 3, "127.0.0.1:40001", "127.0.0.1:8081");
     s.send_request(a, b"GET / HTTP/1.1\r\nX-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\n\r\n", false);
@@ -181,8 +254,15 @@ fn instrumented_app_span_id_becomes_the_parent() {
     let spans = s.spans();
     assert_eq!(spans.len(), 3, "pid filter drops curl's span: {spans:#?}");
     let front_srv = find(&spans, SpanKind::Server, 2);
-    assert_eq!(front_srv.parent_span_id, Some(0xa2fb4a1d1a96d312), "no CLIENT span seen for it: header parent");
-    assert_eq!(find(&spans, SpanKind::Client, 2).parent_span_id, Some(0x1111111111111111));
+    assert_eq!(
+        front_srv.parent_span_id,
+        Some(0xa2fb4a1d1a96d312),
+        "no CLIENT span seen for it: header parent"
+    );
+    assert_eq!(
+        find(&spans, SpanKind::Client, 2).parent_span_id,
+        Some(0x1111111111111111)
+    );
     assert_eq!(s.p.stats.conns_filtered, 1);
     assert_eq!(s.p.to_ignore.len(), 1);
 }
@@ -199,13 +279,25 @@ fn keep_alive_and_pipelining_pair_requests_in_order() {
     s.send_response(a, OK);
     let spans = s.spans();
     assert_eq!(spans.len(), 6);
-    let servers: Vec<_> = spans.iter().filter(|x| x.kind == SpanKind::Server).collect();
+    let servers: Vec<_> = spans
+        .iter()
+        .filter(|x| x.kind == SpanKind::Server)
+        .collect();
     for srv in &servers {
-        let parent = spans.iter().find(|c| Some(c.span_id) == srv.parent_span_id).expect("linked to its client span");
-        assert!(str_attr(parent, "url.full").ends_with(str_attr(srv, "url.path")), "{parent:#?} {srv:#?}");
+        let parent = spans
+            .iter()
+            .find(|c| Some(c.span_id) == srv.parent_span_id)
+            .expect("linked to its client span");
+        assert!(
+            str_attr(parent, "url.full").ends_with(str_attr(srv, "url.path")),
+            "{parent:#?} {srv:#?}"
+        );
         assert_eq!(parent.trace_id, srv.trace_id);
     }
-    let busy = servers.iter().find(|x| x.attr("url.path") == Some(&AttrValue::from("/2"))).unwrap();
+    let busy = servers
+        .iter()
+        .find(|x| x.attr("url.path") == Some(&AttrValue::from("/2")))
+        .unwrap();
     assert_eq!(busy.error.as_deref(), Some("HTTP 503"));
 }
 
@@ -215,7 +307,14 @@ fn close_without_response_is_an_error_span() {
     let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
     s.send_request(a, b"GET /slow HTTP/1.1\r\n\r\n", false);
     s.ts += 10;
-    s.p.handle(Event { conn: a.server, tid: 2, ts_ns: s.ts, role: Role::Server, endpoints: None, kind: EventKind::Close });
+    s.p.handle(Event {
+        conn: a.server,
+        tid: 2,
+        ts_ns: s.ts,
+        role: Role::Server,
+        endpoints: None,
+        kind: EventKind::Close,
+    });
     let spans = s.spans();
     let srv = find(&spans, SpanKind::Server, 2);
     assert!(srv.error.as_deref().unwrap().contains("closed"));
@@ -227,9 +326,17 @@ fn gaps_and_garbage_are_counted_not_guessed() {
     let mut s = Sim::new(Filter::default());
     let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
     s.event(a, false, Direction::Ingress, b"GET /a HTTP/1.1\r\n\r\n");
-    s.event(a, false, Direction::Ingress, b"\x00\x01garbage that is not http\r\n\r\n");
+    s.event(
+        a,
+        false,
+        Direction::Ingress,
+        b"\x00\x01garbage that is not http\r\n\r\n",
+    );
     s.event(a, false, Direction::Egress, OK);
-    assert!(s.spans().is_empty(), "the request's pairing is unknown after garbage");
+    assert!(
+        s.spans().is_empty(),
+        "the request's pairing is unknown after garbage"
+    );
     assert_eq!(s.p.stats.desyncs, 1);
     assert_eq!(s.p.tracer_stats().spans_abandoned, 1);
     // The stream resynchronises on the next request.

@@ -30,7 +30,10 @@ pub struct Headers(Vec<(&'static str, String)>);
 
 impl Headers {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|(n, _)| *n == name).map(|(_, v)| v.as_str())
+        self.0
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
     }
 
     pub fn insert(&mut self, name: &str, value: &str) {
@@ -62,12 +65,20 @@ pub struct ResponseHead {
 pub enum Message {
     RequestHead(RequestHead),
     /// The request (head and body) is complete.
-    RequestEnd { end_ns: u64, body_len: u64 },
+    RequestEnd {
+        end_ns: u64,
+        body_len: u64,
+    },
     /// A final (non-1xx) response head.
     ResponseHead(ResponseHead),
-    ResponseEnd { end_ns: u64, body_len: u64 },
+    ResponseEnd {
+        end_ns: u64,
+        body_len: u64,
+    },
     /// Framing was lost in this direction (garbage, or a head that was not captured).
-    Desync { requests: bool },
+    Desync {
+        requests: bool,
+    },
     /// `101 Switching Protocols`: the connection is no longer HTTP/1.
     Upgraded,
 }
@@ -83,14 +94,25 @@ enum Body {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Chunk {
     /// Reading a chunk-size line; `value` so far, `ext` once past digits.
-    Size { value: u64, digits: u8, ext: bool },
-    SizeLf { value: u64, digits: u8 },
+    Size {
+        value: u64,
+        digits: u8,
+        ext: bool,
+    },
+    SizeLf {
+        value: u64,
+        digits: u8,
+    },
     Data(u64),
     DataCr,
     DataLf,
     /// After the last chunk: trailer lines until an empty one. `blank` is true at line start.
-    Trailer { blank: bool },
-    TrailerLf { blank: bool },
+    Trailer {
+        blank: bool,
+    },
+    TrailerLf {
+        blank: bool,
+    },
 }
 
 #[derive(Debug)]
@@ -98,7 +120,10 @@ enum State {
     /// Between messages.
     Idle,
     Head,
-    Body { body: Body, len: u64 },
+    Body {
+        body: Body,
+        len: u64,
+    },
     /// Lost framing: wait for a chunk that starts a message.
     Desync,
     /// After an upgrade: ignore everything.
@@ -130,13 +155,28 @@ impl Default for Http1Conn {
 
 impl Http1Conn {
     pub fn new() -> Self {
-        Self { req: Decoder::new(true), resp: Decoder::new(false), awaiting: VecDeque::new() }
+        Self {
+            req: Decoder::new(true),
+            resp: Decoder::new(false),
+            awaiting: VecDeque::new(),
+        }
     }
 
     /// Feeds one syscall's worth of bytes. `missing` counts bytes moved but not captured
     /// (they follow `data`).
-    pub fn feed(&mut self, requests: bool, data: &[u8], missing: u64, ts_ns: u64, out: &mut Vec<Message>) {
-        let d = if requests { &mut self.req } else { &mut self.resp };
+    pub fn feed(
+        &mut self,
+        requests: bool,
+        data: &[u8],
+        missing: u64,
+        ts_ns: u64,
+        out: &mut Vec<Message>,
+    ) {
+        let d = if requests {
+            &mut self.req
+        } else {
+            &mut self.resp
+        };
         d.feed(data, missing, ts_ns, &mut self.awaiting, out);
     }
 
@@ -151,8 +191,15 @@ impl Http1Conn {
 
     /// The connection closed: finishes a response delimited by close.
     pub fn close(&mut self, ts_ns: u64, out: &mut Vec<Message>) {
-        if let State::Body { body: Body::UntilClose, len } = self.resp.state {
-            out.push(Message::ResponseEnd { end_ns: ts_ns, body_len: len });
+        if let State::Body {
+            body: Body::UntilClose,
+            len,
+        } = self.resp.state
+        {
+            out.push(Message::ResponseEnd {
+                end_ns: ts_ns,
+                body_len: len,
+            });
             self.resp.state = State::Idle;
         }
     }
@@ -161,7 +208,15 @@ impl Http1Conn {
 fn starts_message(data: &[u8], requests: bool) -> bool {
     if requests {
         const METHODS: &[&[u8]] = &[
-            b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ",
+            b"GET ",
+            b"POST ",
+            b"PUT ",
+            b"HEAD ",
+            b"DELETE ",
+            b"OPTIONS ",
+            b"PATCH ",
+            b"CONNECT ",
+            b"TRACE ",
         ];
         METHODS.iter().any(|m| data.starts_with(m))
     } else {
@@ -171,16 +226,30 @@ fn starts_message(data: &[u8], requests: bool) -> bool {
 
 impl Decoder {
     fn new(requests: bool) -> Self {
-        Self { requests, state: State::Idle, head: Vec::new(), head_start_ns: 0 }
+        Self {
+            requests,
+            state: State::Idle,
+            head: Vec::new(),
+            head_start_ns: 0,
+        }
     }
 
     fn desync(&mut self, out: &mut Vec<Message>) {
         self.head.clear();
         self.state = State::Desync;
-        out.push(Message::Desync { requests: self.requests });
+        out.push(Message::Desync {
+            requests: self.requests,
+        });
     }
 
-    fn feed(&mut self, mut data: &[u8], mut missing: u64, ts: u64, awaiting: &mut VecDeque<bool>, out: &mut Vec<Message>) {
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        mut missing: u64,
+        ts: u64,
+        awaiting: &mut VecDeque<bool>,
+        out: &mut Vec<Message>,
+    ) {
         if matches!(self.state, State::Desync) {
             if starts_message(data, self.requests) {
                 self.state = State::Idle;
@@ -211,7 +280,11 @@ impl Decoder {
                             let consumed = used - before;
                             data = &data[consumed..];
                             self.head.clear();
-                            if let State::Body { body: Body::Length(0), .. } = self.state {
+                            if let State::Body {
+                                body: Body::Length(0),
+                                ..
+                            } = self.state
+                            {
                                 self.finish(0, ts, out);
                             }
                         }
@@ -251,25 +324,23 @@ impl Decoder {
                             *len += data.len() as u64 + missing;
                             return;
                         }
-                        Body::Chunked(chunk) => {
-                            match step_chunked(chunk, data, missing) {
-                                Ok((used_data, used_missing, body_bytes, done)) => {
-                                    *len += body_bytes;
-                                    data = &data[used_data..];
-                                    missing -= used_missing;
-                                    if done {
-                                        let n = *len;
-                                        self.finish(n, ts, out);
-                                    } else if data.is_empty() && missing == 0 {
-                                        return;
-                                    }
-                                }
-                                Err(()) => {
-                                    self.desync(out);
+                        Body::Chunked(chunk) => match step_chunked(chunk, data, missing) {
+                            Ok((used_data, used_missing, body_bytes, done)) => {
+                                *len += body_bytes;
+                                data = &data[used_data..];
+                                missing -= used_missing;
+                                if done {
+                                    let n = *len;
+                                    self.finish(n, ts, out);
+                                } else if data.is_empty() && missing == 0 {
                                     return;
                                 }
                             }
-                        }
+                            Err(()) => {
+                                self.desync(out);
+                                return;
+                            }
+                        },
                     }
                 }
             }
@@ -278,15 +349,25 @@ impl Decoder {
 
     fn finish(&mut self, body_len: u64, ts: u64, out: &mut Vec<Message>) {
         out.push(if self.requests {
-            Message::RequestEnd { end_ns: ts, body_len }
+            Message::RequestEnd {
+                end_ns: ts,
+                body_len,
+            }
         } else {
-            Message::ResponseEnd { end_ns: ts, body_len }
+            Message::ResponseEnd {
+                end_ns: ts,
+                body_len,
+            }
         });
         self.state = State::Idle;
     }
 
     /// Parses the buffered head. `Ok(Some(n))`: complete, `n` bytes of the buffer were the head.
-    fn parse_head(&mut self, awaiting: &mut VecDeque<bool>, out: &mut Vec<Message>) -> Result<Option<usize>, ()> {
+    fn parse_head(
+        &mut self,
+        awaiting: &mut VecDeque<bool>,
+        out: &mut Vec<Message>,
+    ) -> Result<Option<usize>, ()> {
         let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
         if self.requests {
             let mut req = httparse::Request::new(&mut raw);
@@ -299,7 +380,11 @@ impl Decoder {
             let framing = collect(req.headers, &mut headers)?;
             let method = req.method.ok_or(())?.to_string();
             let body = match framing {
-                Framing::Chunked => Body::Chunked(Chunk::Size { value: 0, digits: 0, ext: false }),
+                Framing::Chunked => Body::Chunked(Chunk::Size {
+                    value: 0,
+                    digits: 0,
+                    ext: false,
+                }),
                 Framing::Length(n) => Body::Length(n),
                 // Requests without framing headers have no body (RFC 9112 §6.3).
                 Framing::None => Body::Length(0),
@@ -341,12 +426,21 @@ impl Decoder {
                 Body::Length(0)
             } else {
                 match framing {
-                    Framing::Chunked => Body::Chunked(Chunk::Size { value: 0, digits: 0, ext: false }),
+                    Framing::Chunked => Body::Chunked(Chunk::Size {
+                        value: 0,
+                        digits: 0,
+                        ext: false,
+                    }),
                     Framing::Length(n) => Body::Length(n),
                     Framing::None => Body::UntilClose,
                 }
             };
-            out.push(Message::ResponseHead(ResponseHead { status, version, headers, start_ns: self.head_start_ns }));
+            out.push(Message::ResponseHead(ResponseHead {
+                status,
+                version,
+                headers,
+                start_ns: self.head_start_ns,
+            }));
             self.state = State::Body { body, len: 0 };
             Ok(Some(n))
         }
@@ -367,7 +461,9 @@ fn collect(raw: &[httparse::Header<'_>], headers: &mut Headers) -> Result<Framin
             if value.to_ascii_lowercase().ends_with("chunked") {
                 framing = Framing::Chunked;
             }
-        } else if h.name.eq_ignore_ascii_case("content-length") && !matches!(framing, Framing::Chunked) {
+        } else if h.name.eq_ignore_ascii_case("content-length")
+            && !matches!(framing, Framing::Chunked)
+        {
             framing = Framing::Length(value.parse().map_err(|_| ())?);
         }
         headers.insert(h.name, value);
@@ -413,13 +509,21 @@ fn step_chunked(c: &mut Chunk, data: &[u8], missing: u64) -> Result<(usize, u64,
                 b'\r' => Chunk::SizeLf { value, digits },
                 b'\n' => after_size(value, digits)?,
                 _ if ext => Chunk::Size { value, digits, ext },
-                b';' | b' ' | b'\t' => Chunk::Size { value, digits, ext: true },
+                b';' | b' ' | b'\t' => Chunk::Size {
+                    value,
+                    digits,
+                    ext: true,
+                },
                 _ => {
                     let v = (b as char).to_digit(16).ok_or(())? as u64;
                     if digits >= 15 {
                         return Err(());
                     }
-                    Chunk::Size { value: value * 16 + v, digits: digits + 1, ext }
+                    Chunk::Size {
+                        value: value * 16 + v,
+                        digits: digits + 1,
+                        ext,
+                    }
                 }
             },
             Chunk::SizeLf { value, digits } => {
@@ -430,14 +534,22 @@ fn step_chunked(c: &mut Chunk, data: &[u8], missing: u64) -> Result<(usize, u64,
             }
             Chunk::DataCr => match b {
                 b'\r' => Chunk::DataLf,
-                b'\n' => Chunk::Size { value: 0, digits: 0, ext: false },
+                b'\n' => Chunk::Size {
+                    value: 0,
+                    digits: 0,
+                    ext: false,
+                },
                 _ => return Err(()),
             },
             Chunk::DataLf => {
                 if b != b'\n' {
                     return Err(());
                 }
-                Chunk::Size { value: 0, digits: 0, ext: false }
+                Chunk::Size {
+                    value: 0,
+                    digits: 0,
+                    ext: false,
+                }
             }
             Chunk::Trailer { blank } => match b {
                 b'\r' => Chunk::TrailerLf { blank },
@@ -464,7 +576,11 @@ fn after_size(value: u64, digits: u8) -> Result<Chunk, ()> {
     if digits == 0 {
         return Err(());
     }
-    Ok(if value == 0 { Chunk::Trailer { blank: true } } else { Chunk::Data(value) })
+    Ok(if value == 0 {
+        Chunk::Trailer { blank: true }
+    } else {
+        Chunk::Data(value)
+    })
 }
 
 #[cfg(test)]
@@ -488,35 +604,85 @@ mod tests {
     fn request_split_across_reads_keeps_first_byte_time() {
         let mut c = Http1Conn::new();
         assert!(feed(&mut c, true, b"GET /a?x=1 HTTP/1.1\r\nHo", 10).is_empty());
-        let out = feed(&mut c, true, b"st: svc\r\nX-B3-TraceId: abc\r\nCookie: s\r\n\r\n", 20);
+        let out = feed(
+            &mut c,
+            true,
+            b"st: svc\r\nX-B3-TraceId: abc\r\nCookie: s\r\n\r\n",
+            20,
+        );
         let h = req_head(&out[0]);
-        assert_eq!((h.method.as_str(), h.target.as_str(), h.start_ns), ("GET", "/a?x=1", 10));
+        assert_eq!(
+            (h.method.as_str(), h.target.as_str(), h.start_ns),
+            ("GET", "/a?x=1", 10)
+        );
         assert_eq!(h.headers.get("host"), Some("svc"));
         assert_eq!(h.headers.get("x-b3-traceid"), Some("abc"));
-        assert_eq!(h.headers.get("cookie"), None, "only needed headers are kept");
-        assert_eq!(out[1], Message::RequestEnd { end_ns: 20, body_len: 0 });
+        assert_eq!(
+            h.headers.get("cookie"),
+            None,
+            "only needed headers are kept"
+        );
+        assert_eq!(
+            out[1],
+            Message::RequestEnd {
+                end_ns: 20,
+                body_len: 0
+            }
+        );
     }
 
     #[test]
     fn keep_alive_and_content_length_bodies() {
         let mut c = Http1Conn::new();
-        let out = feed(&mut c, true, b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nab", 1);
+        let out = feed(
+            &mut c,
+            true,
+            b"POST /p HTTP/1.1\r\nContent-Length: 5\r\n\r\nab",
+            1,
+        );
         assert_eq!(out.len(), 1);
-        assert_eq!(feed(&mut c, true, b"cde", 2), vec![Message::RequestEnd { end_ns: 2, body_len: 5 }]);
-        let out = feed(&mut c, false, b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nxyz", 3);
+        assert_eq!(
+            feed(&mut c, true, b"cde", 2),
+            vec![Message::RequestEnd {
+                end_ns: 2,
+                body_len: 5
+            }]
+        );
+        let out = feed(
+            &mut c,
+            false,
+            b"HTTP/1.1 201 Created\r\nContent-Length: 3\r\n\r\nxyz",
+            3,
+        );
         assert!(matches!(&out[0], Message::ResponseHead(h) if h.status == 201));
-        assert_eq!(out[1], Message::ResponseEnd { end_ns: 3, body_len: 3 });
+        assert_eq!(
+            out[1],
+            Message::ResponseEnd {
+                end_ns: 3,
+                body_len: 3
+            }
+        );
         // Second exchange on the same connection.
         let out = feed(&mut c, true, b"GET /q HTTP/1.1\r\n\r\n", 4);
         assert_eq!(req_head(&out[0]).target, "/q");
-        let out = feed(&mut c, false, b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n", 5);
+        let out = feed(
+            &mut c,
+            false,
+            b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+            5,
+        );
         assert_eq!(out.len(), 2);
     }
 
     #[test]
     fn pipelined_requests_and_responses() {
         let mut c = Http1Conn::new();
-        let out = feed(&mut c, true, b"GET /1 HTTP/1.1\r\n\r\nHEAD /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n", 1);
+        let out = feed(
+            &mut c,
+            true,
+            b"GET /1 HTTP/1.1\r\n\r\nHEAD /2 HTTP/1.1\r\n\r\nGET /3 HTTP/1.1\r\n\r\n",
+            1,
+        );
         let targets: Vec<_> = out
             .iter()
             .filter_map(|m| match m {
@@ -551,19 +717,37 @@ mod tests {
             feed(&mut c, true, b"GET / HTTP/1.1\r\n\r\n", 0);
             let mut out = feed(&mut c, false, &body[..split], 1);
             out.extend(feed(&mut c, false, &body[split..], 2));
-            assert_eq!(out.last(), Some(&Message::ResponseEnd { end_ns: 2, body_len: 21 }), "split at {split}");
+            assert_eq!(
+                out.last(),
+                Some(&Message::ResponseEnd {
+                    end_ns: 2,
+                    body_len: 21
+                }),
+                "split at {split}"
+            );
         }
     }
 
     #[test]
     fn interim_responses_are_skipped() {
         let mut c = Http1Conn::new();
-        feed(&mut c, true, b"PUT /u HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n", 0);
+        feed(
+            &mut c,
+            true,
+            b"PUT /u HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 1\r\n\r\n",
+            0,
+        );
         assert!(feed(&mut c, false, b"HTTP/1.1 100 Continue\r\n\r\n", 1).is_empty());
         feed(&mut c, true, b"z", 2);
         let out = feed(&mut c, false, b"HTTP/1.1 204 No Content\r\n\r\n", 3);
         assert!(matches!(&out[0], Message::ResponseHead(h) if h.status == 204));
-        assert_eq!(out[1], Message::ResponseEnd { end_ns: 3, body_len: 0 });
+        assert_eq!(
+            out[1],
+            Message::ResponseEnd {
+                end_ns: 3,
+                body_len: 0
+            }
+        );
     }
 
     #[test]
@@ -573,18 +757,34 @@ mod tests {
         let mut out = Vec::new();
         // 4096 bytes captured of a 100000-byte write; the rest is body.
         let head_len = b"HTTP/1.1 200 OK\r\nContent-Length: 99959\r\n\r\n".len() as u64;
-        let mut first = format!("HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n", 100_000 - head_len).into_bytes();
+        let mut first = format!(
+            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n",
+            100_000 - head_len
+        )
+        .into_bytes();
         assert_eq!(first.len() as u64, head_len);
         first.resize(4096, b'x');
         c.feed(false, &first, 100_000 - 4096, 5, &mut out);
-        assert_eq!(out[1], Message::ResponseEnd { end_ns: 5, body_len: 100_000 - head_len });
+        assert_eq!(
+            out[1],
+            Message::ResponseEnd {
+                end_ns: 5,
+                body_len: 100_000 - head_len
+            }
+        );
     }
 
     #[test]
     fn lost_head_desyncs_then_recovers() {
         let mut c = Http1Conn::new();
         let mut out = Vec::new();
-        c.feed(true, b"GET /big HTTP/1.1\r\nX-Long: aaaa", 60_000, 1, &mut out);
+        c.feed(
+            true,
+            b"GET /big HTTP/1.1\r\nX-Long: aaaa",
+            60_000,
+            1,
+            &mut out,
+        );
         assert_eq!(out, vec![Message::Desync { requests: true }]);
         out.clear();
         c.feed(true, b"more header bytes\r\n\r\n", 0, 2, &mut out);
@@ -602,14 +802,33 @@ mod tests {
         feed(&mut c, false, b"defg", 2);
         let mut out = Vec::new();
         c.close(3, &mut out);
-        assert_eq!(out, vec![Message::ResponseEnd { end_ns: 3, body_len: 7 }]);
+        assert_eq!(
+            out,
+            vec![Message::ResponseEnd {
+                end_ns: 3,
+                body_len: 7
+            }]
+        );
     }
 
     #[test]
     fn upgrade_stops_decoding() {
         let mut c = Http1Conn::new();
-        feed(&mut c, true, b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n", 0);
-        assert_eq!(feed(&mut c, false, b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x05hello", 1), vec![Message::Upgraded]);
+        feed(
+            &mut c,
+            true,
+            b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n",
+            0,
+        );
+        assert_eq!(
+            feed(
+                &mut c,
+                false,
+                b"HTTP/1.1 101 Switching Protocols\r\n\r\n\x81\x05hello",
+                1
+            ),
+            vec![Message::Upgraded]
+        );
         assert!(feed(&mut c, false, b"HTTP/1.1 200 OK\r\n\r\n", 2).is_empty());
     }
 
@@ -626,7 +845,11 @@ mod tests {
         for case in cases {
             let mut c = Http1Conn::new();
             let out = feed(&mut c, true, case, 0);
-            assert!(out.contains(&Message::Desync { requests: true }), "{:?}: {out:?}", String::from_utf8_lossy(case));
+            assert!(
+                out.contains(&Message::Desync { requests: true }),
+                "{:?}: {out:?}",
+                String::from_utf8_lossy(case)
+            );
         }
         // A head that never ends is bounded.
         let mut c = Http1Conn::new();

@@ -80,7 +80,10 @@ fn b3_sampling(s: &str) -> Result<Sampling, ContextError> {
 pub fn parse_b3_single(v: &str) -> Result<TraceContext, ContextError> {
     let parts: Vec<&str> = v.trim().split('-').collect();
     match parts.as_slice() {
-        [state] => Ok(TraceContext { ids: None, sampling: b3_sampling(state)? }),
+        [state] => Ok(TraceContext {
+            ids: None,
+            sampling: b3_sampling(state)?,
+        }),
         [t, s, rest @ ..] if rest.len() <= 2 => {
             let sampling = match rest.first() {
                 Some(state) => b3_sampling(state)?,
@@ -91,7 +94,11 @@ pub fn parse_b3_single(v: &str) -> Result<TraceContext, ContextError> {
                 None => None,
             };
             Ok(TraceContext {
-                ids: Some(Ids { trace_id: trace_id(t)?, span_id: span_id(s, ContextError::SpanId)?, parent_span_id }),
+                ids: Some(Ids {
+                    trace_id: trace_id(t)?,
+                    span_id: span_id(s, ContextError::SpanId)?,
+                    parent_span_id,
+                }),
                 sampling,
             })
         }
@@ -142,12 +149,22 @@ pub fn parse_traceparent(v: &str) -> Result<TraceContext, ContextError> {
     if version.len() != 2 || *version == "ff" || (*version == "00" && !rest.is_empty()) {
         return Err(ContextError::Traceparent);
     }
-    let flags = hex(flags, &[2]).map(|v| v as u8).or(if *flags == "00" { Some(0) } else { None });
+    let flags = hex(flags, &[2])
+        .map(|v| v as u8)
+        .or(if *flags == "00" { Some(0) } else { None });
     let flags = flags.ok_or(ContextError::Traceparent)?;
     let trace_id = hex(t, &[32]).ok_or(ContextError::TraceId)?;
     Ok(TraceContext {
-        ids: Some(Ids { trace_id, span_id: span_id(s, ContextError::SpanId)?, parent_span_id: None }),
-        sampling: if flags & 1 == 1 { Sampling::Sampled } else { Sampling::NotSampled },
+        ids: Some(Ids {
+            trace_id,
+            span_id: span_id(s, ContextError::SpanId)?,
+            parent_span_id: None,
+        }),
+        sampling: if flags & 1 == 1 {
+            Sampling::Sampled
+        } else {
+            Sampling::NotSampled
+        },
     })
 }
 
@@ -195,43 +212,80 @@ mod tests {
 
     #[test]
     fn single_header_forms() {
-        let c = parse_b3_single("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90").unwrap();
+        let c =
+            parse_b3_single("80f198ee56343ba864fe8b2a57d3eff7-e457b5a2e4d86bd1-1-05e3ac9a4f6e3b90")
+                .unwrap();
         assert_eq!(c.ids.unwrap().trace_id, 0x80f198ee56343ba864fe8b2a57d3eff7);
         assert_eq!(c.ids.unwrap().parent_span_id, Some(0x05e3ac9a4f6e3b90));
         assert_eq!(c.sampling, Sampling::Sampled);
         let c = parse_b3_single("80f198ee56343ba8-e457b5a2e4d86bd1").unwrap();
         assert_eq!(c.sampling, Sampling::Unset);
-        assert_eq!(parse_b3_single("0").unwrap(), TraceContext { ids: None, sampling: Sampling::NotSampled });
-        assert_eq!(parse_b3_single("80f198ee56343ba8-e457b5a2e4d86bd1-d").unwrap().sampling, Sampling::Debug);
+        assert_eq!(
+            parse_b3_single("0").unwrap(),
+            TraceContext {
+                ids: None,
+                sampling: Sampling::NotSampled
+            }
+        );
+        assert_eq!(
+            parse_b3_single("80f198ee56343ba8-e457b5a2e4d86bd1-d")
+                .unwrap()
+                .sampling,
+            Sampling::Debug
+        );
     }
 
     #[test]
     fn flags_force_and_sampled_zero_suppresses() {
-        let h = headers(&[("X-B3-TraceId", "463ac35c9f6413ad"), ("X-B3-SpanId", "a2fb4a1d1a96d312"), ("X-B3-Sampled", "0")]);
+        let h = headers(&[
+            ("X-B3-TraceId", "463ac35c9f6413ad"),
+            ("X-B3-SpanId", "a2fb4a1d1a96d312"),
+            ("X-B3-Sampled", "0"),
+        ]);
         assert!(!extract(&h).unwrap().unwrap().sampling.exported());
         let h = headers(&[("X-B3-Sampled", "0"), ("X-B3-Flags", "1")]);
         assert_eq!(extract(&h).unwrap().unwrap().sampling, Sampling::Debug);
         let h = headers(&[("X-B3-Sampled", "0")]);
-        assert_eq!(extract(&h).unwrap().unwrap(), TraceContext { ids: None, sampling: Sampling::NotSampled });
+        assert_eq!(
+            extract(&h).unwrap().unwrap(),
+            TraceContext {
+                ids: None,
+                sampling: Sampling::NotSampled
+            }
+        );
     }
 
     #[test]
     fn traceparent() {
-        let h = headers(&[("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")]);
+        let h = headers(&[(
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        )]);
         let c = extract(&h).unwrap().unwrap();
         assert_eq!(c.ids.unwrap().trace_id, 0x4bf92f3577b34da6a3ce929d0e0e4736);
         assert_eq!(c.ids.unwrap().span_id, 0x00f067aa0ba902b7);
         assert_eq!(c.sampling, Sampling::Sampled);
-        assert_eq!(parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00").unwrap().sampling, Sampling::NotSampled);
+        assert_eq!(
+            parse_traceparent("00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00")
+                .unwrap()
+                .sampling,
+            Sampling::NotSampled
+        );
     }
 
     #[test]
     fn b3_wins_over_traceparent() {
         let h = headers(&[
-            ("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
             ("b3", "80f198ee56343ba8-e457b5a2e4d86bd1-1"),
         ]);
-        assert_eq!(extract(&h).unwrap().unwrap().ids.unwrap().trace_id, 0x80f198ee56343ba8);
+        assert_eq!(
+            extract(&h).unwrap().unwrap().ids.unwrap().trace_id,
+            0x80f198ee56343ba8
+        );
     }
 
     #[test]
@@ -255,8 +309,16 @@ mod tests {
         let bad_multi: [&[(&str, &str)]; 4] = [
             &[("X-B3-TraceId", "463ac35c9f6413ad")],
             &[("X-B3-SpanId", "a2fb4a1d1a96d312")],
-            &[("X-B3-TraceId", "463ac35c9f6413ad"), ("X-B3-SpanId", "a2fb4a1d1a96d312"), ("X-B3-Sampled", "yes")],
-            &[("X-B3-TraceId", "463ac35c9f6413ad"), ("X-B3-SpanId", "a2fb4a1d1a96d31"), ("X-B3-Sampled", "1")],
+            &[
+                ("X-B3-TraceId", "463ac35c9f6413ad"),
+                ("X-B3-SpanId", "a2fb4a1d1a96d312"),
+                ("X-B3-Sampled", "yes"),
+            ],
+            &[
+                ("X-B3-TraceId", "463ac35c9f6413ad"),
+                ("X-B3-SpanId", "a2fb4a1d1a96d31"),
+                ("X-B3-Sampled", "1"),
+            ],
         ];
         for pairs in bad_multi {
             assert!(extract(&headers(pairs)).is_err(), "{pairs:?}");

@@ -45,7 +45,12 @@ struct LinkKey {
 impl LinkKey {
     fn new(client: SocketAddr, server: SocketAddr, netns: u32, seq: u64) -> Self {
         let netns = if client.ip().is_loopback() { netns } else { 0 };
-        Self { client, server, netns, seq }
+        Self {
+            client,
+            server,
+            netns,
+            seq,
+        }
     }
 }
 
@@ -221,7 +226,11 @@ impl Tracer {
                     (Some(ids), Some(s)) => {
                         span.trace_id = ids.trace_id;
                         let inbound = self.spans.get(&s).and_then(|o| o.inbound_span_id);
-                        span.parent = Some(if inbound == Some(ids.span_id) { s } else { ids.span_id });
+                        span.parent = Some(if inbound == Some(ids.span_id) {
+                            s
+                        } else {
+                            ids.span_id
+                        });
                     }
                     (Some(ids), None) => {
                         span.trace_id = ids.trace_id;
@@ -229,7 +238,11 @@ impl Tracer {
                     }
                     (None, Some(s)) => {
                         span.parent = Some(s);
-                        span.trace_id = self.spans.get(&s).map(|o| o.trace_id).unwrap_or_else(new_trace_id);
+                        span.trace_id = self
+                            .spans
+                            .get(&s)
+                            .map(|o| o.trace_id)
+                            .unwrap_or_else(new_trace_id);
                     }
                     (None, None) => span.trace_id = new_trace_id(),
                 }
@@ -254,7 +267,11 @@ impl Tracer {
     }
 
     fn insert_link(&mut self, server_side: bool, key: LinkKey, id: u64, ts: u64) {
-        let map = if server_side { &mut self.waiting_servers } else { &mut self.clients_by_key };
+        let map = if server_side {
+            &mut self.waiting_servers
+        } else {
+            &mut self.clients_by_key
+        };
         if map.len() < MAX_LINK_ENTRIES {
             map.insert(key, (id, ts));
         }
@@ -265,7 +282,9 @@ impl Tracer {
         let candidates = self.open_servers.get(&tgid)?;
         let mut best: Option<(bool, u64, u64)> = None;
         for &id in candidates {
-            let Some(s) = self.spans.get(&id) else { continue };
+            let Some(s) = self.spans.get(&id) else {
+                continue;
+            };
             if trace_id.is_some_and(|t| t != s.trace_id) {
                 continue;
             }
@@ -279,10 +298,14 @@ impl Tracer {
 
     /// Rule 3: `server` is the far end of `client`.
     fn link(&mut self, server: u64, client: u64) {
-        let Some(c) = self.spans.get_mut(&client) else { return };
+        let Some(c) = self.spans.get_mut(&client) else {
+            return;
+        };
         c.linked_server = Some(server);
         let (trace_id, sampling, explicit) = (c.trace_id, c.sampling, c.explicit_sampling);
-        let Some(s) = self.spans.get_mut(&server) else { return };
+        let Some(s) = self.spans.get_mut(&server) else {
+            return;
+        };
         s.parent = Some(client);
         s.trace_id = trace_id;
         if explicit || !s.explicit_sampling {
@@ -315,7 +338,9 @@ impl Tracer {
 
     /// The exchange is over (`error` set when it ended without a complete response).
     pub fn finished(&mut self, id: u64, end_ns: u64, response_body: u64, error: Option<&str>) {
-        let Some(s) = self.spans.get_mut(&id) else { return };
+        let Some(s) = self.spans.get_mut(&id) else {
+            return;
+        };
         if s.end_ns.is_some() {
             return;
         }
@@ -324,27 +349,31 @@ impl Tracer {
         s.error = error.map(str::to_string);
         if s.kind == SpanKind::Server {
             let tgid = s.tgid;
-            if let Some(list) = self.open_servers.get_mut(&tgid) {
-                list.retain(|&x| x != id);
-                if list.is_empty() {
-                    self.open_servers.remove(&tgid);
-                }
+            self.close_server(tgid, id);
+        }
+        self.lingering
+            .push_back((end_ns.saturating_add(self.linger_ns), id));
+    }
+
+    /// A SERVER span stops being a candidate parent for outgoing calls.
+    fn close_server(&mut self, tgid: u32, id: u64) {
+        if let Some(list) = self.open_servers.get_mut(&tgid) {
+            list.retain(|&x| x != id);
+            if list.is_empty() {
+                self.open_servers.remove(&tgid);
             }
         }
-        self.lingering.push_back((end_ns.saturating_add(self.linger_ns), id));
     }
 
     /// Drops an exchange whose outcome can never be known (counted).
     pub fn abandon(&mut self, id: u64) {
+        // Finished spans are already on their way out; only open ones can be abandoned.
+        if !self.spans.get(&id).is_some_and(|s| s.end_ns.is_none()) {
+            return;
+        }
         if let Some(s) = self.spans.remove(&id) {
-            if s.end_ns.is_none() {
-                if let Some(list) = self.open_servers.get_mut(&s.tgid) {
-                    list.retain(|&x| x != id);
-                }
-                self.stats.spans_abandoned += 1;
-            } else {
-                self.spans.insert(id, s);
-            }
+            self.close_server(s.tgid, id);
+            self.stats.spans_abandoned += 1;
         }
     }
 
@@ -367,8 +396,12 @@ impl Tracer {
     /// Gives up on exchanges open longer than the limit (call rarely: it scans).
     pub fn expire(&mut self, now_ns: u64) {
         let cutoff = now_ns.saturating_sub(OPEN_TTL_NS);
-        let stale: Vec<u64> =
-            self.spans.iter().filter(|(_, s)| s.end_ns.is_none() && s.start_ns < cutoff).map(|(&id, _)| id).collect();
+        let stale: Vec<u64> = self
+            .spans
+            .iter()
+            .filter(|(_, s)| s.end_ns.is_none() && s.start_ns < cutoff)
+            .map(|(&id, _)| id)
+            .collect();
         for id in stale {
             self.abandon(id);
         }

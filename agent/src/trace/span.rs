@@ -65,7 +65,10 @@ pub struct SpanRecord {
 
 impl SpanRecord {
     pub fn attr(&self, key: &str) -> Option<&AttrValue> {
-        self.attributes.iter().find(|(k, _)| *k == key).map(|(_, v)| v)
+        self.attributes
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v)
     }
 }
 
@@ -86,10 +89,10 @@ pub struct HttpExchange {
 
 /// Splits a Host header into host and port, tolerating IPv6 literals.
 fn split_host(host: &str) -> (&str, Option<u16>) {
-    if let Some(rest) = host.strip_prefix('[') {
-        if let Some((h, tail)) = rest.split_once(']') {
-            return (h, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
-        }
+    if let Some(rest) = host.strip_prefix('[')
+        && let Some((h, tail)) = rest.split_once(']')
+    {
+        return (h, tail.strip_prefix(':').and_then(|p| p.parse().ok()));
     }
     match host.rsplit_once(':') {
         Some((h, p)) if !h.contains(':') => (h, p.parse().ok()),
@@ -135,13 +138,26 @@ impl HttpExchange {
             }
             SpanKind::Client => {
                 let (h, port) = match (host, self.peer) {
-                    (Some((h, p)), peer) => (h.to_string(), p.or(peer.map(|x| x.port())).unwrap_or(80)),
+                    (Some((h, p)), peer) => {
+                        (h.to_string(), p.or(peer.map(|x| x.port())).unwrap_or(80))
+                    }
                     (None, Some(peer)) => (peer.ip().to_string(), peer.port()),
                     (None, None) => (String::new(), 80),
                 };
-                let authority = if port == 80 { h.clone() } else { format!("{h}:{port}") };
-                let authority = if h.contains(':') && port != 80 { format!("[{h}]:{port}") } else { authority };
-                a.push(("url.full", format!("http://{authority}{}", self.target).into()));
+                let authority = if port == 80 {
+                    h.clone()
+                } else {
+                    format!("{h}:{port}")
+                };
+                let authority = if h.contains(':') && port != 80 {
+                    format!("[{h}]:{port}")
+                } else {
+                    authority
+                };
+                a.push((
+                    "url.full",
+                    format!("http://{authority}{}", self.target).into(),
+                ));
                 if !h.is_empty() {
                     a.push(("server.address", h.into()));
                 }
@@ -155,18 +171,27 @@ impl HttpExchange {
         if let Some(l) = self.local {
             a.push(("network.local.address", l.ip().to_string().into()));
             a.push(("network.local.port", (l.port() as i64).into()));
-            a.push(("network.type", if l.is_ipv4() { "ipv4" } else { "ipv6" }.into()));
+            a.push((
+                "network.type",
+                if l.is_ipv4() { "ipv4" } else { "ipv6" }.into(),
+            ));
         }
         a.push(("network.transport", "tcp".into()));
         a.push(("network.protocol.name", "http".into()));
-        a.push(("network.protocol.version", format!("1.{}", self.version).into()));
+        a.push((
+            "network.protocol.version",
+            format!("1.{}", self.version).into(),
+        ));
         if let Some(ua) = &self.user_agent {
             a.push(("user_agent.original", ua.as_str().into()));
         }
         a.push(("http.request.body.size", (self.request_body as i64).into()));
         if let Some(s) = self.status {
             a.push(("http.response.status_code", (s as i64).into()));
-            a.push(("http.response.body.size", (self.response_body as i64).into()));
+            a.push((
+                "http.response.body.size",
+                (self.response_body as i64).into(),
+            ));
         }
         a
     }
@@ -206,7 +231,10 @@ mod tests {
         let e = ex();
         let a = e.attributes(SpanKind::Client);
         let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
-        assert_eq!(get("url.full"), Some("http://backend:8081/api/items?id=3".into()));
+        assert_eq!(
+            get("url.full"),
+            Some("http://backend:8081/api/items?id=3".into())
+        );
         assert_eq!(get("server.address"), Some("backend".into()));
         assert_eq!(get("server.port"), Some(8081i64.into()));
         assert_eq!(get("http.response.status_code"), Some(404i64.into()));
