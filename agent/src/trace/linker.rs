@@ -368,7 +368,7 @@ impl Tracer {
     /// Drops an exchange whose outcome can never be known (counted).
     pub fn abandon(&mut self, id: u64) {
         // Finished spans are already on their way out; only open ones can be abandoned.
-        if !self.spans.get(&id).is_some_and(|s| s.end_ns.is_none()) {
+        if self.spans.get(&id).is_none_or(|s| s.end_ns.is_some()) {
             return;
         }
         if let Some(s) = self.spans.remove(&id) {
