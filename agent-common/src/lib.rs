@@ -107,6 +107,9 @@ pub struct ConnInfo {
     /// Set by the kernel when an event of this connection could not be output.
     pub gap_pending: u8,
     pub _pad: [u8; 5],
+    /// The opening thread's `comm`: names the process even when it exits before userspace
+    /// can read its /proc entry (short-lived clients such as curl).
+    pub comm: [u8; 16],
 }
 
 /// Fixed head of every ring-buffer record; `DATA` records are followed by `captured_len`
@@ -170,6 +173,10 @@ pub struct Config {
     pub self_tgid: u32,
     /// Payload bytes copied per syscall, at most [`MAX_PAYLOAD`].
     pub payload_cap: u32,
+    /// Wake the reader only once this many bytes wait in the ring buffer; below it the reader
+    /// polls on a timer. Waking it per event costs more than everything else the agent does.
+    pub wakeup_bytes: u32,
+    pub _pad: u32,
 }
 
 #[cfg(feature = "user")]
@@ -190,7 +197,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Tuple>(), 2 * 4 + 32 + 8);
-        assert_eq!(size_of::<ConnInfo>(), 8 + size_of::<Tuple>() + 8);
+        assert_eq!(size_of::<ConnInfo>(), 8 + size_of::<Tuple>() + 8 + 16);
         assert_eq!(size_of::<EventHeader>(), 24 + size_of::<ConnInfo>() + 16);
         assert_eq!(size_of::<EventHeader>() % 8, 0);
     }

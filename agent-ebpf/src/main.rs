@@ -13,8 +13,9 @@ use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
     helpers::{
-        bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns, bpf_probe_read_kernel,
-        bpf_probe_read_user, generated::bpf_probe_read_user as probe_read_user_raw,
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
+        bpf_probe_read_kernel, bpf_probe_read_user,
+        generated::bpf_probe_read_user as probe_read_user_raw,
     },
     macros::{map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -32,6 +33,8 @@ use arch::*;
 static CONFIG: Config = Config {
     self_tgid: 0,
     payload_cap: kspan_common::DEFAULT_PAYLOAD_CAP,
+    wakeup_bytes: 0,
+    _pad: 0,
 };
 
 /// Filled by userspace before load from the running kernel's BTF.
@@ -72,6 +75,22 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
 
 const HEADER_LEN: usize = size_of::<EventHeader>();
+
+const BPF_RB_NO_WAKEUP: u64 = 1;
+const BPF_RB_FORCE_WAKEUP: u64 = 2;
+const BPF_RB_AVAIL_DATA: u64 = 0;
+
+/// Output flags: wake the reader only when a backlog has built up (see `Config::wakeup_bytes`).
+#[inline(always)]
+fn wakeup_flags() -> u64 {
+    // SAFETY: read of a read-only global.
+    let threshold = unsafe { core::ptr::read_volatile(&CONFIG) }.wakeup_bytes as u64;
+    if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
+        BPF_RB_FORCE_WAKEUP
+    } else {
+        BPF_RB_NO_WAKEUP
+    }
+}
 
 #[raw_tracepoint(tracepoint = "sys_exit")]
 pub fn kspan_sys_exit(ctx: RawTracePointContext) -> i32 {
@@ -179,6 +198,7 @@ fn on_open(fd: u32, role: u8) {
         proto: proto::UNKNOWN,
         gap_pending: 0,
         _pad: [0; 5],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     if CONNS.insert(&key, &info, 0).is_ok() {
         bump(stat::CONNS_TRACKED);
@@ -217,7 +237,10 @@ fn on_close(fd: u32) {
         },
         _pad: [0; 2],
     };
-    if EVENTS.output::<EventHeader>(&header, 0).is_ok() {
+    if EVENTS
+        .output::<EventHeader>(&header, wakeup_flags())
+        .is_ok()
+    {
         bump(stat::EVENTS);
     } else {
         bump(stat::LOST_RINGBUF);
@@ -320,7 +343,7 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
     // SAFETY: `len` is bounded by the size of the scratch record.
     let bytes =
         unsafe { core::slice::from_raw_parts(ev as *const DataEvent as *const u8, len as usize) };
-    if EVENTS.output::<[u8]>(bytes, 0).is_ok() {
+    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
         info.gap_pending = 0;
         bump(stat::EVENTS);
     } else {

@@ -1,6 +1,6 @@
 //! The userspace pipeline: decoded kernel events in, finished spans out. Synchronous and free
 //! of I/O except procfs reads, so live capture, replay, tests and benchmarks share it.
-use std::collections::HashMap;
+use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
     capture::event::{ConnId, Event, EventKind, Role},
@@ -56,8 +56,8 @@ const IDLE_NS: u64 = 300_000_000_000;
 impl Pipeline {
     pub fn new(opts: PipelineOptions, procs: ProcessCache) -> Self {
         Self {
-            conns: HashMap::new(),
-            excluded: HashMap::new(),
+            conns: HashMap::default(),
+            excluded: HashMap::default(),
             tracer: Tracer::new(opts.linger_ns, opts.max_open_spans, opts.clock_offset_ns),
             procs,
             filter: opts.filter,
@@ -80,7 +80,7 @@ impl Pipeline {
         self.tracer.open_spans()
     }
 
-    pub fn handle(&mut self, ev: Event) {
+    pub fn handle(&mut self, ev: Event<'_>) {
         self.stats.events += 1;
         if self.excluded.contains_key(&ev.conn) {
             if ev.kind == EventKind::Close {
@@ -92,7 +92,7 @@ impl Pipeline {
             if ev.kind == EventKind::Close {
                 return;
             }
-            let process = self.procs.get(ev.conn.tgid);
+            let process = self.procs.get(ev.conn.tgid, &ev.comm);
             if !self.filter.admits(&process, ev.endpoints.as_ref()) {
                 self.stats.conns_filtered += 1;
                 self.excluded.insert(ev.conn, ev.ts_ns);
@@ -150,7 +150,7 @@ impl Pipeline {
                 let requests = conn.carries_requests(direction);
                 let missing = total_len.saturating_sub(payload.len() as u64);
                 conn.http
-                    .feed(requests, &payload, missing, ev.ts_ns, &mut self.messages);
+                    .feed(requests, payload, missing, ev.ts_ns, &mut self.messages);
                 sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
             }
         }

@@ -22,8 +22,9 @@ impl ProcessInfo {
     }
 }
 
-/// Reads one process's metadata. `root` is normally `/proc`.
-pub fn read(root: &Path, pid: u32) -> ProcessInfo {
+/// Reads one process's metadata. `root` is normally `/proc`. `comm` (from the kernel) names a
+/// process that already exited.
+pub fn read(root: &Path, pid: u32, comm: &[u8]) -> ProcessInfo {
     let dir = root.join(pid.to_string());
     let exe = std::fs::read_link(dir.join("exe"))
         .map(|p| p.to_string_lossy().into_owned())
@@ -44,12 +45,12 @@ pub fn read(root: &Path, pid: u32) -> ProcessInfo {
             .filter(|v| !v.is_empty())
     });
     let exe_name = exe.rsplit('/').next().unwrap_or_default().to_string();
-    let service_name = env_name.unwrap_or_else(|| {
-        if exe_name.is_empty() {
-            format!("unknown_service:{pid}")
-        } else {
-            exe_name
-        }
+    let comm =
+        String::from_utf8_lossy(comm.split(|&b| b == 0).next().unwrap_or_default()).into_owned();
+    let service_name = env_name.unwrap_or_else(|| match (exe_name.is_empty(), comm.is_empty()) {
+        (false, _) => exe_name,
+        (true, false) => comm,
+        (true, true) => format!("unknown_service:{pid}"),
     });
     ProcessInfo {
         pid,
@@ -59,11 +60,14 @@ pub fn read(root: &Path, pid: u32) -> ProcessInfo {
     }
 }
 
+const NEGATIVE_TTL: Duration = Duration::from_secs(1);
+
 /// Bounded cache. Entries are re-read after `ttl`, which also covers pid reuse.
 pub struct ProcessCache {
     root: PathBuf,
     ttl: Duration,
     max: usize,
+    /// Expiry time and metadata.
     entries: HashMap<u32, (Instant, Arc<ProcessInfo>)>,
 }
 
@@ -77,26 +81,28 @@ impl ProcessCache {
         }
     }
 
-    pub fn get(&mut self, pid: u32) -> Arc<ProcessInfo> {
+    pub fn get(&mut self, pid: u32, comm: &[u8]) -> Arc<ProcessInfo> {
         let now = Instant::now();
-        if let Some((at, info)) = self.entries.get(&pid)
-            && now.duration_since(*at) < self.ttl
+        if let Some((expires, info)) = self.entries.get(&pid)
+            && now < *expires
         {
             return info.clone();
         }
         if self.entries.len() >= self.max {
-            let ttl = self.ttl;
-            self.entries
-                .retain(|_, (at, _)| now.duration_since(*at) < ttl);
+            self.entries.retain(|_, (expires, _)| now < *expires);
             if self.entries.len() >= self.max {
                 self.entries.clear();
             }
         }
-        let info = Arc::new(read(&self.root, pid));
-        // A process that already exited is not cached, so a later pid reuse is read afresh.
-        if !info.exe.is_empty() {
-            self.entries.insert(pid, (now, info.clone()));
-        }
+        let info = Arc::new(read(&self.root, pid, comm));
+        // A process already gone is remembered only briefly, so a reuse of its pid is soon
+        // read afresh (while a burst of its late events does not hammer procfs).
+        let ttl = if info.exe.is_empty() {
+            NEGATIVE_TTL
+        } else {
+            self.ttl
+        };
+        self.entries.insert(pid, (now + ttl, info.clone()));
         info
     }
 }
@@ -117,21 +123,23 @@ mod tests {
             b"HOME=/root\0OTEL_SERVICE_NAME=checkout\0",
         )
         .unwrap();
-        let info = read(&dir, 42);
+        let info = read(&dir, 42, b"");
         assert_eq!(info.service_name, "checkout");
         assert_eq!(info.command_line, "python3 app.py --port 8080");
         assert_eq!(info.exe_name(), "python3.11");
         std::fs::write(p.join("environ"), b"HOME=/root\0").unwrap();
-        assert_eq!(read(&dir, 42).service_name, "python3.11");
-        assert_eq!(read(&dir, 43).service_name, "unknown_service:43");
+        assert_eq!(read(&dir, 42, b"ignored").service_name, "python3.11");
+        // Gone before we looked: the kernel's comm still names it.
+        assert_eq!(read(&dir, 43, b"curl\0\0\0").service_name, "curl");
+        assert_eq!(read(&dir, 43, b"").service_name, "unknown_service:43");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
     fn own_process_is_readable() {
         let mut cache = ProcessCache::new("/proc");
-        let me = cache.get(std::process::id());
+        let me = cache.get(std::process::id(), b"");
         assert!(!me.exe.is_empty());
-        assert!(Arc::ptr_eq(&me, &cache.get(std::process::id())));
+        assert!(Arc::ptr_eq(&me, &cache.get(std::process::id(), b"")));
     }
 }

@@ -8,6 +8,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use clap::Parser;
 
+mod bench;
+
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
 #[derive(Parser)]
@@ -29,6 +31,8 @@ enum Cmd {
     },
     /// Unit tests, then integration tests that load the real probes (needs root).
     Test,
+    /// Agent overhead, with and without kspan side by side; writes BENCHMARKS.md (needs root).
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -37,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     match Cmd::parse() {
         Cmd::Setup => {
             setup_toolchain()?;
-            setup_test_peers()
+            setup_test_peers(&[("wrk", "/usr/bin/wrk")])
         }
         Cmd::Build { debug } => {
             setup_toolchain()?;
@@ -61,8 +65,17 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Test => {
             setup_toolchain()?;
-            setup_test_peers()?;
+            setup_test_peers(&[])?;
             test()
+        }
+        Cmd::Bench(args) => {
+            setup_toolchain()?;
+            setup_test_peers(&[("wrk", "/usr/bin/wrk")])?;
+            if !is_root() {
+                bail!("the benchmark loads eBPF programs: run `cargo xtask bench` as root");
+            }
+            let bin = build(false)?;
+            bench::run(args, &bin)
         }
     }
 }
@@ -146,10 +159,11 @@ fn setup_toolchain() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Real peers the integration tests drive: nginx, curl, python3.
-fn setup_test_peers() -> anyhow::Result<()> {
+/// Real peers the integration tests (nginx, curl, python3) and benchmarks (`extra`) drive.
+fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
     let missing: Vec<&str> = [("nginx", "/usr/sbin/nginx"), ("curl", "/usr/bin/curl")]
         .iter()
+        .chain(extra)
         .filter(|(_, path)| !Path::new(path).exists())
         .map(|(pkg, _)| *pkg)
         .collect();

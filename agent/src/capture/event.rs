@@ -43,13 +43,14 @@ pub struct Endpoints {
     pub netns: u32,
 }
 
+/// Borrows its payload from the ring buffer (or recording): the hot path copies nothing.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum EventKind {
+pub enum EventKind<'a> {
     Data {
         direction: Direction,
         /// Bytes the syscall moved; `payload` may hold fewer (copy cap, sendfile).
         total_len: u64,
-        payload: Vec<u8>,
+        payload: &'a [u8],
         /// Earlier events of this connection were lost.
         gap: bool,
     },
@@ -57,14 +58,16 @@ pub enum EventKind {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Event {
+pub struct Event<'a> {
     pub conn: ConnId,
     pub tid: u32,
     pub ts_ns: u64,
     pub role: Role,
     /// `None` when the kernel could not read the socket's addresses.
     pub endpoints: Option<Endpoints>,
-    pub kind: EventKind,
+    /// `comm` of the thread that opened the connection (NUL-padded).
+    pub comm: [u8; 16],
+    pub kind: EventKind<'a>,
 }
 
 const HEADER_LEN: usize = size_of::<EventHeader>();
@@ -95,7 +98,7 @@ pub fn endpoints(t: &Tuple) -> Option<Endpoints> {
 }
 
 /// Decodes one ring-buffer record.
-pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
+pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     if bytes.len() < HEADER_LEN {
         return Err(DecodeError::Short(bytes.len()));
     }
@@ -129,7 +132,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
                     Direction::Ingress
                 },
                 total_len: h.total_len,
-                payload: payload[..claimed].to_vec(),
+                payload: &payload[..claimed],
                 gap: h.flags & event_flags::GAP != 0,
             }
         }
@@ -142,12 +145,13 @@ pub fn decode(bytes: &[u8]) -> Result<Event, DecodeError> {
         ts_ns: h.ts_ns,
         role,
         endpoints: endpoints(&h.conn.tuple),
+        comm: h.conn.comm,
         kind,
     })
 }
 
 /// Encodes an event back into the kernel's record layout (used by recording and tests).
-pub fn encode(ev: &Event) -> Vec<u8> {
+pub fn encode(ev: &Event<'_>) -> Vec<u8> {
     let mut h = EventHeader {
         tgid: ev.conn.tgid,
         fd: ev.conn.fd,
@@ -156,6 +160,7 @@ pub fn encode(ev: &Event) -> Vec<u8> {
         ..Default::default()
     };
     h.conn.generation = ev.conn.generation;
+    h.conn.comm = ev.comm;
     h.conn.role = match ev.role {
         Role::Server => role::SERVER,
         Role::Client => role::CLIENT,
@@ -213,7 +218,7 @@ pub fn encode(ev: &Event) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    fn sample() -> Event {
+    fn sample() -> Event<'static> {
         Event {
             conn: ConnId {
                 tgid: 7,
@@ -228,10 +233,11 @@ mod tests {
                 peer: "[2001:db8::1]:5555".parse().unwrap(),
                 netns: 4026531840,
             }),
+            comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             kind: EventKind::Data {
                 direction: Direction::Ingress,
                 total_len: 10_000,
-                payload: b"GET / HTTP/1.1\r\n".to_vec(),
+                payload: b"GET / HTTP/1.1\r\n",
                 gap: true,
             },
         }

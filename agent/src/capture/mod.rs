@@ -109,6 +109,9 @@ impl Capture {
         let config = Config {
             self_tgid: std::process::id(),
             payload_cap: opts.payload_cap,
+            // An eighth of the ring: far from overflow, yet rare enough to keep wakeups cheap.
+            wakeup_bytes: opts.ring_buffer_mb * 1024 * 1024 / 8,
+            _pad: 0,
         };
 
         // Older kernels charge BPF memory to RLIMIT_MEMLOCK; raising it is harmless elsewhere.

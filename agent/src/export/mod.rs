@@ -73,8 +73,15 @@ async fn flush(sinks: &mut Sinks, batch: &mut Vec<SpanRecord>, metrics: &Metrics
         return;
     }
     let n = batch.len() as u64;
+    let spans = std::mem::take(batch);
+    // Exporting consumes the spans; the printer gets a copy only when both sinks are on.
+    let (for_otlp, for_tree) = match (&sinks.otlp, &sinks.tree) {
+        (Some(_), Some(_)) => (spans.clone(), Some(spans)),
+        (Some(_), None) => (spans, None),
+        (None, _) => (Vec::new(), Some(spans)),
+    };
     match sinks.otlp.as_mut() {
-        Some(o) => match o.export(batch).await {
+        Some(o) => match o.export(for_otlp).await {
             Ok(sent) => {
                 metrics.spans_exported.fetch_add(sent as u64, Relaxed);
                 metrics
@@ -90,8 +97,7 @@ async fn flush(sinks: &mut Sinks, batch: &mut Vec<SpanRecord>, metrics: &Metrics
             metrics.spans_exported.fetch_add(n, Relaxed);
         }
     }
-    let spans = std::mem::take(batch);
-    if let Some(t) = sinks.tree.as_mut() {
+    if let (Some(t), Some(spans)) = (sinks.tree.as_mut(), for_tree) {
         t.add(spans, Instant::now());
     }
 }

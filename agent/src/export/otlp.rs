@@ -80,13 +80,15 @@ impl OtlpSink {
     }
 
     /// Exports one batch; returns how many spans were delivered.
-    pub async fn export(&mut self, spans: &[SpanRecord]) -> Result<usize, OtlpError> {
+    pub async fn export(&mut self, spans: Vec<SpanRecord>) -> Result<usize, OtlpError> {
         // Keyed by the shared allocation: one Arc per process from the cache.
         let mut by_process: HashMap<usize, (Arc<ProcessInfo>, Vec<SpanData>)> = HashMap::new();
         for s in spans {
+            let key = Arc::as_ptr(&s.process) as usize;
+            let process = s.process.clone();
             by_process
-                .entry(Arc::as_ptr(&s.process) as usize)
-                .or_insert_with(|| (s.process.clone(), Vec::new()))
+                .entry(key)
+                .or_insert_with(|| (process, Vec::new()))
                 .1
                 .push(to_span_data(s, &self.scope));
         }
@@ -115,6 +117,13 @@ impl OtlpSink {
     }
 }
 
+/// The instrumentation scope every kspan span carries.
+pub fn scope() -> InstrumentationScope {
+    InstrumentationScope::builder("kspan")
+        .with_version(env!("CARGO_PKG_VERSION"))
+        .build()
+}
+
 pub fn resource(p: &ProcessInfo, host: &str) -> Resource {
     let mut attrs = vec![
         KeyValue::new("service.name", p.service_name.clone()),
@@ -139,7 +148,9 @@ pub fn resource(p: &ProcessInfo, host: &str) -> Resource {
     Resource::builder_empty().with_attributes(attrs).build()
 }
 
-fn to_span_data(s: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
+/// Converts a span for the OpenTelemetry SDK's exporters, moving its strings rather than
+/// copying them.
+pub fn to_span_data(s: SpanRecord, scope: &InstrumentationScope) -> SpanData {
     let time = |ns: u64| UNIX_EPOCH + Duration::from_nanos(ns);
     SpanData {
         span_context: SpanContext::new(
@@ -158,26 +169,26 @@ fn to_span_data(s: &SpanRecord, scope: &InstrumentationScope) -> SpanData {
             SpanKind::Server => OtelKind::Server,
             SpanKind::Client => OtelKind::Client,
         },
-        name: Cow::Owned(s.name.clone()),
+        name: Cow::Owned(s.name),
         start_time: time(s.start_unix_ns),
         end_time: time(s.end_unix_ns),
         attributes: s
             .attributes
-            .iter()
+            .into_iter()
             .map(|(k, v)| {
                 let v: Value = match v {
-                    AttrValue::Str(x) => x.clone().into(),
-                    AttrValue::Int(x) => (*x).into(),
-                    AttrValue::Bool(x) => (*x).into(),
+                    AttrValue::Str(x) => x.into(),
+                    AttrValue::Int(x) => x.into(),
+                    AttrValue::Bool(x) => x.into(),
                 };
-                KeyValue::new(*k, v)
+                KeyValue::new(k, v)
             })
             .collect(),
         dropped_attributes_count: 0,
         events: SpanEvents::default(),
         links: SpanLinks::default(),
-        status: match &s.error {
-            Some(e) => Status::error(e.clone()),
+        status: match s.error {
+            Some(e) => Status::error(e),
             None => Status::Unset,
         },
         instrumentation_scope: scope.clone(),

@@ -79,10 +79,11 @@ impl Sim {
                 peer: peer.parse().unwrap(),
                 netns: LOOPBACK_NS,
             }),
+            comm: [0; 16],
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
-                payload: bytes.to_vec(),
+                payload: bytes,
                 gap: false,
             },
         });
@@ -313,6 +314,7 @@ fn close_without_response_is_an_error_span() {
         ts_ns: s.ts,
         role: Role::Server,
         endpoints: None,
+        comm: [0; 16],
         kind: EventKind::Close,
     });
     let spans = s.spans();

@@ -16,11 +16,9 @@
 //! arrive slightly out of causal order: either side of rule 3 may be seen first, and a parent
 //! may appear to end microseconds before its child. Finished spans therefore linger briefly
 //! before export, and a CLIENT span is stretched to cover its linked SERVER child.
-use std::{
-    collections::{HashMap, VecDeque},
-    net::SocketAddr,
-    sync::Arc,
-};
+use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::{
     context::{self, Sampling},
@@ -141,10 +139,10 @@ fn new_trace_id() -> u128 {
 impl Tracer {
     pub fn new(linger_ns: u64, max_open: usize, clock_offset_ns: i128) -> Self {
         Self {
-            spans: HashMap::new(),
-            open_servers: HashMap::new(),
-            clients_by_key: HashMap::new(),
-            waiting_servers: HashMap::new(),
+            spans: HashMap::default(),
+            open_servers: HashMap::default(),
+            clients_by_key: HashMap::default(),
+            waiting_servers: HashMap::default(),
             lingering: VecDeque::new(),
             linger_ns,
             max_open,

@@ -1,0 +1,544 @@
+//! `cargo xtask bench`: agent overhead measured side by side. For each scenario, runs without
+//! (A) and with (B) the agent alternate (A B A B …) so drift in the machine hits both equally;
+//! medians and B/A ratios go to BENCHMARKS.md. A replay benchmark measures the userspace
+//! pipeline alone. `--smoke` makes every run short and writes to target/ instead.
+use std::{
+    fmt::Write as _,
+    io::{BufRead as _, BufReader, Read as _, Write as _},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+#[derive(clap::Args)]
+pub struct BenchArgs {
+    /// A/B pairs per scenario.
+    #[arg(long, default_value_t = 5)]
+    pairs: usize,
+    /// Seconds per wrk run.
+    #[arg(long, default_value_t = 10)]
+    secs: u64,
+    /// wrk connections.
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+    /// One short pair per scenario; results go to target/bench-smoke.md (used by CI).
+    #[arg(long)]
+    smoke: bool,
+}
+
+struct Scenario {
+    name: &'static str,
+    path: &'static str,
+    keep_alive: bool,
+}
+
+const SCENARIOS: &[Scenario] = &[
+    Scenario {
+        name: "static, keep-alive",
+        path: "/static",
+        keep_alive: true,
+    },
+    Scenario {
+        name: "static, new connection per request",
+        path: "/static",
+        keep_alive: false,
+    },
+    Scenario {
+        name: "proxied upstream, keep-alive",
+        path: "/proxy",
+        keep_alive: true,
+    },
+];
+
+#[derive(Clone, Copy, Default, Debug)]
+struct Wrk {
+    rps: f64,
+    requests: u64,
+    p50_us: f64,
+    p99_us: f64,
+}
+
+#[derive(Clone, Copy, Default, Debug)]
+struct AgentRun {
+    cpu_secs: f64,
+    peak_rss_kb: u64,
+    lost: u64,
+    spans_exported: u64,
+    spans_dropped: u64,
+    requests_seen: u64,
+}
+
+pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
+    let (pairs, secs) = if args.smoke {
+        (1, 1)
+    } else {
+        (args.pairs.max(1), args.secs.max(1))
+    };
+    let dir = std::env::temp_dir().join(format!("kspan-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let front = free_port()?;
+    let upstream = free_port()?;
+    let _nginx = start_nginx(&dir, front, upstream)?;
+    let sink = Sink::start()?;
+
+    let mut report = String::new();
+    let mut rows = Vec::new();
+    for sc in SCENARIOS {
+        let url = format!("http://127.0.0.1:{front}{}", sc.path);
+        let mut a_runs = Vec::new();
+        let mut b_runs = Vec::new();
+        for pair in 0..pairs {
+            eprintln!("bench: {} — pair {}/{pairs}", sc.name, pair + 1);
+            a_runs.push(wrk(&url, sc.keep_alive, secs, args.connections)?);
+            let agent = Agent::start(kspan, sink.port, &dir)?;
+            let w = wrk(&url, sc.keep_alive, secs, args.connections)?;
+            let run = agent.finish()?;
+            b_runs.push((w, run));
+        }
+        rows.push(summarise(sc, &a_runs, &b_runs));
+    }
+
+    let replay = replay_bench(&args, kspan, &dir, front, sink.port)?;
+    let machine = machine();
+    let _ = writeln!(report, "# Benchmarks\n");
+    let _ = writeln!(
+        report,
+        "Produced by `cargo xtask bench{}` ({pairs} A/B pairs per scenario, {secs} s per wrk run, wrk -t1 -c{}, nginx 1 worker, agent exporting OTLP/HTTP to a local sink).\n",
+        if args.smoke { " --smoke" } else { "" },
+        args.connections
+    );
+    let _ = writeln!(report, "Machine: {machine}\n");
+    let _ = writeln!(
+        report,
+        "A = without kspan, B = with kspan; values are medians over the pairs.\n"
+    );
+    let _ = writeln!(
+        report,
+        "| scenario | req/s A | req/s B | throughput B/A | p50 A → B (µs) | p50 B/A | p99 A → B (µs) | p99 B/A | kspan CPU s / 10k req | kspan peak RSS | lost events | spans exported / requests |"
+    );
+    let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for r in &rows {
+        let _ = writeln!(report, "{r}");
+    }
+    let _ = writeln!(report, "\n{replay}");
+    let out = if args.smoke {
+        PathBuf::from("target/bench-smoke.md")
+    } else {
+        PathBuf::from("BENCHMARKS.md")
+    };
+    let existing = std::fs::read_to_string(&out).unwrap_or_default();
+    // Keep hand-written analysis below the generated part.
+    let notes = existing
+        .split_once("<!-- notes -->")
+        .map(|(_, n)| n.to_string())
+        .unwrap_or_default();
+    std::fs::write(&out, format!("{report}\n<!-- notes -->{notes}"))?;
+    println!("{report}");
+    eprintln!("bench: wrote {}", out.display());
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    if v.is_empty() {
+        return 0.0;
+    }
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
+
+fn summarise(sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
+    let m = |f: &dyn Fn(&Wrk) -> f64, runs: &[Wrk]| median(runs.iter().map(f).collect());
+    let bw: Vec<Wrk> = b.iter().map(|(w, _)| *w).collect();
+    let (rps_a, rps_b) = (m(&|w| w.rps, a), m(&|w| w.rps, &bw));
+    let (p50_a, p50_b) = (m(&|w| w.p50_us, a), m(&|w| w.p50_us, &bw));
+    let (p99_a, p99_b) = (m(&|w| w.p99_us, a), m(&|w| w.p99_us, &bw));
+    let cpu_per_10k = median(
+        b.iter()
+            .map(|(w, r)| r.cpu_secs / (w.requests.max(1) as f64 / 10_000.0))
+            .collect(),
+    );
+    let rss = b.iter().map(|(_, r)| r.peak_rss_kb).max().unwrap_or(0);
+    let lost: u64 = b.iter().map(|(_, r)| r.lost).sum();
+    // Every request yields a CLIENT span (wrk) and a SERVER span (nginx); proxied ones two more.
+    let per_req = if sc.path == "/proxy" { 4 } else { 2 };
+    let exported: u64 = b.iter().map(|(_, r)| r.spans_exported).sum();
+    let expected: u64 = b.iter().map(|(w, _)| w.requests * per_req).sum();
+    let dropped: u64 = b.iter().map(|(_, r)| r.spans_dropped).sum();
+    let seen: u64 = b.iter().map(|(_, r)| r.requests_seen).sum();
+    format!(
+        "| {} | {:.0} | {:.0} | **{:.3}** | {:.0} → {:.0} | {:.2} | {:.0} → {:.0} | {:.2} | {:.3} | {:.1} MiB | {} | {} / {} ({:.1}%; {} dropped, {} requests decoded) |",
+        sc.name,
+        rps_a,
+        rps_b,
+        rps_b / rps_a.max(1.0),
+        p50_a,
+        p50_b,
+        p50_b / p50_a.max(1.0),
+        p99_a,
+        p99_b,
+        p99_b / p99_a.max(1.0),
+        cpu_per_10k,
+        rss as f64 / 1024.0,
+        lost,
+        exported,
+        expected,
+        100.0 * exported as f64 / expected.max(1) as f64,
+        dropped,
+        seen,
+    )
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        // SAFETY: plain syscall on our own child's process group.
+        unsafe { libc::kill(-(self.0.id() as i32), libc::SIGKILL) };
+        let _ = self.0.wait();
+    }
+}
+
+fn start_nginx(dir: &Path, front: u16, upstream: u16) -> anyhow::Result<Killed> {
+    let d = dir.display();
+    let conf = format!(
+        "worker_processes 1;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 4096; }}\n\
+         http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
+         upstream app {{ server 127.0.0.1:{upstream}; keepalive 64; }}\n\
+         server {{ listen 127.0.0.1:{front} backlog=4096; keepalive_requests 1000000;\n\
+           location /static {{ return 200 \"hello from kspan bench\\n\"; }}\n\
+           location /proxy {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
+         server {{ listen 127.0.0.1:{upstream} backlog=4096; keepalive_requests 1000000; location / {{ return 200 \"hello from upstream\\n\"; }} }}\n}}\n"
+    );
+    std::fs::write(dir.join("nginx.conf"), conf)?;
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-p")
+        .arg(dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .args(["-g", "daemon off;"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = Killed(cmd.spawn().context("starting nginx")?);
+    wait_port(front)?;
+    wait_port(upstream)?;
+    Ok(child)
+}
+
+fn wait_port(port: u16) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nothing listens on {port}");
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+fn wrk(url: &str, keep_alive: bool, secs: u64, connections: u32) -> anyhow::Result<Wrk> {
+    let mut cmd = Command::new("wrk");
+    cmd.args([
+        "-t1",
+        &format!("-c{connections}"),
+        &format!("-d{secs}s"),
+        "--latency",
+    ]);
+    if !keep_alive {
+        cmd.args(["-H", "Connection: close"]);
+    }
+    let out = cmd.arg(url).output().context("running wrk")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("wrk failed: {text}");
+    }
+    parse_wrk(&text).with_context(|| format!("unexpected wrk output:\n{text}"))
+}
+
+fn parse_us(v: &str) -> Option<f64> {
+    let (num, mult) = if let Some(n) = v.strip_suffix("us") {
+        (n, 1.0)
+    } else if let Some(n) = v.strip_suffix("ms") {
+        (n, 1e3)
+    } else if let Some(n) = v.strip_suffix('s') {
+        (n, 1e6)
+    } else {
+        return None;
+    };
+    num.parse::<f64>().ok().map(|x| x * mult)
+}
+
+fn parse_wrk(text: &str) -> Option<Wrk> {
+    let mut w = Wrk::default();
+    for line in text.lines() {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["Requests/sec:", v] => w.rps = v.parse().ok()?,
+            ["50%", v] => w.p50_us = parse_us(v)?,
+            ["99%", v] => w.p99_us = parse_us(v)?,
+            [n, "requests", "in", ..] => w.requests = n.parse().ok()?,
+            _ => {}
+        }
+    }
+    (w.rps > 0.0 && w.requests > 0).then_some(w)
+}
+
+/// A minimal OTLP/HTTP receiver: accepts POST /v1/traces and answers 200. The agent's own
+/// counter of exported spans is what the benchmark reports.
+struct Sink {
+    port: u16,
+}
+
+impl Sink {
+    fn start() -> anyhow::Result<Self> {
+        let listener = TcpListener::bind("127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        thread::spawn(move || {
+            for conn in listener.incoming().flatten() {
+                thread::spawn(move || serve_sink(conn));
+            }
+        });
+        Ok(Self { port })
+    }
+}
+
+fn serve_sink(conn: TcpStream) {
+    let Ok(mut out) = conn.try_clone() else {
+        return;
+    };
+    let mut r = BufReader::new(conn);
+    loop {
+        let mut len = 0usize;
+        loop {
+            let mut line = String::new();
+            match r.read_line(&mut line) {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                len = v.trim().parse().unwrap_or(0);
+            }
+        }
+        let mut body = vec![0; len];
+        if r.read_exact(&mut body).is_err() {
+            return;
+        }
+        if out.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/x-protobuf\r\nContent-Length: 0\r\n\r\n").is_err() {
+            return;
+        }
+    }
+}
+
+struct Agent {
+    child: Killed,
+    metrics: u16,
+}
+
+impl Agent {
+    fn start(kspan: &Path, sink: u16, dir: &Path) -> anyhow::Result<Self> {
+        Self::start_with(kspan, sink, dir, &[])
+    }
+
+    fn start_with(kspan: &Path, sink: u16, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
+        let metrics = free_port()?;
+        let mut cmd = Command::new(kspan);
+        cmd.args(["--metrics-addr", &format!("127.0.0.1:{metrics}")])
+            .args([
+                "--otlp-endpoint",
+                &format!("http://127.0.0.1:{sink}/v1/traces"),
+                "--otlp-protocol",
+                "http/protobuf",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("kspan.log"))?);
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+        let child = Killed(cmd.spawn().context("starting kspan")?);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !get(metrics, "/readyz").is_ok_and(|r| r.starts_with("HTTP/1.1 200")) {
+            if Instant::now() > deadline {
+                bail!(
+                    "kspan never became ready: {}",
+                    std::fs::read_to_string(dir.join("kspan.log")).unwrap_or_default()
+                );
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        Ok(Self { child, metrics })
+    }
+
+    /// Lets the last spans leave, then reads the agent's counters and resource use.
+    fn finish(self) -> anyhow::Result<AgentRun> {
+        let pid = self.child.0.id();
+        let mut last = u64::MAX;
+        // Wait until the exported count stops moving (bounded).
+        for _ in 0..40 {
+            thread::sleep(Duration::from_millis(250));
+            let now = metric(self.metrics, "kspan_spans_exported_total")?;
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+        let fields: Vec<&str> = stat
+            .rsplit_once(')')
+            .map(|(_, r)| r.split_whitespace().collect())
+            .unwrap_or_default();
+        let ticks: f64 = 100.0;
+        let cpu = (fields
+            .get(11)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+            + fields
+                .get(12)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0))
+            / ticks;
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+        let hwm = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0);
+        let run = AgentRun {
+            cpu_secs: cpu,
+            peak_rss_kb: hwm,
+            lost: metric(self.metrics, "kspan_kernel_lost_events_total")?,
+            spans_exported: metric(self.metrics, "kspan_spans_exported_total")?,
+            spans_dropped: metric(self.metrics, "kspan_spans_queue_dropped_total")?
+                + metric(self.metrics, "kspan_spans_export_failed_total")?,
+            requests_seen: metric(self.metrics, "kspan_http_requests_total")?,
+        };
+        // SAFETY: plain syscall.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        // A clean exit flushes the recording; the drop below only cleans up stragglers.
+        let mut child = self.child;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child.0.try_wait()?.is_none() {
+            if Instant::now() > deadline {
+                bail!("kspan did not exit within 20 s of SIGTERM");
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        drop(child);
+        Ok(run)
+    }
+}
+
+fn get(port: u16, path: &str) -> std::io::Result<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out)
+}
+
+fn metric(port: u16, name: &str) -> anyhow::Result<u64> {
+    let body = get(port, "/metrics")?;
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|r| r.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .with_context(|| format!("metric {name} missing"))
+}
+
+/// Records real events under load, then replays them through the userspace pipeline (the
+/// `replay` bench target: no kernel, spans converted for export and dropped) for
+/// messages/s/core.
+fn replay_bench(
+    args: &BenchArgs,
+    kspan: &Path,
+    dir: &Path,
+    front: u16,
+    sink: u16,
+) -> anyhow::Result<String> {
+    let rec = dir.join("events.rec");
+    let agent = Agent::start_with(
+        kspan,
+        sink,
+        dir,
+        &["--record", rec.to_str().context("path")?],
+    )?;
+    wrk(
+        &format!("http://127.0.0.1:{front}/proxy"),
+        true,
+        if args.smoke { 1 } else { 5 },
+        args.connections,
+    )?;
+    agent.finish()?;
+    let out = Command::new("cargo")
+        .args([
+            "bench",
+            "--quiet",
+            "--package",
+            "kspan",
+            "--bench",
+            "replay",
+            "--",
+        ])
+        .arg(&rec)
+        .arg(if args.smoke { "1" } else { "5" })
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the replay bench")?;
+    if !out.status.success() {
+        bail!(
+            "replay bench failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines().find_map(|l| {
+                l.strip_prefix("model name")
+                    .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
+            })
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} × {cpu}, Linux {}", kernel.trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_wrk_output() {
+        let text = "Running 1s test @ http://127.0.0.1:1/static\n  1 threads and 32 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency   306.43us  120.00us   2.10ms   90.00%\n  Latency Distribution\n     50%  289.00us\n     75%  330.00us\n     90%  400.00us\n     99%    1.20ms\n  97000 requests in 1.00s, 14.2MB read\nRequests/sec:  96998.50\nTransfer/sec:     14.20MB\n";
+        let w = parse_wrk(text).unwrap();
+        assert_eq!(w.requests, 97000);
+        assert_eq!(w.p50_us, 289.0);
+        assert_eq!(w.p99_us, 1200.0);
+        assert!((w.rps - 96998.5).abs() < 1e-6);
+        assert!(parse_wrk("garbage").is_none());
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
+    }
+}
