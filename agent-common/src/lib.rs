@@ -51,6 +51,9 @@ pub mod event_flags {
     pub const GAP: u8 = 2;
 }
 
+/// Payloads a discovered socket may show before the kernel decides it is not HTTP.
+pub const DISCOVERY_SNIFFS: u8 = 8;
+
 /// Indexes into the per-CPU `STATS` array.
 pub mod stat {
     /// Events written to the ring buffer.
@@ -67,6 +70,8 @@ pub mod stat {
     pub const READ_FAULTS: u32 = 5;
     /// Connection table inserts that failed.
     pub const CONN_INSERT_FAILED: u32 = 6;
+    /// Sockets found already open (opened before the agent started) and now tracked.
+    pub const CONNS_DISCOVERED: u32 = 7;
     pub const COUNT: u32 = 8;
 }
 
@@ -102,11 +107,18 @@ pub struct ConnInfo {
     /// Kernel time the socket was opened: with (tgid, fd) it tells reused fds apart.
     pub generation: u64,
     pub tuple: Tuple,
+    /// `role::SERVER`, `role::CLIENT`, or 0 for a socket discovered mid-life (opened before
+    /// the agent started): userspace infers the role from the first message it sees.
     pub role: u8,
     pub proto: u8,
     /// Set by the kernel when an event of this connection could not be output.
     pub gap_pending: u8,
-    pub _pad: [u8; 5],
+    /// Non-zero for sockets discovered mid-life: their first bytes may sit mid-message.
+    pub discovered: u8,
+    /// Discovered sockets get a few payloads to show an HTTP message start before the kernel
+    /// gives up on them.
+    pub sniff_left: u8,
+    pub _pad: [u8; 3],
     /// The opening thread's `comm`: names the process even when it exits before userspace
     /// can read its /proc entry (short-lived clients such as curl).
     pub comm: [u8; 16],
@@ -161,6 +173,9 @@ pub struct KernelOffsets {
     pub skc_v6_rcv_saddr: u32,
     pub skc_net: u32,
     pub net_ns_inum: u32,
+    pub file_f_inode: u32,
+    pub inode_i_mode: u32,
+    pub socket_type: u32,
     /// Non-zero once userspace has filled the struct; the kernel skips address reads otherwise.
     pub valid: u32,
 }

@@ -22,8 +22,8 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use kspan_common::{
-    Config, ConnInfo, ConnKey, DataEvent, EventHeader, KernelOffsets, MAX_IOV, MAX_PAYLOAD, Tuple,
-    direction, event_flags, kind, proto, role, stat,
+    Config, ConnInfo, ConnKey, DISCOVERY_SNIFFS, DataEvent, EventHeader, KernelOffsets, MAX_IOV,
+    MAX_PAYLOAD, Tuple, direction, event_flags, kind, proto, role, stat,
 };
 
 use arch::*;
@@ -55,6 +55,9 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     skc_v6_rcv_saddr: 0,
     skc_net: 0,
     net_ns_inum: 0,
+    file_f_inode: 0,
+    inode_i_mode: 0,
+    socket_type: 0,
     valid: 0,
 };
 
@@ -62,6 +65,11 @@ static OFFSETS: KernelOffsets = KernelOffsets {
 /// instead of filling the table.
 #[map]
 static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(131_072, 0);
+
+/// fds checked and found not to be TCP sockets, so each is walked once, not on every read.
+/// Cleared on close/accept/connect of the same fd number.
+#[map]
+static NOT_SOCKETS: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(65_536, 0);
 
 /// Size is overridden by userspace (`--ring-buffer-mb`).
 #[map]
@@ -179,17 +187,18 @@ fn bump(index: u32) {
 }
 
 fn on_open(fd: u32, role: u8) {
-    let Ok(tuple) = read_tuple(fd) else {
+    let key = ConnKey {
+        tgid: tgid_tid().0,
+        fd,
+    };
+    let _ = NOT_SOCKETS.remove(&key);
+    let Ok(tuple) = read_tuple(fd, false) else {
         return;
     };
     // Unix sockets and anything else that is not TCP/IP carry no HTTP we can attribute.
     if tuple.family != 0 && tuple.family != AF_INET && tuple.family != AF_INET6 {
         return;
     }
-    let key = ConnKey {
-        tgid: tgid_tid().0,
-        fd,
-    };
     let info = ConnInfo {
         // SAFETY: helper without preconditions.
         generation: unsafe { bpf_ktime_get_ns() },
@@ -197,7 +206,9 @@ fn on_open(fd: u32, role: u8) {
         role,
         proto: proto::UNKNOWN,
         gap_pending: 0,
-        _pad: [0; 5],
+        discovered: 0,
+        sniff_left: 0,
+        _pad: [0; 3],
         comm: bpf_get_current_comm().unwrap_or([0; 16]),
     };
     if CONNS.insert(&key, &info, 0).is_ok() {
@@ -210,6 +221,7 @@ fn on_open(fd: u32, role: u8) {
 fn on_close(fd: u32) {
     let (tgid, tid) = tgid_tid();
     let key = ConnKey { tgid, fd };
+    let _ = NOT_SOCKETS.remove(&key);
     let Some(info) = CONNS.get_ptr(&key) else {
         return;
     };
@@ -251,8 +263,12 @@ fn on_close(fd: u32) {
 fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<(), i32> {
     let (tgid, tid) = tgid_tid();
     let key = ConnKey { tgid, fd };
-    let Some(info) = CONNS.get_ptr_mut(&key) else {
-        return Ok(());
+    let info = match CONNS.get_ptr_mut(&key) {
+        Some(info) => info,
+        None => match discover(&key) {
+            Some(info) => info,
+            None => return Ok(()),
+        },
     };
     // SAFETY: pointer from a successful lookup; the LRU map keeps it valid for this program run.
     let info = unsafe { &mut *info };
@@ -311,6 +327,11 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
             sniff(&ev.payload)
         } {
             Some(p) => info.proto = p,
+            // A socket found mid-life may be mid-message: give it a few more payloads.
+            None if info.sniff_left > 0 => {
+                info.sniff_left -= 1;
+                return Ok(());
+            }
             None => {
                 info.proto = proto::OTHER;
                 bump(stat::CONNS_NOT_HTTP);
@@ -424,6 +445,40 @@ fn copy_iov(ev: &mut DataEvent, iov: *const u8, count: u64, want: u64) -> u64 {
     off
 }
 
+/// A socket the agent did not see being opened (it predates the agent): track it if it is a
+/// TCP stream, remember the answer otherwise so the walk happens once per fd.
+#[inline(always)]
+fn discover(key: &ConnKey) -> Option<*mut ConnInfo> {
+    if NOT_SOCKETS.get_ptr(key).is_some() || is_self() {
+        return None;
+    }
+    let tuple = match read_tuple(key.fd, true) {
+        Ok(t) if t.family == AF_INET || t.family == AF_INET6 => t,
+        _ => {
+            let _ = NOT_SOCKETS.insert(key, &0, 0);
+            return None;
+        }
+    };
+    let info = ConnInfo {
+        // SAFETY: helper without preconditions.
+        generation: unsafe { bpf_ktime_get_ns() },
+        tuple,
+        role: 0,
+        proto: proto::UNKNOWN,
+        gap_pending: 0,
+        discovered: 1,
+        sniff_left: DISCOVERY_SNIFFS,
+        _pad: [0; 3],
+        comm: bpf_get_current_comm().unwrap_or([0; 16]),
+    };
+    if CONNS.insert(key, &info, 0).is_err() {
+        bump(stat::CONN_INSERT_FAILED);
+        return None;
+    }
+    bump(stat::CONNS_DISCOVERED);
+    CONNS.get_ptr_mut(key)
+}
+
 /// Recognises the first bytes of an HTTP/1.x request or response, or the HTTP/2 preface.
 #[inline(always)]
 fn sniff(p: &[u8]) -> Option<u8> {
@@ -438,7 +493,8 @@ fn sniff(p: &[u8]) -> Option<u8> {
 
 /// Reads the socket's addresses by walking task → files → fdtable → file → socket → sock with
 /// offsets resolved from BTF. A failed walk yields family 0 so the connection is still tracked.
-fn read_tuple(fd: u32) -> Result<Tuple, i32> {
+/// With `verify`, the fd is first proven to be a stream socket (for fds of unknown kind).
+fn read_tuple(fd: u32, verify: bool) -> Result<Tuple, i32> {
     // SAFETY: read of a read-only global.
     let o = unsafe { core::ptr::read_volatile(&OFFSETS) };
     let mut t = Tuple::default();
@@ -458,6 +514,18 @@ fn read_tuple(fd: u32) -> Result<Tuple, i32> {
         let file: *const u8 = bpf_probe_read_kernel(fds.add(fd as usize))?;
         let socket: *const u8 =
             bpf_probe_read_kernel(file.add(o.file_private_data as usize) as *const _)?;
+        if verify {
+            const S_IFMT: u16 = 0o170000;
+            const S_IFSOCK: u16 = 0o140000;
+            const SOCK_STREAM: u16 = 1;
+            let inode: *const u8 =
+                bpf_probe_read_kernel(file.add(o.file_f_inode as usize) as *const _)?;
+            let mode: u16 = bpf_probe_read_kernel(inode.add(o.inode_i_mode as usize) as *const _)?;
+            let kind: u16 = bpf_probe_read_kernel(socket.add(o.socket_type as usize) as *const _)?;
+            if mode & S_IFMT != S_IFSOCK || kind != SOCK_STREAM {
+                return Err(-1);
+            }
+        }
         let sk: *const u8 = bpf_probe_read_kernel(socket.add(o.socket_sk as usize) as *const _)?;
         let family: u16 = bpf_probe_read_kernel(sk.add(o.skc_family as usize) as *const _)?;
         t.family = family;

@@ -107,6 +107,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                         netns: 1,
                     }),
                     comm: *b"bench\0\0\0\0\0\0\0\0\0\0\0",
+                    discovered: false,
                     kind: EventKind::Data {
                         direction: dir,
                         total_len: bytes.len() as u64,

@@ -24,6 +24,9 @@ pub struct Conn {
     pub in_flight: VecDeque<Option<u64>>,
     /// Requests seen so far on this connection.
     pub requests: u64,
+    /// Opened before the agent started: requests before the first one seen are unknown, so
+    /// request order cannot pair it with its other end.
+    pub discovered: bool,
     pub last_seen_ns: u64,
 }
 
@@ -42,7 +45,19 @@ impl Conn {
             http: Http1Conn::new(),
             in_flight: VecDeque::new(),
             requests: 0,
+            discovered: false,
             last_seen_ns: ts_ns,
+        }
+    }
+
+    /// Which side a socket found mid-life is on, from the first message it carries.
+    pub fn infer_role(dir: Direction, payload: &[u8]) -> Option<Role> {
+        let request = crate::protocol::http1::starts_message(payload, true);
+        let response = crate::protocol::http1::starts_message(payload, false);
+        match (request, response, dir) {
+            (true, _, Direction::Egress) | (_, true, Direction::Ingress) => Some(Role::Client),
+            (true, _, Direction::Ingress) | (_, true, Direction::Egress) => Some(Role::Server),
+            _ => None,
         }
     }
 

@@ -189,6 +189,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             log::warn!("exporter did not finish within 15 s; remaining spans were dropped");
         }
     });
+    // Dropping a runtime waits without limit for blocking tasks (HTTP clients use them);
+    // shutdown must stay bounded even with a wedged exporter.
+    rt.shutdown_timeout(Duration::from_secs(2));
     loop_result
 }
 
@@ -328,6 +331,7 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
                 (&m.kernel_conns_tracked, k.conns_tracked),
                 (&m.kernel_conns_not_http, k.conns_not_http),
                 (&m.kernel_conn_insert_failed, k.conn_insert_failed),
+                (&m.kernel_conns_discovered, k.conns_discovered),
             ]),
             Err(e) => log::warn!("reading kernel counters: {e}"),
         }

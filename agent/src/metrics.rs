@@ -43,6 +43,7 @@ metrics! {
     kernel_read_faults: "counter", "kspan_kernel_read_faults_total", "Payload copies from process memory that faulted.";
     kernel_conns_tracked: "counter", "kspan_kernel_connections_tracked_total", "TCP connections the kernel started tracking.";
     kernel_conns_not_http: "counter", "kspan_kernel_connections_not_http_total", "Connections dropped in kernel because their first bytes were not HTTP.";
+    kernel_conns_discovered: "counter", "kspan_kernel_connections_discovered_total", "Sockets opened before the agent started, found and tracked on first use.";
     kernel_conn_insert_failed: "counter", "kspan_kernel_connection_insert_failures_total", "Connections the kernel could not track (table full).";
     events_decoded: "counter", "kspan_events_total", "Events received by userspace.";
     decode_errors: "counter", "kspan_event_decode_errors_total", "Ring-buffer records that could not be decoded.";

@@ -99,12 +99,26 @@ impl Pipeline {
                 self.to_ignore.push(ev.conn);
                 return;
             }
+            // A socket found mid-life joins at the first message start that shows its side.
+            let role = match (ev.role, &ev.kind) {
+                (
+                    Role::Unknown,
+                    EventKind::Data {
+                        direction, payload, ..
+                    },
+                ) => match Conn::infer_role(*direction, payload) {
+                    Some(role) => role,
+                    None => return,
+                },
+                (role, _) => role,
+            };
             if self.conns.len() >= self.max_conns {
                 self.evict_oldest();
             }
             self.stats.conns_opened += 1;
-            self.conns
-                .insert(ev.conn, Conn::new(ev.role, ev.endpoints, process, ev.ts_ns));
+            let mut conn = Conn::new(role, ev.endpoints, process, ev.ts_ns);
+            conn.discovered = ev.discovered;
+            self.conns.insert(ev.conn, conn);
         }
         let Some(conn) = self.conns.get_mut(&ev.conn) else {
             return;
@@ -230,7 +244,7 @@ impl Sink<'_> {
                             SpanKind::Client
                         },
                         endpoints: conn.endpoints,
-                        seq: conn.requests,
+                        seq: (!conn.discovered).then_some(conn.requests),
                         process: conn.process.clone(),
                         head: &head,
                     });

@@ -575,27 +575,36 @@ impl Env {
         .collect()
     }
 
-    /// Waits (bounded) until a metric satisfies `pred`: the agent publishes counters once a
-    /// second, so a fresh value may lag the spans that caused it.
+    /// See [`wait_metric`].
     pub fn wait_metric(&self, name: &str, pred: impl Fn(u64) -> bool) -> u64 {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let v = self.metric(name);
-            if pred(v) {
-                return v;
-            }
-            assert!(Instant::now() < deadline, "metric {name} stuck at {v}");
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        wait_metric(self.metrics, name, pred)
     }
 
     pub fn metric(&self, name: &str) -> u64 {
-        let body = http_get(self.metrics, "/metrics").expect("metrics endpoint");
-        body.lines()
-            .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+        metric(self.metrics, name)
     }
+}
+
+/// Waits (bounded) until an agent's metric satisfies `pred`: agents publish counters once a
+/// second, so a fresh value may lag the spans that caused it.
+pub fn wait_metric(agent: SocketAddr, name: &str, pred: impl Fn(u64) -> bool) -> u64 {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let v = metric(agent, name);
+        if pred(v) {
+            return v;
+        }
+        assert!(Instant::now() < deadline, "metric {name} stuck at {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn metric(agent: SocketAddr, name: &str) -> u64 {
+    let body = http_get(agent, "/metrics").expect("metrics endpoint");
+    body.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
 }
 
 /// Runs curl and returns its stdout; fails the test on a non-zero exit.

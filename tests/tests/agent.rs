@@ -137,3 +137,80 @@ fn sigterm_flushes_filtered_spans_over_otlp_http() {
     assert_eq!(server.attr("url.path").s(), path);
     drop(rt);
 }
+
+/// A keep-alive connection opened before the agent started is found on its next use.
+#[test]
+fn connections_older_than_the_agent_are_picked_up() {
+    use std::io::{Read as _, Write as _};
+    assert_root();
+    let rt = runtime();
+    let (collector, spans) = kspan_tests::grpc_collector(&rt);
+    let back = PyService::start("backend", None);
+    let mut conn = std::net::TcpStream::connect(("127.0.0.1", back.port)).unwrap();
+    conn.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut exchange = |extra: &str| {
+        conn.write_all(
+            format!(
+                "GET {} HTTP/1.1\r\nHost: back\r\n{extra}\r\n",
+                unique_path("old")
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        // The service answers "leaf\n" with a Content-Length header.
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"leaf\n") {
+            let n = conn.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    exchange("");
+    let port = back.port.to_string();
+    let agent = Agent::start(
+        "kspan-late",
+        &["--port", &port],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+        ],
+    );
+    let t = trace_id(10);
+    exchange(&format!(
+        "X-B3-TraceId: {t:032x}\r\nX-B3-SpanId: 00000000000a11ce\r\n"
+    ));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        let got: Vec<_> = spans
+            .all()
+            .into_iter()
+            .filter(|g| g.trace_id == t)
+            .collect();
+        if got.len() >= 2 || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut kinds: Vec<&str> = got.iter().map(|g| g.kind).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["CLIENT", "SERVER"],
+        "both ends of the old connection: {got:#?}\n{}",
+        agent.proc.log()
+    );
+    for g in &got {
+        assert_eq!(g.parent, Some(0xa11ce), "linked by its headers: {g:#?}");
+        assert_eq!(g.attr("http.response.status_code").i(), 200);
+    }
+    let server = got.iter().find(|g| g.kind == "SERVER").unwrap();
+    assert_eq!(server.service(), "backend");
+    kspan_tests::wait_metric(
+        agent.metrics,
+        "kspan_kernel_connections_discovered_total",
+        |v| v >= 2,
+    );
+    assert!(agent.terminate().success());
+}

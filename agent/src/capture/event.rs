@@ -25,6 +25,8 @@ pub struct ConnId {
 pub enum Role {
     Server,
     Client,
+    /// A socket found already open: the first message tells which side we are.
+    Unknown,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -67,6 +69,8 @@ pub struct Event<'a> {
     pub endpoints: Option<Endpoints>,
     /// `comm` of the thread that opened the connection (NUL-padded).
     pub comm: [u8; 16],
+    /// The socket predates the agent: its request order is unknown.
+    pub discovered: bool,
     pub kind: EventKind<'a>,
 }
 
@@ -110,10 +114,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         fd: h.fd,
         generation: h.conn.generation,
     };
-    let role = if h.conn.role == role::SERVER {
-        Role::Server
-    } else {
-        Role::Client
+    let role = match h.conn.role {
+        role::SERVER => Role::Server,
+        role::CLIENT => Role::Client,
+        _ => Role::Unknown,
     };
     let kind = match h.kind {
         kind::DATA => {
@@ -146,6 +150,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         role,
         endpoints: endpoints(&h.conn.tuple),
         comm: h.conn.comm,
+        discovered: h.conn.discovered != 0,
         kind,
     })
 }
@@ -164,7 +169,9 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
     h.conn.role = match ev.role {
         Role::Server => role::SERVER,
         Role::Client => role::CLIENT,
+        Role::Unknown => 0,
     };
+    h.conn.discovered = ev.discovered as u8;
     if let Some(e) = &ev.endpoints {
         let put = |a: IpAddr, out: &mut [u8; 16]| match a {
             IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
@@ -234,6 +241,7 @@ mod tests {
                 netns: 4026531840,
             }),
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
+            discovered: true,
             kind: EventKind::Data {
                 direction: Direction::Ingress,
                 total_len: 10_000,

@@ -63,6 +63,7 @@ pub struct KernelStats {
     pub conns_not_http: u64,
     pub read_faults: u64,
     pub conn_insert_failed: u64,
+    pub conns_discovered: u64,
 }
 
 pub struct Capture {
@@ -182,6 +183,7 @@ impl Capture {
             conns_not_http: sum(stat::CONNS_NOT_HTTP)?,
             read_faults: sum(stat::READ_FAULTS)?,
             conn_insert_failed: sum(stat::CONN_INSERT_FAILED)?,
+            conns_discovered: sum(stat::CONNS_DISCOVERED)?,
         })
     }
 

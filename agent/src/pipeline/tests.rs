@@ -80,6 +80,7 @@ impl Sim {
                 netns: LOOPBACK_NS,
             }),
             comm: [0; 16],
+            discovered: false,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
@@ -315,6 +316,7 @@ fn close_without_response_is_an_error_span() {
         role: Role::Server,
         endpoints: None,
         comm: [0; 16],
+        discovered: false,
         kind: EventKind::Close,
     });
     let spans = s.spans();
@@ -345,4 +347,71 @@ fn gaps_and_garbage_are_counted_not_guessed() {
     s.event(a, false, Direction::Ingress, b"GET /b HTTP/1.1\r\n\r\n");
     s.event(a, false, Direction::Egress, OK);
     assert_eq!(s.spans().len(), 1);
+}
+
+#[test]
+fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
+    let mut s = Sim::new(Filter::default());
+    let ep = |local: &str, peer: &str| {
+        Some(Endpoints {
+            local: local.parse().unwrap(),
+            peer: peer.parse().unwrap(),
+            netns: LOOPBACK_NS,
+        })
+    };
+    let client = ConnId {
+        tgid: 1,
+        fd: 5,
+        generation: 1,
+    };
+    let server = ConnId {
+        tgid: 2,
+        fd: 6,
+        generation: 2,
+    };
+    let send = |s: &mut Sim, conn: ConnId, dir: Direction, bytes: &[u8]| {
+        s.ts += 10;
+        let (local, peer) = if conn == client {
+            ("127.0.0.1:40000", "127.0.0.1:8080")
+        } else {
+            ("127.0.0.1:8080", "127.0.0.1:40000")
+        };
+        s.p.handle(Event {
+            conn,
+            tid: conn.tgid,
+            ts_ns: s.ts,
+            role: Role::Unknown,
+            endpoints: ep(local, peer),
+            comm: [0; 16],
+            discovered: true,
+            kind: EventKind::Data {
+                direction: dir,
+                total_len: bytes.len() as u64,
+                payload: bytes,
+                gap: false,
+            },
+        });
+    };
+    // Joined mid-body: nothing to attribute yet.
+    send(
+        &mut s,
+        server,
+        Direction::Egress,
+        b"tail of an earlier response body",
+    );
+    assert_eq!(s.p.conns(), 0);
+    let req = b"GET /x HTTP/1.1\r\nX-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: a2fb4a1d1a96d312\r\n\r\n";
+    send(&mut s, client, Direction::Egress, req);
+    send(&mut s, server, Direction::Ingress, req);
+    send(&mut s, client, Direction::Ingress, OK);
+    send(&mut s, server, Direction::Egress, OK);
+    let spans = s.spans();
+    assert_eq!(spans.len(), 2);
+    let srv = find(&spans, SpanKind::Server, 2);
+    let cli = find(&spans, SpanKind::Client, 1);
+    // Earlier requests on this connection were not seen: "request n on both ends" is unknown,
+    // so only the headers link them.
+    assert_eq!(srv.parent_span_id, Some(0xa2fb4a1d1a96d312));
+    assert_eq!(cli.parent_span_id, Some(0xa2fb4a1d1a96d312));
+    assert_eq!(s.p.tracer_stats().links_same_agent, 0);
 }

@@ -205,7 +205,8 @@ impl Http1Conn {
     }
 }
 
-fn starts_message(data: &[u8], requests: bool) -> bool {
+/// Whether `data` begins an HTTP/1 request (or response, when `requests` is false).
+pub fn starts_message(data: &[u8], requests: bool) -> bool {
     if requests {
         const METHODS: &[&[u8]] = &[
             b"GET ",

@@ -94,8 +94,9 @@ pub struct RequestStart<'a> {
     pub tid: u32,
     pub kind: SpanKind,
     pub endpoints: Option<Endpoints>,
-    /// 0-based index of this request on its connection.
-    pub seq: u64,
+    /// 0-based index of this request on its connection; `None` when earlier requests were
+    /// not seen (a connection older than the agent), which rules out pairing by order.
+    pub seq: Option<u64>,
     pub process: Arc<ProcessInfo>,
     pub head: &'a RequestHead,
 }
@@ -210,8 +211,8 @@ impl Tracer {
                 }
                 self.spans.insert(id, span);
                 self.open_servers.entry(r.conn.tgid).or_default().push(id);
-                if let Some(e) = r.endpoints {
-                    let key = LinkKey::new(e.peer, e.local, e.netns, r.seq);
+                if let (Some(e), Some(seq)) = (r.endpoints, r.seq) {
+                    let key = LinkKey::new(e.peer, e.local, e.netns, seq);
                     match self.clients_by_key.remove(&key) {
                         Some((client, _)) => self.link(id, client),
                         None => self.insert_link(true, key, id, r.head.start_ns),
@@ -251,8 +252,8 @@ impl Tracer {
                     }
                 }
                 self.spans.insert(id, span);
-                if let Some(e) = r.endpoints {
-                    let key = LinkKey::new(e.local, e.peer, e.netns, r.seq);
+                if let (Some(e), Some(seq)) = (r.endpoints, r.seq) {
+                    let key = LinkKey::new(e.local, e.peer, e.netns, seq);
                     match self.waiting_servers.remove(&key) {
                         Some((srv, _)) => self.link(srv, id),
                         None => self.insert_link(false, key, id, r.head.start_ns),
