@@ -1,0 +1,366 @@
+//! HPACK (RFC 7541) decoding for one direction of one HTTP/2 connection.
+//!
+//! Written for an observer that may join late or lose a header block: the dynamic table is
+//! kept as the entries known for certain (the newest ones) plus a flag saying older, unknown
+//! entries may follow. A reference into the unknown part yields [`Field::Unknown`], never a
+//! guessed value. Known entries are exact; once they alone overflow the table, every unknown
+//! entry must have been evicted and the table is fully known again.
+use std::collections::VecDeque;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum HpackError {
+    #[error("header block ends inside a field")]
+    Truncated,
+    #[error("integer overflows")]
+    Integer,
+    #[error("index {0} is outside the tables")]
+    Index(usize),
+    #[error("invalid Huffman string")]
+    Huffman,
+    #[error("dynamic table size {0} exceeds the limit {1}")]
+    TableSize(usize, usize),
+}
+
+/// One decoded header field.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Field {
+    Known(String, String),
+    /// Refers to a dynamic-table entry from before we joined (or after a lost block).
+    Unknown,
+}
+
+const STATIC: [(&str, &str); 61] = [
+    (":authority", ""),
+    (":method", "GET"),
+    (":method", "POST"),
+    (":path", "/"),
+    (":path", "/index.html"),
+    (":scheme", "http"),
+    (":scheme", "https"),
+    (":status", "200"),
+    (":status", "204"),
+    (":status", "206"),
+    (":status", "304"),
+    (":status", "400"),
+    (":status", "404"),
+    (":status", "500"),
+    ("accept-charset", ""),
+    ("accept-encoding", "gzip, deflate"),
+    ("accept-language", ""),
+    ("accept-ranges", ""),
+    ("accept", ""),
+    ("access-control-allow-origin", ""),
+    ("age", ""),
+    ("allow", ""),
+    ("authorization", ""),
+    ("cache-control", ""),
+    ("content-disposition", ""),
+    ("content-encoding", ""),
+    ("content-language", ""),
+    ("content-length", ""),
+    ("content-location", ""),
+    ("content-range", ""),
+    ("content-type", ""),
+    ("cookie", ""),
+    ("date", ""),
+    ("etag", ""),
+    ("expect", ""),
+    ("expires", ""),
+    ("from", ""),
+    ("host", ""),
+    ("if-match", ""),
+    ("if-modified-since", ""),
+    ("if-none-match", ""),
+    ("if-range", ""),
+    ("if-unmodified-since", ""),
+    ("last-modified", ""),
+    ("link", ""),
+    ("location", ""),
+    ("max-forwards", ""),
+    ("proxy-authenticate", ""),
+    ("proxy-authorization", ""),
+    ("range", ""),
+    ("referer", ""),
+    ("refresh", ""),
+    ("retry-after", ""),
+    ("server", ""),
+    ("set-cookie", ""),
+    ("strict-transport-security", ""),
+    ("transfer-encoding", ""),
+    ("user-agent", ""),
+    ("vary", ""),
+    ("via", ""),
+    ("www-authenticate", ""),
+];
+
+/// Per-entry overhead the RFC adds to name and value lengths.
+const ENTRY_OVERHEAD: usize = 32;
+
+pub struct Decoder {
+    /// Newest first.
+    known: VecDeque<(String, String)>,
+    known_size: usize,
+    /// Entries we never saw may sit after the known ones.
+    unknown_tail: bool,
+    max_size: usize,
+    /// Upper bound announced by SETTINGS_HEADER_TABLE_SIZE (4096 by default).
+    limit: usize,
+}
+
+impl Default for Decoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Decoder {
+    /// A decoder that saw the connection from its first byte.
+    pub fn new() -> Self {
+        Self { known: VecDeque::new(), known_size: 0, unknown_tail: false, max_size: 4096, limit: 4096 }
+    }
+
+    /// A decoder for a connection joined mid-way: its table holds entries we never saw.
+    pub fn joined_late() -> Self {
+        Self { unknown_tail: true, ..Self::new() }
+    }
+
+    /// A header block was not seen (or not fully): its insertions are unknown.
+    pub fn lost_block(&mut self) {
+        self.known.clear();
+        self.known_size = 0;
+        self.unknown_tail = true;
+    }
+
+    /// Whether every dynamic-table reference can currently be resolved.
+    pub fn exact(&self) -> bool {
+        !self.unknown_tail
+    }
+
+    /// SETTINGS_HEADER_TABLE_SIZE from the peer that decodes this direction.
+    pub fn set_limit(&mut self, limit: usize) {
+        self.limit = limit;
+    }
+
+    fn evict(&mut self) {
+        while self.known_size > self.max_size {
+            match self.known.pop_back() {
+                Some((n, v)) => {
+                    self.known_size -= n.len() + v.len() + ENTRY_OVERHEAD;
+                    // The known entries alone overflowed: anything older is gone too.
+                    self.unknown_tail = false;
+                }
+                None => break,
+            }
+        }
+    }
+
+    fn insert(&mut self, name: String, value: String) {
+        self.known_size += name.len() + value.len() + ENTRY_OVERHEAD;
+        self.known.push_front((name, value));
+        self.evict();
+    }
+
+    fn lookup(&self, index: usize) -> Result<Option<(&str, &str)>, HpackError> {
+        match index {
+            0 => Err(HpackError::Index(0)),
+            1..=61 => Ok(Some(STATIC[index - 1])),
+            _ => match self.known.get(index - 62) {
+                Some((n, v)) => Ok(Some((n, v))),
+                None if self.unknown_tail => Ok(None),
+                None => Err(HpackError::Index(index)),
+            },
+        }
+    }
+
+    /// Decodes one complete header block.
+    pub fn decode(&mut self, block: &[u8], out: &mut Vec<Field>) -> Result<(), HpackError> {
+        let mut r = Reader { buf: block, pos: 0 };
+        while let Some(&b) = r.buf.get(r.pos) {
+            if b & 0x80 != 0 {
+                let index = r.integer(7)?;
+                out.push(match self.lookup(index)? {
+                    Some((n, v)) => Field::Known(n.to_string(), v.to_string()),
+                    None => Field::Unknown,
+                });
+            } else if b & 0xe0 == 0x20 {
+                let size = r.integer(5)?;
+                if size > self.limit {
+                    return Err(HpackError::TableSize(size, self.limit));
+                }
+                self.max_size = size;
+                if size == 0 {
+                    self.unknown_tail = false;
+                }
+                self.evict();
+            } else {
+                let (prefix, indexing) = if b & 0xc0 == 0x40 { (6, true) } else { (4, false) };
+                let name_index = r.integer(prefix)?;
+                let name = if name_index == 0 {
+                    Some(r.string()?)
+                } else {
+                    self.lookup(name_index)?.map(|(n, _)| n.to_string())
+                };
+                let value = r.string()?;
+                match name {
+                    Some(name) => {
+                        if indexing {
+                            self.insert(name.clone(), value.clone());
+                        }
+                        out.push(Field::Known(name, value));
+                    }
+                    None => {
+                        // Its name is an entry we never saw; the table still grows by one.
+                        if indexing {
+                            self.lost_block();
+                        }
+                        out.push(Field::Unknown);
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn byte(&mut self) -> Result<u8, HpackError> {
+        let b = *self.buf.get(self.pos).ok_or(HpackError::Truncated)?;
+        self.pos += 1;
+        Ok(b)
+    }
+
+    /// RFC 7541 §5.1 integer with an N-bit prefix.
+    fn integer(&mut self, prefix: u8) -> Result<usize, HpackError> {
+        let max = (1usize << prefix) - 1;
+        let mut value = (self.byte()? as usize) & max;
+        if value < max {
+            return Ok(value);
+        }
+        let mut shift = 0u32;
+        loop {
+            let b = self.byte()?;
+            if shift > 28 {
+                return Err(HpackError::Integer);
+            }
+            value = value.checked_add(((b & 0x7f) as usize) << shift).ok_or(HpackError::Integer)?;
+            shift += 7;
+            if b & 0x80 == 0 {
+                return Ok(value);
+            }
+        }
+    }
+
+    fn string(&mut self) -> Result<String, HpackError> {
+        let huffman = self.buf.get(self.pos).ok_or(HpackError::Truncated)? & 0x80 != 0;
+        let len = self.integer(7)?;
+        let end = self.pos.checked_add(len).ok_or(HpackError::Truncated)?;
+        let raw = self.buf.get(self.pos..end).ok_or(HpackError::Truncated)?;
+        self.pos = end;
+        let bytes = if huffman {
+            loona_hpack::huffman::HuffmanDecoder::new().decode(raw).map_err(|_| HpackError::Huffman)?
+        } else {
+            raw.to_vec()
+        };
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn known(fields: &[Field]) -> Vec<(&str, &str)> {
+        fields
+            .iter()
+            .map(|f| match f {
+                Field::Known(n, v) => (n.as_str(), v.as_str()),
+                Field::Unknown => ("?", "?"),
+            })
+            .collect()
+    }
+
+    fn hex(s: &str) -> Vec<u8> {
+        let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
+        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    }
+
+    /// RFC 7541 Appendix C.4: three requests with Huffman coding sharing a dynamic table.
+    #[test]
+    fn rfc_7541_c4_requests_with_huffman() {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        d.decode(&hex("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff"), &mut out).unwrap();
+        assert_eq!(known(&out), [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "www.example.com")]);
+        out.clear();
+        d.decode(&hex("8286 84be 5886 a8eb 1064 9cbf"), &mut out).unwrap();
+        assert_eq!(
+            known(&out),
+            [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "www.example.com"), ("cache-control", "no-cache")]
+        );
+        out.clear();
+        d.decode(&hex("8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf"), &mut out).unwrap();
+        assert_eq!(
+            known(&out),
+            [(":method", "GET"), (":scheme", "https"), (":path", "/index.html"), (":authority", "www.example.com"), ("custom-key", "custom-value")]
+        );
+        assert!(d.exact());
+    }
+
+    /// RFC 7541 Appendix C.5: responses that evict entries from a 256-byte table.
+    #[test]
+    fn rfc_7541_c5_eviction() {
+        let mut d = Decoder::new();
+        let mut out = Vec::new();
+        // Table size update to 256 first (the RFC example assumes a 256-byte table).
+        let mut first = vec![0x3f, 0xe1, 0x01];
+        first.extend(hex(
+            "4803 3330 3258 0770 7269 7661 7465 611d 4d6f 6e2c 2032 3120 4f63 7420 3230 3133 2032 303a 3133 3a32 3120 474d 546e 1768 7474 7073 3a2f 2f77 7777 2e65 7861 6d70 6c65 2e63 6f6d",
+        ));
+        d.decode(&first, &mut out).unwrap();
+        assert_eq!(out[0], Field::Known(":status".into(), "302".into()));
+        out.clear();
+        d.decode(&hex("4803 3330 37c1 c0bf"), &mut out).unwrap();
+        assert_eq!(
+            known(&out),
+            [(":status", "307"), ("cache-control", "private"), ("date", "Mon, 21 Oct 2013 20:13:21 GMT"), ("location", "https://www.example.com")]
+        );
+    }
+
+    #[test]
+    fn late_join_never_guesses() {
+        let mut d = Decoder::joined_late();
+        let mut out = Vec::new();
+        // Indexed 62 (dynamic, unknown), then a static entry, then a literal with indexing.
+        d.decode(&[0xbe, 0x82, 0x40, 0x01, b'x', 0x01, b'y'], &mut out).unwrap();
+        assert_eq!(out, [Field::Unknown, Field::Known(":method".into(), "GET".into()), Field::Known("x".into(), "y".into())]);
+        out.clear();
+        // The entry inserted after joining is exact at index 62; 63 is still unknown.
+        d.decode(&[0xbe, 0xbf], &mut out).unwrap();
+        assert_eq!(out, [Field::Known("x".into(), "y".into()), Field::Unknown]);
+        assert!(!d.exact());
+        // A size update to zero empties the table: exact from here on.
+        d.decode(&[0x20], &mut out).unwrap();
+        assert!(d.exact());
+    }
+
+    #[test]
+    fn malformed_blocks_are_errors_not_panics() {
+        let cases: &[&[u8]] = &[
+            &[0x80],                         // index 0
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f], // integer overflow
+            &[0x40, 0x05, b'a'],             // truncated name
+            &[0x40, 0x81, 0xff],             // bad Huffman (EOS padding)
+            &[0xbe],                         // dynamic index on an empty, exact table
+            &[0x3f, 0xff, 0x7f],             // table size above the limit
+        ];
+        for c in cases {
+            let mut d = Decoder::new();
+            assert!(d.decode(c, &mut Vec::new()).is_err(), "{c:?}");
+        }
+    }
+}

@@ -1,0 +1,437 @@
+//! HTTP/2 (RFC 9113) framing seen from the side: both directions of one connection, decoded
+//! into per-stream header blocks, data counts and stream ends.
+//!
+//! Uncaptured bytes (beyond the per-syscall copy cap) are fine inside DATA payloads, which are
+//! only counted. Inside a header block they make that block's dynamic-table changes unknown
+//! ([`hpack::Decoder::lost_block`]); inside a frame header they lose framing for good, since
+//! HTTP/2 has no resynchronisation point.
+use super::hpack::{self, Field};
+
+pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+/// Largest frame payload buffered (the protocol maximum is 16 MiB; real header blocks are far
+/// smaller, and DATA is never buffered).
+const MAX_BUFFERED: usize = 1 << 20;
+
+const DATA: u8 = 0x0;
+const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
+const SETTINGS: u8 = 0x4;
+const PUSH_PROMISE: u8 = 0x5;
+const GOAWAY: u8 = 0x7;
+const CONTINUATION: u8 = 0x9;
+
+const END_STREAM: u8 = 0x1;
+const ACK: u8 = 0x1;
+const END_HEADERS: u8 = 0x4;
+const PADDED: u8 = 0x8;
+const PRIORITY: u8 = 0x20;
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Message {
+    /// A complete header block (HEADERS plus any CONTINUATION).
+    Headers {
+        from_client: bool,
+        stream: u32,
+        /// Fields that could be decoded; references we cannot resolve are left out.
+        fields: Vec<(String, String)>,
+        end_stream: bool,
+        /// Some fields could not be decoded (joined late, or an earlier block was lost).
+        partial: bool,
+        /// Time of the first byte of the block.
+        start_ns: u64,
+    },
+    /// A header block whose bytes were not all captured: the stream's headers are unknown.
+    HeadersLost { from_client: bool, stream: u32, end_stream: bool },
+    Data { from_client: bool, stream: u32, len: u64, end_stream: bool },
+    Reset { stream: u32, code: u32 },
+    GoAway { last_stream: u32, code: u32 },
+    /// Framing is lost for the rest of the connection.
+    Broken { from_client: bool },
+}
+
+#[derive(Clone, Copy, Debug)]
+struct FrameHeader {
+    len: u32,
+    kind: u8,
+    flags: u8,
+    stream: u32,
+}
+
+#[derive(Debug)]
+enum Payload {
+    /// Buffering a frame we need to read.
+    Read { header: FrameHeader, buf: Vec<u8>, start_ns: u64, lost: bool },
+    /// Counting past bytes we do not need.
+    Skip(u64),
+}
+
+/// One direction's frame stream.
+struct Side {
+    from_client: bool,
+    preface_left: usize,
+    header: [u8; 9],
+    header_len: usize,
+    payload: Option<Payload>,
+    /// HEADERS awaiting CONTINUATION: stream, END_STREAM, fragment, start, lost.
+    block: Option<(u32, bool, Vec<u8>, u64, bool)>,
+    hpack: hpack::Decoder,
+    broken: bool,
+}
+
+pub struct Http2Conn {
+    client: Side,
+    server: Side,
+    /// Joined after the connection started: earlier state is unknown.
+    pub joined_late: bool,
+}
+
+impl Http2Conn {
+    /// `joined_late`: the connection predates the agent (no preface, unknown HPACK tables).
+    pub fn new(joined_late: bool) -> Self {
+        let side = |from_client: bool| Side {
+            from_client,
+            preface_left: if from_client && !joined_late { PREFACE.len() } else { 0 },
+            header: [0; 9],
+            header_len: 0,
+            payload: None,
+            block: None,
+            hpack: if joined_late { hpack::Decoder::joined_late() } else { hpack::Decoder::new() },
+            broken: false,
+        };
+        Self { client: side(true), server: side(false), joined_late }
+    }
+
+    pub fn feed(&mut self, from_client: bool, data: &[u8], missing: u64, ts: u64, out: &mut Vec<Message>) {
+        let (side, other) = if from_client { (&mut self.client, &mut self.server) } else { (&mut self.server, &mut self.client) };
+        side.feed(data, missing, ts, out, other);
+    }
+}
+
+impl Side {
+    fn broken(&mut self, out: &mut Vec<Message>) {
+        self.broken = true;
+        out.push(Message::Broken { from_client: self.from_client });
+    }
+
+    fn feed(&mut self, mut data: &[u8], mut missing: u64, ts: u64, out: &mut Vec<Message>, other: &mut Side) {
+        while !self.broken {
+            if self.preface_left > 0 {
+                let at = PREFACE.len() - self.preface_left;
+                let n = self.preface_left.min(data.len());
+                if data[..n] != PREFACE[at..at + n] || (n == 0 && missing > 0) {
+                    return self.broken(out);
+                }
+                self.preface_left -= n;
+                data = &data[n..];
+                if data.is_empty() && missing == 0 {
+                    return;
+                }
+                continue;
+            }
+            match self.payload.take() {
+                Some(Payload::Skip(left)) => {
+                    let from_data = (left.min(data.len() as u64)) as usize;
+                    data = &data[from_data..];
+                    let mut left = left - from_data as u64;
+                    let from_missing = left.min(missing);
+                    missing -= from_missing;
+                    left -= from_missing;
+                    if left > 0 {
+                        self.payload = Some(Payload::Skip(left));
+                        return;
+                    }
+                }
+                Some(Payload::Read { header, mut buf, start_ns, mut lost }) => {
+                    let total = header.len as usize;
+                    let n = (total - buf.len()).min(data.len());
+                    buf.extend_from_slice(&data[..n]);
+                    data = &data[n..];
+                    if buf.len() < total && data.is_empty() && missing > 0 {
+                        // The rest of this frame (or part of it) was not captured; `buf` keeps
+                        // counting consumed bytes so framing continues after it.
+                        let m = ((total - buf.len()) as u64).min(missing);
+                        missing -= m;
+                        buf.resize(buf.len() + m as usize, 0);
+                        lost = true;
+                    }
+                    if buf.len() < total {
+                        self.payload = Some(Payload::Read { header, buf, start_ns, lost });
+                        return;
+                    }
+                    self.frame(header, &buf, lost, start_ns, out, other);
+                }
+                None => {
+                    let n = (9 - self.header_len).min(data.len());
+                    self.header[self.header_len..self.header_len + n].copy_from_slice(&data[..n]);
+                    self.header_len += n;
+                    data = &data[n..];
+                    if self.header_len < 9 {
+                        if missing > 0 {
+                            return self.broken(out);
+                        }
+                        return;
+                    }
+                    self.header_len = 0;
+                    let h = &self.header;
+                    let header = FrameHeader {
+                        len: u32::from_be_bytes([0, h[0], h[1], h[2]]),
+                        kind: h[3],
+                        flags: h[4],
+                        stream: u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff,
+                    };
+                    if self.block.is_some() && header.kind != CONTINUATION {
+                        // RFC 9113 §6.10: nothing may interleave a header block.
+                        return self.broken(out);
+                    }
+                    self.payload = Some(match header.kind {
+                        HEADERS | CONTINUATION | SETTINGS | RST_STREAM | GOAWAY | PUSH_PROMISE => {
+                            if header.len as usize > MAX_BUFFERED {
+                                return self.broken(out);
+                            }
+                            Payload::Read { header, buf: Vec::new(), start_ns: ts, lost: false }
+                        }
+                        _ => {
+                            if header.kind == DATA && header.stream != 0 {
+                                out.push(Message::Data {
+                                    from_client: self.from_client,
+                                    stream: header.stream,
+                                    len: header.len as u64,
+                                    end_stream: header.flags & END_STREAM != 0,
+                                });
+                            }
+                            Payload::Skip(header.len as u64)
+                        }
+                    });
+                }
+            }
+            if data.is_empty() && missing == 0 && self.payload.is_none() {
+                return;
+            }
+        }
+    }
+
+    fn frame(&mut self, h: FrameHeader, p: &[u8], lost: bool, start_ns: u64, out: &mut Vec<Message>, other: &mut Side) {
+        match h.kind {
+            HEADERS | PUSH_PROMISE => {
+                let mut frag = p;
+                if h.flags & PADDED != 0 && !lost {
+                    let pad = *frag.first().unwrap_or(&0) as usize;
+                    if pad + 1 > frag.len() {
+                        return self.broken(out);
+                    }
+                    frag = &frag[1..frag.len() - pad];
+                }
+                if h.kind == PUSH_PROMISE {
+                    frag = frag.get(4..).unwrap_or_default();
+                } else if h.flags & PRIORITY != 0 {
+                    frag = frag.get(5..).unwrap_or_default();
+                }
+                let end_stream = h.kind == HEADERS && h.flags & END_STREAM != 0;
+                // Promised streams' blocks still change the table; decode, then drop them.
+                let stream = if h.kind == HEADERS { h.stream } else { 0 };
+                self.block = Some((stream, end_stream, frag.to_vec(), start_ns, lost));
+                if h.flags & END_HEADERS != 0 {
+                    self.end_block(out);
+                }
+            }
+            CONTINUATION => match self.block.as_mut() {
+                Some(block) => {
+                    block.2.extend_from_slice(p);
+                    block.4 |= lost;
+                    if h.flags & END_HEADERS != 0 {
+                        self.end_block(out);
+                    }
+                }
+                None => self.broken(out),
+            },
+            SETTINGS if h.flags & ACK == 0 && !lost => {
+                // The sender's SETTINGS_HEADER_TABLE_SIZE bounds the table the *other*
+                // direction's encoder may use.
+                for entry in p.chunks_exact(6) {
+                    if u16::from_be_bytes([entry[0], entry[1]]) == 1 {
+                        other.hpack.set_limit(u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]) as usize);
+                    }
+                }
+            }
+            RST_STREAM if p.len() >= 4 && !lost => {
+                out.push(Message::Reset { stream: h.stream, code: u32::from_be_bytes([p[0], p[1], p[2], p[3]]) })
+            }
+            GOAWAY if p.len() >= 8 && !lost => out.push(Message::GoAway {
+                last_stream: u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff,
+                code: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
+            }),
+            _ => {}
+        }
+    }
+
+    fn end_block(&mut self, out: &mut Vec<Message>) {
+        let Some((stream, end_stream, block, start_ns, lost)) = self.block.take() else { return };
+        if lost {
+            self.hpack.lost_block();
+            if stream != 0 {
+                out.push(Message::HeadersLost { from_client: self.from_client, stream, end_stream });
+            }
+            return;
+        }
+        let mut fields = Vec::new();
+        if self.hpack.decode(&block, &mut fields).is_err() {
+            // A block we cannot parse leaves the table in an unknown state.
+            self.hpack.lost_block();
+            if stream != 0 {
+                out.push(Message::HeadersLost { from_client: self.from_client, stream, end_stream });
+            }
+            return;
+        }
+        if stream == 0 {
+            return;
+        }
+        let partial = fields.iter().any(|f| *f == Field::Unknown);
+        out.push(Message::Headers {
+            from_client: self.from_client,
+            stream,
+            fields: fields
+                .into_iter()
+                .filter_map(|f| match f {
+                    Field::Known(n, v) => Some((n, v)),
+                    Field::Unknown => None,
+                })
+                .collect(),
+            end_stream,
+            partial,
+            start_ns,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+        let len = payload.len() as u32;
+        let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+        f.extend_from_slice(&stream.to_be_bytes());
+        f.extend_from_slice(payload);
+        f
+    }
+
+    /// A literal header field without indexing, new name (no Huffman).
+    fn lit(name: &str, value: &str) -> Vec<u8> {
+        let mut b = vec![0x00, name.len() as u8];
+        b.extend_from_slice(name.as_bytes());
+        b.push(value.len() as u8);
+        b.extend_from_slice(value.as_bytes());
+        b
+    }
+
+    fn feed(c: &mut Http2Conn, from_client: bool, bytes: &[u8]) -> Vec<Message> {
+        let mut out = Vec::new();
+        c.feed(from_client, bytes, 0, 7, &mut out);
+        out
+    }
+
+    fn request_block() -> Vec<u8> {
+        // :method POST (static 3), :scheme http (6), :path literal, content-type literal.
+        let mut b = vec![0x83, 0x86, 0x44, 0x13];
+        b.extend_from_slice(b"/helloworld.G/SayHi");
+        b.extend(lit("content-type", "application/grpc"));
+        b
+    }
+
+    #[test]
+    fn grpc_unary_exchange_with_every_frame_type() {
+        let mut c = Http2Conn::new(false);
+        let mut client = PREFACE.to_vec();
+        client.extend(frame(SETTINGS, 0, 0, &[0, 1, 0, 0, 0x10, 0]));
+        client.extend(frame(0x8, 0, 0, &[0, 0, 0x10, 0])); // WINDOW_UPDATE
+        client.extend(frame(0x6, 0, 0, &[0; 8])); // PING
+        client.extend(frame(0x2, 0, 1, &[0, 0, 0, 0, 16])); // PRIORITY
+        let block = request_block();
+        // HEADERS (padded, with priority) split into a CONTINUATION.
+        let mut headers = vec![2u8, 0, 0, 0, 0, 16];
+        headers.extend_from_slice(&block[..5]);
+        headers.extend_from_slice(&[0, 0]);
+        client.extend(frame(HEADERS, PADDED | PRIORITY, 1, &headers));
+        client.extend(frame(CONTINUATION, END_HEADERS, 1, &block[5..]));
+        client.extend(frame(DATA, END_STREAM | PADDED, 1, &[1, 0, 0, 0, 0, 2, b'h', b'i', 0]));
+        // Fed one byte at a time: framing must not depend on read boundaries.
+        let mut out = Vec::new();
+        for b in &client {
+            c.feed(true, std::slice::from_ref(b), 0, 7, &mut out);
+        }
+        assert_eq!(out.len(), 2, "{out:?}");
+        match &out[0] {
+            Message::Headers { stream: 1, fields, end_stream: false, partial: false, .. } => {
+                assert!(fields.contains(&(":path".into(), "/helloworld.G/SayHi".into())));
+                assert!(fields.contains(&("content-type".into(), "application/grpc".into())));
+                assert!(fields.contains(&(":method".into(), "POST".into())));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(out[1], Message::Data { from_client: true, stream: 1, len: 9, end_stream: true });
+
+        let mut server = frame(SETTINGS, 0, 0, &[]);
+        server.extend(frame(SETTINGS, ACK, 0, &[]));
+        server.extend(frame(HEADERS, END_HEADERS, 1, &[0x88])); // :status 200
+        server.extend(frame(DATA, 0, 1, &[0, 0, 0, 0, 1, b'x']));
+        let mut trailers = lit("grpc-status", "0");
+        trailers.extend(lit("grpc-message", ""));
+        server.extend(frame(HEADERS, END_HEADERS | END_STREAM, 1, &trailers));
+        server.extend(frame(RST_STREAM, 0, 3, &8u32.to_be_bytes()));
+        server.extend(frame(GOAWAY, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 0]));
+        let out = feed(&mut c, false, &server);
+        assert!(matches!(&out[0], Message::Headers { fields, end_stream: false, .. } if fields[0] == (":status".into(), "200".into())));
+        assert_eq!(out[1], Message::Data { from_client: false, stream: 1, len: 6, end_stream: false });
+        assert!(matches!(&out[2], Message::Headers { fields, end_stream: true, .. } if fields[0] == ("grpc-status".into(), "0".into())));
+        assert_eq!(out[3], Message::Reset { stream: 3, code: 8 });
+        assert_eq!(out[4], Message::GoAway { last_stream: 1, code: 0 });
+    }
+
+    #[test]
+    fn uncaptured_data_is_counted_but_lost_headers_are_reported() {
+        let mut c = Http2Conn::new(false);
+        feed(&mut c, true, PREFACE);
+        let mut out = Vec::new();
+        // A 20000-byte DATA frame of which only the first 100 payload bytes were captured.
+        let mut f = frame(DATA, END_STREAM, 5, &vec![0; 20000]);
+        f.truncate(109);
+        c.feed(true, &f, 20000 - 100, 1, &mut out);
+        assert_eq!(out, [Message::Data { from_client: true, stream: 5, len: 20000, end_stream: true }]);
+        out.clear();
+        // A HEADERS frame whose tail was not captured: the block is reported lost.
+        let f = frame(HEADERS, END_HEADERS, 7, &request_block());
+        c.feed(true, &f[..15], (f.len() - 15) as u64, 2, &mut out);
+        assert_eq!(out, [Message::HeadersLost { from_client: true, stream: 7, end_stream: false }]);
+        // A frame header that falls in uncaptured bytes loses framing for good.
+        out.clear();
+        c.feed(true, &frame(DATA, 0, 9, &[1, 2])[..3], 20, 3, &mut out);
+        assert_eq!(out, [Message::Broken { from_client: true }]);
+    }
+
+    #[test]
+    fn late_join_marks_unresolvable_headers_partial() {
+        let mut c = Http2Conn::new(true);
+        // Indexed dynamic entry 62 (unknown to a late observer) and :status 200.
+        let out = feed(&mut c, false, &frame(HEADERS, END_HEADERS, 11, &[0xbe, 0x88]));
+        assert!(matches!(&out[0], Message::Headers { partial: true, fields, .. } if fields == &[(":status".to_string(), "200".to_string())]));
+    }
+
+    #[test]
+    fn garbage_breaks_framing_without_panicking() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"GET / HTTP/1.1\r\n\r\n", true),                        // not the preface
+            (&[0, 0, 4, HEADERS, 0x4, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff], false), // bad HPACK
+            (&[0xff, 0xff, 0xff, HEADERS, 0, 0, 0, 0, 1], false),     // oversized frame
+            (&[0, 0, 1, HEADERS, 0, 0, 0, 0, 1, 0x82, 0, 0, 0, DATA, 0, 0, 0, 0, 1], false), // interleaved block
+            (&[0, 0, 2, HEADERS, PADDED | END_HEADERS, 0, 0, 0, 1, 9, 0], false), // padding too long
+        ];
+        for (bytes, from_client) in cases {
+            let mut c = Http2Conn::new(!from_client);
+            let out = feed(&mut c, *from_client, bytes);
+            assert!(
+                out.iter().any(|m| matches!(m, Message::Broken { .. } | Message::HeadersLost { .. })),
+                "{bytes:?}: {out:?}"
+            );
+        }
+    }
+}
