@@ -4,14 +4,30 @@ use std::{collections::VecDeque, sync::Arc};
 use crate::{
     capture::event::{Direction, Endpoints, Role},
     process::ProcessInfo,
-    protocol::http1::Http1Conn,
+    protocol::{http1::Http1Conn, http2::Http2Conn},
 };
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Protocol {
     Http1,
-    /// Recognised but not decoded by this version (HTTP/2 prior knowledge); counted, skipped.
+    Http2,
+    /// No longer decodable (upgraded to another protocol, or HTTP/2 framing lost); skipped.
     Unsupported,
+}
+
+/// HTTP/2 state: the frame decoder and the streams in flight.
+pub struct H2 {
+    pub frames: Http2Conn,
+    pub streams: rustc_hash::FxHashMap<u32, H2Stream>,
+}
+
+#[derive(Default)]
+pub struct H2Stream {
+    /// `None` when the request was not traced (span table full).
+    pub span: Option<u64>,
+    pub status_seen: bool,
+    pub request_body: u64,
+    pub response_body: u64,
 }
 
 pub struct Conn {
@@ -20,6 +36,8 @@ pub struct Conn {
     pub process: Arc<ProcessInfo>,
     pub protocol: Protocol,
     pub http: Http1Conn,
+    /// Set once the connection shows the HTTP/2 preface.
+    pub h2: Option<Box<H2>>,
     /// Span ids of requests awaiting their response, oldest first (`None`: not traced).
     pub in_flight: VecDeque<Option<u64>>,
     /// Requests seen so far on this connection.
@@ -43,6 +61,7 @@ impl Conn {
             process,
             protocol: Protocol::Http1,
             http: Http1Conn::new(),
+            h2: None,
             in_flight: VecDeque::new(),
             requests: 0,
             discovered: false,

@@ -318,6 +318,8 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.spans_overflow, t.spans_dropped_overflow),
         (&m.bad_context, t.bad_context),
         (&m.links_same_agent, t.links_same_agent),
+        (&m.spans_partial, t.spans_partial),
+        (&m.h2_headers_lost, p.h2_headers_lost),
         (&m.open_conns, pipeline.conns() as u64),
         (&m.open_spans, pipeline.open_spans() as u64),
     ]);

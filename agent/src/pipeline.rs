@@ -7,7 +7,11 @@ use crate::{
     config::Filter,
     conn::{Conn, Protocol},
     process::ProcessCache,
-    protocol::http1::Message,
+    conn::{H2, H2Stream},
+    protocol::{
+        http1::{Headers, Message, RequestHead},
+        http2::{self as h2, Http2Conn, PREFACE},
+    },
     trace::{
         linker::{RequestStart, Tracer},
         span::{SpanKind, SpanRecord},
@@ -26,6 +30,8 @@ pub struct PipelineStats {
     /// Events of connections whose kernel events were partly lost.
     pub gaps: u64,
     pub requests: u64,
+    /// HTTP/2 streams whose request headers were not captured (no span possible).
+    pub h2_headers_lost: u64,
 }
 
 pub struct PipelineOptions {
@@ -45,6 +51,7 @@ pub struct Pipeline {
     filter: Filter,
     max_conns: usize,
     messages: Vec<Message>,
+    h2_messages: Vec<h2::Message>,
     /// Connections userspace wants the kernel to stop reporting.
     pub to_ignore: Vec<ConnId>,
     pub stats: PipelineStats,
@@ -63,6 +70,7 @@ impl Pipeline {
             filter: opts.filter,
             max_conns: opts.max_conns,
             messages: Vec::new(),
+            h2_messages: Vec::new(),
             to_ignore: Vec::new(),
             stats: PipelineStats::default(),
         }
@@ -132,13 +140,10 @@ impl Pipeline {
             EventKind::Close => {
                 conn.http.close(ev.ts_ns, &mut self.messages);
                 sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
-                for id in conn.in_flight.drain(..).flatten() {
-                    sink.tracer.finished(
-                        id,
-                        ev.ts_ns,
-                        0,
-                        Some("connection closed before the response completed"),
-                    );
+                let open_streams = conn.h2.as_mut().map(|h| std::mem::take(&mut h.streams)).unwrap_or_default();
+                let spans = conn.in_flight.drain(..).flatten().chain(open_streams.into_values().filter_map(|s| s.span));
+                for id in spans.collect::<Vec<_>>() {
+                    sink.tracer.finished(id, ev.ts_ns, 0, Some("connection closed before the response completed"));
                 }
                 self.conns.remove(&ev.conn);
             }
@@ -156,16 +161,22 @@ impl Pipeline {
                     sink.stats.gaps += 1;
                     sink.restart(conn);
                 }
-                if conn.requests == 0 && payload.starts_with(b"PRI * HTTP/2.0") {
-                    conn.protocol = Protocol::Unsupported;
-                    sink.stats.conns_unsupported += 1;
-                    return;
-                }
                 let requests = conn.carries_requests(direction);
+                if conn.protocol == Protocol::Http1 && conn.requests == 0 && requests && payload.starts_with(&PREFACE[..14]) {
+                    conn.protocol = Protocol::Http2;
+                    conn.h2 = Some(Box::new(H2 { frames: Http2Conn::new(false), streams: Default::default() }));
+                }
                 let missing = total_len.saturating_sub(payload.len() as u64);
-                conn.http
-                    .feed(requests, payload, missing, ev.ts_ns, &mut self.messages);
-                sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
+                match conn.h2.as_mut() {
+                    Some(h) => {
+                        h.frames.feed(requests, payload, missing, ev.ts_ns, &mut self.h2_messages);
+                        sink.apply_h2(conn, &mut self.h2_messages, ev.conn, ev.tid, ev.ts_ns);
+                    }
+                    None => {
+                        conn.http.feed(requests, payload, missing, ev.ts_ns, &mut self.messages);
+                        sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
+                    }
+                }
             }
         }
     }
@@ -212,6 +223,20 @@ impl Pipeline {
         self.excluded.retain(|_, ts| *ts >= cutoff);
         self.tracer.expire(now_ns);
     }
+}
+
+/// An HTTP/2 request's header block as the linker's request head (version 2).
+fn request_head(fields: Vec<(String, String)>, start_ns: u64) -> RequestHead {
+    let mut head = RequestHead { method: String::new(), target: String::new(), version: 2, headers: Headers::default(), start_ns };
+    for (name, value) in fields {
+        match name.as_str() {
+            ":method" => head.method = value,
+            ":path" => head.target = value,
+            ":authority" => head.headers.insert("host", &value),
+            _ => head.headers.insert(&name, &value),
+        }
+    }
+    head
 }
 
 /// The parts of the pipeline that decoded messages act on, borrowed apart from the connection
@@ -288,6 +313,138 @@ impl Sink<'_> {
             self.tracer.abandon(span);
         }
         conn.http.resync();
+        // HTTP/2 has no resynchronisation point: the connection is given up (counted).
+        if let Some(h) = conn.h2.take() {
+            for span in h.streams.into_values().filter_map(|s| s.span) {
+                self.tracer.abandon(span);
+            }
+            conn.protocol = Protocol::Unsupported;
+            self.stats.conns_unsupported += 1;
+        }
+    }
+
+    /// Applies decoded HTTP/2 messages: one span per stream.
+    fn apply_h2(&mut self, conn: &mut Conn, messages: &mut Vec<h2::Message>, id: ConnId, tid: u32, ts_ns: u64) {
+        for msg in messages.drain(..) {
+            let Some(h) = conn.h2.as_mut() else { return };
+            match msg {
+                h2::Message::Headers { from_client: true, stream, fields, end_stream, partial, start_ns } => {
+                    if let Some(s) = h.streams.get_mut(&stream) {
+                        // Request trailers.
+                        if let (true, Some(span)) = (end_stream, s.span) {
+                            self.tracer.request_ended(span, s.request_body);
+                        }
+                        continue;
+                    }
+                    let head = request_head(fields, start_ns);
+                    self.stats.requests += 1;
+                    let span = self.tracer.request_started(RequestStart {
+                        conn: id,
+                        tid,
+                        kind: if conn.role == Role::Server { SpanKind::Server } else { SpanKind::Client },
+                        endpoints: conn.endpoints,
+                        // Both ends number streams identically, which pairs them exactly.
+                        seq: (!conn.discovered).then_some(stream as u64),
+                        process: conn.process.clone(),
+                        head: &head,
+                    });
+                    conn.requests += 1;
+                    if let Some(span) = span {
+                        if partial {
+                            self.tracer.mark_partial(span);
+                        }
+                        if end_stream {
+                            self.tracer.request_ended(span, 0);
+                        }
+                    }
+                    h.streams.insert(stream, H2Stream { span, ..Default::default() });
+                }
+                h2::Message::Headers { from_client: false, stream, fields, end_stream, partial, .. } => {
+                    let Some(s) = h.streams.get_mut(&stream) else { continue };
+                    let Some(span) = s.span else {
+                        if end_stream {
+                            h.streams.remove(&stream);
+                        }
+                        continue;
+                    };
+                    let value = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+                    if !s.status_seen {
+                        match value(":status").and_then(|v| v.parse::<u16>().ok()) {
+                            Some(status) if (100..200).contains(&status) => continue,
+                            Some(status) => {
+                                s.status_seen = true;
+                                self.tracer.response_started(span, status);
+                            }
+                            None => {}
+                        }
+                    }
+                    if let Some(code) = value("grpc-status").and_then(|v| v.parse::<i64>().ok()) {
+                        self.tracer.grpc_status(span, code);
+                    }
+                    if partial {
+                        self.tracer.mark_partial(span);
+                    }
+                    if end_stream {
+                        let body = s.response_body;
+                        h.streams.remove(&stream);
+                        self.tracer.finished(span, ts_ns, body, None);
+                    }
+                }
+                h2::Message::HeadersLost { from_client, stream, end_stream } => match h.streams.get(&stream) {
+                    None if from_client => self.stats.h2_headers_lost += 1,
+                    Some(s) => {
+                        if let Some(span) = s.span {
+                            self.tracer.mark_partial(span);
+                            if end_stream && !from_client {
+                                let body = s.response_body;
+                                h.streams.remove(&stream);
+                                self.tracer.finished(span, ts_ns, body, None);
+                            }
+                        }
+                    }
+                    None => {}
+                },
+                h2::Message::Data { from_client, stream, len, end_stream } => {
+                    let Some(s) = h.streams.get_mut(&stream) else { continue };
+                    if from_client {
+                        s.request_body += len;
+                        if let (true, Some(span)) = (end_stream, s.span) {
+                            self.tracer.request_ended(span, s.request_body);
+                        }
+                    } else {
+                        s.response_body += len;
+                        if end_stream {
+                            let (span, body) = (s.span, s.response_body);
+                            h.streams.remove(&stream);
+                            if let Some(span) = span {
+                                self.tracer.finished(span, ts_ns, body, None);
+                            }
+                        }
+                    }
+                }
+                h2::Message::Reset { stream, code } => {
+                    if let Some(s) = h.streams.remove(&stream) {
+                        if let Some(span) = s.span {
+                            let why = format!("stream reset (HTTP/2 error code {code})");
+                            self.tracer.finished(span, ts_ns, s.response_body, Some(&why));
+                        }
+                    }
+                }
+                h2::Message::GoAway { last_stream, .. } => {
+                    let refused: Vec<u32> = h.streams.keys().copied().filter(|&id| id > last_stream).collect();
+                    for stream in refused {
+                        if let Some(span) = h.streams.remove(&stream).and_then(|s| s.span) {
+                            self.tracer.finished(span, ts_ns, 0, Some("stream refused by GOAWAY"));
+                        }
+                    }
+                }
+                h2::Message::Broken { .. } => {
+                    self.stats.desyncs += 1;
+                    self.restart(conn);
+                    return;
+                }
+            }
+        }
     }
 }
 

@@ -303,11 +303,10 @@ impl Side {
     }
 }
 
+/// Frame builders shared by this crate's tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+pub(crate) mod testing {
+    pub fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
         let len = payload.len() as u32;
         let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
         f.extend_from_slice(&stream.to_be_bytes());
@@ -316,13 +315,18 @@ mod tests {
     }
 
     /// A literal header field without indexing, new name (no Huffman).
-    fn lit(name: &str, value: &str) -> Vec<u8> {
+    pub fn lit(name: &str, value: &str) -> Vec<u8> {
         let mut b = vec![0x00, name.len() as u8];
         b.extend_from_slice(name.as_bytes());
         b.push(value.len() as u8);
         b.extend_from_slice(value.as_bytes());
         b
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{testing::*, *};
 
     fn feed(c: &mut Http2Conn, from_client: bool, bytes: &[u8]) -> Vec<Message> {
         let mut out = Vec::new();

@@ -22,7 +22,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::{
     context::{self, Sampling},
-    span::{HttpExchange, SpanKind, SpanRecord},
+    span::{Grpc, HttpExchange, SpanKind, SpanRecord},
 };
 use crate::{
     capture::event::{ConnId, Endpoints},
@@ -64,6 +64,8 @@ pub struct TracerStats {
     pub bad_context: u64,
     /// Parent links made through rule 3.
     pub links_same_agent: u64,
+    /// Spans exported with `kspan.partial=true`.
+    pub spans_partial: u64,
 }
 
 struct Open {
@@ -176,6 +178,7 @@ impl Tracer {
             method: r.head.method.clone(),
             target: r.head.target.clone(),
             version: r.head.version,
+            grpc: Grpc::from_request(&r.head.target, r.head.headers.get("content-type")),
             host: r.head.headers.get("host").map(str::to_string),
             user_agent: r.head.headers.get("user-agent").map(str::to_string),
             local: r.endpoints.map(|e| e.local),
@@ -329,6 +332,20 @@ impl Tracer {
         }
     }
 
+    /// gRPC status from response headers or trailers.
+    pub fn grpc_status(&mut self, id: u64, code: i64) {
+        if let Some(g) = self.spans.get_mut(&id).and_then(|s| s.exchange.grpc.as_mut()) {
+            g.status = Some(code);
+        }
+    }
+
+    /// Part of the exchange could not be decoded; the span says so instead of guessing.
+    pub fn mark_partial(&mut self, id: u64) {
+        if let Some(s) = self.spans.get_mut(&id) {
+            s.exchange.partial = true;
+        }
+    }
+
     pub fn response_started(&mut self, id: u64, status: u16) {
         if let Some(s) = self.spans.get_mut(&id) {
             s.exchange.status = Some(status);
@@ -418,6 +435,9 @@ impl Tracer {
         if !s.sampling.exported() {
             self.stats.spans_unsampled += 1;
             return None;
+        }
+        if s.exchange.partial {
+            self.stats.spans_partial += 1;
         }
         let to_unix = |ns: u64| (ns as i128 + self.clock_offset_ns).max(0) as u64;
         Some(SpanRecord {

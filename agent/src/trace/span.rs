@@ -77,6 +77,7 @@ impl SpanRecord {
 pub struct HttpExchange {
     pub method: String,
     pub target: String,
+    /// Minor version for HTTP/1.x (0 or 1); 2 means HTTP/2.
     pub version: u8,
     pub host: Option<String>,
     pub user_agent: Option<String>,
@@ -85,6 +86,28 @@ pub struct HttpExchange {
     pub response_body: u64,
     pub local: Option<SocketAddr>,
     pub peer: Option<SocketAddr>,
+    pub grpc: Option<Grpc>,
+    /// Some of the exchange could not be decoded (e.g. HTTP/2 joined mid-connection).
+    pub partial: bool,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Grpc {
+    pub service: String,
+    pub method: String,
+    pub status: Option<i64>,
+}
+
+impl Grpc {
+    /// gRPC requests are POSTs to `/package.Service/Method` with an `application/grpc` type.
+    pub fn from_request(path: &str, content_type: Option<&str>) -> Option<Self> {
+        if !content_type?.starts_with("application/grpc") {
+            return None;
+        }
+        let (service, method) = path.strip_prefix('/')?.split_once('/')?;
+        (!service.is_empty() && !method.is_empty() && !method.contains('/'))
+            .then(|| Grpc { service: service.to_string(), method: method.to_string(), status: None })
+    }
 }
 
 /// Splits a Host header into host and port, tolerating IPv6 literals.
@@ -104,7 +127,10 @@ impl HttpExchange {
     /// Span name per the HTTP semantic conventions: the method alone when no route template is
     /// known (raw paths would explode cardinality).
     pub fn span_name(&self) -> String {
-        self.method.clone()
+        match &self.grpc {
+            Some(g) => format!("{}/{}", g.service, g.method),
+            None => self.method.clone(),
+        }
     }
 
     pub fn attributes(&self, kind: SpanKind) -> Vec<(&'static str, AttrValue)> {
@@ -178,10 +204,23 @@ impl HttpExchange {
         }
         a.push(("network.transport", "tcp".into()));
         a.push(("network.protocol.name", "http".into()));
-        a.push((
-            "network.protocol.version",
-            format!("1.{}", self.version).into(),
-        ));
+        let version = match self.version {
+            0 => "1.0",
+            1 => "1.1",
+            _ => "2",
+        };
+        a.push(("network.protocol.version", version.into()));
+        if let Some(g) = &self.grpc {
+            a.push(("rpc.system", "grpc".into()));
+            a.push(("rpc.service", g.service.as_str().into()));
+            a.push(("rpc.method", g.method.as_str().into()));
+            if let Some(code) = g.status {
+                a.push(("rpc.grpc.status_code", code.into()));
+            }
+        }
+        if self.partial {
+            a.push(("kspan.partial", true.into()));
+        }
         if let Some(ua) = &self.user_agent {
             a.push(("user_agent.original", ua.as_str().into()));
         }
@@ -196,8 +235,18 @@ impl HttpExchange {
         a
     }
 
-    /// Error status per the conventions: 5xx for servers, 4xx and 5xx for clients.
+    /// Error status per the conventions: 5xx for servers, 4xx and 5xx for clients; for gRPC,
+    /// any non-OK status for clients and the server-fault codes for servers.
     pub fn error(&self, kind: SpanKind) -> Option<String> {
+        if let Some(code) = self.grpc.as_ref().and_then(|g| g.status) {
+            // UNKNOWN, DEADLINE_EXCEEDED, UNIMPLEMENTED, INTERNAL, UNAVAILABLE, DATA_LOSS.
+            let server_fault = matches!(code, 2 | 4 | 12 | 13 | 14 | 15);
+            let bad = match kind {
+                SpanKind::Server => server_fault,
+                SpanKind::Client => code != 0,
+            };
+            return bad.then(|| format!("gRPC status {code}"));
+        }
         let s = self.status?;
         let bad = match kind {
             SpanKind::Server => s >= 500,
@@ -223,6 +272,8 @@ mod tests {
             response_body: 12,
             local: Some("127.0.0.1:40000".parse().unwrap()),
             peer: Some("127.0.0.1:8081".parse().unwrap()),
+            grpc: None,
+            partial: false,
         }
     }
 
