@@ -11,8 +11,9 @@
 pub const MAX_PAYLOAD: usize = 8192;
 /// Default runtime cap on payload bytes copied per syscall.
 pub const DEFAULT_PAYLOAD_CAP: u32 = 4096;
-/// Number of iovec segments copied for readv/writev/recvmsg/sendmsg.
-pub const MAX_IOV: usize = 8;
+/// iovec segments walked for readv/writev/recvmsg/sendmsg. gRPC's C core, for one, writes a
+/// frame per segment, so a handful is not enough to reach the first header block.
+pub const MAX_IOV: usize = 64;
 
 pub mod role {
     /// The socket came from accept(): we are the server on it.

@@ -15,7 +15,7 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::bpf_probe_read_user as probe_read_user_raw,
+        generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw},
     },
     macros::{map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
@@ -294,23 +294,20 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
         Copy::Flat => copy_flat(ev, buf as *const u8, want),
         Copy::Iov => {
             let count: u64 = reg(regs, REG_ARG2)?;
-            copy_iov(ev, buf as *const u8, count, want)
+            copy_iov(buf as *const u8, count, want)
         }
         Copy::Msg => {
             let msg = buf as *const u8;
             // SAFETY: user pointers read through the fault-tolerant helper.
             let iov: u64 = unsafe { bpf_probe_read_user(msg.add(MSGHDR_IOV) as *const u64) }?;
             let count: u64 = unsafe { bpf_probe_read_user(msg.add(MSGHDR_IOVLEN) as *const u64) }?;
-            copy_iov(ev, iov as *const u8, count, want)
+            copy_iov(iov as *const u8, count, want)
         }
         Copy::None => {
             flags |= event_flags::NO_PAYLOAD;
             0
         }
     };
-    if captured < want {
-        bump(stat::READ_FAULTS);
-    }
     if total > captured && flags & event_flags::NO_PAYLOAD == 0 {
         bump(stat::TRUNCATED);
     }
@@ -392,57 +389,83 @@ fn copy_flat(ev: &mut DataEvent, src: *const u8, want: u64) -> u64 {
             src as *const c_void,
         )
     };
-    if r == 0 { n } else { 0 }
+    if r == 0 {
+        n
+    } else {
+        bump(stat::READ_FAULTS);
+        0
+    }
 }
 
-/// Walks up to MAX_IOV iovec entries copying at most `want` bytes in order.
+/// State shared with [`iov_step`] across `bpf_loop` iterations.
+#[repr(C)]
+struct IovWalk {
+    iov: u64,
+    count: u64,
+    want: u64,
+    off: u64,
+}
+
+/// Walks up to MAX_IOV iovec entries copying at most `want` bytes in order. `bpf_loop` has
+/// the verifier check one segment's copy once, instead of an unrolled loop per call site.
 #[inline(always)]
-fn copy_iov(ev: &mut DataEvent, iov: *const u8, count: u64, want: u64) -> u64 {
-    let mut off: u64 = 0;
-    let mut i = 0usize;
-    while i < MAX_IOV {
-        if i as u64 >= count || off >= want {
-            break;
-        }
-        // SAFETY: user pointers read through the fault-tolerant helper.
-        let base: u64 = match unsafe { bpf_probe_read_user(iov.add(i * IOVEC_SIZE) as *const u64) }
-        {
-            Ok(v) => v,
-            Err(_) => break,
-        };
-        let len: u64 =
-            match unsafe { bpf_probe_read_user(iov.add(i * IOVEC_SIZE + 8) as *const u64) } {
-                Ok(v) => v,
-                Err(_) => break,
-            };
-        let mut seg = want - off;
-        if len < seg {
-            seg = len;
-        }
-        // Masks prove to the verifier what the branch above already guarantees:
-        // off < MAX_PAYLOAD and seg ≤ MAX_PAYLOAD, so off + seg stays inside the 2x scratch.
-        let o = (off as usize) & (MAX_PAYLOAD - 1);
-        let mut s = seg;
-        if s > MAX_PAYLOAD as u64 {
-            s = MAX_PAYLOAD as u64;
-        }
-        if s > 0 {
-            // SAFETY: see above; the helper checks the user source.
-            let r = unsafe {
-                probe_read_user_raw(
-                    ev.payload.as_mut_ptr().add(o) as *mut c_void,
-                    s as u32,
-                    base as *const c_void,
-                )
-            };
-            if r != 0 {
-                break;
-            }
-        }
-        off += s;
-        i += 1;
+fn copy_iov(iov: *const u8, count: u64, want: u64) -> u64 {
+    let mut walk = IovWalk { iov: iov as u64, count, want, off: 0 };
+    // SAFETY: the callback is a BPF subprogram and the context lives on this stack frame.
+    unsafe {
+        bpf_loop(
+            MAX_IOV as u32,
+            iov_step as *mut c_void,
+            &mut walk as *mut IovWalk as *mut c_void,
+            0,
+        )
+    };
+    walk.off
+}
+
+/// One iovec segment; returns 1 to stop the walk.
+extern "C" fn iov_step(i: u32, ctx: *mut c_void) -> i64 {
+    // SAFETY: `ctx` is the IovWalk passed by copy_iov.
+    let w = unsafe { &mut *(ctx as *mut IovWalk) };
+    if i as u64 >= w.count || w.off >= w.want || w.off >= MAX_PAYLOAD as u64 {
+        return 1;
     }
-    off
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return 1;
+    };
+    let entry = (w.iov as *const u8).wrapping_add(i as usize * IOVEC_SIZE);
+    // SAFETY: user pointers read through the fault-tolerant helper.
+    let (base, len): (u64, u64) = match unsafe {
+        (bpf_probe_read_user(entry as *const u64), bpf_probe_read_user(entry.wrapping_add(8) as *const u64))
+    } {
+        (Ok(b), Ok(l)) => (b, l),
+        _ => {
+            bump(stat::READ_FAULTS);
+            return 1;
+        }
+    };
+    let mut s = w.want - w.off;
+    if len < s {
+        s = len;
+    }
+    // Masks prove to the verifier what the checks above guarantee: off < MAX_PAYLOAD and
+    // s ≤ MAX_PAYLOAD, so off + s stays inside the 2x scratch payload.
+    let o = (w.off as usize) & (MAX_PAYLOAD - 1);
+    if s > MAX_PAYLOAD as u64 {
+        s = MAX_PAYLOAD as u64;
+    }
+    if s > 0 {
+        // SAFETY: in bounds as shown above; the helper checks the user source.
+        let r = unsafe {
+            probe_read_user_raw((*ev).payload.as_mut_ptr().add(o) as *mut c_void, s as u32, base as *const c_void)
+        };
+        if r != 0 {
+            bump(stat::READ_FAULTS);
+            return 1;
+        }
+    }
+    w.off += s;
+    0
 }
 
 /// A socket the agent did not see being opened (it predates the agent): track it if it is a
@@ -487,6 +510,11 @@ fn sniff(p: &[u8]) -> Option<u8> {
         b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"OPTI" | b"PATC" | b"CONN" | b"TRAC"
         | b"HTTP" => Some(proto::HTTP1),
         b"PRI " => Some(proto::HTTP2),
+        // An HTTP/2 server's preface is a SETTINGS frame, often sent before it reads the
+        // client's: length a multiple of 6 below 64 KiB, type 4, stream 0.
+        _ if p[0] == 0 && p[2] % 6 == 0 && p[3] == 4 && p[4] & !1 == 0 && p[5..9] == [0, 0, 0, 0] => {
+            Some(proto::HTTP2)
+        }
         _ => None,
     }
 }

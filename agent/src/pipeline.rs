@@ -10,7 +10,7 @@ use crate::{
     conn::{H2, H2Stream},
     protocol::{
         http1::{Headers, Message, RequestHead},
-        http2::{self as h2, Http2Conn, PREFACE},
+        http2::{self as h2, Http2Conn},
     },
     trace::{
         linker::{RequestStart, Tracer},
@@ -162,7 +162,7 @@ impl Pipeline {
                     sink.restart(conn);
                 }
                 let requests = conn.carries_requests(direction);
-                if conn.protocol == Protocol::Http1 && conn.requests == 0 && requests && payload.starts_with(&PREFACE[..14]) {
+                if conn.protocol == Protocol::Http1 && conn.requests == 0 && conn.h2.is_none() && h2::starts_connection(payload, requests) {
                     conn.protocol = Protocol::Http2;
                     conn.h2 = Some(Box::new(H2 { frames: Http2Conn::new(false), streams: Default::default() }));
                 }

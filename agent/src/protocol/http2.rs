@@ -8,6 +8,16 @@
 use super::hpack::{self, Field};
 
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the first bytes one side sends open an HTTP/2 connection: the client preface, or
+/// the SETTINGS frame that is the server's preface (which servers often send first).
+pub fn starts_connection(data: &[u8], from_client: bool) -> bool {
+    if from_client {
+        return data.starts_with(&PREFACE[..14]);
+    }
+    matches!(data, [0, len_hi, len_lo, SETTINGS, flags, 0, 0, 0, 0, ..]
+        if (u16::from_be_bytes([*len_hi, *len_lo]) % 6 == 0) && flags & !ACK == 0)
+}
 /// Largest frame payload buffered (the protocol maximum is 16 MiB; real header blocks are far
 /// smaller, and DATA is never buffered).
 const MAX_BUFFERED: usize = 1 << 20;
