@@ -410,7 +410,12 @@ struct IovWalk {
 /// the verifier check one segment's copy once, instead of an unrolled loop per call site.
 #[inline(always)]
 fn copy_iov(iov: *const u8, count: u64, want: u64) -> u64 {
-    let mut walk = IovWalk { iov: iov as u64, count, want, off: 0 };
+    let mut walk = IovWalk {
+        iov: iov as u64,
+        count,
+        want,
+        off: 0,
+    };
     // SAFETY: the callback is a BPF subprogram and the context lives on this stack frame.
     unsafe {
         bpf_loop(
@@ -436,7 +441,10 @@ extern "C" fn iov_step(i: u32, ctx: *mut c_void) -> i64 {
     let entry = (w.iov as *const u8).wrapping_add(i as usize * IOVEC_SIZE);
     // SAFETY: user pointers read through the fault-tolerant helper.
     let (base, len): (u64, u64) = match unsafe {
-        (bpf_probe_read_user(entry as *const u64), bpf_probe_read_user(entry.wrapping_add(8) as *const u64))
+        (
+            bpf_probe_read_user(entry as *const u64),
+            bpf_probe_read_user(entry.wrapping_add(8) as *const u64),
+        )
     } {
         (Ok(b), Ok(l)) => (b, l),
         _ => {
@@ -457,7 +465,11 @@ extern "C" fn iov_step(i: u32, ctx: *mut c_void) -> i64 {
     if s > 0 {
         // SAFETY: in bounds as shown above; the helper checks the user source.
         let r = unsafe {
-            probe_read_user_raw((*ev).payload.as_mut_ptr().add(o) as *mut c_void, s as u32, base as *const c_void)
+            probe_read_user_raw(
+                (*ev).payload.as_mut_ptr().add(o) as *mut c_void,
+                s as u32,
+                base as *const c_void,
+            )
         };
         if r != 0 {
             bump(stat::READ_FAULTS);
@@ -512,7 +524,12 @@ fn sniff(p: &[u8]) -> Option<u8> {
         b"PRI " => Some(proto::HTTP2),
         // An HTTP/2 server's preface is a SETTINGS frame, often sent before it reads the
         // client's: length a multiple of 6 below 64 KiB, type 4, stream 0.
-        _ if p[0] == 0 && p[2] % 6 == 0 && p[3] == 4 && p[4] & !1 == 0 && p[5..9] == [0, 0, 0, 0] => {
+        _ if p[0] == 0
+            && p[2] % 6 == 0
+            && p[3] == 4
+            && p[4] & !1 == 0
+            && p[5..9] == [0, 0, 0, 0] =>
+        {
             Some(proto::HTTP2)
         }
         _ => None,

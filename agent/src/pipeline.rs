@@ -6,8 +6,8 @@ use crate::{
     capture::event::{ConnId, Event, EventKind, Role},
     config::Filter,
     conn::{Conn, Protocol},
-    process::ProcessCache,
     conn::{H2, H2Stream},
+    process::ProcessCache,
     protocol::{
         http1::{Headers, Message, RequestHead},
         http2::{self as h2, Http2Conn},
@@ -140,10 +140,23 @@ impl Pipeline {
             EventKind::Close => {
                 conn.http.close(ev.ts_ns, &mut self.messages);
                 sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
-                let open_streams = conn.h2.as_mut().map(|h| std::mem::take(&mut h.streams)).unwrap_or_default();
-                let spans = conn.in_flight.drain(..).flatten().chain(open_streams.into_values().filter_map(|s| s.span));
+                let open_streams = conn
+                    .h2
+                    .as_mut()
+                    .map(|h| std::mem::take(&mut h.streams))
+                    .unwrap_or_default();
+                let spans = conn
+                    .in_flight
+                    .drain(..)
+                    .flatten()
+                    .chain(open_streams.into_values().filter_map(|s| s.span));
                 for id in spans.collect::<Vec<_>>() {
-                    sink.tracer.finished(id, ev.ts_ns, 0, Some("connection closed before the response completed"));
+                    sink.tracer.finished(
+                        id,
+                        ev.ts_ns,
+                        0,
+                        Some("connection closed before the response completed"),
+                    );
                 }
                 self.conns.remove(&ev.conn);
             }
@@ -162,18 +175,27 @@ impl Pipeline {
                     sink.restart(conn);
                 }
                 let requests = conn.carries_requests(direction);
-                if conn.protocol == Protocol::Http1 && conn.requests == 0 && conn.h2.is_none() && h2::starts_connection(payload, requests) {
+                if conn.protocol == Protocol::Http1
+                    && conn.requests == 0
+                    && conn.h2.is_none()
+                    && h2::starts_connection(payload, requests)
+                {
                     conn.protocol = Protocol::Http2;
-                    conn.h2 = Some(Box::new(H2 { frames: Http2Conn::new(false), streams: Default::default() }));
+                    conn.h2 = Some(Box::new(H2 {
+                        frames: Http2Conn::new(false),
+                        streams: Default::default(),
+                    }));
                 }
                 let missing = total_len.saturating_sub(payload.len() as u64);
                 match conn.h2.as_mut() {
                     Some(h) => {
-                        h.frames.feed(requests, payload, missing, ev.ts_ns, &mut self.h2_messages);
+                        h.frames
+                            .feed(requests, payload, missing, ev.ts_ns, &mut self.h2_messages);
                         sink.apply_h2(conn, &mut self.h2_messages, ev.conn, ev.tid, ev.ts_ns);
                     }
                     None => {
-                        conn.http.feed(requests, payload, missing, ev.ts_ns, &mut self.messages);
+                        conn.http
+                            .feed(requests, payload, missing, ev.ts_ns, &mut self.messages);
                         sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
                     }
                 }
@@ -227,7 +249,13 @@ impl Pipeline {
 
 /// An HTTP/2 request's header block as the linker's request head (version 2).
 fn request_head(fields: Vec<(String, String)>, start_ns: u64) -> RequestHead {
-    let mut head = RequestHead { method: String::new(), target: String::new(), version: 2, headers: Headers::default(), start_ns };
+    let mut head = RequestHead {
+        method: String::new(),
+        target: String::new(),
+        version: 2,
+        headers: Headers::default(),
+        start_ns,
+    };
     for (name, value) in fields {
         match name.as_str() {
             ":method" => head.method = value,
@@ -324,11 +352,25 @@ impl Sink<'_> {
     }
 
     /// Applies decoded HTTP/2 messages: one span per stream.
-    fn apply_h2(&mut self, conn: &mut Conn, messages: &mut Vec<h2::Message>, id: ConnId, tid: u32, ts_ns: u64) {
+    fn apply_h2(
+        &mut self,
+        conn: &mut Conn,
+        messages: &mut Vec<h2::Message>,
+        id: ConnId,
+        tid: u32,
+        ts_ns: u64,
+    ) {
         for msg in messages.drain(..) {
             let Some(h) = conn.h2.as_mut() else { return };
             match msg {
-                h2::Message::Headers { from_client: true, stream, fields, end_stream, partial, start_ns } => {
+                h2::Message::Headers {
+                    from_client: true,
+                    stream,
+                    fields,
+                    end_stream,
+                    partial,
+                    start_ns,
+                } => {
                     if let Some(s) = h.streams.get_mut(&stream) {
                         // Request trailers.
                         if let (true, Some(span)) = (end_stream, s.span) {
@@ -341,7 +383,11 @@ impl Sink<'_> {
                     let span = self.tracer.request_started(RequestStart {
                         conn: id,
                         tid,
-                        kind: if conn.role == Role::Server { SpanKind::Server } else { SpanKind::Client },
+                        kind: if conn.role == Role::Server {
+                            SpanKind::Server
+                        } else {
+                            SpanKind::Client
+                        },
                         endpoints: conn.endpoints,
                         // Both ends number streams identically, which pairs them exactly.
                         seq: (!conn.discovered).then_some(stream as u64),
@@ -357,17 +403,37 @@ impl Sink<'_> {
                             self.tracer.request_ended(span, 0);
                         }
                     }
-                    h.streams.insert(stream, H2Stream { span, ..Default::default() });
+                    h.streams.insert(
+                        stream,
+                        H2Stream {
+                            span,
+                            ..Default::default()
+                        },
+                    );
                 }
-                h2::Message::Headers { from_client: false, stream, fields, end_stream, partial, .. } => {
-                    let Some(s) = h.streams.get_mut(&stream) else { continue };
+                h2::Message::Headers {
+                    from_client: false,
+                    stream,
+                    fields,
+                    end_stream,
+                    partial,
+                    ..
+                } => {
+                    let Some(s) = h.streams.get_mut(&stream) else {
+                        continue;
+                    };
                     let Some(span) = s.span else {
                         if end_stream {
                             h.streams.remove(&stream);
                         }
                         continue;
                     };
-                    let value = |name: &str| fields.iter().find(|(n, _)| n == name).map(|(_, v)| v.as_str());
+                    let value = |name: &str| {
+                        fields
+                            .iter()
+                            .find(|(n, _)| n == name)
+                            .map(|(_, v)| v.as_str())
+                    };
                     if !s.status_seen {
                         match value(":status").and_then(|v| v.parse::<u16>().ok()) {
                             Some(status) if (100..200).contains(&status) => continue,
@@ -390,7 +456,11 @@ impl Sink<'_> {
                         self.tracer.finished(span, ts_ns, body, None);
                     }
                 }
-                h2::Message::HeadersLost { from_client, stream, end_stream } => match h.streams.get(&stream) {
+                h2::Message::HeadersLost {
+                    from_client,
+                    stream,
+                    end_stream,
+                } => match h.streams.get(&stream) {
                     None if from_client => self.stats.h2_headers_lost += 1,
                     Some(s) => {
                         if let Some(span) = s.span {
@@ -404,8 +474,15 @@ impl Sink<'_> {
                     }
                     None => {}
                 },
-                h2::Message::Data { from_client, stream, len, end_stream } => {
-                    let Some(s) = h.streams.get_mut(&stream) else { continue };
+                h2::Message::Data {
+                    from_client,
+                    stream,
+                    len,
+                    end_stream,
+                } => {
+                    let Some(s) = h.streams.get_mut(&stream) else {
+                        continue;
+                    };
                     if from_client {
                         s.request_body += len;
                         if let (true, Some(span)) = (end_stream, s.span) {
@@ -423,18 +500,25 @@ impl Sink<'_> {
                     }
                 }
                 h2::Message::Reset { stream, code } => {
-                    if let Some(s) = h.streams.remove(&stream) {
-                        if let Some(span) = s.span {
-                            let why = format!("stream reset (HTTP/2 error code {code})");
-                            self.tracer.finished(span, ts_ns, s.response_body, Some(&why));
-                        }
+                    if let Some(s) = h.streams.remove(&stream)
+                        && let Some(span) = s.span
+                    {
+                        let why = format!("stream reset (HTTP/2 error code {code})");
+                        self.tracer
+                            .finished(span, ts_ns, s.response_body, Some(&why));
                     }
                 }
                 h2::Message::GoAway { last_stream, .. } => {
-                    let refused: Vec<u32> = h.streams.keys().copied().filter(|&id| id > last_stream).collect();
+                    let refused: Vec<u32> = h
+                        .streams
+                        .keys()
+                        .copied()
+                        .filter(|&id| id > last_stream)
+                        .collect();
                     for stream in refused {
                         if let Some(span) = h.streams.remove(&stream).and_then(|s| s.span) {
-                            self.tracer.finished(span, ts_ns, 0, Some("stream refused by GOAWAY"));
+                            self.tracer
+                                .finished(span, ts_ns, 0, Some("stream refused by GOAWAY"));
                         }
                     }
                 }

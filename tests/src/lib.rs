@@ -549,12 +549,20 @@ impl Env {
             if pred(&spans) {
                 return spans;
             }
-            self.agent.lock().unwrap().proc.assert_running();
+            self.agent
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .proc
+                .assert_running();
             if Instant::now() > deadline {
                 panic!(
                     "timed out waiting for {what}; received {} spans:\n{spans:#?}\nagent log:\n{}",
                     spans.len(),
-                    self.agent.lock().unwrap().proc.log()
+                    self.agent
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .proc
+                        .log()
                 );
             }
             std::thread::sleep(Duration::from_millis(100));
@@ -562,7 +570,11 @@ impl Env {
     }
 
     pub fn agent_pid(&self) -> u32 {
-        self.agent.lock().unwrap().proc.pid()
+        self.agent
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .proc
+            .pid()
     }
 
     /// All spans of one trace, once `n` of them arrived.
@@ -653,4 +665,95 @@ pub fn unique_path(tag: &str) -> String {
         std::process::id(),
         N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
     )
+}
+
+/// An uninstrumented gRPC service (grpcio, generic handlers: no generated code). `Get` answers
+/// `item:<payload>` (or calls `next`, forwarding B3 metadata), `missing` → NOT_FOUND,
+/// `boom` → INTERNAL; `List` streams three messages.
+const GRPC_SERVER: &str = r#"
+import grpc, sys
+from concurrent import futures
+PORT = int(sys.argv[1]); NEXT = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None
+FWD = ("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3", "traceparent")
+ident = lambda b: b
+chan = grpc.insecure_channel(NEXT) if NEXT else None
+def get(req, ctx):
+    md = [(k, v) for k, v in ctx.invocation_metadata() if k in FWD]
+    if req == b"missing":
+        ctx.abort(grpc.StatusCode.NOT_FOUND, "no such item")
+    if req == b"boom":
+        ctx.abort(grpc.StatusCode.INTERNAL, "broken")
+    if chan:
+        return chan.unary_unary("/shop.Cart/Get", request_serializer=ident, response_deserializer=ident)(req, metadata=md, timeout=10)
+    return b"item:" + req
+def list_(req, ctx):
+    for i in range(3):
+        yield b"part%d" % i
+h = grpc.method_handlers_generic_handler("shop.Cart", {
+    "Get": grpc.unary_unary_rpc_method_handler(get, request_deserializer=ident, response_serializer=ident),
+    "List": grpc.unary_stream_rpc_method_handler(list_, request_deserializer=ident, response_serializer=ident)})
+s = grpc.server(futures.ThreadPoolExecutor(4))
+s.add_generic_rpc_handlers((h,))
+s.add_insecure_port(f"127.0.0.1:{PORT}")
+s.start()
+s.wait_for_termination()
+"#;
+
+const GRPC_CLIENT: &str = r#"
+import grpc, sys
+port, method, payload = sys.argv[1], sys.argv[2], sys.argv[3].encode()
+md = [("b3", sys.argv[4])] if len(sys.argv) > 4 and sys.argv[4] else []
+ident = lambda b: b
+with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+    try:
+        if method == "List":
+            print(len(list(ch.unary_stream("/shop.Cart/List", request_serializer=ident, response_deserializer=ident)(payload, metadata=md, timeout=10))))
+        else:
+            print(ch.unary_unary("/shop.Cart/Get", request_serializer=ident, response_deserializer=ident)(payload, metadata=md, timeout=10).decode())
+    except grpc.RpcError as e:
+        print(e.code().name)
+"#;
+
+pub struct GrpcService {
+    pub port: u16,
+    pub proc: Proc,
+}
+
+impl GrpcService {
+    pub fn start(service_name: &str, next: Option<u16>) -> Self {
+        let port = free_port();
+        let mut cmd = Command::new("python3");
+        cmd.arg("-c").arg(GRPC_SERVER).arg(port.to_string());
+        cmd.arg(next.map(|n| format!("127.0.0.1:{n}")).unwrap_or_default());
+        cmd.env("OTEL_SERVICE_NAME", service_name);
+        let mut proc = Proc::spawn(service_name, cmd);
+        wait_for_port(&mut proc, port);
+        Self { port, proc }
+    }
+}
+
+/// Runs one gRPC call from a fresh python process (service name `shopper`); returns what the
+/// client printed (the reply, the stream length, or the status name).
+pub fn grpc_call(port: u16, method: &str, payload: &str, b3: &str) -> String {
+    let out = Command::new("python3")
+        .args(["-c", GRPC_CLIENT, &port.to_string(), method, payload, b3])
+        .env("OTEL_SERVICE_NAME", "shopper")
+        .output()
+        .expect("python3 with grpcio (`cargo xtask setup` installs it)");
+    assert!(
+        out.status.success(),
+        "grpc client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// nghttpd serving `dir` over h2c (prior knowledge, no TLS).
+pub fn nghttpd(dir: &std::path::Path) -> (u16, Proc) {
+    let port = free_port();
+    let mut cmd = Command::new("nghttpd");
+    cmd.args(["--no-tls", "-d"]).arg(dir).arg(port.to_string());
+    let mut proc = Proc::spawn("nghttpd", cmd);
+    wait_for_port(&mut proc, port);
+    (port, proc)
 }

@@ -161,14 +161,27 @@ fn setup_toolchain() -> anyhow::Result<()> {
 
 /// Real peers the integration tests (nginx, curl, python3) and benchmarks (`extra`) drive.
 fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = [("nginx", "/usr/sbin/nginx"), ("curl", "/usr/bin/curl")]
-        .iter()
-        .chain(extra)
-        .filter(|(_, path)| !Path::new(path).exists())
-        .map(|(pkg, _)| *pkg)
-        .collect();
+    let missing: Vec<&str> = [
+        ("nginx", "/usr/sbin/nginx"),
+        ("curl", "/usr/bin/curl"),
+        ("nghttp2-server", "/usr/sbin/nghttpd"),
+        ("nghttp2-client", "/usr/bin/nghttp"),
+    ]
+    .iter()
+    .chain(extra)
+    .filter(|(_, path)| !Path::new(path).exists())
+    .map(|(pkg, _)| *pkg)
+    .collect();
     if !which("python3") {
         bail!("python3 is required for the integration tests");
+    }
+    // The gRPC peers are python grpcio: a real HTTP/2 stack (grpc's C core).
+    if !Command::new("python3")
+        .args(["-c", "import grpc"])
+        .output()
+        .is_ok_and(|o| o.status.success())
+    {
+        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "grpcio"]))?;
     }
     if missing.is_empty() {
         return Ok(());

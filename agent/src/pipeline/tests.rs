@@ -418,7 +418,10 @@ fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
 
 mod http2 {
     use super::*;
-    use crate::protocol::http2::{PREFACE, testing::{frame, lit}};
+    use crate::protocol::http2::{
+        PREFACE,
+        testing::{frame, lit},
+    };
 
     const HEADERS: u8 = 1;
     const END_STREAM: u8 = 1;
@@ -455,8 +458,16 @@ mod http2 {
         s.send_request(l, &hello, false);
         s.send_response(l, &frame(4, 0, 0, &[]));
         // Two concurrent streams; the server answers stream 3 first.
-        s.send_request(l, &request(1, "/shop.Cart/List", "463ac35c9f6413ad-a2fb4a1d1a96d312-1"), false);
-        s.send_request(l, &request(3, "/shop.Cart/Get", "463ac35c9f6413ad-a2fb4a1d1a96d312-1"), true);
+        s.send_request(
+            l,
+            &request(1, "/shop.Cart/List", "463ac35c9f6413ad-a2fb4a1d1a96d312-1"),
+            false,
+        );
+        s.send_request(
+            l,
+            &request(3, "/shop.Cart/Get", "463ac35c9f6413ad-a2fb4a1d1a96d312-1"),
+            true,
+        );
         for f in response(3, 1, "5") {
             s.send_response(l, &f);
         }
@@ -465,7 +476,11 @@ mod http2 {
         let mut spans = s.spans();
         // Response headers alone do not end a streaming RPC: only Get (stream 3) is done.
         assert_eq!(spans.len(), 2);
-        assert!(spans.iter().all(|x| x.attr("rpc.method") == Some(&AttrValue::from("Get"))));
+        assert!(
+            spans
+                .iter()
+                .all(|x| x.attr("rpc.method") == Some(&AttrValue::from("Get")))
+        );
         for f in &first_frames[1..] {
             s.send_response(l, f);
         }
@@ -475,7 +490,9 @@ mod http2 {
             let pick = |kind| {
                 spans
                     .iter()
-                    .find(|x| x.kind == kind && x.attr("rpc.method") == Some(&AttrValue::from(method)))
+                    .find(|x| {
+                        x.kind == kind && x.attr("rpc.method") == Some(&AttrValue::from(method))
+                    })
                     .unwrap_or_else(|| panic!("{kind:?} {method}: {spans:#?}"))
             };
             let (cli, srv) = (pick(SpanKind::Client), pick(SpanKind::Server));
@@ -485,25 +502,54 @@ mod http2 {
             assert_eq!(srv.name, format!("shop.Cart/{method}"));
             assert_eq!(srv.attr("rpc.system"), Some(&AttrValue::from("grpc")));
             assert_eq!(srv.attr("rpc.service"), Some(&AttrValue::from("shop.Cart")));
-            assert_eq!(srv.attr("network.protocol.version"), Some(&AttrValue::from("2")));
-            assert_eq!(srv.attr("server.address"), Some(&AttrValue::from("greeter")));
+            assert_eq!(
+                srv.attr("network.protocol.version"),
+                Some(&AttrValue::from("2"))
+            );
+            assert_eq!(
+                srv.attr("server.address"),
+                Some(&AttrValue::from("greeter"))
+            );
         }
-        let status = |m: &str, k| spans.iter().find(|x| x.kind == k && x.attr("rpc.method") == Some(&AttrValue::from(m))).unwrap();
-        assert_eq!(status("Get", SpanKind::Client).attr("rpc.grpc.status_code"), Some(&AttrValue::Int(5)));
-        assert_eq!(status("Get", SpanKind::Client).error.as_deref(), Some("gRPC status 5"));
-        assert_eq!(status("Get", SpanKind::Server).error, None, "NOT_FOUND is not a server fault");
-        assert_eq!(status("List", SpanKind::Server).attr("http.response.body.size"), Some(&AttrValue::Int(18)), "3 DATA frames of 6 bytes");
+        let status = |m: &str, k| {
+            spans
+                .iter()
+                .find(|x| x.kind == k && x.attr("rpc.method") == Some(&AttrValue::from(m)))
+                .unwrap()
+        };
+        assert_eq!(
+            status("Get", SpanKind::Client).attr("rpc.grpc.status_code"),
+            Some(&AttrValue::Int(5))
+        );
+        assert_eq!(
+            status("Get", SpanKind::Client).error.as_deref(),
+            Some("gRPC status 5")
+        );
+        assert_eq!(
+            status("Get", SpanKind::Server).error,
+            None,
+            "NOT_FOUND is not a server fault"
+        );
+        assert_eq!(
+            status("List", SpanKind::Server).attr("http.response.body.size"),
+            Some(&AttrValue::Int(18)),
+            "3 DATA frames of 6 bytes"
+        );
     }
 
     #[test]
     fn reset_streams_are_errors() {
         let mut s = Sim::new(Filter::default());
         let l = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:50051");
-        s.send_request(l, &PREFACE.to_vec(), false);
+        s.send_request(l, PREFACE, false);
         s.send_request(l, &request(1, "/shop.Cart/List", "1"), false);
         s.send_response(l, &frame(3, 0, 1, &8u32.to_be_bytes()));
         let spans = s.spans();
         assert_eq!(spans.len(), 2);
-        assert!(spans.iter().all(|x| x.error.as_deref() == Some("stream reset (HTTP/2 error code 8)")));
+        assert!(
+            spans
+                .iter()
+                .all(|x| x.error.as_deref() == Some("stream reset (HTTP/2 error code 8)"))
+        );
     }
 }

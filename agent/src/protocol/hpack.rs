@@ -116,12 +116,21 @@ impl Default for Decoder {
 impl Decoder {
     /// A decoder that saw the connection from its first byte.
     pub fn new() -> Self {
-        Self { known: VecDeque::new(), known_size: 0, unknown_tail: false, max_size: 4096, limit: 4096 }
+        Self {
+            known: VecDeque::new(),
+            known_size: 0,
+            unknown_tail: false,
+            max_size: 4096,
+            limit: 4096,
+        }
     }
 
     /// A decoder for a connection joined mid-way: its table holds entries we never saw.
     pub fn joined_late() -> Self {
-        Self { unknown_tail: true, ..Self::new() }
+        Self {
+            unknown_tail: true,
+            ..Self::new()
+        }
     }
 
     /// A header block was not seen (or not fully): its insertions are unknown.
@@ -193,7 +202,11 @@ impl Decoder {
                 }
                 self.evict();
             } else {
-                let (prefix, indexing) = if b & 0xc0 == 0x40 { (6, true) } else { (4, false) };
+                let (prefix, indexing) = if b & 0xc0 == 0x40 {
+                    (6, true)
+                } else {
+                    (4, false)
+                };
                 let name_index = r.integer(prefix)?;
                 let name = if name_index == 0 {
                     Some(r.string()?)
@@ -247,7 +260,9 @@ impl Reader<'_> {
             if shift > 28 {
                 return Err(HpackError::Integer);
             }
-            value = value.checked_add(((b & 0x7f) as usize) << shift).ok_or(HpackError::Integer)?;
+            value = value
+                .checked_add(((b & 0x7f) as usize) << shift)
+                .ok_or(HpackError::Integer)?;
             shift += 7;
             if b & 0x80 == 0 {
                 return Ok(value);
@@ -262,7 +277,9 @@ impl Reader<'_> {
         let raw = self.buf.get(self.pos..end).ok_or(HpackError::Truncated)?;
         self.pos = end;
         let bytes = if huffman {
-            loona_hpack::huffman::HuffmanDecoder::new().decode(raw).map_err(|_| HpackError::Huffman)?
+            loona_hpack::huffman::HuffmanDecoder::new()
+                .decode(raw)
+                .map_err(|_| HpackError::Huffman)?
         } else {
             raw.to_vec()
         };
@@ -286,7 +303,10 @@ mod tests {
 
     fn hex(s: &str) -> Vec<u8> {
         let s: String = s.chars().filter(|c| !c.is_whitespace()).collect();
-        (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+        (0..s.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+            .collect()
     }
 
     /// RFC 7541 Appendix C.4: three requests with Huffman coding sharing a dynamic table.
@@ -294,19 +314,45 @@ mod tests {
     fn rfc_7541_c4_requests_with_huffman() {
         let mut d = Decoder::new();
         let mut out = Vec::new();
-        d.decode(&hex("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff"), &mut out).unwrap();
-        assert_eq!(known(&out), [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "www.example.com")]);
-        out.clear();
-        d.decode(&hex("8286 84be 5886 a8eb 1064 9cbf"), &mut out).unwrap();
+        d.decode(&hex("8286 8441 8cf1 e3c2 e5f2 3a6b a0ab 90f4 ff"), &mut out)
+            .unwrap();
         assert_eq!(
             known(&out),
-            [(":method", "GET"), (":scheme", "http"), (":path", "/"), (":authority", "www.example.com"), ("cache-control", "no-cache")]
+            [
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com")
+            ]
         );
         out.clear();
-        d.decode(&hex("8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf"), &mut out).unwrap();
+        d.decode(&hex("8286 84be 5886 a8eb 1064 9cbf"), &mut out)
+            .unwrap();
         assert_eq!(
             known(&out),
-            [(":method", "GET"), (":scheme", "https"), (":path", "/index.html"), (":authority", "www.example.com"), ("custom-key", "custom-value")]
+            [
+                (":method", "GET"),
+                (":scheme", "http"),
+                (":path", "/"),
+                (":authority", "www.example.com"),
+                ("cache-control", "no-cache")
+            ]
+        );
+        out.clear();
+        d.decode(
+            &hex("8287 85bf 4088 25a8 49e9 5ba9 7d7f 8925 a849 e95b b8e8 b4bf"),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            known(&out),
+            [
+                (":method", "GET"),
+                (":scheme", "https"),
+                (":path", "/index.html"),
+                (":authority", "www.example.com"),
+                ("custom-key", "custom-value")
+            ]
         );
         assert!(d.exact());
     }
@@ -327,7 +373,12 @@ mod tests {
         d.decode(&hex("4803 3330 37c1 c0bf"), &mut out).unwrap();
         assert_eq!(
             known(&out),
-            [(":status", "307"), ("cache-control", "private"), ("date", "Mon, 21 Oct 2013 20:13:21 GMT"), ("location", "https://www.example.com")]
+            [
+                (":status", "307"),
+                ("cache-control", "private"),
+                ("date", "Mon, 21 Oct 2013 20:13:21 GMT"),
+                ("location", "https://www.example.com")
+            ]
         );
     }
 
@@ -336,8 +387,16 @@ mod tests {
         let mut d = Decoder::joined_late();
         let mut out = Vec::new();
         // Indexed 62 (dynamic, unknown), then a static entry, then a literal with indexing.
-        d.decode(&[0xbe, 0x82, 0x40, 0x01, b'x', 0x01, b'y'], &mut out).unwrap();
-        assert_eq!(out, [Field::Unknown, Field::Known(":method".into(), "GET".into()), Field::Known("x".into(), "y".into())]);
+        d.decode(&[0xbe, 0x82, 0x40, 0x01, b'x', 0x01, b'y'], &mut out)
+            .unwrap();
+        assert_eq!(
+            out,
+            [
+                Field::Unknown,
+                Field::Known(":method".into(), "GET".into()),
+                Field::Known("x".into(), "y".into())
+            ]
+        );
         out.clear();
         // The entry inserted after joining is exact at index 62; 63 is still unknown.
         d.decode(&[0xbe, 0xbf], &mut out).unwrap();
@@ -351,12 +410,12 @@ mod tests {
     #[test]
     fn malformed_blocks_are_errors_not_panics() {
         let cases: &[&[u8]] = &[
-            &[0x80],                         // index 0
+            &[0x80],                                     // index 0
             &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f], // integer overflow
-            &[0x40, 0x05, b'a'],             // truncated name
-            &[0x40, 0x81, 0xff],             // bad Huffman (EOS padding)
-            &[0xbe],                         // dynamic index on an empty, exact table
-            &[0x3f, 0xff, 0x7f],             // table size above the limit
+            &[0x40, 0x05, b'a'],                         // truncated name
+            &[0x40, 0x81, 0xff],                         // bad Huffman (EOS padding)
+            &[0xbe],                                     // dynamic index on an empty, exact table
+            &[0x3f, 0xff, 0x7f],                         // table size above the limit
         ];
         for c in cases {
             let mut d = Decoder::new();

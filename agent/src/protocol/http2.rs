@@ -51,12 +51,29 @@ pub enum Message {
         start_ns: u64,
     },
     /// A header block whose bytes were not all captured: the stream's headers are unknown.
-    HeadersLost { from_client: bool, stream: u32, end_stream: bool },
-    Data { from_client: bool, stream: u32, len: u64, end_stream: bool },
-    Reset { stream: u32, code: u32 },
-    GoAway { last_stream: u32, code: u32 },
+    HeadersLost {
+        from_client: bool,
+        stream: u32,
+        end_stream: bool,
+    },
+    Data {
+        from_client: bool,
+        stream: u32,
+        len: u64,
+        end_stream: bool,
+    },
+    Reset {
+        stream: u32,
+        code: u32,
+    },
+    GoAway {
+        last_stream: u32,
+        code: u32,
+    },
     /// Framing is lost for the rest of the connection.
-    Broken { from_client: bool },
+    Broken {
+        from_client: bool,
+    },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -70,7 +87,12 @@ struct FrameHeader {
 #[derive(Debug)]
 enum Payload {
     /// Buffering a frame we need to read.
-    Read { header: FrameHeader, buf: Vec<u8>, start_ns: u64, lost: bool },
+    Read {
+        header: FrameHeader,
+        buf: Vec<u8>,
+        start_ns: u64,
+        lost: bool,
+    },
     /// Counting past bytes we do not need.
     Skip(u64),
 }
@@ -100,19 +122,42 @@ impl Http2Conn {
     pub fn new(joined_late: bool) -> Self {
         let side = |from_client: bool| Side {
             from_client,
-            preface_left: if from_client && !joined_late { PREFACE.len() } else { 0 },
+            preface_left: if from_client && !joined_late {
+                PREFACE.len()
+            } else {
+                0
+            },
             header: [0; 9],
             header_len: 0,
             payload: None,
             block: None,
-            hpack: if joined_late { hpack::Decoder::joined_late() } else { hpack::Decoder::new() },
+            hpack: if joined_late {
+                hpack::Decoder::joined_late()
+            } else {
+                hpack::Decoder::new()
+            },
             broken: false,
         };
-        Self { client: side(true), server: side(false), joined_late }
+        Self {
+            client: side(true),
+            server: side(false),
+            joined_late,
+        }
     }
 
-    pub fn feed(&mut self, from_client: bool, data: &[u8], missing: u64, ts: u64, out: &mut Vec<Message>) {
-        let (side, other) = if from_client { (&mut self.client, &mut self.server) } else { (&mut self.server, &mut self.client) };
+    pub fn feed(
+        &mut self,
+        from_client: bool,
+        data: &[u8],
+        missing: u64,
+        ts: u64,
+        out: &mut Vec<Message>,
+    ) {
+        let (side, other) = if from_client {
+            (&mut self.client, &mut self.server)
+        } else {
+            (&mut self.server, &mut self.client)
+        };
         side.feed(data, missing, ts, out, other);
     }
 }
@@ -120,10 +165,19 @@ impl Http2Conn {
 impl Side {
     fn broken(&mut self, out: &mut Vec<Message>) {
         self.broken = true;
-        out.push(Message::Broken { from_client: self.from_client });
+        out.push(Message::Broken {
+            from_client: self.from_client,
+        });
     }
 
-    fn feed(&mut self, mut data: &[u8], mut missing: u64, ts: u64, out: &mut Vec<Message>, other: &mut Side) {
+    fn feed(
+        &mut self,
+        mut data: &[u8],
+        mut missing: u64,
+        ts: u64,
+        out: &mut Vec<Message>,
+        other: &mut Side,
+    ) {
         while !self.broken {
             if self.preface_left > 0 {
                 let at = PREFACE.len() - self.preface_left;
@@ -151,7 +205,12 @@ impl Side {
                         return;
                     }
                 }
-                Some(Payload::Read { header, mut buf, start_ns, mut lost }) => {
+                Some(Payload::Read {
+                    header,
+                    mut buf,
+                    start_ns,
+                    mut lost,
+                }) => {
                     let total = header.len as usize;
                     let n = (total - buf.len()).min(data.len());
                     buf.extend_from_slice(&data[..n]);
@@ -165,7 +224,12 @@ impl Side {
                         lost = true;
                     }
                     if buf.len() < total {
-                        self.payload = Some(Payload::Read { header, buf, start_ns, lost });
+                        self.payload = Some(Payload::Read {
+                            header,
+                            buf,
+                            start_ns,
+                            lost,
+                        });
                         return;
                     }
                     self.frame(header, &buf, lost, start_ns, out, other);
@@ -198,7 +262,12 @@ impl Side {
                             if header.len as usize > MAX_BUFFERED {
                                 return self.broken(out);
                             }
-                            Payload::Read { header, buf: Vec::new(), start_ns: ts, lost: false }
+                            Payload::Read {
+                                header,
+                                buf: Vec::new(),
+                                start_ns: ts,
+                                lost: false,
+                            }
                         }
                         _ => {
                             if header.kind == DATA && header.stream != 0 {
@@ -220,7 +289,15 @@ impl Side {
         }
     }
 
-    fn frame(&mut self, h: FrameHeader, p: &[u8], lost: bool, start_ns: u64, out: &mut Vec<Message>, other: &mut Side) {
+    fn frame(
+        &mut self,
+        h: FrameHeader,
+        p: &[u8],
+        lost: bool,
+        start_ns: u64,
+        out: &mut Vec<Message>,
+        other: &mut Side,
+    ) {
         match h.kind {
             HEADERS | PUSH_PROMISE => {
                 let mut frag = p;
@@ -259,13 +336,16 @@ impl Side {
                 // direction's encoder may use.
                 for entry in p.chunks_exact(6) {
                     if u16::from_be_bytes([entry[0], entry[1]]) == 1 {
-                        other.hpack.set_limit(u32::from_be_bytes([entry[2], entry[3], entry[4], entry[5]]) as usize);
+                        other.hpack.set_limit(u32::from_be_bytes([
+                            entry[2], entry[3], entry[4], entry[5],
+                        ]) as usize);
                     }
                 }
             }
-            RST_STREAM if p.len() >= 4 && !lost => {
-                out.push(Message::Reset { stream: h.stream, code: u32::from_be_bytes([p[0], p[1], p[2], p[3]]) })
-            }
+            RST_STREAM if p.len() >= 4 && !lost => out.push(Message::Reset {
+                stream: h.stream,
+                code: u32::from_be_bytes([p[0], p[1], p[2], p[3]]),
+            }),
             GOAWAY if p.len() >= 8 && !lost => out.push(Message::GoAway {
                 last_stream: u32::from_be_bytes([p[0], p[1], p[2], p[3]]) & 0x7fff_ffff,
                 code: u32::from_be_bytes([p[4], p[5], p[6], p[7]]),
@@ -275,11 +355,17 @@ impl Side {
     }
 
     fn end_block(&mut self, out: &mut Vec<Message>) {
-        let Some((stream, end_stream, block, start_ns, lost)) = self.block.take() else { return };
+        let Some((stream, end_stream, block, start_ns, lost)) = self.block.take() else {
+            return;
+        };
         if lost {
             self.hpack.lost_block();
             if stream != 0 {
-                out.push(Message::HeadersLost { from_client: self.from_client, stream, end_stream });
+                out.push(Message::HeadersLost {
+                    from_client: self.from_client,
+                    stream,
+                    end_stream,
+                });
             }
             return;
         }
@@ -288,14 +374,18 @@ impl Side {
             // A block we cannot parse leaves the table in an unknown state.
             self.hpack.lost_block();
             if stream != 0 {
-                out.push(Message::HeadersLost { from_client: self.from_client, stream, end_stream });
+                out.push(Message::HeadersLost {
+                    from_client: self.from_client,
+                    stream,
+                    end_stream,
+                });
             }
             return;
         }
         if stream == 0 {
             return;
         }
-        let partial = fields.iter().any(|f| *f == Field::Unknown);
+        let partial = fields.contains(&Field::Unknown);
         out.push(Message::Headers {
             from_client: self.from_client,
             stream,
@@ -367,7 +457,12 @@ mod tests {
         headers.extend_from_slice(&[0, 0]);
         client.extend(frame(HEADERS, PADDED | PRIORITY, 1, &headers));
         client.extend(frame(CONTINUATION, END_HEADERS, 1, &block[5..]));
-        client.extend(frame(DATA, END_STREAM | PADDED, 1, &[1, 0, 0, 0, 0, 2, b'h', b'i', 0]));
+        client.extend(frame(
+            DATA,
+            END_STREAM | PADDED,
+            1,
+            &[1, 0, 0, 0, 0, 2, b'h', b'i', 0],
+        ));
         // Fed one byte at a time: framing must not depend on read boundaries.
         let mut out = Vec::new();
         for b in &client {
@@ -375,14 +470,28 @@ mod tests {
         }
         assert_eq!(out.len(), 2, "{out:?}");
         match &out[0] {
-            Message::Headers { stream: 1, fields, end_stream: false, partial: false, .. } => {
+            Message::Headers {
+                stream: 1,
+                fields,
+                end_stream: false,
+                partial: false,
+                ..
+            } => {
                 assert!(fields.contains(&(":path".into(), "/helloworld.G/SayHi".into())));
                 assert!(fields.contains(&("content-type".into(), "application/grpc".into())));
                 assert!(fields.contains(&(":method".into(), "POST".into())));
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(out[1], Message::Data { from_client: true, stream: 1, len: 9, end_stream: true });
+        assert_eq!(
+            out[1],
+            Message::Data {
+                from_client: true,
+                stream: 1,
+                len: 9,
+                end_stream: true
+            }
+        );
 
         let mut server = frame(SETTINGS, 0, 0, &[]);
         server.extend(frame(SETTINGS, ACK, 0, &[]));
@@ -394,11 +503,29 @@ mod tests {
         server.extend(frame(RST_STREAM, 0, 3, &8u32.to_be_bytes()));
         server.extend(frame(GOAWAY, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 0]));
         let out = feed(&mut c, false, &server);
-        assert!(matches!(&out[0], Message::Headers { fields, end_stream: false, .. } if fields[0] == (":status".into(), "200".into())));
-        assert_eq!(out[1], Message::Data { from_client: false, stream: 1, len: 6, end_stream: false });
-        assert!(matches!(&out[2], Message::Headers { fields, end_stream: true, .. } if fields[0] == ("grpc-status".into(), "0".into())));
+        assert!(
+            matches!(&out[0], Message::Headers { fields, end_stream: false, .. } if fields[0] == (":status".into(), "200".into()))
+        );
+        assert_eq!(
+            out[1],
+            Message::Data {
+                from_client: false,
+                stream: 1,
+                len: 6,
+                end_stream: false
+            }
+        );
+        assert!(
+            matches!(&out[2], Message::Headers { fields, end_stream: true, .. } if fields[0] == ("grpc-status".into(), "0".into()))
+        );
         assert_eq!(out[3], Message::Reset { stream: 3, code: 8 });
-        assert_eq!(out[4], Message::GoAway { last_stream: 1, code: 0 });
+        assert_eq!(
+            out[4],
+            Message::GoAway {
+                last_stream: 1,
+                code: 0
+            }
+        );
     }
 
     #[test]
@@ -410,12 +537,27 @@ mod tests {
         let mut f = frame(DATA, END_STREAM, 5, &vec![0; 20000]);
         f.truncate(109);
         c.feed(true, &f, 20000 - 100, 1, &mut out);
-        assert_eq!(out, [Message::Data { from_client: true, stream: 5, len: 20000, end_stream: true }]);
+        assert_eq!(
+            out,
+            [Message::Data {
+                from_client: true,
+                stream: 5,
+                len: 20000,
+                end_stream: true
+            }]
+        );
         out.clear();
         // A HEADERS frame whose tail was not captured: the block is reported lost.
         let f = frame(HEADERS, END_HEADERS, 7, &request_block());
         c.feed(true, &f[..15], (f.len() - 15) as u64, 2, &mut out);
-        assert_eq!(out, [Message::HeadersLost { from_client: true, stream: 7, end_stream: false }]);
+        assert_eq!(
+            out,
+            [Message::HeadersLost {
+                from_client: true,
+                stream: 7,
+                end_stream: false
+            }]
+        );
         // A frame header that falls in uncaptured bytes loses framing for good.
         out.clear();
         c.feed(true, &frame(DATA, 0, 9, &[1, 2])[..3], 20, 3, &mut out);
@@ -426,24 +568,42 @@ mod tests {
     fn late_join_marks_unresolvable_headers_partial() {
         let mut c = Http2Conn::new(true);
         // Indexed dynamic entry 62 (unknown to a late observer) and :status 200.
-        let out = feed(&mut c, false, &frame(HEADERS, END_HEADERS, 11, &[0xbe, 0x88]));
-        assert!(matches!(&out[0], Message::Headers { partial: true, fields, .. } if fields == &[(":status".to_string(), "200".to_string())]));
+        let out = feed(
+            &mut c,
+            false,
+            &frame(HEADERS, END_HEADERS, 11, &[0xbe, 0x88]),
+        );
+        assert!(
+            matches!(&out[0], Message::Headers { partial: true, fields, .. } if fields == &[(":status".to_string(), "200".to_string())])
+        );
     }
 
     #[test]
     fn garbage_breaks_framing_without_panicking() {
         let cases: &[(&[u8], bool)] = &[
-            (b"GET / HTTP/1.1\r\n\r\n", true),                        // not the preface
-            (&[0, 0, 4, HEADERS, 0x4, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff], false), // bad HPACK
-            (&[0xff, 0xff, 0xff, HEADERS, 0, 0, 0, 0, 1], false),     // oversized frame
-            (&[0, 0, 1, HEADERS, 0, 0, 0, 0, 1, 0x82, 0, 0, 0, DATA, 0, 0, 0, 0, 1], false), // interleaved block
-            (&[0, 0, 2, HEADERS, PADDED | END_HEADERS, 0, 0, 0, 1, 9, 0], false), // padding too long
+            (b"GET / HTTP/1.1\r\n\r\n", true), // not the preface
+            (
+                &[0, 0, 4, HEADERS, 0x4, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff],
+                false,
+            ), // bad HPACK
+            (&[0xff, 0xff, 0xff, HEADERS, 0, 0, 0, 0, 1], false), // oversized frame
+            (
+                &[
+                    0, 0, 1, HEADERS, 0, 0, 0, 0, 1, 0x82, 0, 0, 0, DATA, 0, 0, 0, 0, 1,
+                ],
+                false,
+            ), // interleaved block
+            (
+                &[0, 0, 2, HEADERS, PADDED | END_HEADERS, 0, 0, 0, 1, 9, 0],
+                false,
+            ), // padding too long
         ];
         for (bytes, from_client) in cases {
             let mut c = Http2Conn::new(!from_client);
             let out = feed(&mut c, *from_client, bytes);
             assert!(
-                out.iter().any(|m| matches!(m, Message::Broken { .. } | Message::HeadersLost { .. })),
+                out.iter()
+                    .any(|m| matches!(m, Message::Broken { .. } | Message::HeadersLost { .. })),
                 "{bytes:?}: {out:?}"
             );
         }

@@ -1,4 +1,4 @@
 //! Application protocols, decoded from connection byte streams. Nothing here knows about BPF.
 pub mod hpack;
-pub mod http2;
 pub mod http1;
+pub mod http2;

@@ -334,7 +334,11 @@ impl Tracer {
 
     /// gRPC status from response headers or trailers.
     pub fn grpc_status(&mut self, id: u64, code: i64) {
-        if let Some(g) = self.spans.get_mut(&id).and_then(|s| s.exchange.grpc.as_mut()) {
+        if let Some(g) = self
+            .spans
+            .get_mut(&id)
+            .and_then(|s| s.exchange.grpc.as_mut())
+        {
             g.status = Some(code);
         }
     }

@@ -105,8 +105,11 @@ impl Grpc {
             return None;
         }
         let (service, method) = path.strip_prefix('/')?.split_once('/')?;
-        (!service.is_empty() && !method.is_empty() && !method.contains('/'))
-            .then(|| Grpc { service: service.to_string(), method: method.to_string(), status: None })
+        (!service.is_empty() && !method.is_empty() && !method.contains('/')).then(|| Grpc {
+            service: service.to_string(),
+            method: method.to_string(),
+            status: None,
+        })
     }
 }
 

@@ -1,0 +1,196 @@
+//! HTTP/2 and gRPC end to end: grpcio services (grpc's C core) and nghttp2 over h2c, spans
+//! received over OTLP/gRPC.
+use kspan_tests::{Got, GrpcService, env, grpc_call, nghttpd, trace_id};
+
+fn one<'a>(spans: &'a [Got], kind: &str, service: &str) -> &'a Got {
+    let found: Vec<&Got> = spans
+        .iter()
+        .filter(|s| s.kind == kind && s.service() == service)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} span of {service}: {spans:#?}"
+    );
+    found[0]
+}
+
+/// Waits for `n` spans of trace `t`.
+fn trace_of(n: usize, t: u128) -> Vec<Got> {
+    env().trace(t, n)
+}
+
+#[test]
+fn grpc_unary_chain_linked_through_b3_metadata() {
+    // The agent must be running before the connections under test open.
+    env();
+    let cart = GrpcService::start("cart", None);
+    let gateway = GrpcService::start("gateway", Some(cart.port));
+    let t = trace_id(21);
+    assert_eq!(
+        grpc_call(
+            gateway.port,
+            "Get",
+            "apple",
+            &format!("{t:032x}-a2fb4a1d1a96d312-1")
+        ),
+        "item:apple"
+    );
+    let spans = trace_of(4, t);
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let shopper = one(&spans, "CLIENT", "shopper");
+    let gs = one(&spans, "SERVER", "gateway");
+    let gc = one(&spans, "CLIENT", "gateway");
+    let cs = one(&spans, "SERVER", "cart");
+    assert_eq!(shopper.parent, Some(0xa2fb4a1d1a96d312));
+    assert_eq!(gs.parent, Some(shopper.span_id));
+    assert_eq!(gc.parent, Some(gs.span_id));
+    assert_eq!(cs.parent, Some(gc.span_id));
+    for (p, c) in [(shopper, gs), (gs, gc), (gc, cs)] {
+        assert!(p.contains(c), "parent covers child:\n{p:#?}\n{c:#?}");
+    }
+    for s in &spans {
+        assert_eq!(s.name, "shop.Cart/Get");
+        assert_eq!(s.attr("rpc.system").s(), "grpc");
+        assert_eq!(s.attr("rpc.service").s(), "shop.Cart");
+        assert_eq!(s.attr("rpc.method").s(), "Get");
+        assert_eq!(s.attr("rpc.grpc.status_code").i(), 0);
+        assert_eq!(s.attr("network.protocol.version").s(), "2");
+        assert_eq!(s.attr("http.response.status_code").i(), 200);
+        assert_eq!(s.status, 0);
+        assert!(
+            !s.attrs.contains_key("kspan.partial"),
+            "connections opened under the agent are exact"
+        );
+    }
+    assert_eq!(cs.attr("server.port").i(), cart.port as i64);
+    // Request: 5-byte gRPC prefix + "apple"; reply: prefix + "item:apple".
+    assert_eq!(cs.attr("http.request.body.size").i(), 10);
+    assert_eq!(cs.attr("http.response.body.size").i(), 15);
+}
+
+#[test]
+fn grpc_server_streaming_ends_at_the_trailers() {
+    // The agent must be running before the connections under test open.
+    env();
+    let cart = GrpcService::start("cart", None);
+    let t = trace_id(22);
+    assert_eq!(
+        grpc_call(
+            cart.port,
+            "List",
+            "x",
+            &format!("{t:032x}-00000000000000aa-1")
+        ),
+        "3"
+    );
+    let spans = trace_of(2, t);
+    let client = one(&spans, "CLIENT", "shopper");
+    let server = one(&spans, "SERVER", "cart");
+    assert_eq!(server.parent, Some(client.span_id));
+    assert_eq!(server.name, "shop.Cart/List");
+    // All three messages (5-byte prefix + "partN" each) are inside the span.
+    assert_eq!(server.attr("http.response.body.size").i(), 30);
+    assert_eq!(client.attr("http.response.body.size").i(), 30);
+    assert_eq!(server.attr("rpc.grpc.status_code").i(), 0);
+}
+
+#[test]
+fn grpc_error_statuses_follow_the_conventions() {
+    // The agent must be running before the connections under test open.
+    env();
+    let cart = GrpcService::start("cart", None);
+    let (missing, boom) = (trace_id(23), trace_id(24));
+    assert_eq!(
+        grpc_call(
+            cart.port,
+            "Get",
+            "missing",
+            &format!("{missing:032x}-00000000000000bb-1")
+        ),
+        "NOT_FOUND"
+    );
+    assert_eq!(
+        grpc_call(
+            cart.port,
+            "Get",
+            "boom",
+            &format!("{boom:032x}-00000000000000cc-1")
+        ),
+        "INTERNAL"
+    );
+    let spans = trace_of(2, missing);
+    assert_eq!(
+        one(&spans, "CLIENT", "shopper")
+            .attr("rpc.grpc.status_code")
+            .i(),
+        5
+    );
+    assert_eq!(
+        one(&spans, "CLIENT", "shopper").status,
+        2,
+        "any non-OK status is a client error"
+    );
+    assert_eq!(
+        one(&spans, "SERVER", "cart").status,
+        0,
+        "NOT_FOUND is not a server fault"
+    );
+    let spans = trace_of(2, boom);
+    assert_eq!(
+        one(&spans, "SERVER", "cart")
+            .attr("rpc.grpc.status_code")
+            .i(),
+        13
+    );
+    assert_eq!(
+        one(&spans, "SERVER", "cart").status,
+        2,
+        "INTERNAL is a server fault"
+    );
+    assert_eq!(one(&spans, "CLIENT", "shopper").status, 2);
+}
+
+#[test]
+fn h2c_prior_knowledge_with_nghttp2() {
+    // The agent must be running before the connections under test open.
+    env();
+    let dir = std::env::temp_dir().join(format!("kspan-h2c-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("page.txt"), vec![b'k'; 3000]).unwrap();
+    let (port, _server) = nghttpd(&dir);
+    let t = trace_id(25);
+    let out = std::process::Command::new("nghttp")
+        .args([
+            "-n",
+            "-H",
+            &format!("b3: {t:032x}-00000000000000dd-1"),
+            &format!("http://127.0.0.1:{port}/page.txt"),
+        ])
+        .output()
+        .expect("nghttp (nghttp2-client)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let spans = trace_of(2, t);
+    let client = one(&spans, "CLIENT", "nghttp");
+    let server = one(&spans, "SERVER", "nghttpd");
+    assert_eq!(server.parent, Some(client.span_id));
+    assert_eq!(client.parent, Some(0xdd));
+    for s in [client, server] {
+        assert_eq!(s.name, "GET");
+        assert_eq!(s.attr("http.request.method").s(), "GET");
+        assert_eq!(s.attr("http.response.status_code").i(), 200);
+        assert_eq!(s.attr("http.response.body.size").i(), 3000);
+        assert_eq!(s.attr("network.protocol.version").s(), "2");
+        assert!(!s.attrs.contains_key("rpc.system"));
+    }
+    assert_eq!(server.attr("url.path").s(), "/page.txt");
+    assert_eq!(
+        client.attr("url.full").s(),
+        format!("http://127.0.0.1:{port}/page.txt")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
