@@ -324,6 +324,11 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
             sniff(&ev.payload)
         } {
             Some(p) => info.proto = p,
+            // A socket found mid-life may already speak HTTP/2 past its preface: a payload
+            // that starts with a plausible frame header is passed on for userspace to judge.
+            None if info.discovered != 0 && captured >= 9 && h2_frame_start(&ev.payload) => {
+                info.proto = proto::HTTP2
+            }
             // A socket found mid-life may be mid-message: give it a few more payloads.
             None if info.sniff_left > 0 => {
                 info.sniff_left -= 1;
@@ -534,6 +539,26 @@ fn sniff(p: &[u8]) -> Option<u8> {
         }
         _ => None,
     }
+}
+
+/// Whether bytes look like an HTTP/2 frame header: a defined type, a length within the
+/// default maximum frame size, the reserved bit clear, and a stream id consistent with the type.
+#[inline(always)]
+fn h2_frame_start(p: &[u8]) -> bool {
+    let (len_hi, kind, stream_hi) = (p[0], p[3], p[5]);
+    let stream_zero = p[5] == 0 && p[6] == 0 && p[7] == 0 && p[8] == 0;
+    let len_ok = len_hi == 0; // < 64 KiB; the default maximum is 16 KiB
+    len_ok
+        && stream_hi & 0x80 == 0
+        && match kind {
+            // SETTINGS, PING, GOAWAY: connection-level only.
+            4 | 6 | 7 => stream_zero,
+            // DATA, HEADERS, PRIORITY, RST_STREAM, PUSH_PROMISE, CONTINUATION: on a stream.
+            0 | 1 | 2 | 3 | 5 | 9 => !stream_zero,
+            // WINDOW_UPDATE may be either.
+            8 => true,
+            _ => false,
+        }
 }
 
 /// Reads the socket's addresses by walking task → files → fdtable → file → socket → sock with

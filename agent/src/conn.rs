@@ -19,6 +19,20 @@ pub enum Protocol {
 pub struct H2 {
     pub frames: Http2Conn,
     pub streams: rustc_hash::FxHashMap<u32, H2Stream>,
+    /// For a connection joined mid-way the process's side is unknown at first: both
+    /// directions are decoded with egress standing in for "client", and this records whether
+    /// that must be flipped once a request header block shows which side asks (`None` until).
+    pub flip: Option<bool>,
+}
+
+impl H2 {
+    pub fn new(joined_late: bool) -> Self {
+        Self {
+            frames: Http2Conn::new(joined_late),
+            streams: Default::default(),
+            flip: (!joined_late).then_some(false),
+        }
+    }
 }
 
 #[derive(Default)]

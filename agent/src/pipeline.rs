@@ -3,14 +3,14 @@
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
-    capture::event::{ConnId, Event, EventKind, Role},
+    capture::event::{ConnId, Direction, Event, EventKind, Role},
     config::Filter,
     conn::{Conn, Protocol},
     conn::{H2, H2Stream},
     process::ProcessCache,
     protocol::{
         http1::{Headers, Message, RequestHead},
-        http2::{self as h2, Http2Conn},
+        http2 as h2,
     },
     trace::{
         linker::{RequestStart, Tracer},
@@ -32,6 +32,8 @@ pub struct PipelineStats {
     pub requests: u64,
     /// HTTP/2 streams whose request headers were not captured (no span possible).
     pub h2_headers_lost: u64,
+    /// HTTP/2 connections joined mid-way (spans may be partial).
+    pub h2_joined_late: u64,
 }
 
 pub struct PipelineOptions {
@@ -107,7 +109,9 @@ impl Pipeline {
                 self.to_ignore.push(ev.conn);
                 return;
             }
-            // A socket found mid-life joins at the first message start that shows its side.
+            // A socket found mid-life joins at the first message start that shows its side, or,
+            // for HTTP/2, at a frame boundary (its side is learnt from the first request).
+            let mut h2_late = false;
             let role = match (ev.role, &ev.kind) {
                 (
                     Role::Unknown,
@@ -116,6 +120,10 @@ impl Pipeline {
                     },
                 ) => match Conn::infer_role(*direction, payload) {
                     Some(role) => role,
+                    None if h2::frame_start(payload) => {
+                        h2_late = true;
+                        Role::Unknown
+                    }
                     None => return,
                 },
                 (role, _) => role,
@@ -126,6 +134,11 @@ impl Pipeline {
             self.stats.conns_opened += 1;
             let mut conn = Conn::new(role, ev.endpoints, process, ev.ts_ns);
             conn.discovered = ev.discovered;
+            if h2_late {
+                conn.protocol = Protocol::Http2;
+                conn.h2 = Some(Box::new(H2::new(true)));
+                self.stats.h2_joined_late += 1;
+            }
             self.conns.insert(ev.conn, conn);
         }
         let Some(conn) = self.conns.get_mut(&ev.conn) else {
@@ -181,17 +194,30 @@ impl Pipeline {
                     && h2::starts_connection(payload, requests)
                 {
                     conn.protocol = Protocol::Http2;
-                    conn.h2 = Some(Box::new(H2 {
-                        frames: Http2Conn::new(false),
-                        streams: Default::default(),
-                    }));
+                    conn.h2 = Some(Box::new(H2::new(false)));
                 }
                 let missing = total_len.saturating_sub(payload.len() as u64);
                 match conn.h2.as_mut() {
                     Some(h) => {
-                        h.frames
-                            .feed(requests, payload, missing, ev.ts_ns, &mut self.h2_messages);
+                        // A late-joined connection's frame decoders stay keyed by direction (egress
+                        // stands in for "client"); its messages are flipped once its side is known.
+                        let from_client = if h.frames.joined_late {
+                            direction == Direction::Egress
+                        } else {
+                            requests
+                        };
+                        h.frames.feed(
+                            from_client,
+                            payload,
+                            missing,
+                            ev.ts_ns,
+                            &mut self.h2_messages,
+                        );
                         sink.apply_h2(conn, &mut self.h2_messages, ev.conn, ev.tid, ev.ts_ns);
+                        // Framing lost: the kernel can stop sending this connection's bytes.
+                        if conn.protocol == Protocol::Unsupported {
+                            self.to_ignore.push(ev.conn);
+                        }
                     }
                     None => {
                         conn.http
@@ -360,8 +386,29 @@ impl Sink<'_> {
         tid: u32,
         ts_ns: u64,
     ) {
-        for msg in messages.drain(..) {
+        for mut msg in messages.drain(..) {
             let Some(h) = conn.h2.as_mut() else { return };
+            let flip = match h.flip {
+                Some(flip) => flip,
+                None => match &msg {
+                    // The side that sends a request header block is the client.
+                    h2::Message::Headers {
+                        from_client: egress,
+                        fields,
+                        ..
+                    } if fields.iter().any(|(n, _)| n == ":method") => {
+                        conn.role = if *egress { Role::Client } else { Role::Server };
+                        h.flip = Some(!egress);
+                        !egress
+                    }
+                    h2::Message::Broken { .. } => false,
+                    // Before that, nothing can be attributed.
+                    _ => continue,
+                },
+            };
+            if flip {
+                msg.flip_direction();
+            }
             match msg {
                 h2::Message::Headers {
                     from_client: true,

@@ -214,3 +214,80 @@ fn connections_older_than_the_agent_are_picked_up() {
     );
     assert!(agent.terminate().success());
 }
+
+/// An HTTP/2 (gRPC) connection busy before the agent started: joined mid-way, its spans carry
+/// what HPACK's static table and literals allow, are marked `kspan.partial`, and never hold a
+/// wrong value.
+#[test]
+fn grpc_connection_older_than_the_agent_gives_partial_but_never_wrong_spans() {
+    assert_root();
+    let rt = runtime();
+    let (collector, spans) = kspan_tests::grpc_collector(&rt);
+    let cart = kspan_tests::GrpcService::start("cart", None);
+    // One channel, calls every 50 ms for a few seconds; the first ones predate the agent.
+    let script = r#"
+import grpc, sys, time
+ident = lambda b: b
+with grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}") as ch:
+    call = ch.unary_unary("/shop.Cart/Get", request_serializer=ident, response_deserializer=ident)
+    for i in range(120):
+        call(b"pear", timeout=5)
+        time.sleep(0.05)
+"#;
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args(["-c", script, &cart.port.to_string()])
+        .env("OTEL_SERVICE_NAME", "poller");
+    let _client = kspan_tests::Proc::spawn("poller", cmd);
+    std::thread::sleep(Duration::from_millis(1500));
+    let port = cart.port.to_string();
+    let agent = Agent::start(
+        "kspan-h2-late",
+        &["--port", &port, "--linger-ms", "100"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+        ],
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    let got = loop {
+        let got = spans.all();
+        let sides = |kind: &str| got.iter().filter(|g| g.kind == kind).count();
+        if (sides("SERVER") >= 3 && sides("CLIENT") >= 3) || std::time::Instant::now() > deadline {
+            break got;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(
+        got.iter()
+            .any(|g| g.kind == "SERVER" && g.service() == "cart"),
+        "{got:#?}\n{}",
+        agent.proc.log()
+    );
+    assert!(
+        got.iter()
+            .any(|g| g.kind == "CLIENT" && g.service() == "poller"),
+        "{got:#?}"
+    );
+    assert!(
+        got.iter()
+            .any(|g| g.attrs.get("kspan.partial") == Some(&kspan_tests::Val::B(true))),
+        "joined mid-way: {got:#?}"
+    );
+    for g in &got {
+        // Whatever was decoded must be right.
+        if let Some(v) = g.attrs.get("http.request.method") {
+            assert_eq!(v.s(), "POST", "{g:#?}");
+        }
+        if let Some(v) = g.attrs.get("url.path") {
+            assert_eq!(v.s(), "/shop.Cart/Get", "{g:#?}");
+        }
+        if let Some(v) = g.attrs.get("rpc.method") {
+            assert_eq!(v.s(), "Get", "{g:#?}");
+        }
+        if let Some(v) = g.attrs.get("http.response.status_code") {
+            assert_eq!(v.i(), 200, "{g:#?}");
+        }
+    }
+    kspan_tests::wait_metric(agent.metrics, "kspan_spans_partial_total", |v| v >= 1);
+    assert!(agent.terminate().success());
+}

@@ -553,3 +553,72 @@ mod http2 {
         );
     }
 }
+
+mod http2_late {
+    use super::*;
+    use crate::protocol::http2::testing::{frame, lit};
+
+    #[test]
+    fn joined_mid_connection_learns_its_side_and_marks_spans_partial() {
+        let mut s = Sim::new(Filter::default());
+        let server = ConnId {
+            tgid: 2,
+            fd: 6,
+            generation: 9,
+        };
+        let send = |s: &mut Sim, dir: Direction, bytes: &[u8]| {
+            s.ts += 10;
+            s.p.handle(Event {
+                conn: server,
+                tid: 2,
+                ts_ns: s.ts,
+                role: Role::Unknown,
+                endpoints: Some(Endpoints {
+                    local: "127.0.0.1:50051".parse().unwrap(),
+                    peer: "127.0.0.1:40000".parse().unwrap(),
+                    netns: LOOPBACK_NS,
+                }),
+                comm: [0; 16],
+                discovered: true,
+                kind: EventKind::Data {
+                    direction: dir,
+                    total_len: bytes.len() as u64,
+                    payload: bytes,
+                    gap: false,
+                },
+            });
+        };
+        // The tail of a response already in flight, then a PING: nothing attributable yet.
+        send(&mut s, Direction::Egress, &frame(0, 1, 1, &[0, 0, 0, 0, 0]));
+        send(&mut s, Direction::Ingress, &frame(6, 0, 0, &[0; 8]));
+        // A request whose :path sits in the dynamic table we never saw; :method is static.
+        let mut block = vec![0x83, 0xbe];
+        block.extend(lit("b3", "463ac35c9f6413ad-a2fb4a1d1a96d312-1"));
+        send(&mut s, Direction::Ingress, &frame(1, 4 | 1, 3, &block));
+        send(&mut s, Direction::Egress, &frame(1, 4 | 1, 3, &[0x88]));
+        let spans = s.spans();
+        assert_eq!(spans.len(), 1, "{spans:#?}");
+        let span = &spans[0];
+        assert_eq!(span.kind, SpanKind::Server, "the peer sent the request");
+        assert_eq!(span.attr("kspan.partial"), Some(&AttrValue::Bool(true)));
+        assert_eq!(
+            span.attr("url.path"),
+            None,
+            "an unknown path is left out, not guessed"
+        );
+        assert_eq!(
+            span.attr("http.request.method"),
+            Some(&AttrValue::from("POST"))
+        );
+        assert_eq!(
+            span.attr("http.response.status_code"),
+            Some(&AttrValue::Int(200))
+        );
+        assert_eq!(
+            span.trace_id, 0x463ac35c9f6413ad,
+            "literal fields still carry the context"
+        );
+        assert_eq!(s.p.stats.h2_joined_late, 1);
+        assert_eq!(s.p.tracer_stats().spans_partial, 1);
+    }
+}

@@ -9,6 +9,23 @@ use super::hpack::{self, Field};
 
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+/// Whether bytes begin with a plausible HTTP/2 frame header (mirrors the kernel's check for
+/// sockets found mid-life).
+pub fn frame_start(data: &[u8]) -> bool {
+    let [len_hi, _, _, kind, _, s0, s1, s2, s3, ..] = *data else {
+        return false;
+    };
+    let stream_zero = [s0, s1, s2, s3] == [0, 0, 0, 0];
+    len_hi == 0
+        && s0 & 0x80 == 0
+        && match kind {
+            SETTINGS | 0x6 | GOAWAY => stream_zero,
+            DATA | HEADERS | 0x2 | RST_STREAM | PUSH_PROMISE | CONTINUATION => !stream_zero,
+            0x8 => true,
+            _ => false,
+        }
+}
+
 /// Whether the first bytes one side sends open an HTTP/2 connection: the client preface, or
 /// the SETTINGS frame that is the server's preface (which servers often send first).
 pub fn starts_connection(data: &[u8], from_client: bool) -> bool {
@@ -74,6 +91,20 @@ pub enum Message {
     Broken {
         from_client: bool,
     },
+}
+
+impl Message {
+    /// Swaps which side the message is attributed to (for connections joined mid-way, whose
+    /// sides are learnt after decoding starts).
+    pub fn flip_direction(&mut self) {
+        match self {
+            Message::Headers { from_client, .. }
+            | Message::HeadersLost { from_client, .. }
+            | Message::Data { from_client, .. }
+            | Message::Broken { from_client } => *from_client = !*from_client,
+            Message::Reset { .. } | Message::GoAway { .. } => {}
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -607,5 +638,53 @@ mod tests {
                 "{bytes:?}: {out:?}"
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod recognition_tests {
+    use super::{testing::*, *};
+
+    #[test]
+    fn recognises_connection_starts_and_frame_boundaries() {
+        assert!(starts_connection(PREFACE, true));
+        assert!(starts_connection(
+            &frame(SETTINGS, 0, 0, &[0, 3, 0, 0, 0, 100]),
+            false
+        ));
+        assert!(
+            !starts_connection(&frame(SETTINGS, 0, 0, &[0, 3, 0]), false),
+            "length not a multiple of 6"
+        );
+        assert!(!starts_connection(b"HTTP/1.1 200 OK\r\n", false));
+        assert!(frame_start(&frame(HEADERS, END_HEADERS, 5, &[0x82])));
+        assert!(frame_start(&frame(0x8, 0, 0, &[0, 0, 1, 0])));
+        assert!(
+            !frame_start(&frame(HEADERS, 0, 0, &[0x82])),
+            "HEADERS needs a stream"
+        );
+        assert!(
+            !frame_start(&frame(SETTINGS, 0, 3, &[])),
+            "SETTINGS is connection-level"
+        );
+        assert!(!frame_start(b"GET / HTTP/1.1\r\n"));
+        assert!(!frame_start(&[0, 0]));
+    }
+
+    #[test]
+    fn push_promise_blocks_update_the_table_but_make_no_stream() {
+        let mut c = Http2Conn::new(false);
+        let mut block = 5u32.to_be_bytes().to_vec(); // promised stream id
+        block.extend([0x40, 0x01, b'k', 0x01, b'v']); // literal with indexing: k: v
+        let mut bytes = frame(PUSH_PROMISE, END_HEADERS, 1, &block);
+        // A later response references the pushed entry by its dynamic index.
+        bytes.extend(frame(HEADERS, END_HEADERS, 1, &[0x88, 0xbe]));
+        let mut out = Vec::new();
+        c.feed(false, &bytes, 0, 1, &mut out);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(
+            matches!(&out[0], Message::Headers { stream: 1, fields, partial: false, .. }
+            if fields == &[(":status".to_string(), "200".to_string()), ("k".to_string(), "v".to_string())])
+        );
     }
 }

@@ -132,13 +132,18 @@ impl HttpExchange {
     pub fn span_name(&self) -> String {
         match &self.grpc {
             Some(g) => format!("{}/{}", g.service, g.method),
+            // The conventions' name when the method is unknown.
+            None if self.method.is_empty() => "HTTP".to_string(),
             None => self.method.clone(),
         }
     }
 
     pub fn attributes(&self, kind: SpanKind) -> Vec<(&'static str, AttrValue)> {
         let mut a: Vec<(&'static str, AttrValue)> = Vec::with_capacity(16);
-        a.push(("http.request.method", self.method.as_str().into()));
+        // Fields an HTTP/2 decoder joined mid-way could not read are left out, never guessed.
+        if !self.method.is_empty() {
+            a.push(("http.request.method", self.method.as_str().into()));
+        }
         let (path, query) = match self.target.split_once('?') {
             Some((p, q)) => (p, Some(q)),
             None => (self.target.as_str(), None),
@@ -146,7 +151,9 @@ impl HttpExchange {
         let host = self.host.as_deref().map(split_host);
         match kind {
             SpanKind::Server => {
-                a.push(("url.path", path.into()));
+                if !path.is_empty() {
+                    a.push(("url.path", path.into()));
+                }
                 if let Some(q) = query {
                     a.push(("url.query", q.into()));
                 }
@@ -183,10 +190,12 @@ impl HttpExchange {
                 } else {
                     authority
                 };
-                a.push((
-                    "url.full",
-                    format!("http://{authority}{}", self.target).into(),
-                ));
+                if !self.target.is_empty() {
+                    a.push((
+                        "url.full",
+                        format!("http://{authority}{}", self.target).into(),
+                    ));
+                }
                 if !h.is_empty() {
                     a.push(("server.address", h.into()));
                 }
