@@ -154,7 +154,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     metrics.ready.store(true, Relaxed);
     if matches!(source, Source::Kernel(_)) {
         eprintln!(
-            "kspan: probes attached; tracing HTTP/1.x (metrics on http://{}/metrics)",
+            "kspan: probes attached; tracing HTTP/1.x, HTTP/2 and gRPC (metrics on http://{}/metrics)",
             args.metrics_addr
         );
     }

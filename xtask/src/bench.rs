@@ -34,6 +34,10 @@ struct Scenario {
     name: &'static str,
     path: &'static str,
     keep_alive: bool,
+    /// HTTP/2: h2load against nghttpd instead of wrk against nginx.
+    h2: bool,
+    /// Spans each request produces (CLIENT + SERVER, twice when proxied).
+    spans_per_request: u64,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -41,25 +45,39 @@ const SCENARIOS: &[Scenario] = &[
         name: "static, keep-alive",
         path: "/static",
         keep_alive: true,
+        h2: false,
+        spans_per_request: 2,
     },
     Scenario {
         name: "static, new connection per request",
         path: "/static",
         keep_alive: false,
+        h2: false,
+        spans_per_request: 2,
     },
     Scenario {
         name: "proxied upstream, keep-alive",
         path: "/proxy",
         keep_alive: true,
+        h2: false,
+        spans_per_request: 4,
+    },
+    Scenario {
+        name: "HTTP/2 (h2load → nghttpd, h2c, 10 streams per connection)",
+        path: "/hello",
+        keep_alive: true,
+        h2: true,
+        spans_per_request: 2,
     },
 ];
 
+/// One load run. h2load reports no latency percentiles, hence the options.
 #[derive(Clone, Copy, Default, Debug)]
 struct Wrk {
     rps: f64,
     requests: u64,
-    p50_us: f64,
-    p99_us: f64,
+    p50_us: Option<f64>,
+    p99_us: Option<f64>,
 }
 
 #[derive(Clone, Copy, Default, Debug)]
@@ -83,19 +101,32 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     let front = free_port()?;
     let upstream = free_port()?;
     let _nginx = start_nginx(&dir, front, upstream)?;
+    let h2_port = free_port()?;
+    let _nghttpd = start_nghttpd(&dir, h2_port)?;
     let sink = Sink::start()?;
 
     let mut report = String::new();
     let mut rows = Vec::new();
     for sc in SCENARIOS {
-        let url = format!("http://127.0.0.1:{front}{}", sc.path);
+        let url = format!(
+            "http://127.0.0.1:{}{}",
+            if sc.h2 { h2_port } else { front },
+            sc.path
+        );
+        let load = |url: &str| {
+            if sc.h2 {
+                h2load(url, secs, args.connections)
+            } else {
+                wrk(url, sc.keep_alive, secs, args.connections)
+            }
+        };
         let mut a_runs = Vec::new();
         let mut b_runs = Vec::new();
         for pair in 0..pairs {
             eprintln!("bench: {} — pair {}/{pairs}", sc.name, pair + 1);
-            a_runs.push(wrk(&url, sc.keep_alive, secs, args.connections)?);
+            a_runs.push(load(&url)?);
             let agent = Agent::start(kspan, sink.port, &dir)?;
-            let w = wrk(&url, sc.keep_alive, secs, args.connections)?;
+            let w = load(&url)?;
             let run = agent.finish()?;
             b_runs.push((w, run));
         }
@@ -158,10 +189,17 @@ fn median(mut v: Vec<f64>) -> f64 {
 
 fn summarise(sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
     let m = |f: &dyn Fn(&Wrk) -> f64, runs: &[Wrk]| median(runs.iter().map(f).collect());
+    let mo = |f: &dyn Fn(&Wrk) -> Option<f64>, runs: &[Wrk]| {
+        runs.iter().map(f).collect::<Option<Vec<f64>>>().map(median)
+    };
     let bw: Vec<Wrk> = b.iter().map(|(w, _)| *w).collect();
     let (rps_a, rps_b) = (m(&|w| w.rps, a), m(&|w| w.rps, &bw));
-    let (p50_a, p50_b) = (m(&|w| w.p50_us, a), m(&|w| w.p50_us, &bw));
-    let (p99_a, p99_b) = (m(&|w| w.p99_us, a), m(&|w| w.p99_us, &bw));
+    let latency = |f: &dyn Fn(&Wrk) -> Option<f64>| match (mo(f, a), mo(f, &bw)) {
+        (Some(x), Some(y)) => (format!("{x:.0} → {y:.0}"), format!("{:.2}", y / x.max(1.0))),
+        _ => ("n/a".to_string(), "n/a".to_string()),
+    };
+    let (p50, p50_ratio) = latency(&|w| w.p50_us);
+    let (p99, p99_ratio) = latency(&|w| w.p99_us);
     let cpu_per_10k = median(
         b.iter()
             .map(|(w, r)| r.cpu_secs / (w.requests.max(1) as f64 / 10_000.0))
@@ -169,24 +207,17 @@ fn summarise(sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
     );
     let rss = b.iter().map(|(_, r)| r.peak_rss_kb).max().unwrap_or(0);
     let lost: u64 = b.iter().map(|(_, r)| r.lost).sum();
-    // Every request yields a CLIENT span (wrk) and a SERVER span (nginx); proxied ones two more.
-    let per_req = if sc.path == "/proxy" { 4 } else { 2 };
+    let per_req = sc.spans_per_request;
     let exported: u64 = b.iter().map(|(_, r)| r.spans_exported).sum();
     let expected: u64 = b.iter().map(|(w, _)| w.requests * per_req).sum();
     let dropped: u64 = b.iter().map(|(_, r)| r.spans_dropped).sum();
     let seen: u64 = b.iter().map(|(_, r)| r.requests_seen).sum();
     format!(
-        "| {} | {:.0} | {:.0} | **{:.3}** | {:.0} → {:.0} | {:.2} | {:.0} → {:.0} | {:.2} | {:.3} | {:.1} MiB | {} | {} / {} ({:.1}%; {} dropped, {} requests decoded) |",
+        "| {} | {:.0} | {:.0} | **{:.3}** | {p50} | {p50_ratio} | {p99} | {p99_ratio} | {:.3} | {:.1} MiB | {} | {} / {} ({:.1}%; {} dropped, {} requests decoded) |",
         sc.name,
         rps_a,
         rps_b,
         rps_b / rps_a.max(1.0),
-        p50_a,
-        p50_b,
-        p50_b / p50_a.max(1.0),
-        p99_a,
-        p99_b,
-        p99_b / p99_a.max(1.0),
         cpu_per_10k,
         rss as f64 / 1024.0,
         lost,
@@ -288,10 +319,65 @@ fn parse_wrk(text: &str) -> Option<Wrk> {
         let f: Vec<&str> = line.split_whitespace().collect();
         match f.as_slice() {
             ["Requests/sec:", v] => w.rps = v.parse().ok()?,
-            ["50%", v] => w.p50_us = parse_us(v)?,
-            ["99%", v] => w.p99_us = parse_us(v)?,
+            ["50%", v] => w.p50_us = Some(parse_us(v)?),
+            ["99%", v] => w.p99_us = Some(parse_us(v)?),
             [n, "requests", "in", ..] => w.requests = n.parse().ok()?,
             _ => {}
+        }
+    }
+    (w.rps > 0.0 && w.requests > 0).then_some(w)
+}
+
+/// nghttpd serving a small file over h2c (prior knowledge).
+fn start_nghttpd(dir: &Path, port: u16) -> anyhow::Result<Killed> {
+    let docroot = dir.join("h2");
+    std::fs::create_dir_all(&docroot)?;
+    std::fs::write(docroot.join("hello"), "hello from kspan bench\n")?;
+    let mut cmd = Command::new("nghttpd");
+    cmd.args(["--no-tls", "-d"])
+        .arg(&docroot)
+        .arg(port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    let child = Killed(cmd.spawn().context("starting nghttpd")?);
+    wait_port(port)?;
+    Ok(child)
+}
+
+/// h2load at saturation: `connections` connections with 10 concurrent streams each.
+fn h2load(url: &str, secs: u64, connections: u32) -> anyhow::Result<Wrk> {
+    let out = Command::new("h2load")
+        .args([
+            "-c",
+            &connections.to_string(),
+            "-m",
+            "10",
+            "-D",
+            &secs.to_string(),
+            url,
+        ])
+        .output()
+        .context("running h2load")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        bail!("h2load failed: {text}");
+    }
+    parse_h2load(&text).with_context(|| format!("unexpected h2load output:\n{text}"))
+}
+
+fn parse_h2load(text: &str) -> Option<Wrk> {
+    let mut w = Wrk::default();
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("finished in ") {
+            let rps = rest.split(", ").nth(1)?.strip_suffix(" req/s")?;
+            w.rps = rps.parse().ok()?;
+        } else if let Some(rest) = line.strip_prefix("requests: ") {
+            // "requests: N total, N started, N done, N succeeded, ..."
+            let succeeded = rest
+                .split(", ")
+                .find_map(|f| f.strip_suffix(" succeeded"))?;
+            w.requests = succeeded.parse().ok()?;
         }
     }
     (w.rps > 0.0 && w.requests > 0).then_some(w)
@@ -534,10 +620,15 @@ mod tests {
         let text = "Running 1s test @ http://127.0.0.1:1/static\n  1 threads and 32 connections\n  Thread Stats   Avg      Stdev     Max   +/- Stdev\n    Latency   306.43us  120.00us   2.10ms   90.00%\n  Latency Distribution\n     50%  289.00us\n     75%  330.00us\n     90%  400.00us\n     99%    1.20ms\n  97000 requests in 1.00s, 14.2MB read\nRequests/sec:  96998.50\nTransfer/sec:     14.20MB\n";
         let w = parse_wrk(text).unwrap();
         assert_eq!(w.requests, 97000);
-        assert_eq!(w.p50_us, 289.0);
-        assert_eq!(w.p99_us, 1200.0);
+        assert_eq!(w.p50_us, Some(289.0));
+        assert_eq!(w.p99_us, Some(1200.0));
         assert!((w.rps - 96998.5).abs() < 1e-6);
         assert!(parse_wrk("garbage").is_none());
+        let h2 = "finished in 5.00s, 41234.60 req/s, 3.40MB/s\nrequests: 206173 total, 206173 started, 206173 done, 206173 succeeded, 0 failed, 0 errored, 0 timeout\n";
+        let w = parse_h2load(h2).unwrap();
+        assert_eq!((w.requests, w.p50_us), (206173, None));
+        assert!((w.rps - 41234.6).abs() < 1e-6);
+        assert!(parse_h2load("nothing").is_none());
         assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
         assert_eq!(median(vec![4.0, 1.0, 2.0, 3.0]), 2.5);
     }
