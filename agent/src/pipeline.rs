@@ -313,21 +313,8 @@ impl Sink<'_> {
         for msg in messages.drain(..) {
             match msg {
                 Message::RequestHead(head) => {
-                    self.stats.requests += 1;
-                    let span = self.tracer.request_started(RequestStart {
-                        conn: id,
-                        tid,
-                        kind: if conn.role == Role::Server {
-                            SpanKind::Server
-                        } else {
-                            SpanKind::Client
-                        },
-                        endpoints: conn.endpoints,
-                        seq: (!conn.discovered).then_some(conn.requests),
-                        process: conn.process.clone(),
-                        head: &head,
-                    });
-                    conn.requests += 1;
+                    let seq = conn.requests;
+                    let span = self.start_request(conn, id, tid, seq, &head);
                     conn.in_flight.push_back(span);
                 }
                 Message::RequestEnd { body_len, .. } => {
@@ -358,6 +345,33 @@ impl Sink<'_> {
                 }
             }
         }
+    }
+
+    /// Starts the span of a request; `seq` pairs it with the other end of the connection
+    /// (request number for HTTP/1, stream id for HTTP/2) unless earlier traffic was missed.
+    fn start_request(
+        &mut self,
+        conn: &mut Conn,
+        id: ConnId,
+        tid: u32,
+        seq: u64,
+        head: &RequestHead,
+    ) -> Option<u64> {
+        self.stats.requests += 1;
+        conn.requests += 1;
+        self.tracer.request_started(RequestStart {
+            conn: id,
+            tid,
+            kind: if conn.role == Role::Server {
+                SpanKind::Server
+            } else {
+                SpanKind::Client
+            },
+            endpoints: conn.endpoints,
+            seq: (!conn.discovered).then_some(seq),
+            process: conn.process.clone(),
+            head,
+        })
     }
 
     /// Requests and responses can no longer be paired: drop what is in flight (counted) and
@@ -426,22 +440,8 @@ impl Sink<'_> {
                         continue;
                     }
                     let head = request_head(fields, start_ns);
-                    self.stats.requests += 1;
-                    let span = self.tracer.request_started(RequestStart {
-                        conn: id,
-                        tid,
-                        kind: if conn.role == Role::Server {
-                            SpanKind::Server
-                        } else {
-                            SpanKind::Client
-                        },
-                        endpoints: conn.endpoints,
-                        // Both ends number streams identically, which pairs them exactly.
-                        seq: (!conn.discovered).then_some(stream as u64),
-                        process: conn.process.clone(),
-                        head: &head,
-                    });
-                    conn.requests += 1;
+                    // Both ends number streams identically, which pairs them exactly.
+                    let span = self.start_request(conn, id, tid, stream as u64, &head);
                     if let Some(span) = span {
                         if partial {
                             self.tracer.mark_partial(span);
@@ -450,6 +450,8 @@ impl Sink<'_> {
                             self.tracer.request_ended(span, 0);
                         }
                     }
+                    // Re-borrowed: starting the span needed the whole connection.
+                    let Some(h) = conn.h2.as_mut() else { return };
                     h.streams.insert(
                         stream,
                         H2Stream {

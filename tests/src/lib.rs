@@ -619,6 +619,20 @@ pub fn metric(agent: SocketAddr, name: &str) -> u64 {
         .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
 }
 
+/// The one span of `kind` from `service`; fails the test if there are none or several.
+pub fn one<'a>(spans: &'a [Got], kind: &str, service: &str) -> &'a Got {
+    let found: Vec<&Got> = spans
+        .iter()
+        .filter(|s| s.kind == kind && s.service() == service)
+        .collect();
+    assert_eq!(
+        found.len(),
+        1,
+        "expected one {kind} span of {service}: {spans:#?}"
+    );
+    found[0]
+}
+
 /// Runs curl and returns its stdout; fails the test on a non-zero exit.
 pub fn curl(args: &[&str]) -> String {
     let out = Command::new("curl")

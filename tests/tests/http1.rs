@@ -6,22 +6,9 @@ use std::{
     time::Duration,
 };
 
-use kspan_tests::{Got, Nginx, PyService, Val, curl, env, trace_id, trace_id_64, unique_path};
+use kspan_tests::{Got, Nginx, PyService, Val, curl, env, one, trace_id, trace_id_64, unique_path};
 
 const S: u64 = 0xa2fb4a1d1a96d312;
-
-fn one<'a>(spans: &'a [Got], kind: &str, service: &str) -> &'a Got {
-    let found: Vec<&Got> = spans
-        .iter()
-        .filter(|s| s.kind == kind && s.service() == service)
-        .collect();
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one {kind} span of {service}: {spans:#?}"
-    );
-    found[0]
-}
 
 /// curl → frontend → backend: checks the exact tree, attributes and timing nesting.
 fn assert_chain(spans: &[Got], front: &PyService, back: &PyService, path: &str) -> u64 {

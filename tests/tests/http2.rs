@@ -1,19 +1,6 @@
 //! HTTP/2 and gRPC end to end: grpcio services (grpc's C core) and nghttp2 over h2c, spans
 //! received over OTLP/gRPC.
-use kspan_tests::{Got, GrpcService, env, grpc_call, nghttpd, trace_id};
-
-fn one<'a>(spans: &'a [Got], kind: &str, service: &str) -> &'a Got {
-    let found: Vec<&Got> = spans
-        .iter()
-        .filter(|s| s.kind == kind && s.service() == service)
-        .collect();
-    assert_eq!(
-        found.len(),
-        1,
-        "expected one {kind} span of {service}: {spans:#?}"
-    );
-    found[0]
-}
+use kspan_tests::{Got, GrpcService, env, grpc_call, nghttpd, one, trace_id};
 
 /// Waits for `n` spans of trace `t`.
 fn trace_of(n: usize, t: u128) -> Vec<Got> {

@@ -389,20 +389,10 @@ impl Side {
         let Some((stream, end_stream, block, start_ns, lost)) = self.block.take() else {
             return;
         };
-        if lost {
-            self.hpack.lost_block();
-            if stream != 0 {
-                out.push(Message::HeadersLost {
-                    from_client: self.from_client,
-                    stream,
-                    end_stream,
-                });
-            }
-            return;
-        }
         let mut fields = Vec::new();
-        if self.hpack.decode(&block, &mut fields).is_err() {
-            // A block we cannot parse leaves the table in an unknown state.
+        // A block not captured in full, or one we cannot parse, leaves the table in an unknown
+        // state and the stream's headers unknown.
+        if lost || self.hpack.decode(&block, &mut fields).is_err() {
             self.hpack.lost_block();
             if stream != 0 {
                 out.push(Message::HeadersLost {
