@@ -50,7 +50,15 @@ pub mod event_flags {
     pub const NO_PAYLOAD: u8 = 1;
     /// Earlier events of this connection were lost (ring buffer full): the stream has a gap.
     pub const GAP: u8 = 2;
+    /// The payload is a sequence of chunks (HTTP/2 frame walk), not a plain prefix: each chunk
+    /// is a [`super::H2_CHUNK_HEADER`]-byte header `[u32 copied][u32 skipped]` (little-endian)
+    /// followed by `copied` bytes, which the syscall's stream continues past with `skipped`
+    /// bytes that were not copied. `total_len` is the bytes the record describes.
+    pub const FRAMED: u8 = 4;
 }
+
+/// Size of a chunk header in a [`event_flags::FRAMED`] payload.
+pub const H2_CHUNK_HEADER: usize = 8;
 
 /// Payloads a discovered socket may show before the kernel decides it is not HTTP.
 pub const DISCOVERY_SNIFFS: u8 = 8;

@@ -8,6 +8,7 @@
 #![no_main]
 
 mod arch;
+mod h2;
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -192,6 +193,7 @@ fn on_open(fd: u32, role: u8) {
         fd,
     };
     let _ = NOT_SOCKETS.remove(&key);
+    h2::forget(&key);
     let Ok(tuple) = read_tuple(fd, false) else {
         return;
     };
@@ -228,6 +230,9 @@ fn on_close(fd: u32) {
     // SAFETY: pointer from a successful lookup, read before the entry is removed.
     let info = unsafe { *info };
     let _ = CONNS.remove(&key);
+    if info.proto == proto::HTTP2 {
+        h2::forget(&key);
+    }
     if info.proto != proto::HTTP1 && info.proto != proto::HTTP2 {
         return;
     }
@@ -287,23 +292,34 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
     if cap > MAX_PAYLOAD as u64 {
         cap = MAX_PAYLOAD as u64;
     }
-    let want = if total < cap { total } else { cap };
     let buf: u64 = reg(regs, REG_ARG1)?;
-    let mut flags = 0u8;
-    let captured = match copy {
-        Copy::Flat => copy_flat(ev, buf as *const u8, want),
-        Copy::Iov => {
-            let count: u64 = reg(regs, REG_ARG2)?;
-            copy_iov(buf as *const u8, count, want)
-        }
+    let src = match copy {
+        Copy::Flat => h2::Source::Flat(buf),
+        Copy::Iov => h2::Source::Iov {
+            iov: buf,
+            count: reg(regs, REG_ARG2)?,
+        },
         Copy::Msg => {
             let msg = buf as *const u8;
             // SAFETY: user pointers read through the fault-tolerant helper.
             let iov: u64 = unsafe { bpf_probe_read_user(msg.add(MSGHDR_IOV) as *const u64) }?;
             let count: u64 = unsafe { bpf_probe_read_user(msg.add(MSGHDR_IOVLEN) as *const u64) }?;
-            copy_iov(iov as *const u8, count, want)
+            h2::Source::Iov { iov, count }
         }
-        Copy::None => {
+        Copy::None => h2::Source::Unreadable,
+    };
+
+    // HTTP/2 framing must survive reads of any size: follow the frames instead of a prefix.
+    if info.proto == proto::HTTP2 && h2_walk(ev, info, &key, tid, total, dir, &src, cap) {
+        return Ok(());
+    }
+
+    let want = if total < cap { total } else { cap };
+    let mut flags = 0u8;
+    let captured = match src {
+        h2::Source::Flat(buf) => copy_flat(ev, buf as *const u8, want),
+        h2::Source::Iov { iov, count } => copy_iov(iov as *const u8, count, want),
+        h2::Source::Unreadable => {
             flags |= event_flags::NO_PAYLOAD;
             0
         }
@@ -340,25 +356,25 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
                 return Ok(());
             }
         }
+        if info.proto == proto::HTTP2 {
+            // The direction that opens with the client preface; a connection found mid-life
+            // starts at a frame boundary on both sides.
+            let preface = if info.discovered != 0 {
+                None
+            } else if ev.payload[..4] == *b"PRI " {
+                Some(dir)
+            } else {
+                Some(dir ^ 1)
+            };
+            h2::start(&key, info.generation, preface);
+            if h2_walk(ev, info, &key, tid, total, dir, &src, cap) {
+                return Ok(());
+            }
+        }
     }
 
-    if info.gap_pending != 0 {
-        flags |= event_flags::GAP;
-    }
-    ev.header = EventHeader {
-        kind: kind::DATA,
-        tgid,
-        tid,
-        fd,
-        // SAFETY: helper without preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        conn: *info,
-        total_len: total,
-        captured_len: captured as u32,
-        direction: dir,
-        flags,
-        _pad: [0; 2],
-    };
+    fill_header(ev, info, tid, fd, total, dir, flags);
+    ev.header.captured_len = captured as u32;
     let mut len = HEADER_LEN as u64 + captured;
     if len > (HEADER_LEN + MAX_PAYLOAD) as u64 {
         len = (HEADER_LEN + MAX_PAYLOAD) as u64;
@@ -374,6 +390,61 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
         bump(stat::LOST_RINGBUF);
     }
     Ok(())
+}
+
+/// The record header of a data event (`captured_len` is set by whoever fills the payload).
+#[inline(always)]
+fn fill_header(
+    ev: &mut DataEvent,
+    info: &ConnInfo,
+    tid: u32,
+    fd: u32,
+    total: u64,
+    dir: u8,
+    flags: u8,
+) {
+    let mut flags = flags;
+    if info.gap_pending != 0 {
+        flags |= event_flags::GAP;
+    }
+    ev.header = EventHeader {
+        kind: kind::DATA,
+        tgid: tgid_tid().0,
+        tid,
+        fd,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn: *info,
+        total_len: total,
+        captured_len: 0,
+        direction: dir,
+        flags,
+        _pad: [0; 2],
+    };
+}
+
+/// Emits an HTTP/2 connection's bytes as followed frames; false when its framing is not
+/// followed (state evicted or lost), so the caller falls back to a prefix copy.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn h2_walk(
+    ev: &mut DataEvent,
+    info: &mut ConnInfo,
+    key: &ConnKey,
+    tid: u32,
+    total: u64,
+    dir: u8,
+    src: &h2::Source,
+    cap: u64,
+) -> bool {
+    fill_header(ev, info, tid, key.fd, total, dir, 0);
+    match h2::walk(key, info.generation, dir, total, src, cap) {
+        Some(gap) => {
+            info.gap_pending = gap as u8;
+            true
+        }
+        None => false,
+    }
 }
 
 /// Copies `want` (≤ MAX_PAYLOAD) bytes from user memory; returns how many were copied.

@@ -112,6 +112,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                         direction: dir,
                         total_len: bytes.len() as u64,
                         payload: bytes,
+                        framed: false,
                         gap: false,
                     },
                 }));

@@ -3,7 +3,7 @@
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
-    capture::event::{ConnId, Direction, Event, EventKind, Role},
+    capture::event::{ConnId, Direction, Event, EventKind, Role, first_bytes, pieces},
     config::Filter,
     conn::{Conn, Protocol},
     conn::{H2, H2Stream},
@@ -116,11 +116,14 @@ impl Pipeline {
                 (
                     Role::Unknown,
                     EventKind::Data {
-                        direction, payload, ..
+                        direction,
+                        payload,
+                        framed,
+                        ..
                     },
-                ) => match Conn::infer_role(*direction, payload) {
+                ) => match Conn::infer_role(*direction, first_bytes(payload, *framed)) {
                     Some(role) => role,
-                    None if h2::frame_start(payload) => {
+                    None if h2::frame_start(first_bytes(payload, *framed)) => {
                         h2_late = true;
                         Role::Unknown
                     }
@@ -177,6 +180,7 @@ impl Pipeline {
                 direction,
                 total_len,
                 payload,
+                framed,
                 gap,
             } => {
                 sink.stats.bytes += total_len;
@@ -191,39 +195,46 @@ impl Pipeline {
                 if conn.protocol == Protocol::Http1
                     && conn.requests == 0
                     && conn.h2.is_none()
-                    && h2::starts_connection(payload, requests)
+                    && h2::starts_connection(first_bytes(payload, framed), requests)
                 {
                     conn.protocol = Protocol::Http2;
                     conn.h2 = Some(Box::new(H2::new(false)));
                 }
-                let missing = total_len.saturating_sub(payload.len() as u64);
-                match conn.h2.as_mut() {
-                    Some(h) => {
-                        // A late-joined connection's frame decoders stay keyed by direction (egress
-                        // stands in for "client"); its messages are flipped once its side is known.
-                        let from_client = if h.frames.joined_late {
-                            direction == Direction::Egress
-                        } else {
-                            requests
-                        };
-                        h.frames.feed(
-                            from_client,
-                            payload,
-                            missing,
-                            ev.ts_ns,
-                            &mut self.h2_messages,
-                        );
-                        sink.apply_h2(conn, &mut self.h2_messages, ev.conn, ev.tid, ev.ts_ns);
-                        // Framing lost: the kernel can stop sending this connection's bytes.
-                        if conn.protocol == Protocol::Unsupported {
-                            self.to_ignore.push(ev.conn);
+                let mut h2_lost = false;
+                for (bytes, missing) in pieces(payload, framed, total_len) {
+                    match conn.h2.as_mut() {
+                        Some(h) => {
+                            // A late-joined connection's frame decoders stay keyed by direction
+                            // (egress stands in for "client"); its messages are flipped once its
+                            // side is known.
+                            let from_client = if h.frames.joined_late {
+                                direction == Direction::Egress
+                            } else {
+                                requests
+                            };
+                            h.frames.feed(
+                                from_client,
+                                bytes,
+                                missing,
+                                ev.ts_ns,
+                                &mut self.h2_messages,
+                            );
+                            sink.apply_h2(conn, &mut self.h2_messages, ev.conn, ev.tid, ev.ts_ns);
+                            h2_lost = conn.protocol == Protocol::Unsupported;
+                        }
+                        None => {
+                            conn.http
+                                .feed(requests, bytes, missing, ev.ts_ns, &mut self.messages);
+                            sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
                         }
                     }
-                    None => {
-                        conn.http
-                            .feed(requests, payload, missing, ev.ts_ns, &mut self.messages);
-                        sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
+                    if conn.protocol == Protocol::Unsupported {
+                        break;
                     }
+                }
+                // HTTP/2 framing lost: the kernel can stop sending this connection's bytes.
+                if h2_lost {
+                    self.to_ignore.push(ev.conn);
                 }
             }
         }

@@ -1,6 +1,6 @@
 //! HTTP/2 and gRPC end to end: grpcio services (grpc's C core) and nghttp2 over h2c, spans
 //! received over OTLP/gRPC.
-use kspan_tests::{Got, GrpcService, env, grpc_call, nghttpd, one, trace_id};
+use kspan_tests::{Got, GrpcService, Val, env, grpc_call, nghttpd, one, trace_id};
 
 /// Waits for `n` spans of trace `t`.
 fn trace_of(n: usize, t: u128) -> Vec<Got> {
@@ -179,5 +179,66 @@ fn h2c_prior_knowledge_with_nghttp2() {
         client.attr("url.full").s(),
         format!("http://127.0.0.1:{port}/page.txt")
     );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Multiplexed load: each read carries many frames, far beyond the bytes copied per syscall.
+/// The kernel follows the frame headers, so no stream is lost (a prefix copy loses framing,
+/// and with it every later stream of the connection, as soon as a frame header falls beyond
+/// the copy cap).
+#[test]
+fn multiplexed_reads_larger_than_the_copy_cap_keep_every_stream() {
+    env();
+    let dir = std::env::temp_dir().join(format!("kspan-h2mux-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let name = format!("bulk-{}.txt", std::process::id());
+    std::fs::write(dir.join(&name), vec![b'm'; 1500]).unwrap();
+    let (port, _server) = nghttpd(&dir);
+    const REQUESTS: usize = 2000;
+    // 2 connections × 100 concurrent streams: ~150 KB of responses in flight per connection.
+    let out = std::process::Command::new("h2load")
+        .args(["-n", &REQUESTS.to_string(), "-c", "2", "-m", "100"])
+        .arg(format!("http://127.0.0.1:{port}/{name}"))
+        .output()
+        .expect("h2load (nghttp2-client)");
+    let report = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && report.contains(&format!("{REQUESTS} succeeded")),
+        "{report}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let path = format!("/{name}");
+    let text = |s: &Got, k: &str| match s.attrs.get(k) {
+        Some(Val::S(v)) => v.clone(),
+        _ => String::new(),
+    };
+    let ours = |s: &Got| {
+        (s.kind == "SERVER" && s.service() == "nghttpd" && text(s, "url.path") == path)
+            || (s.kind == "CLIENT"
+                && s.service() == "h2load"
+                && text(s, "url.full").ends_with(&path))
+    };
+    let spans: Vec<Got> = env()
+        .wait_spans(&format!("{REQUESTS} client and server spans"), |all| {
+            all.iter().filter(|s| ours(s)).count() >= 2 * REQUESTS
+        })
+        .into_iter()
+        .filter(ours)
+        .collect();
+    let clients: std::collections::HashSet<u64> = spans
+        .iter()
+        .filter(|s| s.kind == "CLIENT")
+        .map(|s| s.span_id)
+        .collect();
+    assert_eq!(clients.len(), REQUESTS);
+    for s in &spans {
+        assert_eq!(s.attr("http.response.status_code").i(), 200, "{s:#?}");
+        assert_eq!(s.attr("http.response.body.size").i(), 1500, "{s:#?}");
+        assert!(!s.attrs.contains_key("kspan.partial"), "{s:#?}");
+        if s.kind == "SERVER" {
+            // Paired with its client stream by stream id (rule 3).
+            assert!(s.parent.is_some_and(|p| clients.contains(&p)), "{s:#?}");
+        }
+    }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -1,7 +1,7 @@
 //! Decodes ring-buffer records into owned events. Pure: also used by replay.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use kspan_common::{EventHeader, Tuple, direction, event_flags, kind, role};
+use kspan_common::{EventHeader, H2_CHUNK_HEADER, Tuple, direction, event_flags, kind, role};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -11,6 +11,8 @@ pub enum DecodeError {
     PayloadLength { claimed: usize, actual: usize },
     #[error("unknown record kind {0}")]
     Kind(u32),
+    #[error("framed payload is malformed (chunks do not add up to the record)")]
+    Chunks,
 }
 
 /// Identity of one connection for its whole life: fd numbers are reused, generations are not.
@@ -50,9 +52,13 @@ pub struct Endpoints {
 pub enum EventKind<'a> {
     Data {
         direction: Direction,
-        /// Bytes the syscall moved; `payload` may hold fewer (copy cap, sendfile).
+        /// Bytes the syscall moved (for a framed record: the part it describes); `payload` may
+        /// hold fewer (copy cap, sendfile, uncopied HTTP/2 DATA).
         total_len: u64,
         payload: &'a [u8],
+        /// `payload` is a sequence of chunks from the kernel's HTTP/2 frame walk, not a plain
+        /// prefix: read it through [`pieces`].
+        framed: bool,
         /// Earlier events of this connection were lost.
         gap: bool,
     },
@@ -129,6 +135,11 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                     actual: payload.len(),
                 });
             }
+            let payload = &payload[..claimed];
+            let framed = h.flags & event_flags::FRAMED != 0;
+            if framed && !chunks_valid(payload, h.total_len) {
+                return Err(DecodeError::Chunks);
+            }
             EventKind::Data {
                 direction: if h.direction == direction::EGRESS {
                     Direction::Egress
@@ -136,7 +147,8 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                     Direction::Ingress
                 },
                 total_len: h.total_len,
-                payload: &payload[..claimed],
+                payload,
+                framed,
                 gap: h.flags & event_flags::GAP != 0,
             }
         }
@@ -153,6 +165,81 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         discovered: h.conn.discovered != 0,
         kind,
     })
+}
+
+/// The chunk header at the start of `bytes`: (copied, skipped).
+fn chunk_header(bytes: &[u8]) -> Option<(usize, u64)> {
+    let h = bytes.get(..H2_CHUNK_HEADER)?;
+    let copied = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let skipped = u32::from_le_bytes([h[4], h[5], h[6], h[7]]) as u64;
+    Some((copied, skipped))
+}
+
+/// Whether a framed payload is whole chunks describing no more than `total_len` bytes.
+fn chunks_valid(mut bytes: &[u8], total_len: u64) -> bool {
+    let mut covered = 0u64;
+    while !bytes.is_empty() {
+        let Some((copied, skipped)) = chunk_header(bytes) else {
+            return false;
+        };
+        let Some(rest) = bytes.get(H2_CHUNK_HEADER + copied..) else {
+            return false;
+        };
+        covered += copied as u64 + skipped;
+        bytes = rest;
+    }
+    covered <= total_len
+}
+
+/// The bytes of a data event as runs of copied bytes, each followed by how many bytes the
+/// stream continues with that were not copied. A plain prefix is one run; a framed payload
+/// one run per chunk. Bytes the record describes beyond its chunks follow the last run.
+pub fn pieces(payload: &[u8], framed: bool, total_len: u64) -> Pieces<'_> {
+    Pieces {
+        rest: payload,
+        framed,
+        left: total_len,
+        done: false,
+    }
+}
+
+pub struct Pieces<'a> {
+    rest: &'a [u8],
+    framed: bool,
+    /// Bytes of the record not yet yielded (copied or not).
+    left: u64,
+    done: bool,
+}
+
+impl<'a> Iterator for Pieces<'a> {
+    type Item = (&'a [u8], u64);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.done {
+            return None;
+        }
+        let (copied, mut skipped) = if self.framed {
+            let (copied, skipped) = chunk_header(self.rest).unwrap_or((0, 0));
+            let body = self.rest.get(H2_CHUNK_HEADER..).unwrap_or_default();
+            let copied = &body[..copied.min(body.len())];
+            self.rest = &body[copied.len()..];
+            (copied, skipped)
+        } else {
+            (std::mem::take(&mut self.rest), 0)
+        };
+        self.left = self.left.saturating_sub(copied.len() as u64);
+        if self.rest.is_empty() {
+            self.done = true;
+            skipped = self.left;
+        }
+        self.left = self.left.saturating_sub(skipped);
+        Some((copied, skipped))
+    }
+}
+
+/// The first run of copied bytes: where a connection's first message shows its protocol.
+pub fn first_bytes(payload: &[u8], framed: bool) -> &[u8] {
+    pieces(payload, framed, 0).next().map_or(&[], |p| p.0)
 }
 
 /// Encodes an event back into the kernel's record layout (used by recording and tests).
@@ -189,6 +276,7 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
             direction: d,
             total_len,
             payload,
+            framed,
             gap,
         } => {
             h.kind = kind::DATA;
@@ -201,6 +289,9 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
             h.captured_len = payload.len() as u32;
             if *gap {
                 h.flags |= event_flags::GAP;
+            }
+            if *framed {
+                h.flags |= event_flags::FRAMED;
             }
             if payload.is_empty() && *total_len > 0 {
                 h.flags |= event_flags::NO_PAYLOAD;
@@ -246,6 +337,7 @@ mod tests {
                 direction: Direction::Ingress,
                 total_len: 10_000,
                 payload: b"GET / HTTP/1.1\r\n",
+                framed: false,
                 gap: true,
             },
         }
@@ -260,6 +352,62 @@ mod tests {
             ..sample()
         };
         assert_eq!(decode(&encode(&close)).unwrap(), close);
+    }
+
+    fn chunk(copied: &[u8], skipped: u32) -> Vec<u8> {
+        let mut c = (copied.len() as u32).to_le_bytes().to_vec();
+        c.extend(skipped.to_le_bytes());
+        c.extend_from_slice(copied);
+        c
+    }
+
+    #[test]
+    fn framed_payloads_yield_runs_and_uncopied_counts() {
+        let mut payload = chunk(b"abc", 100);
+        payload.extend(chunk(b"de", 0));
+        let framed = Event {
+            kind: EventKind::Data {
+                direction: Direction::Ingress,
+                total_len: 110,
+                payload: &payload,
+                framed: true,
+                gap: false,
+            },
+            ..sample()
+        };
+        assert_eq!(decode(&encode(&framed)).unwrap(), framed);
+        // The 5 bytes the record describes beyond its chunks follow the last run.
+        let runs: Vec<_> = pieces(&payload, true, 110).collect();
+        assert_eq!(runs, [(&b"abc"[..], 100), (&b"de"[..], 5)]);
+        assert_eq!(first_bytes(&payload, true), b"abc");
+        let plain: Vec<_> = pieces(b"GET /", false, 9).collect();
+        assert_eq!(plain, [(&b"GET /"[..], 4)]);
+        assert_eq!(pieces(b"", false, 7).collect::<Vec<_>>(), [(&b""[..], 7)]);
+    }
+
+    #[test]
+    fn malformed_chunks_are_errors() {
+        for (payload, total) in [
+            (chunk(b"abc", 100)[..6].to_vec(), 200),  // cut chunk header
+            (chunk(b"abc", 100)[..10].to_vec(), 200), // cut copied bytes
+            (chunk(b"abc", 100), 50),                 // more than the record describes
+        ] {
+            let ev = Event {
+                kind: EventKind::Data {
+                    direction: Direction::Egress,
+                    total_len: total,
+                    payload: &payload,
+                    framed: true,
+                    gap: false,
+                },
+                ..sample()
+            };
+            assert_eq!(
+                decode(&encode(&ev)),
+                Err(DecodeError::Chunks),
+                "{payload:?}"
+            );
+        }
     }
 
     #[test]

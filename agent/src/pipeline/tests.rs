@@ -64,6 +64,10 @@ impl Sim {
 
     fn event(&mut self, l: Link, client_side: bool, dir: Direction, bytes: &[u8]) {
         self.ts += 10;
+        self.event_at(self.ts, l, client_side, dir, bytes);
+    }
+
+    fn event_at(&mut self, ts: u64, l: Link, client_side: bool, dir: Direction, bytes: &[u8]) {
         let (conn, role, local, peer) = if client_side {
             (l.client, Role::Client, l.client_addr, l.server_addr)
         } else {
@@ -72,7 +76,7 @@ impl Sim {
         self.p.handle(Event {
             conn,
             tid: conn.tgid,
-            ts_ns: self.ts,
+            ts_ns: ts,
             role,
             endpoints: Some(Endpoints {
                 local: local.parse().unwrap(),
@@ -85,6 +89,7 @@ impl Sim {
                 direction: dir,
                 total_len: bytes.len() as u64,
                 payload: bytes,
+                framed: false,
                 gap: false,
             },
         });
@@ -192,6 +197,30 @@ fn forwarded_b3_headers_link_the_chain() {
             Some(&AttrValue::Int(200))
         );
     }
+}
+
+/// The server's write returns after the client's read (stamped later) but is processed first,
+/// so the SERVER span is exported before its CLIENT parent: the parent must still cover it.
+#[test]
+fn client_covers_a_server_child_that_is_exported_first() {
+    let mut s = Sim::new(Filter::default());
+    let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+    s.send_request(a, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", false);
+    let t = s.ts;
+    s.event_at(t + 20, a, false, Direction::Egress, OK);
+    // Exports the server span alone: the client has not finished yet.
+    let mut early = Vec::new();
+    s.p.tick(t + 20 + 1_000, &mut early);
+    s.event_at(t + 10, a, true, Direction::Ingress, OK);
+    let late = s.spans();
+    let (server, client) = (
+        find(&early, SpanKind::Server, 2),
+        find(&late, SpanKind::Client, 1),
+    );
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+    assert_eq!(server.end_unix_ns, t + 20);
+    assert_eq!(client.end_unix_ns, t + 20, "stretched to its child's end");
+    assert!(client.start_unix_ns <= server.start_unix_ns);
 }
 
 #[test]
@@ -388,6 +417,7 @@ fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
                 direction: dir,
                 total_len: bytes.len() as u64,
                 payload: bytes,
+                framed: false,
                 gap: false,
             },
         });
@@ -584,6 +614,7 @@ mod http2_late {
                     direction: dir,
                     total_len: bytes.len() as u64,
                     payload: bytes,
+                    framed: false,
                     gap: false,
                 },
             });

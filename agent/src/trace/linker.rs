@@ -88,6 +88,9 @@ struct Open {
     children: Vec<u64>,
     /// CLIENT: the SERVER span at the other end of the connection (rule 3).
     linked_server: Option<u64>,
+    /// CLIENT: end of its linked SERVER span when that one left first, so the parent still
+    /// covers its child.
+    cover_end_ns: u64,
 }
 
 /// What the connection layer knows when a request begins.
@@ -201,6 +204,7 @@ impl Tracer {
             process: r.process,
             children: Vec::new(),
             linked_server: None,
+            cover_end_ns: 0,
         };
         match r.kind {
             SpanKind::Server => {
@@ -430,10 +434,21 @@ impl Tracer {
     fn record(&mut self, id: u64) -> Option<SpanRecord> {
         let s = self.spans.remove(&id)?;
         let mut start = s.start_ns;
-        let mut end = s.end_ns.unwrap_or(start);
+        let mut end = s.end_ns.unwrap_or(start).max(s.cover_end_ns);
         if let Some(server) = s.linked_server.and_then(|x| self.spans.get(&x)) {
             start = start.min(server.start_ns);
             end = end.max(server.end_ns.unwrap_or(end));
+        }
+        // A SERVER span can be exported before the CLIENT span it is linked to (its end was
+        // processed first, though the client's read returned a few ns earlier): hand its
+        // bounds to the client, which is then stretched when it leaves.
+        if let Some(client) = s
+            .parent
+            .and_then(|p| self.spans.get_mut(&p))
+            .filter(|c| c.linked_server == Some(id))
+        {
+            client.start_ns = client.start_ns.min(start);
+            client.cover_end_ns = client.cover_end_ns.max(end);
         }
         self.stats.spans_finished += 1;
         if !s.sampling.exported() {
