@@ -18,9 +18,19 @@ pub struct Args {
     /// Trace only connections with this local or peer port.
     #[arg(long, value_delimiter = ',', env = "KSPAN_PORT")]
     pub port: Vec<u16>,
-    /// Trace only processes whose executable has this name or full path.
+    /// Trace only processes whose executable name or full path matches this glob (`*`, `?`).
     #[arg(long, value_delimiter = ',', env = "KSPAN_EXE")]
     pub exe: Vec<String>,
+    /// Trace only processes in containers whose id starts with this (12 or more hex digits).
+    #[arg(
+        long = "container-id",
+        value_delimiter = ',',
+        env = "KSPAN_CONTAINER_ID"
+    )]
+    pub container_ids: Vec<String>,
+    /// Trace only processes whose cgroup path matches this glob, e.g. `/kubepods*`.
+    #[arg(long, value_delimiter = ',', env = "KSPAN_CGROUP")]
+    pub cgroup: Vec<String>,
 
     /// OTLP traces endpoint, e.g. http://collector:4317 (gRPC) or http://collector:4318/v1/traces.
     /// Default: OTEL_EXPORTER_OTLP_TRACES_ENDPOINT, then OTEL_EXPORTER_OTLP_ENDPOINT; with none,
@@ -173,12 +183,18 @@ fn percent_decode(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// Which connections are traced. Empty lists admit everything.
+/// Which connections are traced. Each empty list admits everything; the lists that are set
+/// must all admit a connection.
 #[derive(Clone, Debug, Default)]
 pub struct Filter {
     pub pids: Vec<u32>,
     pub ports: Vec<u16>,
+    /// Globs over the executable's name or full path.
     pub exes: Vec<String>,
+    /// Container id prefixes.
+    pub container_ids: Vec<String>,
+    /// Globs over the cgroup path.
+    pub cgroups: Vec<String>,
 }
 
 impl Filter {
@@ -187,6 +203,12 @@ impl Filter {
             pids: a.pid.clone(),
             ports: a.port.clone(),
             exes: a.exe.clone(),
+            container_ids: a
+                .container_ids
+                .iter()
+                .map(|c| c.to_ascii_lowercase())
+                .collect(),
+            cgroups: a.cgroup.clone(),
         }
     }
 
@@ -196,10 +218,45 @@ impl Filter {
             || e.is_some_and(|e| {
                 self.ports.contains(&e.local.port()) || self.ports.contains(&e.peer.port())
             });
-        let exe_ok =
-            self.exes.is_empty() || self.exes.iter().any(|x| *x == p.exe || x == p.exe_name());
-        pid_ok && port_ok && exe_ok
+        let exe_ok = self.exes.is_empty()
+            || self
+                .exes
+                .iter()
+                .any(|g| glob(g, &p.exe) || glob(g, p.exe_name()));
+        let container_ok = self.container_ids.is_empty()
+            || p.cgroup.container_id.as_deref().is_some_and(|id| {
+                self.container_ids
+                    .iter()
+                    .any(|c| id.starts_with(c.as_str()))
+            });
+        let cgroup_ok =
+            self.cgroups.is_empty() || self.cgroups.iter().any(|g| glob(g, &p.cgroup.path));
+        pid_ok && port_ok && exe_ok && container_ok && cgroup_ok
     }
+}
+
+/// Shell-style match: `*` any run of characters (also `/`), `?` one character.
+pub fn glob(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    // Iterative matcher with one backtrack point: linear for patterns without nested stars.
+    let (mut pi, mut ti) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            star = Some((pi, ti));
+            pi += 1;
+        } else if let Some((sp, st)) = star {
+            pi = sp + 1;
+            ti = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&c| c == '*')
 }
 
 #[cfg(test)]
@@ -312,6 +369,7 @@ mod tests {
             exe: "/usr/sbin/nginx".into(),
             command_line: String::new(),
             service_name: "nginx".into(),
+            cgroup: Default::default(),
         };
         let e = Endpoints {
             local: "127.0.0.1:80".parse().unwrap(),
@@ -368,5 +426,60 @@ mod tests {
             }
             .admits(&p, None)
         );
+        assert!(
+            Filter {
+                exes: vec!["ngin?".into(), "python*".into()],
+                ..Default::default()
+            }
+            .admits(&p, Some(&e))
+        );
+        assert!(
+            Filter {
+                exes: vec!["/usr/*/nginx".into()],
+                ..Default::default()
+            }
+            .admits(&p, Some(&e))
+        );
+        let mut in_pod = p.clone();
+        in_pod.cgroup = crate::process::cgroup::parse(&format!(
+            "0::/kubepods/burstable/pod0f8e2b9a-1c3d-4e5f-8a7b-6c5d4e3f2a1b/{}\n",
+            "ab12".repeat(16)
+        ));
+        let by_container = |prefix: &str| Filter {
+            container_ids: vec![prefix.into()],
+            ..Default::default()
+        };
+        assert!(by_container("ab12ab12ab12").admits(&in_pod, Some(&e)));
+        assert!(!by_container("ffff").admits(&in_pod, Some(&e)));
+        assert!(
+            !by_container("ab12").admits(&p, Some(&e)),
+            "not in a container"
+        );
+        let by_cgroup = |g: &str| Filter {
+            cgroups: vec![g.into()],
+            ..Default::default()
+        };
+        assert!(by_cgroup("/kubepods/*").admits(&in_pod, Some(&e)));
+        assert!(!by_cgroup("/system.slice/*").admits(&in_pod, Some(&e)));
+    }
+
+    #[test]
+    fn globs() {
+        for (pat, text, want) in [
+            ("*", "", true),
+            ("*", "anything/at/all", true),
+            ("py*n", "python", true),
+            ("py*n", "pythons", false),
+            ("a?c", "abc", true),
+            ("a?c", "ac", false),
+            ("*a*b*c*", "xxaxxbxxcxx", true),
+            ("*a*b*c*", "xxaxxcxxbxx", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+            ("", "", true),
+            ("", "x", false),
+        ] {
+            assert_eq!(glob(pat, text), want, "{pat:?} {text:?}");
+        }
     }
 }

@@ -1,4 +1,6 @@
 //! Process metadata from procfs, cached per tgid.
+pub mod cgroup;
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -14,6 +16,8 @@ pub struct ProcessInfo {
     pub command_line: String,
     /// `OTEL_SERVICE_NAME` from the process's environment, else the executable's name.
     pub service_name: String,
+    /// Its cgroup, and the container and pod that cgroup names.
+    pub cgroup: cgroup::Cgroup,
 }
 
 impl ProcessInfo {
@@ -52,11 +56,15 @@ pub fn read(root: &Path, pid: u32, comm: &[u8]) -> ProcessInfo {
         (true, false) => comm,
         (true, true) => format!("unknown_service:{pid}"),
     });
+    let cgroup = std::fs::read_to_string(dir.join("cgroup"))
+        .map(|c| cgroup::parse(&c))
+        .unwrap_or_default();
     ProcessInfo {
         pid,
         exe,
         command_line,
         service_name,
+        cgroup,
     }
 }
 
@@ -127,6 +135,16 @@ mod tests {
         assert_eq!(info.service_name, "checkout");
         assert_eq!(info.command_line, "python3 app.py --port 8080");
         assert_eq!(info.exe_name(), "python3.11");
+        assert_eq!(info.cgroup, cgroup::Cgroup::default(), "no cgroup file");
+        std::fs::write(
+            p.join("cgroup"),
+            format!("0::/system.slice/docker-{}.scope\n", "ab".repeat(32)),
+        )
+        .unwrap();
+        assert_eq!(
+            read(&dir, 42, b"").cgroup.container_id,
+            Some("ab".repeat(32))
+        );
         std::fs::write(p.join("environ"), b"HOME=/root\0").unwrap();
         assert_eq!(read(&dir, 42, b"ignored").service_name, "python3.11");
         // Gone before we looked: the kernel's comm still names it.

@@ -145,6 +145,12 @@ pub fn resource(p: &ProcessInfo, host: &str) -> Resource {
             p.command_line.clone(),
         ));
     }
+    if let Some(id) = &p.cgroup.container_id {
+        attrs.push(KeyValue::new("container.id", id.clone()));
+    }
+    if let Some(uid) = &p.cgroup.pod_uid {
+        attrs.push(KeyValue::new("k8s.pod.uid", uid.clone()));
+    }
     Resource::builder_empty().with_attributes(attrs).build()
 }
 

@@ -168,6 +168,7 @@ mod tests {
                 exe: String::new(),
                 command_line: String::new(),
                 service_name: service.into(),
+                cgroup: Default::default(),
             }),
         }
     }

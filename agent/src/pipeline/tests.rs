@@ -271,9 +271,8 @@ fn sampled_zero_is_honoured_and_debug_forces() {
 #[test]
 fn instrumented_app_span_id_becomes_the_parent() {
     let mut s = Sim::new(Filter {
-        exes: vec![],
         pids: vec![2, 3],
-        ports: vec![],
+        ..Default::default()
     });
     let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
     let b = s.connect(2, 3, "127.0.0.1:40001", "127.0.0.1:8081");
