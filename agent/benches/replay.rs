@@ -142,6 +142,7 @@ fn main() {
     let mut out = Vec::new();
     while thread_cpu() - start < budget {
         let opts = PipelineOptions {
+            privacy: Default::default(),
             filter: Filter::default(),
             linger_ns: 0,
             max_open_spans: 100_000,

@@ -48,6 +48,22 @@ pub struct Args {
     #[arg(long)]
     pub stdout: bool,
 
+    /// Export this request header as `http.request.header.<name>` (repeat or comma-separate).
+    /// Authorization, Proxy-Authorization, Cookie, Set-Cookie and `--redact-header` names are
+    /// never captured.
+    #[arg(long, value_delimiter = ',', env = "KSPAN_CAPTURE_HEADER")]
+    pub capture_header: Vec<String>,
+    /// Never capture this header, even if `--capture-header` names it.
+    #[arg(long, value_delimiter = ',', env = "KSPAN_REDACT_HEADER")]
+    pub redact_header: Vec<String>,
+    /// Export URL query values as they are (by default each value is replaced by REDACTED).
+    #[arg(long, env = "KSPAN_KEEP_QUERY_VALUES")]
+    pub keep_query_values: bool,
+    /// Export each process's command line as `process.command_line` (off by default: command
+    /// lines often carry passwords and tokens).
+    #[arg(long, env = "KSPAN_EXPORT_COMMAND_LINE")]
+    pub export_command_line: bool,
+
     /// Where the host's procfs is mounted (a DaemonSet mounts it at /host/proc).
     #[arg(long, default_value = "/proc", env = "KSPAN_PROC_ROOT")]
     pub proc_root: PathBuf,

@@ -63,18 +63,20 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// `captured`: request headers to keep beyond those spans need (configured capture list).
     pub fn new(
         role: Role,
         endpoints: Option<Endpoints>,
         process: Arc<ProcessInfo>,
         ts_ns: u64,
+        captured: &'static [&'static str],
     ) -> Self {
         Self {
             role,
             endpoints,
             process,
             protocol: Protocol::Http1,
-            http: Http1Conn::new(),
+            http: Http1Conn::with_captured(captured),
             h2: None,
             in_flight: VecDeque::new(),
             requests: 0,

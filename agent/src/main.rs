@@ -20,6 +20,7 @@ use kspan::{
     metrics::{self, Metrics},
     pipeline::{Pipeline, PipelineOptions},
     process::ProcessCache,
+    trace::privacy::Privacy,
 };
 
 // The pipeline allocates per message and span; glibc's allocator showed up as a third of the
@@ -64,6 +65,16 @@ fn host_name() -> String {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let otlp = config::otlp(&args, |k| std::env::var(k).ok())?;
+    let (privacy, refused) = Privacy::new(
+        &args.capture_header,
+        &args.redact_header,
+        args.keep_query_values,
+    );
+    for h in refused {
+        eprintln!(
+            "kspan: not capturing header {h:?}: it may carry credentials (--redact-header or built in)"
+        );
+    }
     let metrics = Arc::new(Metrics::default());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -97,7 +108,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         let _guard = rt.enter();
         let otlp_sink = otlp
             .as_ref()
-            .map(|c| OtlpSink::new(c, host_name()))
+            .map(|c| OtlpSink::new(c, host_name(), args.export_command_line))
             .transpose()?;
         let tree =
             (otlp_sink.is_none() || args.stdout).then(|| TreePrinter::new(Duration::from_secs(1)));
@@ -148,6 +159,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_open_spans: 100_000,
             max_conns: 65_536,
             clock_offset_ns: clock_offset(),
+            privacy,
         },
         ProcessCache::new(&args.proc_root),
     );

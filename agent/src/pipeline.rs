@@ -14,6 +14,7 @@ use crate::{
     },
     trace::{
         linker::{RequestStart, Tracer},
+        privacy::Privacy,
         span::{SpanKind, SpanRecord},
     },
 };
@@ -42,6 +43,7 @@ pub struct PipelineOptions {
     pub max_open_spans: usize,
     pub max_conns: usize,
     pub clock_offset_ns: i128,
+    pub privacy: Privacy,
 }
 
 pub struct Pipeline {
@@ -52,6 +54,8 @@ pub struct Pipeline {
     procs: ProcessCache,
     filter: Filter,
     max_conns: usize,
+    /// Request headers to keep beyond those spans need.
+    captured: &'static [&'static str],
     messages: Vec<Message>,
     h2_messages: Vec<h2::Message>,
     /// Connections userspace wants the kernel to stop reporting.
@@ -67,7 +71,13 @@ impl Pipeline {
         Self {
             conns: HashMap::default(),
             excluded: HashMap::default(),
-            tracer: Tracer::new(opts.linger_ns, opts.max_open_spans, opts.clock_offset_ns),
+            tracer: Tracer::new(
+                opts.linger_ns,
+                opts.max_open_spans,
+                opts.clock_offset_ns,
+                opts.privacy,
+            ),
+            captured: opts.privacy.captured,
             procs,
             filter: opts.filter,
             max_conns: opts.max_conns,
@@ -135,7 +145,7 @@ impl Pipeline {
                 self.evict_oldest();
             }
             self.stats.conns_opened += 1;
-            let mut conn = Conn::new(role, ev.endpoints, process, ev.ts_ns);
+            let mut conn = Conn::new(role, ev.endpoints, process, ev.ts_ns, self.captured);
             conn.discovered = ev.discovered;
             if h2_late {
                 conn.protocol = Protocol::Http2;
@@ -151,6 +161,7 @@ impl Pipeline {
         let mut sink = Sink {
             tracer: &mut self.tracer,
             stats: &mut self.stats,
+            captured: self.captured,
         };
         match ev.kind {
             EventKind::Close => {
@@ -285,7 +296,11 @@ impl Pipeline {
 }
 
 /// An HTTP/2 request's header block as the linker's request head (version 2).
-fn request_head(fields: Vec<(String, String)>, start_ns: u64) -> RequestHead {
+fn request_head(
+    fields: Vec<(String, String)>,
+    start_ns: u64,
+    captured: &'static [&'static str],
+) -> RequestHead {
     let mut head = RequestHead {
         method: String::new(),
         target: String::new(),
@@ -298,7 +313,7 @@ fn request_head(fields: Vec<(String, String)>, start_ns: u64) -> RequestHead {
             ":method" => head.method = value,
             ":path" => head.target = value,
             ":authority" => head.headers.insert("host", &value),
-            _ => head.headers.insert(&name, &value),
+            _ => head.headers.insert_with(&name, &value, captured),
         }
     }
     head
@@ -309,6 +324,7 @@ fn request_head(fields: Vec<(String, String)>, start_ns: u64) -> RequestHead {
 struct Sink<'a> {
     tracer: &'a mut Tracer,
     stats: &'a mut PipelineStats,
+    captured: &'static [&'static str],
 }
 
 impl Sink<'_> {
@@ -450,7 +466,7 @@ impl Sink<'_> {
                         }
                         continue;
                     }
-                    let head = request_head(fields, start_ns);
+                    let head = request_head(fields, start_ns, self.captured);
                     // Both ends number streams identically, which pairs them exactly.
                     let span = self.start_request(conn, id, tid, stream as u64, &head);
                     if let Some(span) = span {

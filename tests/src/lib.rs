@@ -26,6 +26,7 @@ pub enum Val {
     S(String),
     I(i64),
     B(bool),
+    A(Vec<String>),
 }
 
 impl Val {
@@ -82,6 +83,15 @@ fn val(v: &Option<AnyValue>) -> Val {
         Some(any_value::Value::StringValue(s)) => Val::S(s.clone()),
         Some(any_value::Value::IntValue(i)) => Val::I(*i),
         Some(any_value::Value::BoolValue(b)) => Val::B(*b),
+        Some(any_value::Value::ArrayValue(a)) => Val::A(
+            a.values
+                .iter()
+                .map(|v| match val(&Some(v.clone())) {
+                    Val::S(s) => s,
+                    other => format!("{other:?}"),
+                })
+                .collect(),
+        ),
         other => Val::S(format!("{other:?}")),
     }
 }

@@ -36,10 +36,12 @@ pub struct OtlpSink {
     exporter: opentelemetry_otlp::SpanExporter,
     scope: InstrumentationScope,
     host: String,
+    /// Export `process.command_line` (off by default: command lines often carry secrets).
+    command_line: bool,
 }
 
 impl OtlpSink {
-    pub fn new(cfg: &OtlpConfig, host: String) -> Result<Self, OtlpError> {
+    pub fn new(cfg: &OtlpConfig, host: String, command_line: bool) -> Result<Self, OtlpError> {
         let timeout = Duration::from_secs(10);
         let exporter = match cfg.protocol {
             Protocol::Grpc => {
@@ -76,6 +78,7 @@ impl OtlpSink {
             exporter,
             scope,
             host,
+            command_line,
         })
     }
 
@@ -96,7 +99,8 @@ impl OtlpSink {
         let mut first_err = None;
         for (_, (process, batch)) in by_process {
             let n = batch.len();
-            self.exporter.set_resource(&resource(&process, &self.host));
+            self.exporter
+                .set_resource(&resource(&process, &self.host, self.command_line));
             match self.exporter.export(batch).await {
                 Ok(()) => sent += n,
                 Err(e) => first_err = first_err.or(Some(e.to_string())),
@@ -124,7 +128,7 @@ pub fn scope() -> InstrumentationScope {
         .build()
 }
 
-pub fn resource(p: &ProcessInfo, host: &str) -> Resource {
+pub fn resource(p: &ProcessInfo, host: &str, command_line: bool) -> Resource {
     let mut attrs = vec![
         KeyValue::new("service.name", p.service_name.clone()),
         KeyValue::new("process.pid", p.pid as i64),
@@ -139,7 +143,7 @@ pub fn resource(p: &ProcessInfo, host: &str) -> Resource {
             p.exe_name().to_string(),
         ));
     }
-    if !p.command_line.is_empty() {
+    if command_line && !p.command_line.is_empty() {
         attrs.push(KeyValue::new(
             "process.command_line",
             p.command_line.clone(),
@@ -186,6 +190,12 @@ pub fn to_span_data(s: SpanRecord, scope: &InstrumentationScope) -> SpanData {
                     AttrValue::Str(x) => x.into(),
                     AttrValue::Int(x) => x.into(),
                     AttrValue::Bool(x) => x.into(),
+                    AttrValue::StrArray(x) => Value::Array(
+                        x.into_iter()
+                            .map(opentelemetry::StringValue::from)
+                            .collect::<Vec<_>>()
+                            .into(),
+                    ),
                 };
                 KeyValue::new(k, v)
             })

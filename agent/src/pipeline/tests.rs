@@ -25,6 +25,7 @@ struct Link {
 impl Sim {
     fn new(filter: Filter) -> Self {
         let opts = PipelineOptions {
+            privacy: Default::default(),
             filter,
             linger_ns: 1_000,
             max_open_spans: 1000,

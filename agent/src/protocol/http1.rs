@@ -37,9 +37,23 @@ impl Headers {
     }
 
     pub fn insert(&mut self, name: &str, value: &str) {
-        if let Some(kept) = KEPT.iter().find(|k| k.eq_ignore_ascii_case(name)) {
+        self.insert_with(name, value, &[]);
+    }
+
+    /// Keeps the header if spans need it or it is one of `captured` (lower-case names the
+    /// configuration asked to export).
+    pub fn insert_with(&mut self, name: &str, value: &str, captured: &'static [&'static str]) {
+        if let Some(kept) = KEPT
+            .iter()
+            .chain(captured)
+            .find(|k| k.eq_ignore_ascii_case(name))
+        {
             self.0.push((kept, value.to_string()));
         }
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.0.iter().map(|(n, v)| (*n, v.as_str()))
     }
 }
 
@@ -134,6 +148,8 @@ enum State {
 #[derive(Debug)]
 struct Decoder {
     requests: bool,
+    /// Extra request headers to keep (configured capture list).
+    captured: &'static [&'static str],
     state: State,
     head: Vec<u8>,
     head_start_ns: u64,
@@ -155,9 +171,14 @@ impl Default for Http1Conn {
 
 impl Http1Conn {
     pub fn new() -> Self {
+        Self::with_captured(&[])
+    }
+
+    /// A decoder that also keeps the request headers named in `captured`.
+    pub fn with_captured(captured: &'static [&'static str]) -> Self {
         Self {
-            req: Decoder::new(true),
-            resp: Decoder::new(false),
+            req: Decoder::new(true, captured),
+            resp: Decoder::new(false, &[]),
             awaiting: VecDeque::new(),
         }
     }
@@ -226,9 +247,10 @@ pub fn starts_message(data: &[u8], requests: bool) -> bool {
 }
 
 impl Decoder {
-    fn new(requests: bool) -> Self {
+    fn new(requests: bool, captured: &'static [&'static str]) -> Self {
         Self {
             requests,
+            captured,
             state: State::Idle,
             head: Vec::new(),
             head_start_ns: 0,
@@ -378,7 +400,7 @@ impl Decoder {
                 Err(_) => return Err(()),
             };
             let mut headers = Headers::default();
-            let framing = collect(req.headers, &mut headers)?;
+            let framing = collect(req.headers, &mut headers, self.captured)?;
             let method = req.method.ok_or(())?.to_string();
             let body = match framing {
                 Framing::Chunked => Body::Chunked(Chunk::Size {
@@ -410,7 +432,7 @@ impl Decoder {
             let status = resp.code.ok_or(())?;
             let version = resp.version.ok_or(())?;
             let mut headers = Headers::default();
-            let framing = collect(resp.headers, &mut headers)?;
+            let framing = collect(resp.headers, &mut headers, self.captured)?;
             if status == 101 {
                 awaiting.pop_front();
                 out.push(Message::Upgraded);
@@ -454,7 +476,11 @@ enum Framing {
     Chunked,
 }
 
-fn collect(raw: &[httparse::Header<'_>], headers: &mut Headers) -> Result<Framing, ()> {
+fn collect(
+    raw: &[httparse::Header<'_>],
+    headers: &mut Headers,
+    captured: &'static [&'static str],
+) -> Result<Framing, ()> {
     let mut framing = Framing::None;
     for h in raw {
         let value = std::str::from_utf8(h.value).map_err(|_| ())?.trim();
@@ -467,7 +493,7 @@ fn collect(raw: &[httparse::Header<'_>], headers: &mut Headers) -> Result<Framin
         {
             framing = Framing::Length(value.parse().map_err(|_| ())?);
         }
-        headers.insert(h.name, value);
+        headers.insert_with(h.name, value, captured);
     }
     Ok(framing)
 }

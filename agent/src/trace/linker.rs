@@ -22,6 +22,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::{
     context::{self, Sampling},
+    privacy::Privacy,
     span::{Grpc, HttpExchange, SpanKind, SpanRecord},
 };
 use crate::{
@@ -116,6 +117,7 @@ pub struct Tracer {
     max_open: usize,
     /// Monotonic → Unix epoch offset.
     clock_offset_ns: i128,
+    privacy: Privacy,
     pub stats: TracerStats,
 }
 
@@ -143,7 +145,7 @@ fn new_trace_id() -> u128 {
 }
 
 impl Tracer {
-    pub fn new(linger_ns: u64, max_open: usize, clock_offset_ns: i128) -> Self {
+    pub fn new(linger_ns: u64, max_open: usize, clock_offset_ns: i128, privacy: Privacy) -> Self {
         Self {
             spans: HashMap::default(),
             open_servers: HashMap::default(),
@@ -153,6 +155,7 @@ impl Tracer {
             linger_ns,
             max_open,
             clock_offset_ns,
+            privacy,
             stats: TracerStats::default(),
         }
     }
@@ -186,6 +189,13 @@ impl Tracer {
             user_agent: r.head.headers.get("user-agent").map(str::to_string),
             local: r.endpoints.map(|e| e.local),
             peer: r.endpoints.map(|e| e.peer),
+            captured_headers: r
+                .head
+                .headers
+                .iter()
+                .filter(|(n, _)| self.privacy.captured.contains(n))
+                .map(|(n, v)| (n, v.to_string()))
+                .collect(),
             ..Default::default()
         };
         let mut span = Open {
@@ -467,7 +477,7 @@ impl Tracer {
             name: s.exchange.span_name(),
             start_unix_ns: to_unix(start),
             end_unix_ns: to_unix(end),
-            attributes: s.exchange.attributes(s.kind),
+            attributes: s.exchange.attributes(s.kind, &self.privacy),
             error: s.error.clone().or_else(|| s.exchange.error(s.kind)),
             process: s.process,
         })

@@ -1,4 +1,5 @@
 //! Trace context, span records and the linking of spans into trees.
 pub mod context;
 pub mod linker;
+pub mod privacy;
 pub mod span;

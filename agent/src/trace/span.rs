@@ -1,6 +1,7 @@
 //! Finished spans as handed to exporters, with OpenTelemetry semantic-convention attributes.
 use std::{net::SocketAddr, sync::Arc};
 
+use super::privacy::{Privacy, without_credentials};
 use crate::process::ProcessInfo;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -14,6 +15,8 @@ pub enum AttrValue {
     Str(String),
     Int(i64),
     Bool(bool),
+    /// Captured headers (`http.request.header.<name>` is a string array in the conventions).
+    StrArray(Vec<String>),
 }
 
 impl From<&str> for AttrValue {
@@ -43,6 +46,7 @@ impl std::fmt::Display for AttrValue {
             AttrValue::Str(s) => write!(f, "{s:?}"),
             AttrValue::Int(i) => write!(f, "{i}"),
             AttrValue::Bool(b) => write!(f, "{b}"),
+            AttrValue::StrArray(v) => write!(f, "{v:?}"),
         }
     }
 }
@@ -89,6 +93,8 @@ pub struct HttpExchange {
     pub grpc: Option<Grpc>,
     /// Some of the exchange could not be decoded (e.g. HTTP/2 joined mid-connection).
     pub partial: bool,
+    /// Request headers the configuration asked for (see [`Privacy`]), in arrival order.
+    pub captured_headers: Vec<(&'static str, String)>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -138,7 +144,7 @@ impl HttpExchange {
         }
     }
 
-    pub fn attributes(&self, kind: SpanKind) -> Vec<(&'static str, AttrValue)> {
+    pub fn attributes(&self, kind: SpanKind, privacy: &Privacy) -> Vec<(&'static str, AttrValue)> {
         let mut a: Vec<(&'static str, AttrValue)> = Vec::with_capacity(16);
         // Fields an HTTP/2 decoder joined mid-way could not read are left out, never guessed.
         if !self.method.is_empty() {
@@ -155,7 +161,7 @@ impl HttpExchange {
                     a.push(("url.path", path.into()));
                 }
                 if let Some(q) = query {
-                    a.push(("url.query", q.into()));
+                    a.push(("url.query", privacy.query(q).into()));
                 }
                 a.push(("url.scheme", "http".into()));
                 if let Some((h, p)) = host {
@@ -190,11 +196,12 @@ impl HttpExchange {
                 } else {
                     authority
                 };
-                if !self.target.is_empty() {
-                    a.push((
-                        "url.full",
-                        format!("http://{authority}{}", self.target).into(),
-                    ));
+                let target = privacy.target(&self.target);
+                if target.starts_with("http://") || target.starts_with("https://") {
+                    // Absolute form (requests to a proxy): the target is the whole URL.
+                    a.push(("url.full", without_credentials(&target).into()));
+                } else if !target.is_empty() {
+                    a.push(("url.full", format!("http://{authority}{target}").into()));
                 }
                 if !h.is_empty() {
                     a.push(("server.address", h.into()));
@@ -235,6 +242,17 @@ impl HttpExchange {
         }
         if let Some(ua) = &self.user_agent {
             a.push(("user_agent.original", ua.as_str().into()));
+        }
+        for (&name, &key) in privacy.captured.iter().zip(privacy.captured_keys) {
+            let values: Vec<String> = self
+                .captured_headers
+                .iter()
+                .filter(|(n, _)| *n == name)
+                .map(|(_, v)| v.clone())
+                .collect();
+            if !values.is_empty() {
+                a.push((key, AttrValue::StrArray(values)));
+            }
         }
         a.push(("http.request.body.size", (self.request_body as i64).into()));
         if let Some(s) = self.status {
@@ -286,17 +304,18 @@ mod tests {
             peer: Some("127.0.0.1:8081".parse().unwrap()),
             grpc: None,
             partial: false,
+            captured_headers: Vec::new(),
         }
     }
 
     #[test]
     fn client_attributes_follow_semconv() {
         let e = ex();
-        let a = e.attributes(SpanKind::Client);
+        let a = e.attributes(SpanKind::Client, &Privacy::default());
         let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
         assert_eq!(
             get("url.full"),
-            Some("http://backend:8081/api/items?id=3".into())
+            Some("http://backend:8081/api/items?id=REDACTED".into())
         );
         assert_eq!(get("server.address"), Some("backend".into()));
         assert_eq!(get("server.port"), Some(8081i64.into()));
@@ -311,13 +330,39 @@ mod tests {
         let mut e = ex();
         e.local = Some("10.0.0.2:8081".parse().unwrap());
         e.peer = Some("10.0.0.1:5555".parse().unwrap());
-        let a = e.attributes(SpanKind::Server);
+        let a = e.attributes(SpanKind::Server, &Privacy::default());
         let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
         assert_eq!(get("url.path"), Some("/api/items".into()));
-        assert_eq!(get("url.query"), Some("id=3".into()));
+        assert_eq!(get("url.query"), Some("id=REDACTED".into()));
         assert_eq!(get("client.address"), Some("10.0.0.1".into()));
         assert_eq!(get("client.port"), Some(5555i64.into()));
         assert_eq!(get("network.protocol.version"), Some("1.1".into()));
+    }
+
+    #[test]
+    fn captured_headers_and_proxy_targets() {
+        let (privacy, _) = Privacy::new(&["x-tenant".into()], &[], false);
+        let mut e = ex();
+        e.target = "http://bob:pw@api:8080/x?k=v".into();
+        e.captured_headers = vec![("x-tenant", "a".into()), ("x-tenant", "b".into())];
+        let a = e.attributes(SpanKind::Client, &privacy);
+        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        assert_eq!(
+            get("url.full"),
+            Some("http://REDACTED:REDACTED@api:8080/x?k=REDACTED".into())
+        );
+        assert_eq!(
+            get("http.request.header.x-tenant"),
+            Some(AttrValue::StrArray(vec!["a".into(), "b".into()]))
+        );
+        assert_eq!(
+            ex().attributes(SpanKind::Client, &privacy)
+                .iter()
+                .filter(|(k, _)| k.starts_with("http.request.header."))
+                .count(),
+            0,
+            "absent headers make no attribute"
+        );
     }
 
     #[test]
