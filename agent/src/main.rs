@@ -334,7 +334,12 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.h2_headers_lost, p.h2_headers_lost),
         (&m.open_conns, pipeline.conns() as u64),
         (&m.open_spans, pipeline.open_spans() as u64),
+        (&m.metric_series_dropped, pipeline.red.dropped),
+        (&m.metric_series, pipeline.red.series() as u64),
     ]);
+    let mut red = String::new();
+    pipeline.red.render(&mut red);
+    *m.red.lock().unwrap_or_else(|e| e.into_inner()) = red;
     if let Source::Kernel(cap) = source {
         match cap.stats() {
             Ok(k) => store(&[

@@ -1,10 +1,12 @@
 //! The agent's own health: counters for every stage (nothing is dropped without a count), and
 //! a tiny HTTP endpoint serving `/metrics` (Prometheus text) and `/readyz`.
+pub mod red;
+
 use std::{
     fmt::Write as _,
     net::SocketAddr,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
 };
@@ -22,6 +24,8 @@ macro_rules! metrics {
             $( pub $field: AtomicU64, )*
             /// Probes attached and exporter running.
             pub ready: AtomicBool,
+            /// RED and service-graph series, rendered by the pipeline thread.
+            pub red: Mutex<String>,
         }
 
         impl Metrics {
@@ -30,6 +34,7 @@ macro_rules! metrics {
                 $(
                     let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}\n{} {}", $name, $help, $name, $kind, $name, self.$field.load(Relaxed));
                 )*
+                out.push_str(&self.red.lock().unwrap_or_else(|e| e.into_inner()));
                 out
             }
         }
@@ -64,6 +69,8 @@ metrics! {
     spans_partial: "counter", "kspan_spans_partial_total", "Spans marked kspan.partial=true (HTTP/2 joined mid-connection or a header block not captured).";
     h2_headers_lost: "counter", "kspan_http2_headers_lost_total", "HTTP/2 request header blocks not captured in full (no span possible).";
     links_same_agent: "counter", "kspan_links_same_agent_total", "SERVER spans parented to a CLIENT span seen by this agent.";
+    metric_series_dropped: "counter", "kspan_metric_series_dropped_total", "Request observations left out of RED and service-graph metrics because a series cap was reached.";
+    metric_series: "gauge", "kspan_metric_series", "RED and service-graph series currently exported.";
     open_conns: "gauge", "kspan_open_connections", "Connections currently tracked in userspace.";
     open_spans: "gauge", "kspan_open_spans", "Spans in flight or lingering before export.";
 }

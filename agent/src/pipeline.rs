@@ -7,6 +7,7 @@ use crate::{
     config::Filter,
     conn::{Conn, Protocol},
     conn::{H2, H2Stream},
+    metrics::red::Red,
     process::ProcessCache,
     protocol::{
         http1::{Headers, Message, RequestHead},
@@ -58,6 +59,8 @@ pub struct Pipeline {
     captured: &'static [&'static str],
     messages: Vec<Message>,
     h2_messages: Vec<h2::Message>,
+    /// RED metrics and service-graph edges of every finished request.
+    pub red: Red,
     /// Connections userspace wants the kernel to stop reporting.
     pub to_ignore: Vec<ConnId>,
     pub stats: PipelineStats,
@@ -83,6 +86,7 @@ impl Pipeline {
             max_conns: opts.max_conns,
             messages: Vec::new(),
             h2_messages: Vec::new(),
+            red: Red::default(),
             to_ignore: Vec::new(),
             stats: PipelineStats::default(),
         }
@@ -276,6 +280,9 @@ impl Pipeline {
     /// Periodic work: export lingering spans, forget idle connections.
     pub fn tick(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) {
         self.tracer.flush(now_ns, out);
+        for o in self.tracer.observations.drain(..) {
+            self.red.observe(&o);
+        }
     }
 
     /// Slow periodic work (scans): idle connections and stale exchanges.

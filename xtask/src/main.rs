@@ -166,6 +166,7 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         ("curl", "/usr/bin/curl"),
         ("nghttp2-server", "/usr/sbin/nghttpd"),
         ("nghttp2-client", "/usr/bin/nghttp"),
+        ("prometheus", "/usr/bin/prometheus"),
     ]
     .iter()
     .chain(extra)

@@ -23,7 +23,7 @@ use rustc_hash::FxHashMap as HashMap;
 use super::{
     context::{self, Sampling},
     privacy::Privacy,
-    span::{Grpc, HttpExchange, SpanKind, SpanRecord},
+    span::{Grpc, HttpExchange, Observation, SpanKind, SpanRecord},
 };
 use crate::{
     capture::event::{ConnId, Endpoints},
@@ -92,6 +92,8 @@ struct Open {
     /// CLIENT: end of its linked SERVER span when that one left first, so the parent still
     /// covers its child.
     cover_end_ns: u64,
+    /// The process at the other end of the connection, when rule 3 linked both ends.
+    peer_process: Option<Arc<ProcessInfo>>,
 }
 
 /// What the connection layer knows when a request begins.
@@ -118,6 +120,8 @@ pub struct Tracer {
     /// Monotonic → Unix epoch offset.
     clock_offset_ns: i128,
     privacy: Privacy,
+    /// Every finished request, sampled or not, for metrics; drained by the caller.
+    pub observations: Vec<Observation>,
     pub stats: TracerStats,
 }
 
@@ -156,6 +160,7 @@ impl Tracer {
             max_open,
             clock_offset_ns,
             privacy,
+            observations: Vec::new(),
             stats: TracerStats::default(),
         }
     }
@@ -215,6 +220,7 @@ impl Tracer {
             children: Vec::new(),
             linked_server: None,
             cover_end_ns: 0,
+            peer_process: None,
         };
         match r.kind {
             SpanKind::Server => {
@@ -319,10 +325,13 @@ impl Tracer {
         };
         c.linked_server = Some(server);
         let (trace_id, sampling, explicit) = (c.trace_id, c.sampling, c.explicit_sampling);
+        let client_process = c.process.clone();
         let Some(s) = self.spans.get_mut(&server) else {
             return;
         };
         s.parent = Some(client);
+        s.peer_process = Some(client_process);
+        let server_process = s.process.clone();
         s.trace_id = trace_id;
         if explicit || !s.explicit_sampling {
             s.sampling = sampling;
@@ -336,6 +345,9 @@ impl Tracer {
                     ch.sampling = sampling;
                 }
             }
+        }
+        if let Some(c) = self.spans.get_mut(&client) {
+            c.peer_process = Some(server_process);
         }
         self.stats.links_same_agent += 1;
     }
@@ -461,6 +473,20 @@ impl Tracer {
             client.cover_end_ns = client.cover_end_ns.max(end);
         }
         self.stats.spans_finished += 1;
+        let error = s.error.clone().or_else(|| s.exchange.error(s.kind));
+        self.observations.push(Observation {
+            kind: s.kind,
+            process: s.process.clone(),
+            peer_process: s.peer_process.clone(),
+            method: s.exchange.method.clone(),
+            path: s.exchange.path().to_string(),
+            status: s.exchange.status,
+            grpc: s.exchange.grpc.clone(),
+            server: s.exchange.server_endpoint(),
+            duration_ns: end.saturating_sub(start),
+            error: error.is_some(),
+            failed: s.error.is_some() || s.exchange.error(SpanKind::Client).is_some(),
+        });
         if !s.sampling.exported() {
             self.stats.spans_unsampled += 1;
             return None;
@@ -478,7 +504,7 @@ impl Tracer {
             start_unix_ns: to_unix(start),
             end_unix_ns: to_unix(end),
             attributes: s.exchange.attributes(s.kind, &self.privacy),
-            error: s.error.clone().or_else(|| s.exchange.error(s.kind)),
+            error,
             process: s.process,
         })
     }

@@ -76,6 +76,27 @@ impl SpanRecord {
     }
 }
 
+/// What metrics need of every finished request, sampled or not.
+#[derive(Clone, Debug)]
+pub struct Observation {
+    pub kind: SpanKind,
+    pub process: Arc<ProcessInfo>,
+    /// The process at the other end, when this agent saw both ends (rule 3).
+    pub peer_process: Option<Arc<ProcessInfo>>,
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    pub status: Option<u16>,
+    pub grpc: Option<Grpc>,
+    /// The server as the client addressed it (`server.address`, `server.port`).
+    pub server: (String, u16),
+    pub duration_ns: u64,
+    /// The span's status is error.
+    pub error: bool,
+    /// Failed as the caller sees it (4xx/5xx, non-OK gRPC status, or no response).
+    pub failed: bool,
+}
+
 /// Everything known about one HTTP exchange when its span is built.
 #[derive(Clone, Debug, Default)]
 pub struct HttpExchange {
@@ -144,6 +165,19 @@ impl HttpExchange {
         }
     }
 
+    /// The server as a client addressed it: the Host header, else the peer address.
+    pub fn server_endpoint(&self) -> (String, u16) {
+        match (self.host.as_deref().map(split_host), self.peer) {
+            (Some((h, p)), peer) => (h.to_string(), p.or(peer.map(|x| x.port())).unwrap_or(80)),
+            (None, Some(peer)) => (peer.ip().to_string(), peer.port()),
+            (None, None) => (String::new(), 80),
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        self.target.split_once('?').map_or(&self.target, |(p, _)| p)
+    }
+
     pub fn attributes(&self, kind: SpanKind, privacy: &Privacy) -> Vec<(&'static str, AttrValue)> {
         let mut a: Vec<(&'static str, AttrValue)> = Vec::with_capacity(16);
         // Fields an HTTP/2 decoder joined mid-way could not read are left out, never guessed.
@@ -179,13 +213,7 @@ impl HttpExchange {
                 }
             }
             SpanKind::Client => {
-                let (h, port) = match (host, self.peer) {
-                    (Some((h, p)), peer) => {
-                        (h.to_string(), p.or(peer.map(|x| x.port())).unwrap_or(80))
-                    }
-                    (None, Some(peer)) => (peer.ip().to_string(), peer.port()),
-                    (None, None) => (String::new(), 80),
-                };
+                let (h, port) = self.server_endpoint();
                 let authority = if port == 80 {
                     h.clone()
                 } else {

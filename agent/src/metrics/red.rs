@@ -1,0 +1,490 @@
+//! RED metrics (rate, errors, duration) and service-graph edges from every finished request,
+//! sampled or not, in Prometheus text form.
+//!
+//! Names follow the OpenTelemetry semantic conventions as Prometheus exporters write them
+//! (`http.server.request.duration` in seconds → `http_server_request_duration_seconds`), and
+//! the service graph follows Grafana Tempo's series (`traces_service_graph_request_total`, …),
+//! so existing dashboards work. Cardinality is bounded: paths become heuristic routes (id-like
+//! segments are replaced), routes per service and series per family are capped, and what does
+//! not fit is counted in `kspan_metric_series_dropped_total`.
+use std::fmt::Write as _;
+
+use rustc_hash::FxHashMap as HashMap;
+
+use crate::trace::span::{Observation, SpanKind};
+
+/// Bucket bounds in seconds (the conventions' advice for HTTP durations).
+const BOUNDS: [f64; 14] = [
+    0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+];
+/// Distinct routes kept per service; later ones are reported as `/{other}`.
+const MAX_ROUTES_PER_SERVICE: usize = 200;
+pub const DEFAULT_MAX_SERIES: usize = 10_000;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Family {
+    HttpServer,
+    HttpClient,
+    RpcServer,
+    RpcClient,
+    GraphServer,
+    GraphClient,
+}
+
+impl Family {
+    const ALL: [Family; 6] = [
+        Family::HttpServer,
+        Family::HttpClient,
+        Family::RpcServer,
+        Family::RpcClient,
+        Family::GraphServer,
+        Family::GraphClient,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Family::HttpServer => "http_server_request_duration_seconds",
+            Family::HttpClient => "http_client_request_duration_seconds",
+            Family::RpcServer => "rpc_server_duration_seconds",
+            Family::RpcClient => "rpc_client_duration_seconds",
+            Family::GraphServer => "traces_service_graph_request_server_seconds",
+            Family::GraphClient => "traces_service_graph_request_client_seconds",
+        }
+    }
+
+    fn help(self) -> &'static str {
+        match self {
+            Family::HttpServer => {
+                "Duration of HTTP server requests (http.server.request.duration)."
+            }
+            Family::HttpClient => {
+                "Duration of HTTP client requests (http.client.request.duration)."
+            }
+            Family::RpcServer => "Duration of RPC server calls (rpc.server.duration).",
+            Family::RpcClient => "Duration of RPC client calls (rpc.client.duration).",
+            Family::GraphServer => "Service graph: request duration measured at the server.",
+            Family::GraphClient => "Service graph: request duration measured at the client.",
+        }
+    }
+
+    fn labels(self) -> &'static [&'static str] {
+        match self {
+            Family::HttpServer => &[
+                "service_name",
+                "http_request_method",
+                "http_route",
+                "http_response_status_code",
+                "error_type",
+            ],
+            Family::HttpClient => &[
+                "service_name",
+                "http_request_method",
+                "server_address",
+                "server_port",
+                "http_response_status_code",
+                "error_type",
+            ],
+            Family::RpcServer | Family::RpcClient => &[
+                "service_name",
+                "rpc_system",
+                "rpc_service",
+                "rpc_method",
+                "rpc_grpc_status_code",
+            ],
+            Family::GraphServer | Family::GraphClient => &["client", "server", "connection_type"],
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct Histogram {
+    /// Per bucket (not cumulative); the last one is +Inf.
+    buckets: [u64; BOUNDS.len() + 1],
+    sum: f64,
+    count: u64,
+    /// Service graph: requests that failed as the caller sees them.
+    failed: u64,
+}
+
+impl Histogram {
+    fn observe(&mut self, seconds: f64, failed: bool) {
+        let i = BOUNDS
+            .iter()
+            .position(|&b| seconds <= b)
+            .unwrap_or(BOUNDS.len());
+        self.buckets[i] += 1;
+        self.sum += seconds;
+        self.count += 1;
+        self.failed += failed as u64;
+    }
+}
+
+type Key = (Family, Box<[String]>);
+
+pub struct Red {
+    series: HashMap<Key, Histogram>,
+    /// Series per family (indexed by `Family as usize`).
+    per_family: [usize; Family::ALL.len()],
+    routes: HashMap<String, Vec<String>>,
+    max_series: usize,
+    /// Observations not recorded because their family's series cap was reached.
+    pub dropped: u64,
+}
+
+impl Default for Red {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_SERIES)
+    }
+}
+
+impl Red {
+    pub fn new(max_series: usize) -> Self {
+        Self {
+            series: HashMap::default(),
+            per_family: [0; Family::ALL.len()],
+            routes: HashMap::default(),
+            max_series,
+            dropped: 0,
+        }
+    }
+
+    pub fn series(&self) -> usize {
+        self.series.len()
+    }
+
+    pub fn observe(&mut self, o: &Observation) {
+        let seconds = o.duration_ns as f64 / 1e9;
+        let service = o.process.service_name.as_str();
+        let status = o.status.map(|s| s.to_string()).unwrap_or_default();
+        let error_type = match (o.error, o.status) {
+            (false, _) => String::new(),
+            (true, Some(s)) => s.to_string(),
+            // No response: the conventions' catch-all.
+            (true, None) => "_OTHER".to_string(),
+        };
+        match (&o.grpc, o.kind) {
+            (Some(g), kind) => {
+                let family = if kind == SpanKind::Server {
+                    Family::RpcServer
+                } else {
+                    Family::RpcClient
+                };
+                let code = g.status.map(|c| c.to_string()).unwrap_or_default();
+                self.add(
+                    family,
+                    [service, "grpc", &g.service, &g.method, &code],
+                    seconds,
+                    false,
+                );
+            }
+            (None, SpanKind::Server) => {
+                let route = self.route(service, &o.path);
+                self.add(
+                    Family::HttpServer,
+                    [service, &o.method, &route, &status, &error_type],
+                    seconds,
+                    false,
+                );
+            }
+            (None, SpanKind::Client) => {
+                let (addr, port) = &o.server;
+                self.add(
+                    Family::HttpClient,
+                    [
+                        service,
+                        &o.method,
+                        addr,
+                        &port.to_string(),
+                        &status,
+                        &error_type,
+                    ],
+                    seconds,
+                    false,
+                );
+            }
+        }
+        // Edges: a linked pair is counted once, at its server; a client whose server this agent
+        // did not see is an edge to a virtual node named by address.
+        match (o.kind, &o.peer_process) {
+            (SpanKind::Server, Some(client)) => self.add(
+                Family::GraphServer,
+                [&client.service_name, service, ""],
+                seconds,
+                o.failed,
+            ),
+            (SpanKind::Client, Some(server)) => self.add(
+                Family::GraphClient,
+                [service, &server.service_name, ""],
+                seconds,
+                o.failed,
+            ),
+            (SpanKind::Client, None) => {
+                let peer = format!("{}:{}", o.server.0, o.server.1);
+                self.add(
+                    Family::GraphClient,
+                    [service, &peer, "virtual_node"],
+                    seconds,
+                    o.failed,
+                );
+            }
+            (SpanKind::Server, None) => {}
+        }
+    }
+
+    fn add<const N: usize>(&mut self, family: Family, labels: [&str; N], s: f64, failed: bool) {
+        let key: Key = (family, labels.iter().map(|l| l.to_string()).collect());
+        if !self.series.contains_key(&key) {
+            if self.per_family[family as usize] >= self.max_series {
+                self.dropped += 1;
+                return;
+            }
+            self.per_family[family as usize] += 1;
+        }
+        self.series.entry(key).or_default().observe(s, failed);
+    }
+
+    /// The heuristic route of a path for one service, capped per service.
+    fn route(&mut self, service: &str, path: &str) -> String {
+        let route = route_of(path);
+        let known = self.routes.entry(service.to_string()).or_default();
+        if known.contains(&route) {
+            return route;
+        }
+        if known.len() >= MAX_ROUTES_PER_SERVICE {
+            return "/{other}".to_string();
+        }
+        known.push(route.clone());
+        route
+    }
+
+    /// Appends every series in Prometheus text exposition format.
+    pub fn render(&self, out: &mut String) {
+        let mut keys: Vec<&Key> = self.series.keys().collect();
+        keys.sort();
+        for family in Family::ALL {
+            let name = family.name();
+            let of_family: Vec<&&Key> = keys.iter().filter(|k| k.0 == family).collect();
+            if of_family.is_empty() {
+                continue;
+            }
+            let _ = writeln!(
+                out,
+                "# HELP {name} {}\n# TYPE {name} histogram",
+                family.help()
+            );
+            for key in &of_family {
+                let h = &self.series[**key];
+                let labels = render_labels(family.labels(), &key.1);
+                let mut cumulative = 0;
+                for (i, n) in h.buckets.iter().enumerate() {
+                    cumulative += n;
+                    let le = BOUNDS.get(i).map_or("+Inf".to_string(), |b| b.to_string());
+                    let _ = writeln!(out, "{name}_bucket{{{labels},le=\"{le}\"}} {cumulative}");
+                }
+                let _ = writeln!(out, "{name}_sum{{{labels}}} {}", h.sum);
+                let _ = writeln!(out, "{name}_count{{{labels}}} {}", h.count);
+            }
+        }
+        // The graph's request and failure counters: once per request, at the server for a
+        // linked pair, at the client for a virtual node.
+        let mut edges: HashMap<&[String], (u64, u64)> = HashMap::default();
+        for key in &keys {
+            if matches!(key.0, Family::GraphServer | Family::GraphClient) {
+                let h = &self.series[*key];
+                let e = edges.entry(&key.1).or_default();
+                // A linked pair is measured on both sides; count it on the server's.
+                if key.0 == Family::GraphServer || key.1[2] == "virtual_node" {
+                    e.0 += h.count;
+                    e.1 += h.failed;
+                }
+            }
+        }
+        let mut edges: Vec<_> = edges.into_iter().filter(|(_, (n, _))| *n > 0).collect();
+        edges.sort();
+        for (name, help, pick) in [
+            (
+                "traces_service_graph_request_total",
+                "Service graph: requests from client to server.",
+                0,
+            ),
+            (
+                "traces_service_graph_request_failed_total",
+                "Service graph: requests that failed as the client sees them.",
+                1,
+            ),
+        ] {
+            if edges.is_empty() {
+                break;
+            }
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+            for (labels, (n, failed)) in &edges {
+                let labels = render_labels(Family::GraphServer.labels(), labels);
+                let v = if pick == 0 { n } else { failed };
+                let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            }
+        }
+    }
+}
+
+fn render_labels(names: &[&str], values: &[String]) -> String {
+    names
+        .iter()
+        .zip(values)
+        .filter(|(_, v)| !v.is_empty())
+        .map(|(n, v)| format!("{n}=\"{}\"", escape(v)))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn escape(v: &str) -> String {
+    v.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// A low-cardinality stand-in for a route template: segments that look like identifiers
+/// (numbers, UUIDs, long hex or mixed tokens) become `{id}`.
+pub fn route_of(path: &str) -> String {
+    let path = path.split(['?', '#']).next().unwrap_or_default();
+    if path.is_empty() || !path.starts_with('/') {
+        return "/".to_string();
+    }
+    let segs: Vec<&str> = path
+        .split('/')
+        .skip(1)
+        .take(8)
+        .map(|s| if looks_like_id(s) { "{id}" } else { s })
+        .collect();
+    format!("/{}", segs.join("/"))
+}
+
+fn looks_like_id(s: &str) -> bool {
+    let digits = s.bytes().filter(u8::is_ascii_digit).count();
+    let hex = s.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-');
+    !s.is_empty()
+        && (digits == s.len()
+            || (hex && s.len() >= 16 && digits > 0)
+            || (s.len() >= 20
+                && digits > 0
+                && s.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use super::*;
+    use crate::{process::ProcessInfo, trace::span::Grpc};
+
+    fn process(name: &str) -> Arc<ProcessInfo> {
+        Arc::new(ProcessInfo {
+            pid: 1,
+            exe: String::new(),
+            command_line: String::new(),
+            service_name: name.into(),
+            cgroup: Default::default(),
+        })
+    }
+
+    fn obs(kind: SpanKind, service: &str, path: &str, status: u16, ms: u64) -> Observation {
+        Observation {
+            kind,
+            process: process(service),
+            peer_process: None,
+            method: "GET".into(),
+            path: path.into(),
+            status: Some(status),
+            grpc: None,
+            server: ("backend".into(), 8081),
+            duration_ns: ms * 1_000_000,
+            error: status >= 500,
+            failed: status >= 400,
+        }
+    }
+
+    #[test]
+    fn routes_hide_identifiers() {
+        assert_eq!(route_of("/users/12345/orders"), "/users/{id}/orders");
+        assert_eq!(
+            route_of("/o/0f8e2b9a-1c3d-4e5f-8a7b-6c5d4e3f2a1b?x=1"),
+            "/o/{id}"
+        );
+        assert_eq!(route_of("/blob/4b1a5e3c9d2f8e7a"), "/blob/{id}");
+        assert_eq!(route_of("/api/v2/health"), "/api/v2/health");
+        assert_eq!(route_of("/static/app.js"), "/static/app.js");
+        assert_eq!(route_of(""), "/");
+        assert_eq!(route_of("*"), "/");
+    }
+
+    #[test]
+    fn histograms_and_edges_render_as_prometheus_text() {
+        let mut red = Red::default();
+        let mut server = obs(SpanKind::Server, "cart", "/items/42", 200, 3);
+        server.peer_process = Some(process("gateway"));
+        red.observe(&server);
+        let mut failed = obs(SpanKind::Server, "cart", "/items/43", 503, 30);
+        failed.peer_process = Some(process("gateway"));
+        red.observe(&failed);
+        red.observe(&obs(SpanKind::Client, "gateway", "/x", 404, 1));
+        let mut rpc = obs(SpanKind::Server, "cart", "/shop.Cart/Get", 200, 2);
+        rpc.grpc = Some(Grpc {
+            service: "shop.Cart".into(),
+            method: "Get".into(),
+            status: Some(5),
+        });
+        red.observe(&rpc);
+        let mut text = String::new();
+        red.render(&mut text);
+        let has = |line: &str| assert!(text.lines().any(|l| l == line), "{line}\n{text}");
+        has("# TYPE http_server_request_duration_seconds histogram");
+        has(
+            r#"http_server_request_duration_seconds_bucket{service_name="cart",http_request_method="GET",http_route="/items/{id}",http_response_status_code="200",le="0.005"} 1"#,
+        );
+        has(
+            r#"http_server_request_duration_seconds_bucket{service_name="cart",http_request_method="GET",http_route="/items/{id}",http_response_status_code="503",error_type="503",le="0.025"} 0"#,
+        );
+        has(
+            r#"http_server_request_duration_seconds_bucket{service_name="cart",http_request_method="GET",http_route="/items/{id}",http_response_status_code="503",error_type="503",le="0.05"} 1"#,
+        );
+        has(
+            r#"http_server_request_duration_seconds_count{service_name="cart",http_request_method="GET",http_route="/items/{id}",http_response_status_code="200"} 1"#,
+        );
+        has(
+            r#"http_client_request_duration_seconds_count{service_name="gateway",http_request_method="GET",server_address="backend",server_port="8081",http_response_status_code="404"} 1"#,
+        );
+        has(
+            r#"rpc_server_duration_seconds_count{service_name="cart",rpc_system="grpc",rpc_service="shop.Cart",rpc_method="Get",rpc_grpc_status_code="5"} 1"#,
+        );
+        has(r#"traces_service_graph_request_total{client="gateway",server="cart"} 2"#);
+        has(r#"traces_service_graph_request_failed_total{client="gateway",server="cart"} 1"#);
+        has(
+            r#"traces_service_graph_request_total{client="gateway",server="backend:8081",connection_type="virtual_node"} 1"#,
+        );
+        has(
+            r#"traces_service_graph_request_failed_total{client="gateway",server="backend:8081",connection_type="virtual_node"} 1"#,
+        );
+    }
+
+    #[test]
+    fn cardinality_is_bounded_and_counted() {
+        let mut red = Red::new(5);
+        for i in 0..1000 {
+            // Distinct non-id paths: routes are capped per service, series per family.
+            red.observe(&obs(
+                SpanKind::Server,
+                "s",
+                &format!("/page-{}", "x".repeat(i % 300)),
+                200,
+                1,
+            ));
+            red.observe(&obs(SpanKind::Client, "s", "/", 200 + (i % 50) as u16, 1));
+        }
+        assert!(red.series() <= 5 * Family::ALL.len(), "{}", red.series());
+        assert!(red.dropped > 0);
+        assert!(red.routes["s"].len() <= MAX_ROUTES_PER_SERVICE);
+        let mut text = String::new();
+        red.render(&mut text);
+        assert!(text.contains("http_server_request_duration_seconds_count"));
+    }
+}
