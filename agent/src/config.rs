@@ -1,4 +1,8 @@
-//! Command line and environment. Flags win over the standard OpenTelemetry variables.
+//! Command line, environment and configuration file. Precedence, highest first: flags,
+//! environment variables (`KSPAN_*`, the standard `OTEL_EXPORTER_OTLP_*`), the file
+//! (`--config`), defaults.
+pub mod file;
+
 use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Parser;
@@ -12,6 +16,14 @@ use crate::{capture::event::Endpoints, process::ProcessInfo};
     about = "Zero-code HTTP tracing with eBPF; spans linked through B3, exported over OTLP"
 )]
 pub struct Args {
+    /// TOML configuration file; keys are the long flag names (e.g. `port = [8080]`). Flags and
+    /// environment variables win over it.
+    #[arg(long, env = "KSPAN_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// Print the effective configuration (after flags, environment and file) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Trace only these process ids (repeat or comma-separate). Default: every process.
     #[arg(long, value_delimiter = ',', env = "KSPAN_PID")]
     pub pid: Vec<u32>,

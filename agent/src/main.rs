@@ -12,7 +12,6 @@ use std::{
 };
 
 use anyhow::Context as _;
-use clap::Parser as _;
 use kspan::{
     capture::{Capture, CaptureOptions, event, replay},
     config::{self, Args, Filter},
@@ -30,7 +29,18 @@ static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
-    let args = Args::parse();
+    let args = match config::file::load(std::env::args_os(), |k| std::env::var(k).ok()) {
+        Ok(args) => args,
+        Err(config::file::FileError::Cli(e)) => e.exit(),
+        Err(e) => {
+            eprintln!("kspan: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if args.print_config {
+        println!("{args:#?}");
+        return ExitCode::SUCCESS;
+    }
     match run(args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

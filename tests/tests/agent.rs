@@ -291,3 +291,44 @@ with grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}") as ch:
     kspan_tests::wait_metric(agent.metrics, "kspan_spans_partial_total", |v| v >= 1);
     assert!(agent.terminate().success());
 }
+
+/// Flags beat environment variables, which beat the configuration file, which beats defaults;
+/// a bad file is one clear error.
+#[test]
+fn configuration_file_precedence() {
+    let dir = std::env::temp_dir().join(format!("kspan-conf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("kspan.toml");
+    std::fs::write(
+        &file,
+        "port = [8080]\nexe = [\"nginx\"]\nlinger-ms = 50\ncapture-header = [\"x-tenant\"]\n",
+    )
+    .unwrap();
+    let out = Command::new(kspan_bin())
+        .args(["--print-config", "--linger-ms", "70"])
+        .env("KSPAN_CONFIG", &file)
+        .env("KSPAN_EXE", "python3")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let compact: String = text.split_whitespace().collect();
+    for want in [
+        "port:[8080,]",                   // file over default
+        "exe:[\"python3\",]",             // environment over file
+        "linger_ms:70,",                  // flag over file
+        "capture_header:[\"x-tenant\",]", // file
+        "ring_buffer_mb:16,",             // default
+    ] {
+        assert!(compact.contains(want), "{want} in {text}");
+    }
+    std::fs::write(&file, "prot = [8080]\n").unwrap();
+    let (code, stderr) = run_kspan(&["--config", file.to_str().unwrap()], None);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("unknown key \"prot\""), "{stderr}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
