@@ -209,6 +209,11 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The exit status, once the process has exited.
+    pub fn try_wait(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Panics with the log if the process has exited.
     pub fn assert_running(&mut self) {
         if let Ok(Some(status)) = self.child.try_wait() {
@@ -346,9 +351,14 @@ fn nginx_binary() -> PathBuf {
 
 /// A real OTLP/gRPC collector (opentelemetry-proto's generated service on tonic).
 pub fn grpc_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
+    grpc_collector_at(rt, "127.0.0.1:0".parse().expect("address"))
+}
+
+/// [`grpc_collector`] on a chosen address (e.g. one an agent was already told to use).
+pub fn grpc_collector_at(rt: &tokio::runtime::Runtime, at: SocketAddr) -> (SocketAddr, Spans) {
     let store = Store::default();
     let listener = rt
-        .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+        .block_on(tokio::net::TcpListener::bind(at))
         .expect("collector bind");
     let addr = listener.local_addr().expect("addr");
     let svc = TraceServiceServer::new(store.clone());

@@ -1,0 +1,298 @@
+//! Faults: the collector going away, the ring buffer overflowing, the agent restarting under
+//! open connections, and a flood of short connections. The agent must stay up, count what it
+//! loses, keep its memory bounded and trace correctly afterwards.
+use std::{
+    io::{Read as _, Write as _},
+    net::{SocketAddr, TcpStream},
+    process::Command,
+    time::{Duration, Instant},
+};
+
+use kspan_tests::{
+    Agent, Got, Nginx, Proc, PyService, Spans, assert_root, curl, free_port, grpc_collector,
+    grpc_collector_at, metric, runtime, trace_id, unique_path, wait_metric,
+};
+
+fn otlp_grpc(collector: SocketAddr) -> [(&'static str, String); 2] {
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+    ]
+}
+
+fn wait_trace(spans: &Spans, t: u128, n: usize, secs: u64) -> Vec<Got> {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let got: Vec<Got> = spans
+            .all()
+            .into_iter()
+            .filter(|g| g.trace_id == t)
+            .collect();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(Instant::now() < deadline, "trace {t:032x}: {got:#?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Nothing listens where the agent exports for a minute: spans fail (counted, never
+/// buffered without bound); once a collector appears, new spans arrive.
+#[test]
+fn collector_down_for_a_minute_then_back() {
+    assert_root();
+    let rt = runtime();
+    let collector: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+    let back = PyService::start("backend", None);
+    let port = back.port.to_string();
+    let agent = Agent::start(
+        "kspan-collector-down",
+        &["--port", &port, "--linger-ms", "50", "--export-queue", "64"],
+        &otlp_grpc(collector),
+    );
+    let start = Instant::now();
+    let mut peak = 0;
+    let mut sent = 0;
+    while start.elapsed() < Duration::from_secs(60) {
+        curl(&[&format!("http://127.0.0.1:{port}{}", unique_path("down"))]);
+        sent += 1;
+        peak = peak.max(rss_kib(agent.proc.pid()));
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Every span of those requests is accounted for: failed exports or queue drops.
+    let lost = wait_metric(agent.metrics, "kspan_spans_export_failed_total", |v| v > 0)
+        + metric(agent.metrics, "kspan_spans_queue_dropped_total");
+    assert_eq!(metric(agent.metrics, "kspan_spans_exported_total"), 0);
+    println!(
+        "collector down 60 s: {sent} requests, {lost} spans counted as lost, peak RSS {peak} KiB"
+    );
+    assert!(peak < 256 * 1024, "RSS stays bounded: {peak} KiB");
+
+    let (_, spans) = grpc_collector_at(&rt, collector);
+    let t = trace_id(41);
+    // The exporter reconnects on its own; retry the request until its spans arrive.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        curl(&[
+            "-H",
+            &format!("b3: {t:032x}-0000000000000d0d-1"),
+            &format!("http://127.0.0.1:{port}/back"),
+        ]);
+        std::thread::sleep(Duration::from_secs(1));
+        if spans.all().iter().filter(|g| g.trace_id == t).count() >= 2 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no spans after the collector came back:\n{}",
+            agent.proc.log()
+        );
+    }
+    let got = wait_trace(&spans, t, 2, 5);
+    let server = got
+        .iter()
+        .find(|g| g.kind == "SERVER")
+        .expect("server span");
+    assert_eq!(server.attr("url.path").s(), "/back");
+    assert!(agent.terminate().success());
+}
+
+/// The agent is frozen (SIGSTOP) under load, so the kernel cannot hand events over: the ring
+/// buffer overflows, the losses are counted, and after it resumes the agent is healthy and
+/// traces new requests exactly.
+#[test]
+fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
+    assert_root();
+    let rt = runtime();
+    let (collector, spans) = grpc_collector(&rt);
+    let nginx = Nginx::start(free_port());
+    let port = nginx.port.to_string();
+    let agent = Agent::start(
+        "kspan-overflow",
+        &[
+            "--port",
+            &port,
+            "--ring-buffer-mb",
+            "1",
+            "--linger-ms",
+            "50",
+        ],
+        &otlp_grpc(collector),
+    );
+    let pid = agent.proc.pid() as i32;
+    // SAFETY: plain syscalls on the agent we started.
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let load = Command::new("h2load")
+        .args(["--h1", "-n", "30000", "-c", "4"])
+        .arg(format!("http://127.0.0.1:{port}/teapot"))
+        .output()
+        .expect("h2load");
+    // SAFETY: as above.
+    unsafe { libc::kill(pid, libc::SIGCONT) };
+    assert!(
+        load.status.success(),
+        "{}",
+        String::from_utf8_lossy(&load.stderr)
+    );
+    let lost = wait_metric(agent.metrics, "kspan_kernel_lost_events_total", |v| v > 0);
+    assert!(http_ready(agent.metrics), "agent ready after the overflow");
+    // Connections that lost events resynchronise; new ones are exact.
+    let t = trace_id(42);
+    curl(&[
+        "-H",
+        &format!("b3: {t:032x}-0000000000000e0e-1"),
+        &format!("http://127.0.0.1:{port}/teapot"),
+    ]);
+    let got = wait_trace(&spans, t, 2, 15);
+    for g in &got {
+        assert_eq!(g.attr("http.response.status_code").i(), 418, "{g:#?}");
+    }
+    println!("ring buffer overflow: {lost} events lost and counted");
+    assert!(agent.terminate().success());
+}
+
+/// Keep-alive connections opened under one agent and used after it was replaced by another:
+/// the new agent finds them and links their requests by headers, never by guesswork.
+#[test]
+fn agent_restart_picks_up_open_connections() {
+    assert_root();
+    let rt = runtime();
+    let (collector, spans) = grpc_collector(&rt);
+    let back = PyService::start("backend", None);
+    let port = back.port.to_string();
+    let args = ["--port", port.as_str(), "--linger-ms", "50"];
+    let first = Agent::start("kspan-first", &args, &otlp_grpc(collector));
+    let mut conns: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(("127.0.0.1", back.port)).unwrap())
+        .collect();
+    let exchange = |c: &mut TcpStream, extra: &str| {
+        c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        c.write_all(format!("GET /r HTTP/1.1\r\nHost: back\r\n{extra}\r\n").as_bytes())
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !got.ends_with(b"leaf\n") {
+            let n = c.read(&mut buf).unwrap();
+            assert!(n > 0, "connection closed early");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    for c in &mut conns {
+        exchange(c, "");
+    }
+    assert!(first.terminate().success());
+    let second = Agent::start("kspan-second", &args, &otlp_grpc(collector));
+    let ids: Vec<u128> = (0..3).map(|i| trace_id(50 + i)).collect();
+    for (c, t) in conns.iter_mut().zip(&ids) {
+        exchange(
+            c,
+            &format!("X-B3-TraceId: {t:032x}\r\nX-B3-SpanId: 0000000000000b0b\r\n"),
+        );
+    }
+    for t in &ids {
+        let got = wait_trace(&spans, *t, 2, 15);
+        assert_eq!(got.len(), 2, "{got:#?}");
+        for g in &got {
+            assert_eq!(g.parent, Some(0xb0b), "linked by its own headers: {g:#?}");
+            assert_eq!(g.attr("http.response.status_code").i(), 200);
+        }
+    }
+    assert!(second.terminate().success());
+}
+
+/// 100,000 short connections: per-connection state is evicted as they close, so the agent's
+/// memory stays bounded and its connection table returns to idle.
+#[test]
+fn a_hundred_thousand_short_connections_keep_memory_bounded() {
+    assert_root();
+    let rt = runtime();
+    let (collector, spans) = grpc_collector(&rt);
+    let nginx = Nginx::start(free_port());
+    let port = nginx.port.to_string();
+    let agent = Agent::start(
+        "kspan-churn",
+        &["--port", &port, "--linger-ms", "50"],
+        &otlp_grpc(collector),
+    );
+    let before = rss_kib(agent.proc.pid());
+    // Each connection: one request, the whole response, then an abortive close (no
+    // TIME_WAIT, so 100k connections fit the ephemeral port range). Sampled out, so the
+    // collector does not have to hold 200k spans; the agent still does all the work.
+    let client = r#"
+import socket, struct, sys
+port, n = int(sys.argv[1]), int(sys.argv[2])
+req = b"GET /teapot HTTP/1.1\r\nHost: x\r\nX-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: 0000000000000001\r\nX-B3-Sampled: 0\r\n\r\n"
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(req)
+    got = b""
+    while not got.endswith(b"short and stout\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+"#;
+    const PER_CLIENT: usize = 25_000;
+    let started = Instant::now();
+    let mut clients: Vec<Proc> = (0..4)
+        .map(|i| {
+            let mut cmd = Command::new("python3");
+            cmd.args(["-c", client, &port, &PER_CLIENT.to_string()]);
+            Proc::spawn(&format!("churn{i}"), cmd)
+        })
+        .collect();
+    let mut peak = before;
+    for c in &mut clients {
+        loop {
+            peak = peak.max(rss_kib(agent.proc.pid()));
+            match c.try_wait() {
+                Some(status) => {
+                    assert!(status.success(), "{}", c.log());
+                    break;
+                }
+                None => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(300),
+                        "churn too slow"
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    let elapsed = started.elapsed();
+    let requests = wait_metric(agent.metrics, "kspan_http_requests_total", |v| {
+        v >= 2 * 4 * PER_CLIENT as u64
+    });
+    wait_metric(agent.metrics, "kspan_open_connections", |v| v < 100);
+    let unsampled = wait_metric(agent.metrics, "kspan_spans_unsampled_total", |v| {
+        v >= 2 * 4 * PER_CLIENT as u64
+    });
+    let after = rss_kib(agent.proc.pid());
+    println!(
+        "100k short connections in {elapsed:?}: {requests} requests decoded, {unsampled} spans finished (unsampled), RSS {before} KiB before, peak {peak} KiB, {after} KiB after"
+    );
+    assert!(peak < 256 * 1024, "peak RSS {peak} KiB");
+    assert!(
+        spans.all().iter().all(|g| g.trace_id != 0x463ac35c9f6413ad),
+        "sampled-out requests are not exported"
+    );
+    assert!(agent.terminate().success());
+}
+
+fn http_ready(metrics: SocketAddr) -> bool {
+    kspan_tests::http_get(metrics, "/readyz").is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+}
