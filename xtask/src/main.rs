@@ -232,6 +232,26 @@ fn build(debug: bool) -> anyhow::Result<PathBuf> {
         .canonicalize()?)
 }
 
+/// Seconds each fuzz target runs in `cargo xtask test`: long enough to catch shallow crashes
+/// in every decoder of untrusted input on each change; longer campaigns are run by hand.
+const FUZZ_SECONDS: u32 = 20;
+
+/// Builds the cargo-fuzz targets (nightly, sanitizers; no eBPF needed) and runs each briefly.
+fn fuzz() -> anyhow::Result<()> {
+    if !which("cargo-fuzz") {
+        run(Command::new("cargo").args(["+nightly", "install", "cargo-fuzz", "--locked"]))?;
+    }
+    for target in ["http1", "http2", "events"] {
+        run(Command::new("cargo")
+            .args(["+nightly", "fuzz", "run", target, "--"])
+            .arg(format!("-max_total_time={FUZZ_SECONDS}"))
+            .arg("-rss_limit_mb=4096")
+            .current_dir("agent/fuzz")
+            .env("AYA_BUILD_SKIP", "1"))?;
+    }
+    Ok(())
+}
+
 fn test() -> anyhow::Result<()> {
     if !is_root() {
         bail!(
@@ -248,6 +268,7 @@ fn test() -> anyhow::Result<()> {
         "--exclude",
         "kspan-ebpf",
     ]))?;
+    fuzz()?;
     // The integration tests share one agent and start real servers: one at a time.
     let bin = build(true)?;
     run(Command::new("cargo")
