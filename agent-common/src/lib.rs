@@ -55,6 +55,9 @@ pub mod event_flags {
     /// followed by `copied` bytes, which the syscall's stream continues past with `skipped`
     /// bytes that were not copied. `total_len` is the bytes the record describes.
     pub const FRAMED: u8 = 4;
+    /// A framed record whose first byte starts an HTTP/2 frame header: where userspace can
+    /// resume framing after lost records.
+    pub const FRAME_START: u8 = 8;
 }
 
 /// Size of a chunk header in a [`event_flags::FRAMED`] payload.

@@ -116,6 +116,9 @@ pub struct Walk {
     cap: u64,
     /// The last record could not be output.
     gap: u64,
+    /// The record being built starts with a frame header: after lost records, userspace can
+    /// resume framing there.
+    at_frame: u64,
 }
 
 /// Follows the frames of one syscall's bytes and emits one or more chunked records. The
@@ -162,7 +165,9 @@ pub fn walk(
         chunk_skipped: 0,
         cap: if cap < 64 { 64 } else { cap },
         gap: 0,
+        at_frame: 0,
     };
+    w.at_frame = at_frame_start(&w.side);
     // SAFETY: the callback is a BPF subprogram; it finds its state in WALK.
     unsafe { bpf_loop(MAX_STEPS, step as *mut c_void, core::ptr::null_mut(), 0) };
     if w.total_left > 0 {
@@ -176,6 +181,12 @@ pub fn walk(
     }
     f.sides[d] = w.side;
     Some(w.gap != 0)
+}
+
+/// Whether the next byte of this side starts a frame header.
+#[inline(always)]
+fn at_frame_start(side: &Side) -> u64 {
+    (side.left == 0 && side.hdr_have == 0) as u64
 }
 
 /// One step of the walk; returns 1 to stop.
@@ -384,6 +395,11 @@ fn flush(w: &mut Walk) {
         ev.header.total_len = w.covered;
         ev.header.captured_len = w.out as u32;
         ev.header.flags |= event_flags::FRAMED;
+        if w.at_frame != 0 {
+            ev.header.flags |= event_flags::FRAME_START;
+        } else {
+            ev.header.flags &= !event_flags::FRAME_START;
+        }
         let mut len = size_of::<EventHeader>() as u64 + w.out;
         if len > (size_of::<EventHeader>() + MAX_PAYLOAD) as u64 {
             len = (size_of::<EventHeader>() + MAX_PAYLOAD) as u64;
@@ -402,6 +418,7 @@ fn flush(w: &mut Walk) {
         }
     }
     w.covered = 0;
+    w.at_frame = at_frame_start(&w.side);
     w.out = H2_CHUNK_HEADER as u64;
     w.chunk_at = 0;
     w.chunk_copied = 0;

@@ -113,6 +113,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                         total_len: bytes.len() as u64,
                         payload: bytes,
                         framed: false,
+                        frame_start: false,
                         gap: false,
                     },
                 }));

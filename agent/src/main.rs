@@ -342,6 +342,7 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.links_same_agent, t.links_same_agent),
         (&m.spans_partial, t.spans_partial),
         (&m.h2_headers_lost, p.h2_headers_lost),
+        (&m.h2_resyncs, p.h2_resyncs),
         (&m.open_conns, pipeline.conns() as u64),
         (&m.open_spans, pipeline.open_spans() as u64),
         (&m.metric_series_dropped, pipeline.red.dropped),

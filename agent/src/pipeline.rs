@@ -36,6 +36,8 @@ pub struct PipelineStats {
     pub h2_headers_lost: u64,
     /// HTTP/2 connections joined mid-way (spans may be partial).
     pub h2_joined_late: u64,
+    /// HTTP/2 directions that resumed framing after lost events.
+    pub h2_resyncs: u64,
 }
 
 pub struct PipelineOptions {
@@ -196,6 +198,7 @@ impl Pipeline {
                 total_len,
                 payload,
                 framed,
+                frame_start,
                 gap,
             } => {
                 sink.stats.bytes += total_len;
@@ -204,7 +207,11 @@ impl Pipeline {
                 }
                 if gap {
                     sink.stats.gaps += 1;
-                    sink.restart(conn);
+                    match conn.h2.as_mut() {
+                        // The kernel marks where frames start: HTTP/2 can resume there.
+                        Some(_) if framed => sink.h2_lost_sync(conn),
+                        _ => sink.restart(conn),
+                    }
                 }
                 let requests = conn.carries_requests(direction);
                 if conn.protocol == Protocol::Http1
@@ -216,7 +223,7 @@ impl Pipeline {
                     conn.h2 = Some(Box::new(H2::new(false)));
                 }
                 let mut h2_lost = false;
-                for (bytes, missing) in pieces(payload, framed, total_len) {
+                for (i, (bytes, missing)) in pieces(payload, framed, total_len).enumerate() {
                     match conn.h2.as_mut() {
                         Some(h) => {
                             // A late-joined connection's frame decoders stay keyed by direction
@@ -227,6 +234,19 @@ impl Pipeline {
                             } else {
                                 requests
                             };
+                            if h.frames.awaiting_frame(from_client) {
+                                if !framed {
+                                    // The kernel stopped following frames: no way back.
+                                    sink.restart(conn);
+                                    h2_lost = true;
+                                    break;
+                                }
+                                if i > 0 || !frame_start {
+                                    break;
+                                }
+                                h.frames.resume_at_frame(from_client);
+                                sink.stats.h2_resyncs += 1;
+                            }
                             h.frames.feed(
                                 from_client,
                                 bytes,
@@ -415,13 +435,25 @@ impl Sink<'_> {
             self.tracer.abandon(span);
         }
         conn.http.resync();
-        // HTTP/2 has no resynchronisation point: the connection is given up (counted).
+        // HTTP/2 has no resynchronisation point of its own; without the kernel's frame-start
+        // marks (see `h2_lost_sync`) the connection is given up (counted).
         if let Some(h) = conn.h2.take() {
             for span in h.streams.into_values().filter_map(|s| s.span) {
                 self.tracer.abandon(span);
             }
             conn.protocol = Protocol::Unsupported;
             self.stats.conns_unsupported += 1;
+        }
+    }
+
+    /// Events of an HTTP/2 connection were lost: streams in flight can no longer be finished
+    /// (abandoned, counted), and decoding resumes where the kernel marks a frame start.
+    fn h2_lost_sync(&mut self, conn: &mut Conn) {
+        if let Some(h) = conn.h2.as_mut() {
+            for span in h.streams.drain().filter_map(|(_, s)| s.span) {
+                self.tracer.abandon(span);
+            }
+            h.frames.lose_sync();
         }
     }
 

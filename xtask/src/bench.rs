@@ -28,6 +28,10 @@ pub struct BenchArgs {
     /// One short pair per scenario; results go to target/bench-smoke.md (used by CI).
     #[arg(long)]
     smoke: bool,
+    /// Only scenarios whose name contains this, and no replay; results go to
+    /// target/bench-partial.md so BENCHMARKS.md always holds a whole run.
+    #[arg(long)]
+    only: Option<String>,
 }
 
 struct Scenario {
@@ -107,7 +111,12 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
 
     let mut report = String::new();
     let mut rows = Vec::new();
-    for sc in SCENARIOS {
+    let chosen = SCENARIOS.iter().filter(|sc| {
+        args.only
+            .as_ref()
+            .is_none_or(|o| sc.name.contains(o.as_str()))
+    });
+    for sc in chosen {
         let url = format!(
             "http://127.0.0.1:{}{}",
             if sc.h2 { h2_port } else { front },
@@ -133,7 +142,10 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
         rows.push(summarise(sc, &a_runs, &b_runs));
     }
 
-    let replay = replay_bench(&args, kspan, &dir, front, sink.port)?;
+    let replay = match args.only {
+        Some(_) => String::new(),
+        None => replay_bench(&args, kspan, &dir, front, sink.port)?,
+    };
     let machine = machine();
     let _ = writeln!(report, "# Benchmarks\n");
     let _ = writeln!(
@@ -158,6 +170,8 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     let _ = writeln!(report, "\n{replay}");
     let out = if args.smoke {
         PathBuf::from("target/bench-smoke.md")
+    } else if args.only.is_some() {
+        PathBuf::from("target/bench-partial.md")
     } else {
         PathBuf::from("BENCHMARKS.md")
     };

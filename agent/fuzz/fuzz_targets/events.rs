@@ -57,6 +57,7 @@ fuzz_target!(|data: &[u8]| {
                     total_len: bytes.len() as u64 + ((op >> 4) & 1) as u64 * 100,
                     payload: bytes,
                     framed: op & 0x20 != 0,
+                    frame_start: op & 0x30 == 0x30,
                     gap: op & 0x40 != 0,
                 }
             };

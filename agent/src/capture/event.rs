@@ -59,6 +59,8 @@ pub enum EventKind<'a> {
         /// `payload` is a sequence of chunks from the kernel's HTTP/2 frame walk, not a plain
         /// prefix: read it through [`pieces`].
         framed: bool,
+        /// A framed record that starts with an HTTP/2 frame header (a resynchronisation point).
+        frame_start: bool,
         /// Earlier events of this connection were lost.
         gap: bool,
     },
@@ -149,6 +151,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 total_len: h.total_len,
                 payload,
                 framed,
+                frame_start: framed && h.flags & event_flags::FRAME_START != 0,
                 gap: h.flags & event_flags::GAP != 0,
             }
         }
@@ -277,6 +280,7 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
             total_len,
             payload,
             framed,
+            frame_start,
             gap,
         } => {
             h.kind = kind::DATA;
@@ -292,6 +296,9 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
             }
             if *framed {
                 h.flags |= event_flags::FRAMED;
+            }
+            if *frame_start {
+                h.flags |= event_flags::FRAME_START;
             }
             if payload.is_empty() && *total_len > 0 {
                 h.flags |= event_flags::NO_PAYLOAD;
@@ -338,6 +345,7 @@ mod tests {
                 total_len: 10_000,
                 payload: b"GET / HTTP/1.1\r\n",
                 framed: false,
+                frame_start: false,
                 gap: true,
             },
         }
@@ -371,6 +379,7 @@ mod tests {
                 total_len: 110,
                 payload: &payload,
                 framed: true,
+                frame_start: true,
                 gap: false,
             },
             ..sample()
@@ -398,6 +407,7 @@ mod tests {
                     total_len: total,
                     payload: &payload,
                     framed: true,
+                    frame_start: false,
                     gap: false,
                 },
                 ..sample()

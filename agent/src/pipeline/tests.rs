@@ -91,6 +91,7 @@ impl Sim {
                 total_len: bytes.len() as u64,
                 payload: bytes,
                 framed: false,
+                frame_start: false,
                 gap: false,
             },
         });
@@ -418,6 +419,7 @@ fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
                 total_len: bytes.len() as u64,
                 payload: bytes,
                 framed: false,
+                frame_start: false,
                 gap: false,
             },
         });
@@ -477,6 +479,112 @@ mod http2 {
         trailers.extend(lit("grpc-message", "x"));
         out.push(frame(HEADERS, END_HEADERS | END_STREAM, stream, &trailers));
         out
+    }
+
+    /// A record from the kernel's frame walk: one chunk of copied bytes, then `skipped`.
+    fn framed(
+        s: &mut Sim,
+        l: Link,
+        dir: Direction,
+        bytes: &[u8],
+        skipped: u32,
+        start: bool,
+        gap: bool,
+    ) {
+        s.ts += 10;
+        let mut payload = (bytes.len() as u32).to_le_bytes().to_vec();
+        payload.extend(skipped.to_le_bytes());
+        payload.extend_from_slice(bytes);
+        s.p.handle(Event {
+            conn: l.server,
+            tid: l.server.tgid,
+            ts_ns: s.ts,
+            role: Role::Server,
+            endpoints: Some(Endpoints {
+                local: l.server_addr.parse().unwrap(),
+                peer: l.client_addr.parse().unwrap(),
+                netns: LOOPBACK_NS,
+            }),
+            comm: [0; 16],
+            discovered: false,
+            kind: EventKind::Data {
+                direction: dir,
+                total_len: bytes.len() as u64 + skipped as u64,
+                payload: &payload,
+                framed: true,
+                frame_start: start,
+                gap,
+            },
+        });
+    }
+
+    #[test]
+    fn lost_events_resume_at_the_next_frame_start() {
+        let mut s = Sim::new(Filter::default());
+        let l = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:50051");
+        let mut hello = PREFACE.to_vec();
+        hello.extend(frame(4, 0, 0, &[]));
+        framed(&mut s, l, Direction::Ingress, &hello, 0, false, false);
+        framed(
+            &mut s,
+            l,
+            Direction::Egress,
+            &frame(4, 0, 0, &[]),
+            0,
+            true,
+            false,
+        );
+        framed(
+            &mut s,
+            l,
+            Direction::Ingress,
+            &request(1, "/shop.Cart/List", "1-2-1"),
+            0,
+            true,
+            false,
+        );
+        // Events were lost: stream 1 can never finish. The next record starts mid-frame and
+        // is not decoded; one that starts a frame is.
+        framed(
+            &mut s,
+            l,
+            Direction::Ingress,
+            &[0xde, 0xad],
+            40,
+            false,
+            true,
+        );
+        framed(&mut s, l, Direction::Egress, &[0xbe, 0xef], 9, false, false);
+        let t = "463ac35c9f6413ad-00000000000000aa-1";
+        framed(
+            &mut s,
+            l,
+            Direction::Ingress,
+            &request(5, "/shop.Cart/Get", t),
+            0,
+            true,
+            false,
+        );
+        for f in response(5, 1, "0") {
+            framed(&mut s, l, Direction::Egress, &f, 0, true, false);
+        }
+        let spans = s.spans();
+        assert_eq!(spans.len(), 1, "{spans:#?}");
+        let srv = find(&spans, SpanKind::Server, 2);
+        assert_eq!(srv.name, "shop.Cart/Get");
+        assert_eq!(srv.parent_span_id, Some(0xaa));
+        assert_eq!(srv.attr("rpc.grpc.status_code"), Some(&AttrValue::Int(0)));
+        assert_eq!(
+            srv.attr("kspan.partial"),
+            None,
+            "literal fields decode exactly after a resync"
+        );
+        assert_eq!(s.p.stats.h2_resyncs, 2, "both directions resumed");
+        assert_eq!(s.p.tracer_stats().spans_abandoned, 1, "stream 1");
+        assert_eq!(
+            s.p.stats.conns_unsupported, 0,
+            "the connection was not given up"
+        );
     }
 
     #[test]
@@ -615,6 +723,7 @@ mod http2_late {
                     total_len: bytes.len() as u64,
                     payload: bytes,
                     framed: false,
+                    frame_start: false,
                     gap: false,
                 },
             });

@@ -139,6 +139,8 @@ struct Side {
     block: Option<(u32, bool, Vec<u8>, u64, bool)>,
     hpack: hpack::Decoder,
     broken: bool,
+    /// Bytes of this side were lost: nothing is decoded until a frame starts again.
+    awaiting_frame: bool,
 }
 
 pub struct Http2Conn {
@@ -168,12 +170,45 @@ impl Http2Conn {
                 hpack::Decoder::new()
             },
             broken: false,
+            awaiting_frame: false,
         };
         Self {
             client: side(true),
             server: side(false),
             joined_late,
         }
+    }
+
+    /// Events of this connection were lost: each side waits for a record that starts with a
+    /// frame header ([`Self::resume_at_frame`]); until then its bytes are not decoded.
+    pub fn lose_sync(&mut self) {
+        self.client.awaiting_frame = true;
+        self.server.awaiting_frame = true;
+    }
+
+    pub fn awaiting_frame(&self, from_client: bool) -> bool {
+        if from_client {
+            self.client.awaiting_frame
+        } else {
+            self.server.awaiting_frame
+        }
+    }
+
+    /// The next bytes of this side start a frame: framing resumes, and since header blocks
+    /// were lost, its HPACK table is known only as far as a late joiner's would be.
+    pub fn resume_at_frame(&mut self, from_client: bool) {
+        let side = if from_client {
+            &mut self.client
+        } else {
+            &mut self.server
+        };
+        side.preface_left = 0;
+        side.header_len = 0;
+        side.payload = None;
+        side.block = None;
+        side.broken = false;
+        side.awaiting_frame = false;
+        side.hpack = hpack::Decoder::joined_late();
     }
 
     pub fn feed(
@@ -209,7 +244,7 @@ impl Side {
         out: &mut Vec<Message>,
         other: &mut Side,
     ) {
-        while !self.broken {
+        while !self.broken && !self.awaiting_frame {
             if self.preface_left > 0 {
                 let at = PREFACE.len() - self.preface_left;
                 let n = self.preface_left.min(data.len());
