@@ -7,6 +7,100 @@
 //! entry must have been evicted and the table is fully known again.
 use std::collections::VecDeque;
 
+mod huffman {
+    //! RFC 7541 Appendix B's canonical Huffman code, decoded strictly (§5.2). The code is
+    //! canonical, so the codes of one length are consecutive and a symbol is found from the
+    //! first code and count of each length; the tables are built once. (A decoder that built
+    //! hash tables per string was most of the agent's CPU under HTTP/2 load.)
+    use std::sync::OnceLock;
+
+    const EOS: u16 = 256;
+    const MAX_LEN: usize = 30;
+
+    struct Canonical {
+        /// Per code length: first code, how many codes, and where they start in `symbols`.
+        first: [u32; MAX_LEN + 1],
+        count: [u32; MAX_LEN + 1],
+        start: [u16; MAX_LEN + 1],
+        /// Symbols ordered by (length, code).
+        symbols: Vec<u16>,
+    }
+
+    fn table() -> &'static Canonical {
+        static TABLE: OnceLock<Canonical> = OnceLock::new();
+        TABLE.get_or_init(|| {
+            let codes = &httlib_huffman::encoder::table::ENCODE_TABLE;
+            let mut order: Vec<u16> = (0..codes.len() as u16).collect();
+            order.sort_by_key(|&s| codes[s as usize]);
+            let mut t = Canonical {
+                first: [0; MAX_LEN + 1],
+                count: [0; MAX_LEN + 1],
+                start: [0; MAX_LEN + 1],
+                symbols: order.clone(),
+            };
+            for (i, &s) in order.iter().enumerate() {
+                let (len, code) = codes[s as usize];
+                let len = len as usize;
+                if t.count[len] == 0 {
+                    t.first[len] = code;
+                    t.start[len] = i as u16;
+                }
+                t.count[len] += 1;
+            }
+            t
+        })
+    }
+
+    /// The decoded bytes, or `None` for an invalid string: a code no symbol has, EOS inside
+    /// the string, or padding that is longer than 7 bits or not all ones.
+    pub fn decode(raw: &[u8]) -> Option<Vec<u8>> {
+        let t = table();
+        let mut out = Vec::with_capacity(raw.len() * 8 / 5);
+        let (mut code, mut len) = (0u32, 0usize);
+        for byte in raw {
+            for bit in (0..8).rev() {
+                code = code << 1 | u32::from(byte >> bit & 1);
+                len += 1;
+                if len > MAX_LEN {
+                    return None;
+                }
+                let offset = code.wrapping_sub(t.first[len]);
+                if t.count[len] > 0 && code >= t.first[len] && offset < t.count[len] {
+                    let symbol = t.symbols[t.start[len] as usize + offset as usize];
+                    if symbol == EOS {
+                        return None;
+                    }
+                    out.push(symbol as u8);
+                    (code, len) = (0, 0);
+                }
+            }
+        }
+        (len <= 7 && code == (1 << len) - 1).then_some(out)
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        /// Every symbol's code decodes back to it (which also proves the code canonical).
+        #[test]
+        fn every_code_decodes_to_its_symbol() {
+            let codes = &httlib_huffman::encoder::table::ENCODE_TABLE;
+            for (symbol, &(len, code)) in codes.iter().enumerate().take(256) {
+                // Left-align the code, pad with ones to whole bytes.
+                let len = len as u32;
+                let total = len.div_ceil(8) * 8;
+                let bits = (u64::from(code) << (total - len)) | ((1u64 << (total - len)) - 1);
+                let bytes: Vec<u8> = (0..total / 8)
+                    .rev()
+                    .map(|i| (bits >> (i * 8)) as u8)
+                    .collect();
+                assert_eq!(decode(&bytes), Some(vec![symbol as u8]), "symbol {symbol}");
+            }
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum HpackError {
     #[error("header block ends inside a field")]
@@ -277,9 +371,7 @@ impl Reader<'_> {
         let raw = self.buf.get(self.pos..end).ok_or(HpackError::Truncated)?;
         self.pos = end;
         let bytes = if huffman {
-            loona_hpack::huffman::HuffmanDecoder::new()
-                .decode(raw)
-                .map_err(|_| HpackError::Huffman)?
+            huffman::decode(raw).ok_or(HpackError::Huffman)?
         } else {
             raw.to_vec()
         };
@@ -405,6 +497,33 @@ mod tests {
         // A size update to zero empties the table: exact from here on.
         d.decode(&[0x20], &mut out).unwrap();
         assert!(d.exact());
+    }
+
+    /// RFC 7541 §5.2: padding is the most significant bits of EOS (all ones), shorter than a
+    /// byte, and EOS itself never appears in a string.
+    #[test]
+    fn huffman_strings_follow_section_5_2() {
+        let value = |huff: &[u8]| {
+            // Literal without indexing, new name "x", Huffman-coded value.
+            let mut block = vec![0x00, 0x01, b'x', 0x80 | huff.len() as u8];
+            block.extend_from_slice(huff);
+            let mut out = Vec::new();
+            Decoder::new().decode(&block, &mut out).map(|()| out)
+        };
+        // 'a' is 00011: padded with ones it is valid, with zeros it is not.
+        assert_eq!(
+            value(&[0b0001_1111]).unwrap(),
+            [Field::Known("x".into(), "a".into())]
+        );
+        assert!(value(&[0b0001_1000]).is_err(), "padding must be ones");
+        assert!(
+            value(&[0b0001_1111, 0xff]).is_err(),
+            "padding longer than 7 bits"
+        );
+        assert!(
+            value(&[0xff, 0xff, 0xff, 0xfc]).is_err(),
+            "EOS inside the string"
+        );
     }
 
     #[test]
