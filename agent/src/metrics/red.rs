@@ -7,9 +7,12 @@
 //! so existing dashboards work. Cardinality is bounded: paths become heuristic routes (id-like
 //! segments are replaced), routes per service and series per family are capped, and what does
 //! not fit is counted in `kspan_metric_series_dropped_total`.
-use std::fmt::Write as _;
+use std::{
+    fmt::Write as _,
+    hash::{Hash as _, Hasher as _},
+};
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
 
 use crate::trace::span::{Observation, SpanKind};
 
@@ -119,13 +122,18 @@ impl Histogram {
     }
 }
 
-type Key = (Family, Box<[String]>);
+/// One series: its family, label values (in `Family::labels` order) and histogram.
+type Series = (Family, Box<[String]>, Histogram);
 
 pub struct Red {
-    series: HashMap<Key, Histogram>,
+    /// Keyed by a hash of family and label values, so an observation of an existing series
+    /// is found without allocating; colliding series share a bucket.
+    series: HashMap<u64, Vec<Series>>,
     /// Series per family (indexed by `Family as usize`).
     per_family: [usize; Family::ALL.len()],
-    routes: HashMap<String, Vec<String>>,
+    routes: HashMap<String, HashSet<String>>,
+    /// Reused buffer for the route of the observation at hand.
+    route: String,
     max_series: usize,
     /// Observations not recorded because their family's series cap was reached.
     pub dropped: u64,
@@ -143,24 +151,26 @@ impl Red {
             series: HashMap::default(),
             per_family: [0; Family::ALL.len()],
             routes: HashMap::default(),
+            route: String::new(),
             max_series,
             dropped: 0,
         }
     }
 
     pub fn series(&self) -> usize {
-        self.series.len()
+        self.per_family.iter().sum()
     }
 
     pub fn observe(&mut self, o: &Observation) {
         let seconds = o.duration_ns as f64 / 1e9;
         let service = o.process.service_name.as_str();
-        let status = o.status.map(|s| s.to_string()).unwrap_or_default();
+        let (mut status_buf, mut port_buf, mut code_buf) = (Num::new(), Num::new(), Num::new());
+        let status = o.status.map_or("", |s| status_buf.format(s.into()));
         let error_type = match (o.error, o.status) {
-            (false, _) => String::new(),
-            (true, Some(s)) => s.to_string(),
+            (false, _) => "",
+            (true, Some(_)) => status,
             // No response: the conventions' catch-all.
-            (true, None) => "_OTHER".to_string(),
+            (true, None) => "_OTHER",
         };
         match (&o.grpc, o.kind) {
             (Some(g), kind) => {
@@ -169,35 +179,31 @@ impl Red {
                 } else {
                     Family::RpcClient
                 };
-                let code = g.status.map(|c| c.to_string()).unwrap_or_default();
+                let code = g.status.map_or("", |c| code_buf.format(c));
                 self.add(
                     family,
-                    [service, "grpc", &g.service, &g.method, &code],
+                    [service, "grpc", &g.service, &g.method, code],
                     seconds,
                     false,
                 );
             }
             (None, SpanKind::Server) => {
-                let route = self.route(service, &o.path);
+                let mut route = std::mem::take(&mut self.route);
+                self.route_into(service, &o.path, &mut route);
                 self.add(
                     Family::HttpServer,
-                    [service, &o.method, &route, &status, &error_type],
+                    [service, &o.method, &route, status, error_type],
                     seconds,
                     false,
                 );
+                self.route = route;
             }
             (None, SpanKind::Client) => {
                 let (addr, port) = &o.server;
+                let port = port_buf.format((*port).into());
                 self.add(
                     Family::HttpClient,
-                    [
-                        service,
-                        &o.method,
-                        addr,
-                        &port.to_string(),
-                        &status,
-                        &error_type,
-                    ],
+                    [service, &o.method, addr, port, status, error_type],
                     seconds,
                     false,
                 );
@@ -232,38 +238,58 @@ impl Red {
     }
 
     fn add<const N: usize>(&mut self, family: Family, labels: [&str; N], s: f64, failed: bool) {
-        let key: Key = (family, labels.iter().map(|l| l.to_string()).collect());
-        if !self.series.contains_key(&key) {
-            if self.per_family[family as usize] >= self.max_series {
-                self.dropped += 1;
-                return;
-            }
-            self.per_family[family as usize] += 1;
+        let mut h = FxHasher::default();
+        family.hash(&mut h);
+        labels.hash(&mut h);
+        let hash = h.finish();
+        let same = |e: &Series| e.0 == family && e.1.iter().map(String::as_str).eq(labels);
+        if let Some(e) = self
+            .series
+            .get_mut(&hash)
+            .and_then(|b| b.iter_mut().find(|e| same(e)))
+        {
+            e.2.observe(s, failed);
+            return;
         }
-        self.series.entry(key).or_default().observe(s, failed);
+        if self.per_family[family as usize] >= self.max_series {
+            self.dropped += 1;
+            return;
+        }
+        self.per_family[family as usize] += 1;
+        let mut hist = Histogram::default();
+        hist.observe(s, failed);
+        self.series.entry(hash).or_default().push((
+            family,
+            labels.iter().map(|l| l.to_string()).collect(),
+            hist,
+        ));
     }
 
     /// The heuristic route of a path for one service, capped per service.
-    fn route(&mut self, service: &str, path: &str) -> String {
-        let route = route_of(path);
-        let known = self.routes.entry(service.to_string()).or_default();
-        if known.contains(&route) {
-            return route;
+    fn route_into(&mut self, service: &str, path: &str, route: &mut String) {
+        route_of_into(path, route);
+        let known = match self.routes.get_mut(service) {
+            Some(k) => k,
+            None => self.routes.entry(service.to_string()).or_default(),
+        };
+        if known.contains(route.as_str()) {
+            return;
         }
         if known.len() >= MAX_ROUTES_PER_SERVICE {
-            return "/{other}".to_string();
+            route.clear();
+            route.push_str("/{other}");
+            return;
         }
-        known.push(route.clone());
-        route
+        known.insert(route.clone());
     }
 
     /// Appends every series in Prometheus text exposition format.
     pub fn render(&self, out: &mut String) {
-        let mut keys: Vec<&Key> = self.series.keys().collect();
-        keys.sort();
+        let mut all: Vec<&Series> = self.series.values().flatten().collect();
+        all.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         for family in Family::ALL {
             let name = family.name();
-            let of_family: Vec<&&Key> = keys.iter().filter(|k| k.0 == family).collect();
+            let of_family: Vec<&&Series> = all.iter().filter(|e| e.0 == family).collect();
             if of_family.is_empty() {
                 continue;
             }
@@ -272,9 +298,8 @@ impl Red {
                 "# HELP {name} {}\n# TYPE {name} histogram",
                 family.help()
             );
-            for key in &of_family {
-                let h = &self.series[**key];
-                let labels = render_labels(family.labels(), &key.1);
+            for (_, values, h) in of_family {
+                let labels = render_labels(family.labels(), values);
                 let mut cumulative = 0;
                 for (i, n) in h.buckets.iter().enumerate() {
                     cumulative += n;
@@ -287,42 +312,62 @@ impl Red {
         }
         // The graph's request and failure counters: once per request, at the server for a
         // linked pair, at the client for a virtual node.
-        let mut edges: HashMap<&[String], (u64, u64)> = HashMap::default();
-        for key in &keys {
-            if matches!(key.0, Family::GraphServer | Family::GraphClient) {
-                let h = &self.series[*key];
-                let e = edges.entry(&key.1).or_default();
-                // A linked pair is measured on both sides; count it on the server's.
-                if key.0 == Family::GraphServer || key.1[2] == "virtual_node" {
-                    e.0 += h.count;
-                    e.1 += h.failed;
-                }
-            }
-        }
-        let mut edges: Vec<_> = edges.into_iter().filter(|(_, (n, _))| *n > 0).collect();
+        let mut edges: Vec<(&[String], u64, u64)> = all
+            .iter()
+            .filter(|(f, v, _)| {
+                *f == Family::GraphServer || (*f == Family::GraphClient && v[2] == "virtual_node")
+            })
+            .map(|(_, v, h)| (&v[..], h.count, h.failed))
+            .collect();
         edges.sort();
-        for (name, help, pick) in [
+        for (name, help, failed) in [
             (
                 "traces_service_graph_request_total",
                 "Service graph: requests from client to server.",
-                0,
+                false,
             ),
             (
                 "traces_service_graph_request_failed_total",
                 "Service graph: requests that failed as the client sees them.",
-                1,
+                true,
             ),
         ] {
             if edges.is_empty() {
                 break;
             }
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-            for (labels, (n, failed)) in &edges {
-                let labels = render_labels(Family::GraphServer.labels(), labels);
-                let v = if pick == 0 { n } else { failed };
-                let _ = writeln!(out, "{name}{{{labels}}} {v}");
+            for (values, n, f) in &edges {
+                let labels = render_labels(Family::GraphServer.labels(), values);
+                let _ = writeln!(out, "{name}{{{labels}}} {}", if failed { f } else { n });
             }
         }
+    }
+}
+
+/// Formats an integer without allocating.
+struct Num([u8; 20]);
+
+impl Num {
+    fn new() -> Self {
+        Num([0; 20])
+    }
+
+    fn format(&mut self, n: i64) -> &str {
+        let mut i = self.0.len();
+        let mut v = n.unsigned_abs();
+        loop {
+            i -= 1;
+            self.0[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        if n < 0 {
+            i -= 1;
+            self.0[i] = b'-';
+        }
+        std::str::from_utf8(&self.0[i..]).unwrap_or_default()
     }
 }
 
@@ -345,17 +390,22 @@ fn escape(v: &str) -> String {
 /// A low-cardinality stand-in for a route template: segments that look like identifiers
 /// (numbers, UUIDs, long hex or mixed tokens) become `{id}`.
 pub fn route_of(path: &str) -> String {
+    let mut route = String::new();
+    route_of_into(path, &mut route);
+    route
+}
+
+fn route_of_into(path: &str, route: &mut String) {
+    route.clear();
     let path = path.split(['?', '#']).next().unwrap_or_default();
     if path.is_empty() || !path.starts_with('/') {
-        return "/".to_string();
+        route.push('/');
+        return;
     }
-    let segs: Vec<&str> = path
-        .split('/')
-        .skip(1)
-        .take(8)
-        .map(|s| if looks_like_id(s) { "{id}" } else { s })
-        .collect();
-    format!("/{}", segs.join("/"))
+    for seg in path.split('/').skip(1).take(8) {
+        route.push('/');
+        route.push_str(if looks_like_id(seg) { "{id}" } else { seg });
+    }
 }
 
 fn looks_like_id(s: &str) -> bool {
@@ -483,6 +533,10 @@ mod tests {
         assert!(red.series() <= 5 * Family::ALL.len(), "{}", red.series());
         assert!(red.dropped > 0);
         assert!(red.routes["s"].len() <= MAX_ROUTES_PER_SERVICE);
+        let mut n = Num::new();
+        assert_eq!(n.format(-42), "-42");
+        assert_eq!(Num::new().format(0), "0");
+        assert_eq!(Num::new().format(i64::MIN), "-9223372036854775808");
         let mut text = String::new();
         red.render(&mut text);
         assert!(text.contains("http_server_request_duration_seconds_count"));
