@@ -76,6 +76,18 @@ pub struct Args {
     #[arg(long, env = "KSPAN_EXPORT_COMMAND_LINE")]
     pub export_command_line: bool,
 
+    /// Kubernetes pod metadata (`k8s.*` resource attributes, service names): `auto` turns it on
+    /// in a cluster (KUBERNETES_SERVICE_HOST set) or when --kube-api-url is given.
+    #[arg(long, value_enum, default_value_t = KubernetesMode::Auto, env = "KSPAN_KUBERNETES")]
+    pub kubernetes: KubernetesMode,
+    /// API server to read pods from instead of the in-cluster service account, e.g.
+    /// `kubectl proxy`'s http://127.0.0.1:8001.
+    #[arg(long, env = "KSPAN_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+    /// This node's name: only its pods are watched (the downward API's spec.nodeName).
+    #[arg(long, env = "KSPAN_NODE_NAME")]
+    pub node_name: Option<String>,
+
     /// Where the host's procfs is mounted (a DaemonSet mounts it at /host/proc).
     #[arg(long, default_value = "/proc", env = "KSPAN_PROC_ROOT")]
     pub proc_root: PathBuf,
@@ -104,6 +116,28 @@ pub struct Args {
     /// Stop after this many seconds (0: run until SIGINT/SIGTERM).
     #[arg(long, default_value_t = 0)]
     pub duration_secs: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum KubernetesMode {
+    Auto,
+    On,
+    Off,
+}
+
+/// Which API server to read pod metadata from, if any.
+pub fn kubernetes(
+    args: &Args,
+    env: impl Fn(&str) -> Option<String>,
+) -> Option<crate::k8s::ApiServer> {
+    use crate::k8s::ApiServer;
+    let in_cluster = env("KUBERNETES_SERVICE_HOST").is_some_and(|h| !h.is_empty());
+    match (args.kubernetes, &args.kube_api_url) {
+        (KubernetesMode::Off, _) => None,
+        (_, Some(url)) => Some(ApiServer::Url(url.clone())),
+        (KubernetesMode::On, None) => Some(ApiServer::InCluster),
+        (KubernetesMode::Auto, None) => in_cluster.then_some(ApiServer::InCluster),
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -398,6 +432,7 @@ mod tests {
             command_line: String::new(),
             service_name: "nginx".into(),
             cgroup: Default::default(),
+            k8s: None,
         };
         let e = Endpoints {
             local: "127.0.0.1:80".parse().unwrap(),

@@ -16,6 +16,7 @@ use kspan::{
     capture::{Capture, CaptureOptions, event, replay},
     config::{self, Args, Filter},
     export::{self, Sinks, SpanQueue, otlp::OtlpSink, tree::TreePrinter},
+    k8s,
     metrics::{self, Metrics},
     pipeline::{Pipeline, PipelineOptions},
     process::ProcessCache,
@@ -162,6 +163,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         });
     }
 
+    let pods = match config::kubernetes(&args, |k| std::env::var(k).ok()) {
+        Some(api) => Some(start_pod_watch(&rt, &api, &args, &metrics)?),
+        None => None,
+    };
+    let procs = ProcessCache::new(&args.proc_root);
+    let procs = match pods {
+        Some(p) => procs.with_pods(p),
+        None => procs,
+    };
     let mut pipeline = Pipeline::new(
         PipelineOptions {
             filter: Filter::from_args(&args),
@@ -171,7 +181,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             clock_offset_ns: clock_offset(),
             privacy,
         },
-        ProcessCache::new(&args.proc_root),
+        procs,
     );
     metrics.ready.store(true, Relaxed);
     if matches!(source, Source::Kernel(_)) {
@@ -215,6 +225,51 @@ fn run(args: Args) -> anyhow::Result<()> {
     // shutdown must stay bounded even with a wedged exporter.
     rt.shutdown_timeout(Duration::from_secs(2));
     loop_result
+}
+
+/// Starts watching this node's pods and waits (bounded) for the first full list, so the first
+/// spans already carry their pods' metadata.
+fn start_pod_watch(
+    rt: &tokio::runtime::Runtime,
+    api: &k8s::ApiServer,
+    args: &Args,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<Arc<k8s::PodIndex>> {
+    let node = args
+        .node_name
+        .clone()
+        .filter(|n| !n.is_empty())
+        .ok_or(k8s::K8sError::NoNodeName)?;
+    let client = {
+        let _guard = rt.enter();
+        k8s::client(api)?
+    };
+    let index = Arc::new(k8s::PodIndex::default());
+    rt.spawn(k8s::watch(client, node.clone(), index.clone()));
+    {
+        let (index, metrics) = (index.clone(), metrics.clone());
+        rt.spawn(async move {
+            loop {
+                metrics.k8s_pods.store(index.len() as u64, Relaxed);
+                metrics
+                    .k8s_watch_errors
+                    .store(index.watch_errors.load(Relaxed), Relaxed);
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !index.synced.load(Relaxed) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if index.synced.load(Relaxed) {
+        log::info!("{} pods on node {node}", index.len());
+    } else {
+        eprintln!(
+            "kspan: the pods of node {node} could not be listed yet; spans lack k8s.* attributes until they are"
+        );
+    }
+    Ok(index)
 }
 
 // One value per run; the size difference between variants does not matter.

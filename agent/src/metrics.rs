@@ -72,6 +72,8 @@ metrics! {
     links_same_agent: "counter", "kspan_links_same_agent_total", "SERVER spans parented to a CLIENT span seen by this agent.";
     metric_series_dropped: "counter", "kspan_metric_series_dropped_total", "Request observations left out of RED and service-graph metrics because a series cap was reached.";
     metric_series: "gauge", "kspan_metric_series", "RED and service-graph series currently exported.";
+    k8s_pods: "gauge", "kspan_k8s_pods", "Pods of this node known from the Kubernetes API.";
+    k8s_watch_errors: "counter", "kspan_k8s_watch_errors_total", "Errors watching this node's pods (retried with backoff).";
     open_conns: "gauge", "kspan_open_connections", "Connections currently tracked in userspace.";
     open_spans: "gauge", "kspan_open_spans", "Spans in flight or lingering before export.";
 }

@@ -1,6 +1,8 @@
 //! Process metadata from procfs, cached per tgid.
 pub mod cgroup;
 
+use crate::k8s::{PodIndex, PodMeta};
+
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -18,6 +20,8 @@ pub struct ProcessInfo {
     pub service_name: String,
     /// Its cgroup, and the container and pod that cgroup names.
     pub cgroup: cgroup::Cgroup,
+    /// The pod, when Kubernetes metadata is on and the pod is known.
+    pub k8s: Option<Arc<PodMeta>>,
 }
 
 impl ProcessInfo {
@@ -27,8 +31,8 @@ impl ProcessInfo {
 }
 
 /// Reads one process's metadata. `root` is normally `/proc`. `comm` (from the kernel) names a
-/// process that already exited.
-pub fn read(root: &Path, pid: u32, comm: &[u8]) -> ProcessInfo {
+/// process that already exited. `pods` resolves the pod its cgroup names.
+pub fn read(root: &Path, pid: u32, comm: &[u8], pods: Option<&PodIndex>) -> ProcessInfo {
     let dir = root.join(pid.to_string());
     let exe = std::fs::read_link(dir.join("exe"))
         .map(|p| p.to_string_lossy().into_owned())
@@ -48,6 +52,16 @@ pub fn read(root: &Path, pid: u32, comm: &[u8]) -> ProcessInfo {
             .map(|v| String::from_utf8_lossy(v).trim().to_string())
             .filter(|v| !v.is_empty())
     });
+    let cgroup = std::fs::read_to_string(dir.join("cgroup"))
+        .map(|c| cgroup::parse(&c))
+        .unwrap_or_default();
+    let k8s = pods
+        .zip(cgroup.pod_uid.as_deref())
+        .and_then(|(p, uid)| p.get(uid));
+    let env_name = env_name.or_else(|| {
+        k8s.as_ref()
+            .map(|pod| pod.service_name(cgroup.container_id.as_deref()))
+    });
     let exe_name = exe.rsplit('/').next().unwrap_or_default().to_string();
     let comm =
         String::from_utf8_lossy(comm.split(|&b| b == 0).next().unwrap_or_default()).into_owned();
@@ -56,15 +70,13 @@ pub fn read(root: &Path, pid: u32, comm: &[u8]) -> ProcessInfo {
         (true, false) => comm,
         (true, true) => format!("unknown_service:{pid}"),
     });
-    let cgroup = std::fs::read_to_string(dir.join("cgroup"))
-        .map(|c| cgroup::parse(&c))
-        .unwrap_or_default();
     ProcessInfo {
         pid,
         exe,
         command_line,
         service_name,
         cgroup,
+        k8s,
     }
 }
 
@@ -77,6 +89,7 @@ pub struct ProcessCache {
     max: usize,
     /// Expiry time and metadata.
     entries: HashMap<u32, (Instant, Arc<ProcessInfo>)>,
+    pods: Option<Arc<PodIndex>>,
 }
 
 impl ProcessCache {
@@ -86,7 +99,14 @@ impl ProcessCache {
             ttl: Duration::from_secs(30),
             max: 16_384,
             entries: HashMap::new(),
+            pods: None,
         }
+    }
+
+    /// Resolves processes' pods through `pods` (Kubernetes metadata on).
+    pub fn with_pods(mut self, pods: Arc<PodIndex>) -> Self {
+        self.pods = Some(pods);
+        self
     }
 
     pub fn get(&mut self, pid: u32, comm: &[u8]) -> Arc<ProcessInfo> {
@@ -102,10 +122,13 @@ impl ProcessCache {
                 self.entries.clear();
             }
         }
-        let info = Arc::new(read(&self.root, pid, comm));
+        let info = Arc::new(read(&self.root, pid, comm, self.pods.as_deref()));
         // A process already gone is remembered only briefly, so a reuse of its pid is soon
-        // read afresh (while a burst of its late events does not hammer procfs).
-        let ttl = if info.exe.is_empty() {
+        // read afresh (while a burst of its late events does not hammer procfs); so is one in
+        // a pod the watch has not reported yet.
+        let pod_pending =
+            self.pods.is_some() && info.cgroup.pod_uid.is_some() && info.k8s.is_none();
+        let ttl = if info.exe.is_empty() || pod_pending {
             NEGATIVE_TTL
         } else {
             self.ttl
@@ -131,7 +154,7 @@ mod tests {
             b"HOME=/root\0OTEL_SERVICE_NAME=checkout\0",
         )
         .unwrap();
-        let info = read(&dir, 42, b"");
+        let info = read(&dir, 42, b"", None);
         assert_eq!(info.service_name, "checkout");
         assert_eq!(info.command_line, "python3 app.py --port 8080");
         assert_eq!(info.exe_name(), "python3.11");
@@ -142,14 +165,14 @@ mod tests {
         )
         .unwrap();
         assert_eq!(
-            read(&dir, 42, b"").cgroup.container_id,
+            read(&dir, 42, b"", None).cgroup.container_id,
             Some("ab".repeat(32))
         );
         std::fs::write(p.join("environ"), b"HOME=/root\0").unwrap();
-        assert_eq!(read(&dir, 42, b"ignored").service_name, "python3.11");
+        assert_eq!(read(&dir, 42, b"ignored", None).service_name, "python3.11");
         // Gone before we looked: the kernel's comm still names it.
-        assert_eq!(read(&dir, 43, b"curl\0\0\0").service_name, "curl");
-        assert_eq!(read(&dir, 43, b"").service_name, "unknown_service:43");
+        assert_eq!(read(&dir, 43, b"curl\0\0\0", None).service_name, "curl");
+        assert_eq!(read(&dir, 43, b"", None).service_name, "unknown_service:43");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -288,6 +288,11 @@ pub struct PyService {
 
 impl PyService {
     pub fn start(service_name: &str, next: Option<u16>) -> Self {
+        Self::start_with(service_name, Some(service_name), next)
+    }
+
+    /// `otel_service_name: None` leaves the process to be named by the agent.
+    pub fn start_with(name: &str, otel_service_name: Option<&str>, next: Option<u16>) -> Self {
         let port = free_port();
         let mut cmd = Command::new("python3");
         cmd.arg("-c").arg(APP).arg(port.to_string());
@@ -295,8 +300,11 @@ impl PyService {
             next.map(|n| format!("http://127.0.0.1:{n}"))
                 .unwrap_or_default(),
         );
-        cmd.env("OTEL_SERVICE_NAME", service_name);
-        let mut proc = Proc::spawn(service_name, cmd);
+        cmd.env_remove("OTEL_SERVICE_NAME");
+        if let Some(n) = otel_service_name {
+            cmd.env("OTEL_SERVICE_NAME", n);
+        }
+        let mut proc = Proc::spawn(name, cmd);
         wait_for_port(&mut proc, port);
         Self { port, proc }
     }

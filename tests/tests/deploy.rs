@@ -41,7 +41,11 @@ impl Context {
 
     fn eval(&self, action: &str) -> String {
         let mut stages = action.split('|').map(str::trim);
-        let head: Vec<&str> = stages.next().unwrap_or_default().split_whitespace().collect();
+        let head: Vec<&str> = stages
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .collect();
         let mut out = match head.as_slice() {
             ["toYaml", reference] => serde_yaml::to_string(&self.value(reference))
                 .unwrap()
@@ -180,10 +184,19 @@ fn chart_values_reach_the_objects() {
             .find(|e| e["name"] == name)
             .map(|e| e["value"].clone())
     };
-    assert_eq!(env("OTEL_EXPORTER_OTLP_ENDPOINT"), Some("http://collector:4318".into()));
-    assert_eq!(env("OTEL_EXPORTER_OTLP_PROTOCOL"), Some("http/protobuf".into()));
+    assert_eq!(
+        env("OTEL_EXPORTER_OTLP_ENDPOINT"),
+        Some("http://collector:4318".into())
+    );
+    assert_eq!(
+        env("OTEL_EXPORTER_OTLP_PROTOCOL"),
+        Some("http/protobuf".into())
+    );
     let cm = docs.iter().find(|d| d["kind"] == "ConfigMap").unwrap();
-    assert_eq!(cm["data"]["kspan.toml"], "capture-header = [\"x-tenant\"]\n");
+    assert_eq!(
+        cm["data"]["kspan.toml"],
+        "capture-header = [\"x-tenant\"]\n"
+    );
 }
 
 #[test]
@@ -195,7 +208,10 @@ fn manifest_asks_for_least_privilege() {
     )
     .unwrap();
     assert_eq!(role["rules"], rules, "read pods, nothing else");
-    assert!(docs.iter().all(|d| d["kind"] != "Role" && d["kind"] != "Secret"));
+    assert!(
+        docs.iter()
+            .all(|d| d["kind"] != "Role" && d["kind"] != "Secret")
+    );
     let pod = &docs.iter().find(|d| d["kind"] == "DaemonSet").unwrap()["spec"]["template"]["spec"];
     assert_eq!(pod["hostPID"], true);
     assert!(pod["hostNetwork"].is_null(), "no host network");
@@ -226,6 +242,10 @@ fn manifest_asks_for_least_privilege() {
         .arg("--print-config")
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }

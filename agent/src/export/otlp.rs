@@ -155,6 +155,19 @@ pub fn resource(p: &ProcessInfo, host: &str, command_line: bool) -> Resource {
     if let Some(uid) = &p.cgroup.pod_uid {
         attrs.push(KeyValue::new("k8s.pod.uid", uid.clone()));
     }
+    if let Some(pod) = &p.k8s {
+        attrs.push(KeyValue::new("k8s.pod.name", pod.name.clone()));
+        attrs.push(KeyValue::new("k8s.namespace.name", pod.namespace.clone()));
+        if !pod.node.is_empty() {
+            attrs.push(KeyValue::new("k8s.node.name", pod.node.clone()));
+        }
+        if let Some(c) = pod.container_name(p.cgroup.container_id.as_deref()) {
+            attrs.push(KeyValue::new("k8s.container.name", c.to_string()));
+        }
+        for (key, name) in &pod.workloads {
+            attrs.push(KeyValue::new(*key, name.clone()));
+        }
+    }
     Resource::builder_empty().with_attributes(attrs).build()
 }
 

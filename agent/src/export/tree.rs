@@ -169,6 +169,7 @@ mod tests {
                 command_line: String::new(),
                 service_name: service.into(),
                 cgroup: Default::default(),
+                k8s: None,
             }),
         }
     }

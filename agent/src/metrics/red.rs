@@ -434,6 +434,7 @@ mod tests {
             command_line: String::new(),
             service_name: name.into(),
             cgroup: Default::default(),
+            k8s: None,
         })
     }
 
