@@ -33,8 +33,9 @@ impl PodCgroup {
 
 impl Drop for PodCgroup {
     fn drop(&mut self) {
-        // Innermost first; a cgroup can only go once its processes have.
-        for dir in self.0.ancestors().take(3) {
+        // Innermost first, up to kubepods; a cgroup can only go once it has no processes and
+        // no children, so ones that existed before (a real node's) stay.
+        for dir in self.0.ancestors().take(4) {
             let _ = std::fs::remove_dir(dir);
         }
     }
