@@ -10,16 +10,13 @@
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    helpers::{
-        bpf_probe_read_user,
-        generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw},
-    },
+    helpers::generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw},
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
 use kspan_common::{ConnKey, EventHeader, H2_CHUNK_HEADER, MAX_PAYLOAD, event_flags, stat};
 
-use crate::{EVENTS, SCRATCH, arch::IOVEC_SIZE, bump, wakeup_flags};
+use crate::{EVENTS, SCRATCH, bump, iovec_entry, wakeup_flags};
 
 /// The HTTP/2 client connection preface, walked as if it were one frame's payload.
 const PREFACE_LEN: u32 = 24;
@@ -234,21 +231,11 @@ fn next_segment(w: &mut Walk) -> i64 {
     if w.iov_next >= w.iov_count {
         return 1;
     }
-    let entry = (w.iov as *const u8).wrapping_add((w.iov_next as usize) * IOVEC_SIZE);
-    // SAFETY: user pointers read through the fault-tolerant helper.
-    let (base, len): (u64, u64) = match unsafe {
-        (
-            bpf_probe_read_user(entry as *const u64),
-            bpf_probe_read_user(entry.wrapping_add(8) as *const u64),
-        )
-    } {
-        (Ok(b), Ok(l)) => (b, l),
-        _ => {
-            bump(stat::READ_FAULTS);
-            w.readable = 0;
-            w.seg_left = w.total_left;
-            return 0;
-        }
+    let Some((base, len)) = iovec_entry(w.iov, w.iov_next) else {
+        // The rest cannot be read: counted on like sendfile bytes, or framing is lost.
+        w.readable = 0;
+        w.seg_left = w.total_left;
+        return 0;
     };
     w.iov_next += 1;
     w.seg_base = base;

@@ -514,19 +514,8 @@ extern "C" fn iov_step(i: u32, ctx: *mut c_void) -> i64 {
     let Some(ev) = SCRATCH.get_ptr_mut(0) else {
         return 1;
     };
-    let entry = (w.iov as *const u8).wrapping_add(i as usize * IOVEC_SIZE);
-    // SAFETY: user pointers read through the fault-tolerant helper.
-    let (base, len): (u64, u64) = match unsafe {
-        (
-            bpf_probe_read_user(entry as *const u64),
-            bpf_probe_read_user(entry.wrapping_add(8) as *const u64),
-        )
-    } {
-        (Ok(b), Ok(l)) => (b, l),
-        _ => {
-            bump(stat::READ_FAULTS);
-            return 1;
-        }
+    let Some((base, len)) = iovec_entry(w.iov, i as u64) else {
+        return 1;
     };
     let mut s = w.want - w.off;
     if len < s {
@@ -554,6 +543,25 @@ extern "C" fn iov_step(i: u32, ctx: *mut c_void) -> i64 {
     }
     w.off += s;
     0
+}
+
+/// Entry `i` of a user iovec array: (base, len). A fault is counted and gives `None`.
+#[inline(always)]
+fn iovec_entry(iov: u64, i: u64) -> Option<(u64, u64)> {
+    let entry = (iov as *const u8).wrapping_add(i as usize * IOVEC_SIZE);
+    // SAFETY: user pointers read through the fault-tolerant helper.
+    match unsafe {
+        (
+            bpf_probe_read_user(entry as *const u64),
+            bpf_probe_read_user(entry.wrapping_add(8) as *const u64),
+        )
+    } {
+        (Ok(b), Ok(l)) => Some((b, l)),
+        _ => {
+            bump(stat::READ_FAULTS);
+            None
+        }
+    }
 }
 
 /// A socket the agent did not see being opened (it predates the agent): track it if it is a

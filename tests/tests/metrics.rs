@@ -48,7 +48,6 @@ impl Prometheus {
     /// The value of an instant query that yields one sample, once it equals `want`.
     fn wait_value(&self, query: &str, want: f64) -> f64 {
         let deadline = Instant::now() + Duration::from_secs(30);
-        let mut last = String::new();
         loop {
             let body = curl(&[
                 "-G",
@@ -63,10 +62,9 @@ impl Prometheus {
             if got == Some(want) {
                 return want;
             }
-            last = body;
             assert!(
                 Instant::now() < deadline,
-                "{query}: wanted {want}, Prometheus answers {last}"
+                "{query}: wanted {want}, Prometheus answers {body}"
             );
             std::thread::sleep(Duration::from_millis(500));
         }
