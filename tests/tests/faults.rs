@@ -36,6 +36,36 @@ fn wait_trace(spans: &Spans, t: u128, n: usize, secs: u64) -> Vec<Got> {
     }
 }
 
+/// nginx (its `/teapot` answers by itself), an OTLP/gRPC collector, and an agent tracing
+/// nginx's port with `extra` flags.
+struct NginxRig {
+    _rt: tokio::runtime::Runtime,
+    spans: Spans,
+    _nginx: Nginx,
+    port: String,
+    agent: Agent,
+}
+
+impl NginxRig {
+    fn start(name: &str, extra: &[&str]) -> Self {
+        assert_root();
+        let rt = runtime();
+        let (collector, spans) = grpc_collector(&rt);
+        let nginx = Nginx::start(free_port());
+        let port = nginx.port.to_string();
+        let mut args = vec!["--port", port.as_str(), "--linger-ms", "50"];
+        args.extend_from_slice(extra);
+        let agent = Agent::start(name, &args, &otlp_grpc(collector));
+        Self {
+            _rt: rt,
+            spans,
+            _nginx: nginx,
+            port,
+            agent,
+        }
+    }
+}
+
 fn rss_kib(pid: u32) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
@@ -113,23 +143,13 @@ fn collector_down_for_a_minute_then_back() {
 /// traces new requests exactly.
 #[test]
 fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
-    assert_root();
-    let rt = runtime();
-    let (collector, spans) = grpc_collector(&rt);
-    let nginx = Nginx::start(free_port());
-    let port = nginx.port.to_string();
-    let agent = Agent::start(
-        "kspan-overflow",
-        &[
-            "--port",
-            &port,
-            "--ring-buffer-mb",
-            "1",
-            "--linger-ms",
-            "50",
-        ],
-        &otlp_grpc(collector),
-    );
+    let NginxRig {
+        _rt,
+        spans,
+        _nginx,
+        port,
+        agent,
+    } = NginxRig::start("kspan-overflow", &["--ring-buffer-mb", "1"]);
     let pid = agent.proc.pid() as i32;
     // SAFETY: plain syscalls on the agent we started.
     unsafe { libc::kill(pid, libc::SIGSTOP) };
@@ -215,16 +235,13 @@ fn agent_restart_picks_up_open_connections() {
 /// memory stays bounded and its connection table returns to idle.
 #[test]
 fn a_hundred_thousand_short_connections_keep_memory_bounded() {
-    assert_root();
-    let rt = runtime();
-    let (collector, spans) = grpc_collector(&rt);
-    let nginx = Nginx::start(free_port());
-    let port = nginx.port.to_string();
-    let agent = Agent::start(
-        "kspan-churn",
-        &["--port", &port, "--linger-ms", "50"],
-        &otlp_grpc(collector),
-    );
+    let NginxRig {
+        _rt,
+        spans,
+        _nginx,
+        port,
+        agent,
+    } = NginxRig::start("kspan-churn", &[]);
     let before = rss_kib(agent.proc.pid());
     // Each connection: one request, the whole response, then an abortive close (no
     // TIME_WAIT, so 100k connections fit the ephemeral port range). Sampled out, so the
@@ -295,4 +312,74 @@ for _ in range(n):
 
 fn http_ready(metrics: SocketAddr) -> bool {
     kspan_tests::http_get(metrics, "/readyz").is_ok_and(|r| r.starts_with("HTTP/1.1 200"))
+}
+
+/// Garbage, truncated requests and binary noise on a real HTTP port: the agent stays up,
+/// counts what it could not decode, and traces the next valid request exactly.
+#[test]
+fn garbage_and_truncated_payloads_on_an_http_port() {
+    let NginxRig {
+        _rt,
+        spans,
+        _nginx,
+        port,
+        agent,
+    } = NginxRig::start("kspan-garbage", &[]);
+    let noise = r#"
+import os, random, socket, sys
+port = int(sys.argv[1]); rng = random.Random(7)
+cases = [
+    b"GET / HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n",
+    b"GET /teapot HTTP/1.1\r\nHo",                       # truncated head, then close
+    b"POST /teapot HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + os.urandom(64),   # a TLS hello
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + os.urandom(200),             # h2 preface, garbage
+    b"GET /teapot HTTP/1.1\r\n" + b"X: " + b"a" * 70000 + b"\r\n\r\n", # oversized head
+]
+for i in range(300):
+    data = cases[i % len(cases)] if i % 3 else bytes(rng.getrandbits(8) for _ in range(rng.randrange(1, 3000)))
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=2)
+        s.sendall(data)
+        s.settimeout(0.2)
+        try:
+            s.recv(65536)
+        except OSError:
+            pass
+        s.close()
+    except OSError:
+        pass
+"#;
+    let out = Command::new("python3")
+        .args(["-c", noise, &port])
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(http_ready(agent.metrics), "agent up after the noise");
+    let t = trace_id(43);
+    curl(&[
+        "-H",
+        &format!("b3: {t:032x}-0000000000000a0a-1"),
+        &format!("http://127.0.0.1:{port}/teapot"),
+    ]);
+    let got = wait_trace(&spans, t, 2, 15);
+    for g in &got {
+        assert_eq!(g.attr("http.response.status_code").i(), 418, "{g:#?}");
+        assert!(g.parent.is_some(), "{g:#?}");
+    }
+    let server = got
+        .iter()
+        .find(|g| g.kind == "SERVER")
+        .expect("server span");
+    assert_eq!(server.attr("url.path").s(), "/teapot");
+    // The noise was seen and judged: not-HTTP connections dropped in the kernel, or streams
+    // that lost framing in userspace; nothing was exported for it.
+    let judged = metric(agent.metrics, "kspan_kernel_connections_not_http_total")
+        + metric(agent.metrics, "kspan_http_desyncs_total");
+    assert!(judged > 0, "noise was counted");
+    assert!(agent.terminate().success());
 }
