@@ -56,7 +56,7 @@ metrics! {
     desyncs: "counter", "kspan_http_desyncs_total", "Times an HTTP stream lost framing and resynchronised.";
     gaps: "counter", "kspan_stream_gaps_total", "Events seen after kernel-side losses on the same connection.";
     conns_filtered: "counter", "kspan_connections_filtered_total", "Connections excluded by --pid/--port/--exe.";
-    conns_unsupported: "counter", "kspan_connections_unsupported_total", "Connections with a protocol this version does not decode (HTTP/2).";
+    conns_unsupported: "counter", "kspan_connections_unsupported_total", "Connections no longer decoded: upgraded to another protocol (e.g. WebSocket), or HTTP/2 framing lost for good.";
     conns_evicted: "counter", "kspan_connections_evicted_total", "Connections forgotten while idle or at the table limit.";
     spans_finished: "counter", "kspan_spans_finished_total", "Spans completed by the linker.";
     spans_unsampled: "counter", "kspan_spans_unsampled_total", "Spans not exported because B3/traceparent said not sampled.";
