@@ -144,6 +144,7 @@ fn main() {
     while thread_cpu() - start < budget {
         let opts = PipelineOptions {
             privacy: Default::default(),
+            sampler: Default::default(),
             filter: Filter::default(),
             linger_ns: 0,
             max_open_spans: 100_000,

@@ -7,7 +7,7 @@ use std::{net::SocketAddr, path::PathBuf};
 
 use clap::Parser;
 
-use crate::{capture::event::Endpoints, process::ProcessInfo};
+use crate::{capture::event::Endpoints, process::ProcessInfo, trace::sampler::Sampler};
 
 #[derive(Parser, Debug, Clone)]
 #[command(
@@ -56,6 +56,14 @@ pub struct Args {
     /// Extra export header `key=value` (repeatable); added to OTEL_EXPORTER_OTLP_HEADERS.
     #[arg(long = "otlp-header")]
     pub otlp_headers: Vec<String>,
+    /// Which spans are exported: always_on, always_off, traceidratio, parentbased_always_on
+    /// (default), parentbased_always_off, parentbased_traceidratio. Default:
+    /// OTEL_TRACES_SAMPLER. RED metrics count every request regardless.
+    #[arg(long)]
+    pub traces_sampler: Option<String>,
+    /// The sampler's ratio (0..=1) for the traceidratio samplers. Default: OTEL_TRACES_SAMPLER_ARG.
+    #[arg(long)]
+    pub traces_sampler_arg: Option<String>,
     /// Also print trace trees on stdout when exporting over OTLP.
     #[arg(long)]
     pub stdout: bool,
@@ -161,6 +169,8 @@ pub enum ConfigError {
     Header(String),
     #[error("bad OTLP endpoint {0:?}: expected an http:// or https:// URL")]
     Endpoint(String),
+    #[error("{0}")]
+    Sampler(#[from] crate::trace::sampler::SamplerError),
 }
 
 /// Resolves the OTLP exporter settings; `None` means "print to stdout".
@@ -222,6 +232,27 @@ pub fn otlp(
         endpoint,
         protocol,
         headers,
+    }))
+}
+
+/// The sampler from the flags, else the standard variables. A bad flag is an error; bad
+/// variables are reported and ignored, as the OpenTelemetry specification requires of them.
+pub fn sampler(args: &Args, env: impl Fn(&str) -> Option<String>) -> Result<Sampler, ConfigError> {
+    if let Some(name) = &args.traces_sampler {
+        return Sampler::parse(name, args.traces_sampler_arg.as_deref())
+            .map_err(ConfigError::Sampler);
+    }
+    let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let Some(name) = env("OTEL_TRACES_SAMPLER") else {
+        return Ok(Sampler::default());
+    };
+    let arg = args
+        .traces_sampler_arg
+        .clone()
+        .or_else(|| env("OTEL_TRACES_SAMPLER_ARG"));
+    Ok(Sampler::parse(&name, arg.as_deref()).unwrap_or_else(|e| {
+        eprintln!("kspan: ignoring OTEL_TRACES_SAMPLER: {e}");
+        Sampler::default()
     }))
 }
 
@@ -422,6 +453,34 @@ mod tests {
             ),
             Err(ConfigError::Header(_))
         ));
+    }
+
+    #[test]
+    fn sampler_from_flags_or_variables() {
+        use crate::trace::sampler::Root;
+        let vars = env(&[
+            ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+            ("OTEL_TRACES_SAMPLER_ARG", "0.1"),
+        ]);
+        assert_eq!(
+            sampler(&args(&[]), &vars).unwrap(),
+            Sampler::ParentBased(Root::TraceIdRatio(0.1))
+        );
+        assert_eq!(
+            sampler(&args(&["--traces-sampler", "always_off"]), &vars).unwrap(),
+            Sampler::AlwaysOff,
+            "the flag wins"
+        );
+        assert!(matches!(
+            sampler(&args(&["--traces-sampler", "sometimes"]), env(&[])),
+            Err(ConfigError::Sampler(_))
+        ));
+        assert_eq!(
+            sampler(&args(&[]), env(&[("OTEL_TRACES_SAMPLER", "sometimes")])).unwrap(),
+            Sampler::default(),
+            "a bad variable is ignored"
+        );
+        assert_eq!(sampler(&args(&[]), env(&[])).unwrap(), Sampler::default());
     }
 
     #[test]

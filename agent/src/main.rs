@@ -76,6 +76,7 @@ fn host_name() -> String {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let otlp = config::otlp(&args, |k| std::env::var(k).ok())?;
+    let sampler = config::sampler(&args, |k| std::env::var(k).ok())?;
     let (privacy, refused) = Privacy::new(
         &args.capture_header,
         &args.redact_header,
@@ -180,6 +181,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_conns: 65_536,
             clock_offset_ns: clock_offset(),
             privacy,
+            sampler,
         },
         procs,
     );

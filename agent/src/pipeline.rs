@@ -16,6 +16,7 @@ use crate::{
     trace::{
         linker::{RequestStart, Tracer},
         privacy::Privacy,
+        sampler::Sampler,
         span::{SpanKind, SpanRecord},
     },
 };
@@ -47,6 +48,7 @@ pub struct PipelineOptions {
     pub max_conns: usize,
     pub clock_offset_ns: i128,
     pub privacy: Privacy,
+    pub sampler: Sampler,
 }
 
 pub struct Pipeline {
@@ -81,6 +83,7 @@ impl Pipeline {
                 opts.max_open_spans,
                 opts.clock_offset_ns,
                 opts.privacy,
+                opts.sampler,
             ),
             captured: opts.privacy.captured,
             procs,

@@ -332,3 +332,68 @@ fn configuration_file_precedence() {
     assert!(stderr.contains("unknown key \"prot\""), "{stderr}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// OTEL_TRACES_SAMPLER is honoured: under parentbased_always_off only traces that carry a
+/// decision to export leave the agent, and the RED metrics still count every request.
+#[test]
+fn traces_sampler_from_the_standard_variables() {
+    assert_root();
+    let rt = runtime();
+    let (collector, spans) = kspan_tests::grpc_collector(&rt);
+    let name = format!("sampled-{}", std::process::id());
+    let back = PyService::start(&name, None);
+    let port = back.port.to_string();
+    let agent = Agent::start(
+        "kspan-sampler",
+        &["--port", &port, "--linger-ms", "50"],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+            ("OTEL_TRACES_SAMPLER", "parentbased_always_off".into()),
+        ],
+    );
+    let (quiet, loud) = (unique_path("quiet"), unique_path("loud"));
+    for _ in 0..3 {
+        curl(&[&format!("http://127.0.0.1:{port}{quiet}")]);
+    }
+    let t = trace_id(11);
+    curl(&[
+        "-H",
+        &format!("b3: {t:032x}-0000000000000c0c-1"),
+        &format!("http://127.0.0.1:{port}{loud}"),
+    ]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while spans.all().iter().filter(|g| g.trace_id == t).count() < 2 {
+        assert!(std::time::Instant::now() < deadline, "{}", agent.proc.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Everything before the sampled request has been flushed by now.
+    kspan_tests::wait_metric(agent.metrics, "kspan_spans_unsampled_total", |n| n >= 6);
+    let quiet_spans = spans
+        .all()
+        .iter()
+        .filter(|g| format!("{g:?}").contains(&quiet))
+        .count();
+    assert_eq!(quiet_spans, 0, "sampled out");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let metrics = kspan_tests::http_get(agent.metrics, "/metrics").unwrap();
+        let count: u64 = metrics
+            .lines()
+            .filter(|l| {
+                l.starts_with("http_server_request_duration_seconds_count")
+                    && l.contains(&format!("service_name=\"{name}\""))
+            })
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .sum();
+        if count == 4 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "every request is in the metrics, got {count}:\n{metrics}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(agent.terminate().success());
+}

@@ -20,6 +20,7 @@ fuzz_target!(|data: &[u8]| {
             max_conns: 16,
             clock_offset_ns: 0,
             privacy: Default::default(),
+            sampler: Default::default(),
         },
         ProcessCache::new("/nonexistent"),
     );

@@ -24,8 +24,13 @@ struct Link {
 
 impl Sim {
     fn new(filter: Filter) -> Self {
+        Self::with_sampler(filter, Default::default())
+    }
+
+    fn with_sampler(filter: Filter, sampler: crate::trace::sampler::Sampler) -> Self {
         let opts = PipelineOptions {
             privacy: Default::default(),
+            sampler,
             filter,
             linger_ns: 1_000,
             max_open_spans: 1000,
@@ -175,6 +180,69 @@ fn assert_chain_shape(spans: &[SpanRecord]) {
             "{parent:#?} {child:#?}"
         );
     }
+}
+
+/// Ratio sampling keeps or drops whole traces (linked spans share the decision), keeps about
+/// the ratio, honours a carried decision, and never hides requests from the RED metrics.
+#[test]
+fn ratio_sampling_is_all_or_nothing_per_trace() {
+    use crate::trace::sampler::{Root, Sampler};
+    let mut s = Sim::with_sampler(
+        Filter::default(),
+        Sampler::ParentBased(Root::TraceIdRatio(0.5)),
+    );
+    const CHAINS: usize = 400;
+    let mut spans = Vec::new();
+    for i in 0..CHAINS {
+        let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+        let b = s.connect(2, 3, "127.0.0.1:40001", "127.0.0.1:8081");
+        s.gens += 2;
+        // Every tenth chain carries an explicit decision to export.
+        let headers = if i % 10 == 0 {
+            "X-B3-Sampled: 1\r\n"
+        } else {
+            ""
+        };
+        let req_a = format!("GET /front HTTP/1.1\r\nHost: f\r\n{headers}\r\n");
+        let req_b = format!("GET /back HTTP/1.1\r\nHost: b\r\n{headers}\r\n");
+        s.send_request(a, req_a.as_bytes(), false);
+        s.send_request(b, req_b.as_bytes(), false);
+        s.send_response(b, OK);
+        s.send_response(a, OK);
+        spans.extend(s.spans());
+    }
+    let mut per_trace: HashMap<u128, usize> = HashMap::default();
+    for sp in &spans {
+        *per_trace.entry(sp.trace_id).or_default() += 1;
+    }
+    assert!(
+        per_trace.values().all(|&n| n == 4),
+        "a trace is exported whole or not at all: {per_trace:?}"
+    );
+    let kept = per_trace.len();
+    let forced = CHAINS / 10;
+    let expected = forced + (CHAINS - forced) / 2;
+    assert!(
+        (expected - 60..expected + 60).contains(&kept),
+        "{kept} of {CHAINS} traces kept"
+    );
+    assert_eq!(
+        s.p.tracer_stats().spans_unsampled as usize,
+        4 * (CHAINS - kept)
+    );
+    let mut text = String::new();
+    s.p.red.render(&mut text);
+    let back_requests: u64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("http_server_request_duration_seconds_count") && l.contains("/back")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        back_requests, CHAINS as u64,
+        "metrics count sampled-out requests too"
+    );
 }
 
 #[test]

@@ -23,6 +23,7 @@ use rustc_hash::FxHashMap as HashMap;
 use super::{
     context::{self, Sampling},
     privacy::Privacy,
+    sampler::Sampler,
     span::{Grpc, HttpExchange, Observation, SpanKind, SpanRecord},
 };
 use crate::{
@@ -120,6 +121,7 @@ pub struct Tracer {
     /// Monotonic → Unix epoch offset.
     clock_offset_ns: i128,
     privacy: Privacy,
+    sampler: Sampler,
     /// Every finished request, sampled or not, for metrics; drained by the caller.
     pub observations: Vec<Observation>,
     pub stats: TracerStats,
@@ -149,7 +151,13 @@ fn new_trace_id() -> u128 {
 }
 
 impl Tracer {
-    pub fn new(linger_ns: u64, max_open: usize, clock_offset_ns: i128, privacy: Privacy) -> Self {
+    pub fn new(
+        linger_ns: u64,
+        max_open: usize,
+        clock_offset_ns: i128,
+        privacy: Privacy,
+        sampler: Sampler,
+    ) -> Self {
         Self {
             spans: HashMap::default(),
             open_servers: HashMap::default(),
@@ -160,6 +168,7 @@ impl Tracer {
             max_open,
             clock_offset_ns,
             privacy,
+            sampler,
             observations: Vec::new(),
             stats: TracerStats::default(),
         }
@@ -487,7 +496,7 @@ impl Tracer {
             error: error.is_some(),
             failed: s.error.is_some() || s.exchange.error(SpanKind::Client).is_some(),
         });
-        if !s.sampling.exported() {
+        if !self.sampler.exports(s.sampling, s.trace_id) {
             self.stats.spans_unsampled += 1;
             return None;
         }

@@ -2,4 +2,5 @@
 pub mod context;
 pub mod linker;
 pub mod privacy;
+pub mod sampler;
 pub mod span;
