@@ -32,6 +32,11 @@ pub struct BenchArgs {
     /// target/bench-partial.md so BENCHMARKS.md always holds a whole run.
     #[arg(long)]
     only: Option<String>,
+    /// Extra kspan flag for the B runs (repeatable), e.g.
+    /// `--agent-arg=--traces-sampler=parentbased_traceidratio --agent-arg=--traces-sampler-arg=0.1`;
+    /// results go to target/bench-partial.md.
+    #[arg(long = "agent-arg", allow_hyphen_values = true)]
+    agent_args: Vec<String>,
 }
 
 struct Scenario {
@@ -134,7 +139,8 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
         for pair in 0..pairs {
             eprintln!("bench: {} — pair {}/{pairs}", sc.name, pair + 1);
             a_runs.push(load(&url)?);
-            let agent = Agent::start(kspan, sink.port, &dir)?;
+            let extra: Vec<&str> = args.agent_args.iter().map(String::as_str).collect();
+            let agent = Agent::start_with(kspan, sink.port, &dir, &extra)?;
             let w = load(&url)?;
             let run = agent.finish()?;
             b_runs.push((w, run));
@@ -142,9 +148,10 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
         rows.push(summarise(sc, &a_runs, &b_runs));
     }
 
-    let replay = match args.only {
-        Some(_) => String::new(),
-        None => replay_bench(&args, kspan, &dir, front, sink.port)?,
+    let replay = if args.only.is_some() || !args.agent_args.is_empty() {
+        String::new()
+    } else {
+        replay_bench(&args, kspan, &dir, front, sink.port)?
     };
     let machine = machine();
     let _ = writeln!(report, "# Benchmarks\n");
@@ -170,7 +177,7 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     let _ = writeln!(report, "\n{replay}");
     let out = if args.smoke {
         PathBuf::from("target/bench-smoke.md")
-    } else if args.only.is_some() {
+    } else if args.only.is_some() || !args.agent_args.is_empty() {
         PathBuf::from("target/bench-partial.md")
     } else {
         PathBuf::from("BENCHMARKS.md")
@@ -452,10 +459,6 @@ struct Agent {
 }
 
 impl Agent {
-    fn start(kspan: &Path, sink: u16, dir: &Path) -> anyhow::Result<Self> {
-        Self::start_with(kspan, sink, dir, &[])
-    }
-
     fn start_with(kspan: &Path, sink: u16, dir: &Path, extra: &[&str]) -> anyhow::Result<Self> {
         let metrics = free_port()?;
         let mut cmd = Command::new(kspan);
