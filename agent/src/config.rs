@@ -53,6 +53,11 @@ pub struct Args {
     /// OTEL_EXPORTER_OTLP_PROTOCOL, else http/protobuf as the OTLP spec says.
     #[arg(long)]
     pub otlp_protocol: Option<String>,
+    /// PEM file of the CA that signed the collector's certificate (for https endpoints), in
+    /// addition to the system's. Default: OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE, then
+    /// OTEL_EXPORTER_OTLP_CERTIFICATE.
+    #[arg(long)]
+    pub otlp_certificate: Option<PathBuf>,
     /// Extra export header `key=value` (repeatable); added to OTEL_EXPORTER_OTLP_HEADERS.
     #[arg(long = "otlp-header")]
     pub otlp_headers: Vec<String>,
@@ -159,6 +164,8 @@ pub struct OtlpConfig {
     pub endpoint: String,
     pub protocol: Protocol,
     pub headers: Vec<(String, String)>,
+    /// Extra trusted CA (PEM) for https endpoints.
+    pub certificate: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -228,10 +235,16 @@ pub fn otlp(
         }
         headers.push((k.to_string(), percent_decode(v.trim())));
     }
+    let certificate = args.otlp_certificate.clone().or_else(|| {
+        env("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+            .or_else(|| env("OTEL_EXPORTER_OTLP_CERTIFICATE"))
+            .map(PathBuf::from)
+    });
     Ok(Some(OtlpConfig {
         endpoint,
         protocol,
         headers,
+        certificate,
     }))
 }
 

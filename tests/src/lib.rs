@@ -364,14 +364,32 @@ pub fn grpc_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
 
 /// [`grpc_collector`] on a chosen address (e.g. one an agent was already told to use).
 pub fn grpc_collector_at(rt: &tokio::runtime::Runtime, at: SocketAddr) -> (SocketAddr, Spans) {
+    grpc_collector_with(rt, at, None)
+}
+
+/// [`grpc_collector_at`], behind TLS with this PEM certificate and key when given.
+pub fn grpc_collector_with(
+    rt: &tokio::runtime::Runtime,
+    at: SocketAddr,
+    tls: Option<(&str, &str)>,
+) -> (SocketAddr, Spans) {
     let store = Store::default();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(at))
         .expect("collector bind");
     let addr = listener.local_addr().expect("addr");
     let svc = TraceServiceServer::new(store.clone());
+    let mut server = tonic::transport::Server::builder();
+    if let Some((cert, key)) = tls {
+        server = server
+            .tls_config(
+                tonic::transport::ServerTlsConfig::new()
+                    .identity(tonic::transport::Identity::from_pem(cert, key)),
+            )
+            .expect("collector TLS");
+    }
     rt.spawn(async move {
-        tonic::transport::Server::builder()
+        server
             .add_service(svc)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
@@ -382,8 +400,14 @@ pub fn grpc_collector_at(rt: &tokio::runtime::Runtime, at: SocketAddr) -> (Socke
 
 /// A real OTLP/HTTP collector: POST /v1/traces with a protobuf body, as the spec defines.
 pub fn http_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
-    use prost::Message as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    http_collector_with(rt, None)
+}
+
+/// [`http_collector`] behind TLS when `tls` is given (an `https://` endpoint).
+pub fn http_collector_with(
+    rt: &tokio::runtime::Runtime,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+) -> (SocketAddr, Spans) {
     let store = Store::default();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -392,48 +416,76 @@ pub fn http_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
     let shared = store.clone();
     rt.spawn(async move {
         loop {
-            let Ok((mut sock, _)) = listener.accept().await else { continue };
-            let store = shared.clone();
+            let Ok((sock, _)) = listener.accept().await else {
+                continue;
+            };
+            let (store, tls) = (shared.clone(), tls.clone());
             tokio::spawn(async move {
-                let mut buf = Vec::new();
-                loop {
-                    let mut chunk = [0u8; 8192];
-                    let n = match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    buf.extend_from_slice(&chunk[..n]);
-                    // One request at a time: parse the head, wait for the whole body.
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else { continue };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    if buf.len() < end + 4 + len {
-                        continue;
-                    }
-                    let body = buf[end + 4..end + 4 + len].to_vec();
-                    buf.drain(..end + 4 + len);
-                    let ok = head.starts_with("post /v1/traces ") && head.contains("content-type: application/x-protobuf");
-                    let status = match ExportTraceServiceRequest::decode(&body[..]) {
-                        Ok(req) if ok => {
-                            store.add(req);
-                            "200 OK"
+                match tls {
+                    Some(acceptor) => {
+                        if let Ok(sock) = acceptor.accept(sock).await {
+                            serve_otlp_http(sock, store).await;
                         }
-                        _ => "400 Bad Request",
-                    };
-                    let resp = ExportTraceServiceResponse { partial_success: None }.encode_to_vec();
-                    let head = format!("HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n", resp.len());
-                    if sock.write_all(head.as_bytes()).await.is_err() || sock.write_all(&resp).await.is_err() {
-                        return;
                     }
+                    None => serve_otlp_http(sock, store).await,
                 }
             });
         }
     });
     (addr, Spans(store))
+}
+
+/// One OTLP/HTTP connection: POST /v1/traces with protobuf bodies, one request at a time.
+async fn serve_otlp_http<S>(mut sock: S, store: Store)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    use prost::Message as _;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = Vec::new();
+    loop {
+        let mut chunk = [0u8; 8192];
+        let n = match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        buf.extend_from_slice(&chunk[..n]);
+        // Parse the head, wait for the whole body.
+        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
+            continue;
+        };
+        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+        let len: usize = head
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if buf.len() < end + 4 + len {
+            continue;
+        }
+        let body = buf[end + 4..end + 4 + len].to_vec();
+        buf.drain(..end + 4 + len);
+        let ok = head.starts_with("post /v1/traces ")
+            && head.contains("content-type: application/x-protobuf");
+        let status = match ExportTraceServiceRequest::decode(&body[..]) {
+            Ok(req) if ok => {
+                store.add(req);
+                "200 OK"
+            }
+            _ => "400 Bad Request",
+        };
+        let resp = ExportTraceServiceResponse {
+            partial_success: None,
+        }
+        .encode_to_vec();
+        let head = format!(
+            "HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+            resp.len()
+        );
+        if sock.write_all(head.as_bytes()).await.is_err() || sock.write_all(&resp).await.is_err() {
+            return;
+        }
+    }
 }
 
 /// Spans a collector received.

@@ -28,6 +28,11 @@ use crate::{
 pub enum OtlpError {
     #[error("could not build the OTLP exporter: {0}")]
     Build(String),
+    #[error("reading the OTLP CA certificate {path}: {source}")]
+    Certificate {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("OTLP export failed: {0}")]
     Export(String),
 }
@@ -43,6 +48,19 @@ pub struct OtlpSink {
 impl OtlpSink {
     pub fn new(cfg: &OtlpConfig, host: String, command_line: bool) -> Result<Self, OtlpError> {
         let timeout = Duration::from_secs(10);
+        // One crypto provider for every TLS client in the process (rustls needs it chosen).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let ca = cfg
+            .certificate
+            .as_ref()
+            .map(|path| {
+                std::fs::read(path).map_err(|source| OtlpError::Certificate {
+                    path: path.clone(),
+                    source,
+                })
+            })
+            .transpose()?;
+        let https = cfg.endpoint.starts_with("https://");
         let exporter = match cfg.protocol {
             Protocol::Grpc => {
                 let mut md = tonic::metadata::MetadataMap::new();
@@ -55,20 +73,39 @@ impl OtlpSink {
                         .map_err(|e| OtlpError::Build(format!("header {k:?}: {e}")))?;
                     md.insert(key, val);
                 }
-                opentelemetry_otlp::SpanExporter::builder()
+                let mut builder = opentelemetry_otlp::SpanExporter::builder()
                     .with_tonic()
                     .with_endpoint(cfg.endpoint.clone())
                     .with_timeout(timeout)
-                    .with_metadata(md)
+                    .with_metadata(md);
+                if https {
+                    let mut tls = tonic::transport::ClientTlsConfig::new().with_native_roots();
+                    if let Some(pem) = &ca {
+                        tls = tls.ca_certificate(tonic::transport::Certificate::from_pem(pem));
+                    }
+                    builder = builder.with_tls_config(tls);
+                }
+                builder.build()
+            }
+            Protocol::HttpProtobuf => {
+                let mut client = reqwest::Client::builder().timeout(timeout);
+                if let Some(pem) = &ca {
+                    let certs = reqwest::Certificate::from_pem_bundle(pem)
+                        .map_err(|e| OtlpError::Build(format!("CA certificate: {e}")))?;
+                    client = client.tls_certs_merge(certs);
+                }
+                let client = client
+                    .build()
+                    .map_err(|e| OtlpError::Build(e.to_string()))?;
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_http_client(client)
+                    .with_endpoint(cfg.endpoint.clone())
+                    .with_timeout(timeout)
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .with_headers(cfg.headers.iter().cloned().collect())
                     .build()
             }
-            Protocol::HttpProtobuf => opentelemetry_otlp::SpanExporter::builder()
-                .with_http()
-                .with_endpoint(cfg.endpoint.clone())
-                .with_timeout(timeout)
-                .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
-                .with_headers(cfg.headers.iter().cloned().collect())
-                .build(),
         }
         .map_err(|e| OtlpError::Build(e.to_string()))?;
         let scope = InstrumentationScope::builder("kspan")
