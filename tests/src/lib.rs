@@ -357,6 +357,14 @@ fn nginx_binary() -> PathBuf {
         .expect("nginx is not installed: run `cargo xtask setup`")
 }
 
+/// The standard variables that point an agent at an OTLP/gRPC collector.
+pub fn otlp_grpc(collector: SocketAddr) -> [(&'static str, String); 2] {
+    [
+        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
+    ]
+}
+
 /// A real OTLP/gRPC collector (opentelemetry-proto's generated service on tonic).
 pub fn grpc_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
     grpc_collector_at(rt, "127.0.0.1:0".parse().expect("address"))
@@ -589,14 +597,7 @@ pub fn env() -> &'static Env {
         assert_root();
         let rt = runtime();
         let (collector, spans) = grpc_collector(&rt);
-        let agent = Agent::start(
-            "kspan",
-            &["--linger-ms", "200"],
-            &[
-                ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
-                ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
-            ],
-        );
+        let agent = Agent::start("kspan", &["--linger-ms", "200"], &otlp_grpc(collector));
         Env {
             rt,
             spans,

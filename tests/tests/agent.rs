@@ -172,10 +172,7 @@ fn connections_older_than_the_agent_are_picked_up() {
     let agent = Agent::start(
         "kspan-late",
         &["--port", &port],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
-        ],
+        &kspan_tests::otlp_grpc(collector),
     );
     let t = trace_id(10);
     exchange(&format!(
@@ -243,10 +240,7 @@ with grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}") as ch:
     let agent = Agent::start(
         "kspan-h2-late",
         &["--port", &port, "--linger-ms", "100"],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
-        ],
+        &kspan_tests::otlp_grpc(collector),
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(15);
     let got = loop {

@@ -10,15 +10,8 @@ use std::{
 
 use kspan_tests::{
     Agent, Got, Nginx, Proc, PyService, Spans, assert_root, curl, free_port, grpc_collector,
-    grpc_collector_at, metric, runtime, trace_id, unique_path, wait_metric,
+    grpc_collector_at, metric, otlp_grpc, runtime, trace_id, unique_path, wait_metric,
 };
-
-fn otlp_grpc(collector: SocketAddr) -> [(&'static str, String); 2] {
-    [
-        ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
-    ]
-}
 
 fn wait_trace(spans: &Spans, t: u128, n: usize, secs: u64) -> Vec<Got> {
     let deadline = Instant::now() + Duration::from_secs(secs);

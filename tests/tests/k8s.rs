@@ -127,10 +127,7 @@ fn spans_carry_their_pods_metadata() {
             "--linger-ms",
             "50",
         ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
-        ],
+        &kspan_tests::otlp_grpc(collector),
     );
     wait_metric(agent.metrics, "kspan_k8s_pods", |n| n == 1);
     let t = trace_id(61);

@@ -24,10 +24,7 @@ fn credentials_query_values_and_command_lines_never_leave_the_agent() {
             "--redact-header",
             "X-Api-Key",
         ],
-        &[
-            ("OTEL_EXPORTER_OTLP_ENDPOINT", format!("http://{collector}")),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc".into()),
-        ],
+        &kspan_tests::otlp_grpc(collector),
     );
     let t = trace_id(31);
     let path = unique_path("vault");
