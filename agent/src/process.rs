@@ -58,14 +58,15 @@ pub fn read(root: &Path, pid: u32, comm: &[u8], pods: Option<&PodIndex>) -> Proc
     let k8s = pods
         .zip(cgroup.pod_uid.as_deref())
         .and_then(|(p, uid)| p.get(uid));
-    let env_name = env_name.or_else(|| {
+    // The process's own name for itself wins, then its pod's.
+    let declared = env_name.or_else(|| {
         k8s.as_ref()
             .map(|pod| pod.service_name(cgroup.container_id.as_deref()))
     });
     let exe_name = exe.rsplit('/').next().unwrap_or_default().to_string();
     let comm =
         String::from_utf8_lossy(comm.split(|&b| b == 0).next().unwrap_or_default()).into_owned();
-    let service_name = env_name.unwrap_or_else(|| match (exe_name.is_empty(), comm.is_empty()) {
+    let service_name = declared.unwrap_or_else(|| match (exe_name.is_empty(), comm.is_empty()) {
         (false, _) => exe_name,
         (true, false) => comm,
         (true, true) => format!("unknown_service:{pid}"),
