@@ -13,12 +13,6 @@ pub enum Sampling {
     Debug,
 }
 
-impl Sampling {
-    pub fn exported(self) -> bool {
-        !matches!(self, Sampling::NotSampled)
-    }
-}
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Ids {
     /// 64-bit B3 trace ids are widened to 128 bits with zero high bits, per the B3 spec.
@@ -242,7 +236,7 @@ mod tests {
             ("X-B3-SpanId", "a2fb4a1d1a96d312"),
             ("X-B3-Sampled", "0"),
         ]);
-        assert!(!extract(&h).unwrap().unwrap().sampling.exported());
+        assert_eq!(extract(&h).unwrap().unwrap().sampling, Sampling::NotSampled);
         let h = headers(&[("X-B3-Sampled", "0"), ("X-B3-Flags", "1")]);
         assert_eq!(extract(&h).unwrap().unwrap().sampling, Sampling::Debug);
         let h = headers(&[("X-B3-Sampled", "0")]);
