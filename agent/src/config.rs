@@ -180,6 +180,36 @@ pub enum ConfigError {
     Sampler(#[from] crate::trace::sampler::SamplerError),
 }
 
+/// Flags that standard OpenTelemetry variables also set, with those variables. `otlp` and
+/// `sampler` read the variables only when the flag is absent, so a configuration file (which
+/// becomes flags) must not claim these settings while a variable is set, or it would beat the
+/// environment. Every variable those functions read for a flag belongs here.
+pub const OTEL_VARIABLES: &[(&str, &[&str])] = &[
+    (
+        "otlp-endpoint",
+        &[
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+        ],
+    ),
+    (
+        "otlp-protocol",
+        &[
+            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+        ],
+    ),
+    (
+        "otlp-certificate",
+        &[
+            "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        ],
+    ),
+    ("traces-sampler", &["OTEL_TRACES_SAMPLER"]),
+    ("traces-sampler-arg", &["OTEL_TRACES_SAMPLER_ARG"]),
+];
+
 /// Resolves the OTLP exporter settings; `None` means "print to stdout".
 pub fn otlp(
     args: &Args,

@@ -9,7 +9,7 @@ use std::{ffi::OsString, path::PathBuf};
 
 use clap::{CommandFactory as _, FromArgMatches as _, parser::ValueSource};
 
-use super::Args;
+use super::{Args, OTEL_VARIABLES};
 
 #[derive(Debug, thiserror::Error)]
 pub enum FileError {
@@ -33,25 +33,6 @@ pub enum FileError {
         message: String,
     },
 }
-
-/// Settings the standard OpenTelemetry variables also give (they are read after the flags,
-/// so the file must not claim them when a variable is set).
-const OTEL_VARIABLES: &[(&str, &[&str])] = &[
-    (
-        "otlp-endpoint",
-        &[
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-        ],
-    ),
-    (
-        "otlp-protocol",
-        &[
-            "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
-            "OTEL_EXPORTER_OTLP_PROTOCOL",
-        ],
-    ),
-];
 
 /// Parses the command line, the environment and `--config` (or `KSPAN_CONFIG`).
 pub fn load(
@@ -177,6 +158,38 @@ otlp-endpoint = "http://from-file:4317"
             "OTEL_EXPORTER_OTLP_ENDPOINT is set, and the environment beats the file"
         );
         assert_eq!(a.ring_buffer_mb, 16, "defaults stay");
+    }
+
+    /// Every setting a standard variable also gives: the variable beats the file.
+    #[test]
+    fn standard_variables_beat_the_file() {
+        let dir = std::env::temp_dir().join(format!("kspan-config-otel-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("kspan.toml");
+        std::fs::write(
+            &path,
+            "otlp-certificate = \"/file/ca.pem\"\ntraces-sampler = \"always_off\"\ntraces-sampler-arg = \"0.5\"\notlp-protocol = \"grpc\"\n",
+        )
+        .unwrap();
+        let vars = |k: &str| {
+            matches!(
+                k,
+                "OTEL_EXPORTER_OTLP_CERTIFICATE"
+                    | "OTEL_TRACES_SAMPLER"
+                    | "OTEL_TRACES_SAMPLER_ARG"
+            )
+            .then(|| "set".to_string())
+        };
+        let a = load(["kspan", "--config", path.to_str().unwrap()], vars).unwrap();
+        assert_eq!(a.otlp_certificate, None);
+        assert_eq!(a.traces_sampler, None);
+        assert_eq!(a.traces_sampler_arg, None);
+        assert_eq!(
+            a.otlp_protocol.as_deref(),
+            Some("grpc"),
+            "no variable: the file"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
