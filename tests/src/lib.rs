@@ -504,6 +504,19 @@ impl Spans {
     pub fn all(&self) -> Vec<Got> {
         self.0.0.lock().unwrap().clone()
     }
+
+    /// The spans of trace `t`, once at least `n` arrived (fails after `secs`).
+    pub fn wait_trace(&self, t: u128, n: usize, secs: u64) -> Vec<Got> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got: Vec<Got> = self.all().into_iter().filter(|g| g.trace_id == t).collect();
+            if got.len() >= n {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "trace {t:032x}: {got:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
 }
 
 /// A running agent, stopped (SIGKILL) on drop.

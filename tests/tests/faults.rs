@@ -9,25 +9,9 @@ use std::{
 };
 
 use kspan_tests::{
-    Agent, Got, Nginx, Proc, PyService, Spans, assert_root, curl, free_port, grpc_collector,
+    Agent, Nginx, Proc, PyService, Spans, assert_root, curl, free_port, grpc_collector,
     grpc_collector_at, metric, otlp_grpc, runtime, trace_id, unique_path, wait_metric,
 };
-
-fn wait_trace(spans: &Spans, t: u128, n: usize, secs: u64) -> Vec<Got> {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    loop {
-        let got: Vec<Got> = spans
-            .all()
-            .into_iter()
-            .filter(|g| g.trace_id == t)
-            .collect();
-        if got.len() >= n {
-            return got;
-        }
-        assert!(Instant::now() < deadline, "trace {t:032x}: {got:#?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// nginx (its `/teapot` answers by itself), an OTLP/gRPC collector, and an agent tracing
 /// nginx's port with `extra` flags.
@@ -122,7 +106,7 @@ fn collector_down_for_a_minute_then_back() {
             agent.proc.log()
         );
     }
-    let got = wait_trace(&spans, t, 2, 5);
+    let got = spans.wait_trace(t, 2, 5);
     let server = got
         .iter()
         .find(|g| g.kind == "SERVER")
@@ -167,7 +151,7 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
         &format!("b3: {t:032x}-0000000000000e0e-1"),
         &format!("http://127.0.0.1:{port}/teapot"),
     ]);
-    let got = wait_trace(&spans, t, 2, 15);
+    let got = spans.wait_trace(t, 2, 15);
     for g in &got {
         assert_eq!(g.attr("http.response.status_code").i(), 418, "{g:#?}");
     }
@@ -214,7 +198,7 @@ fn agent_restart_picks_up_open_connections() {
         );
     }
     for t in &ids {
-        let got = wait_trace(&spans, *t, 2, 15);
+        let got = spans.wait_trace(*t, 2, 15);
         assert_eq!(got.len(), 2, "{got:#?}");
         for g in &got {
             assert_eq!(g.parent, Some(0xb0b), "linked by its own headers: {g:#?}");
@@ -359,7 +343,7 @@ for i in range(300):
         &format!("b3: {t:032x}-0000000000000a0a-1"),
         &format!("http://127.0.0.1:{port}/teapot"),
     ]);
-    let got = wait_trace(&spans, t, 2, 15);
+    let got = spans.wait_trace(t, 2, 15);
     for g in &got {
         assert_eq!(g.attr("http.response.status_code").i(), 418, "{g:#?}");
         assert!(g.parent.is_some(), "{g:#?}");

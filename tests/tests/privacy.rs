@@ -41,19 +41,8 @@ fn credentials_query_values_and_command_lines_never_leave_the_agent() {
         "X-Tenant: acme",
         &format!("http://127.0.0.1:{port}{path}?token=s3cret-query&page=2"),
     ]);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
-    let got = loop {
-        let got: Vec<_> = spans
-            .all()
-            .into_iter()
-            .filter(|s| s.trace_id == t)
-            .collect();
-        if got.len() == 2 {
-            break got;
-        }
-        assert!(std::time::Instant::now() < deadline, "spans: {got:#?}");
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    };
+    let got = spans.wait_trace(t, 2, 15);
+    assert_eq!(got.len(), 2, "{got:#?}");
     for s in &got {
         let everything = format!("{s:?}");
         assert!(
