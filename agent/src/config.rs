@@ -88,6 +88,11 @@ pub struct Args {
     /// lines often carry passwords and tokens).
     #[arg(long, env = "KSPAN_EXPORT_COMMAND_LINE")]
     pub export_command_line: bool,
+    /// Also export the semantic conventions' opt-in span attributes: client.port,
+    /// network.local.address/port, network.type, network.transport, network.protocol.name,
+    /// http.request/response.body.size, and user_agent.original on CLIENT spans.
+    #[arg(long, env = "KSPAN_OPT_IN_ATTRIBUTES")]
+    pub opt_in_attributes: bool,
 
     /// Kubernetes pod metadata (`k8s.*` resource attributes, service names): `auto` turns it on
     /// in a cluster (KUBERNETES_SERVICE_HOST set) or when --kube-api-url is given.

@@ -77,11 +77,12 @@ fn host_name() -> String {
 fn run(args: Args) -> anyhow::Result<()> {
     let otlp = config::otlp(&args, |k| std::env::var(k).ok())?;
     let sampler = config::sampler(&args, |k| std::env::var(k).ok())?;
-    let (privacy, refused) = Privacy::new(
+    let (mut privacy, refused) = Privacy::new(
         &args.capture_header,
         &args.redact_header,
         args.keep_query_values,
     );
+    privacy.opt_in_attributes = args.opt_in_attributes;
     for h in refused {
         eprintln!(
             "kspan: not capturing header {h:?}: it may carry credentials (--redact-header or built in)"

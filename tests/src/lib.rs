@@ -610,7 +610,13 @@ pub fn env() -> &'static Env {
         assert_root();
         let rt = runtime();
         let (collector, spans) = grpc_collector(&rt);
-        let agent = Agent::start("kspan", &["--linger-ms", "200"], &otlp_grpc(collector));
+        // Every attribute: the protocol tests check connection identity and body sizes, which
+        // the conventions make opt-in.
+        let agent = Agent::start(
+            "kspan",
+            &["--linger-ms", "200", "--opt-in-attributes"],
+            &otlp_grpc(collector),
+        );
         Env {
             rt,
             spans,

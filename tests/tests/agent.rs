@@ -135,6 +135,22 @@ fn sigterm_flushes_filtered_spans_over_otlp_http() {
     assert_eq!(server.parent, Some(client.span_id));
     assert_eq!(client.parent, Some(0xf100));
     assert_eq!(server.attr("url.path").s(), path);
+    // The default attribute set: the conventions' required and recommended ones only.
+    assert_eq!(server.attr("http.request.method").s(), "GET");
+    assert_eq!(server.attr("client.address").s(), "127.0.0.1");
+    assert_eq!(server.attr("network.protocol.version").s(), "1.1");
+    assert!(client.attr("url.full").s().ends_with(&path));
+    for opt_in in [
+        "client.port",
+        "network.local.port",
+        "network.transport",
+        "http.response.body.size",
+    ] {
+        assert!(
+            !server.attrs.contains_key(opt_in) && !client.attrs.contains_key(opt_in),
+            "{opt_in} is opt-in: {got:#?}"
+        );
+    }
     drop(rt);
 }
 

@@ -238,6 +238,7 @@ pub fn to_span_data(s: SpanRecord, scope: &InstrumentationScope) -> SpanData {
             .map(|(k, v)| {
                 let v: Value = match v {
                     AttrValue::Str(x) => x.into(),
+                    AttrValue::Static(x) => x.into(),
                     AttrValue::Int(x) => x.into(),
                     AttrValue::Bool(x) => x.into(),
                     AttrValue::StrArray(x) => Value::Array(

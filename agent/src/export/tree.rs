@@ -58,9 +58,11 @@ impl TreePrinter {
 }
 
 fn describe(s: &SpanRecord) -> String {
-    let str_attr = |k: &str| match s.attr(k) {
-        Some(AttrValue::Str(v)) => v.clone(),
-        _ => String::new(),
+    let str_attr = |k: &str| {
+        s.attr(k)
+            .and_then(AttrValue::as_str)
+            .unwrap_or_default()
+            .to_string()
     };
     let target = match s.kind {
         SpanKind::Server => str_attr("url.path"),

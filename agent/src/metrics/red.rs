@@ -164,8 +164,8 @@ impl Red {
     pub fn observe(&mut self, o: &Observation) {
         let seconds = o.duration_ns as f64 / 1e9;
         let service = o.process.service_name.as_str();
-        let (mut status_buf, mut port_buf, mut code_buf) = (Num::new(), Num::new(), Num::new());
-        let status = o.status.map_or("", |s| status_buf.format(s.into()));
+        let (mut status_buf, mut port_buf, mut code_buf) = (itoa::Buffer::new(), itoa::Buffer::new(), itoa::Buffer::new());
+        let status = o.status.map_or("", |s| status_buf.format(s));
         let error_type = match (o.error, o.status) {
             (false, _) => "",
             (true, Some(_)) => status,
@@ -199,8 +199,8 @@ impl Red {
                 self.route = route;
             }
             (None, SpanKind::Client) => {
-                let (addr, port) = &o.server;
-                let port = port_buf.format((*port).into());
+                let (addr, port) = o.server.as_ref().map_or(("", 0), |(a, p)| (a.as_str(), *p));
+                let port = port_buf.format(port);
                 self.add(
                     Family::HttpClient,
                     [service, &o.method, addr, port, status, error_type],
@@ -225,7 +225,10 @@ impl Red {
                 o.failed,
             ),
             (SpanKind::Client, None) => {
-                let peer = format!("{}:{}", o.server.0, o.server.1);
+                let peer = o
+                    .server
+                    .as_ref()
+                    .map_or_else(String::new, |(a, p)| format!("{a}:{p}"));
                 self.add(
                     Family::GraphClient,
                     [service, &peer, "virtual_node"],
@@ -345,31 +348,6 @@ impl Red {
 }
 
 /// Formats an integer without allocating.
-struct Num([u8; 20]);
-
-impl Num {
-    fn new() -> Self {
-        Num([0; 20])
-    }
-
-    fn format(&mut self, n: i64) -> &str {
-        let mut i = self.0.len();
-        let mut v = n.unsigned_abs();
-        loop {
-            i -= 1;
-            self.0[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        if n < 0 {
-            i -= 1;
-            self.0[i] = b'-';
-        }
-        std::str::from_utf8(&self.0[i..]).unwrap_or_default()
-    }
-}
 
 fn render_labels(names: &[&str], values: &[String]) -> String {
     names
@@ -447,7 +425,7 @@ mod tests {
             path: path.into(),
             status: Some(status),
             grpc: None,
-            server: ("backend".into(), 8081),
+            server: (kind == SpanKind::Client).then(|| ("backend".into(), 8081)),
             duration_ns: ms * 1_000_000,
             error: status >= 500,
             failed: status >= 400,
@@ -534,10 +512,6 @@ mod tests {
         assert!(red.series() <= 5 * Family::ALL.len(), "{}", red.series());
         assert!(red.dropped > 0);
         assert!(red.routes["s"].len() <= MAX_ROUTES_PER_SERVICE);
-        let mut n = Num::new();
-        assert_eq!(n.format(-42), "-42");
-        assert_eq!(Num::new().format(0), "0");
-        assert_eq!(Num::new().format(i64::MIN), "-9223372036854775808");
         let mut text = String::new();
         red.render(&mut text);
         assert!(text.contains("http_server_request_duration_seconds_count"));

@@ -29,7 +29,11 @@ impl Sim {
 
     fn with_sampler(filter: Filter, sampler: crate::trace::sampler::Sampler) -> Self {
         let opts = PipelineOptions {
-            privacy: Default::default(),
+            // Every attribute, so tests can check the opt-in ones too.
+            privacy: crate::trace::privacy::Privacy {
+                opt_in_attributes: true,
+                ..Default::default()
+            },
             sampler,
             filter,
             linger_ns: 1_000,
@@ -128,9 +132,9 @@ impl Sim {
 }
 
 fn str_attr<'a>(s: &'a SpanRecord, key: &str) -> &'a str {
-    match s.attr(key) {
-        Some(AttrValue::Str(v)) => v,
-        other => panic!("{key}: {other:?}"),
+    match s.attr(key).and_then(AttrValue::as_str) {
+        Some(v) => v,
+        None => panic!("{key}: {:?}", s.attr(key)),
     }
 }
 

@@ -116,6 +116,7 @@ pub struct Tracer {
     clients_by_key: HashMap<LinkKey, (u64, u64)>,
     waiting_servers: HashMap<LinkKey, (u64, u64)>,
     lingering: VecDeque<(u64, u64)>,
+    next_prune_ns: u64,
     linger_ns: u64,
     max_open: usize,
     /// Monotonic → Unix epoch offset.
@@ -128,6 +129,7 @@ pub struct Tracer {
 }
 
 const LINK_TTL_NS: u64 = 10_000_000_000;
+const PRUNE_EVERY_NS: u64 = 1_000_000_000;
 const MAX_LINK_ENTRIES: usize = 65_536;
 /// An exchange with no response after this long is given up.
 const OPEN_TTL_NS: u64 = 600_000_000_000;
@@ -164,6 +166,7 @@ impl Tracer {
             clients_by_key: HashMap::default(),
             waiting_servers: HashMap::default(),
             lingering: VecDeque::new(),
+            next_prune_ns: 0,
             linger_ns,
             max_open,
             clock_offset_ns,
@@ -443,9 +446,14 @@ impl Tracer {
                 out.push(rec);
             }
         }
-        let cutoff = now_ns.saturating_sub(LINK_TTL_NS);
-        self.clients_by_key.retain(|_, (_, ts)| *ts >= cutoff);
-        self.waiting_servers.retain(|_, (_, ts)| *ts >= cutoff);
+        // The tables are scanned whole, so not on every tick: expiry a second late is harmless
+        // (their size is capped at insertion), a scan per tick was the linker's largest cost.
+        if now_ns >= self.next_prune_ns {
+            self.next_prune_ns = now_ns.saturating_add(PRUNE_EVERY_NS);
+            let cutoff = now_ns.saturating_sub(LINK_TTL_NS);
+            self.clients_by_key.retain(|_, (_, ts)| *ts >= cutoff);
+            self.waiting_servers.retain(|_, (_, ts)| *ts >= cutoff);
+        }
     }
 
     /// Gives up on exchanges open longer than the limit (call rarely: it scans).
@@ -483,38 +491,51 @@ impl Tracer {
         }
         self.stats.spans_finished += 1;
         let error = s.error.clone().or_else(|| s.exchange.error(s.kind));
+        let is_error = error.is_some();
+        let failed = s.error.is_some() || s.exchange.error(SpanKind::Client).is_some();
+        let duration_ns = end.saturating_sub(start);
+        let sampled = self.sampler.exports(s.sampling, s.trace_id);
+        // Attributes first, while the exchange is whole; the observation then takes its
+        // strings instead of copies (this runs for every request, sampled or not).
+        let record = sampled.then(|| {
+            if s.exchange.partial {
+                self.stats.spans_partial += 1;
+            }
+            let to_unix = |ns: u64| (ns as i128 + self.clock_offset_ns).max(0) as u64;
+            SpanRecord {
+                trace_id: s.trace_id,
+                span_id: id,
+                parent_span_id: s.parent,
+                kind: s.kind,
+                name: s.exchange.span_name(),
+                start_unix_ns: to_unix(start),
+                end_unix_ns: to_unix(end),
+                attributes: s.exchange.attributes(s.kind, &self.privacy),
+                error,
+                process: s.process.clone(),
+            }
+        });
+        if !sampled {
+            self.stats.spans_unsampled += 1;
+        }
+        let server = (s.kind == SpanKind::Client).then(|| s.exchange.server_endpoint());
+        let mut exchange = s.exchange;
+        let path_len = exchange.path().len();
+        exchange.target.truncate(path_len);
         self.observations.push(Observation {
             kind: s.kind,
-            process: s.process.clone(),
-            peer_process: s.peer_process.clone(),
-            method: s.exchange.method.clone(),
-            path: s.exchange.path().to_string(),
-            status: s.exchange.status,
-            grpc: s.exchange.grpc.clone(),
-            server: s.exchange.server_endpoint(),
-            duration_ns: end.saturating_sub(start),
-            error: error.is_some(),
-            failed: s.error.is_some() || s.exchange.error(SpanKind::Client).is_some(),
-        });
-        if !self.sampler.exports(s.sampling, s.trace_id) {
-            self.stats.spans_unsampled += 1;
-            return None;
-        }
-        if s.exchange.partial {
-            self.stats.spans_partial += 1;
-        }
-        let to_unix = |ns: u64| (ns as i128 + self.clock_offset_ns).max(0) as u64;
-        Some(SpanRecord {
-            trace_id: s.trace_id,
-            span_id: id,
-            parent_span_id: s.parent,
-            kind: s.kind,
-            name: s.exchange.span_name(),
-            start_unix_ns: to_unix(start),
-            end_unix_ns: to_unix(end),
-            attributes: s.exchange.attributes(s.kind, &self.privacy),
-            error,
             process: s.process,
-        })
+            peer_process: s.peer_process,
+            method: exchange.method,
+            path: exchange.target,
+            status: exchange.status,
+            grpc: exchange.grpc,
+            server,
+            duration_ns,
+            error: is_error,
+            failed,
+        });
+        record
     }
 }
+

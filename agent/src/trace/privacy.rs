@@ -22,6 +22,8 @@ pub struct Privacy {
     pub captured: &'static [&'static str],
     /// The attribute key of each captured header, in the same order.
     pub captured_keys: &'static [&'static str],
+    /// Also export the conventions' opt-in attributes (`--opt-in-attributes`).
+    pub opt_in_attributes: bool,
 }
 
 impl Privacy {
@@ -59,6 +61,7 @@ impl Privacy {
                 keep_query_values,
                 captured: Box::leak(names.into_boxed_slice()),
                 captured_keys: Box::leak(keys.into_boxed_slice()),
+                opt_in_attributes: false,
             },
             refused,
         )
