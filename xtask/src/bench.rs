@@ -47,6 +47,8 @@ struct Scenario {
     h2: bool,
     /// Spans each request produces (CLIENT + SERVER, twice when proxied).
     spans_per_request: u64,
+    /// kspan flags for this scenario's B runs (before any `--agent-arg`).
+    agent_args: &'static [&'static str],
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -56,6 +58,7 @@ const SCENARIOS: &[Scenario] = &[
         keep_alive: true,
         h2: false,
         spans_per_request: 2,
+        agent_args: &[],
     },
     Scenario {
         name: "static, new connection per request",
@@ -63,6 +66,7 @@ const SCENARIOS: &[Scenario] = &[
         keep_alive: false,
         h2: false,
         spans_per_request: 2,
+        agent_args: &[],
     },
     Scenario {
         name: "proxied upstream, keep-alive",
@@ -70,6 +74,7 @@ const SCENARIOS: &[Scenario] = &[
         keep_alive: true,
         h2: false,
         spans_per_request: 4,
+        agent_args: &[],
     },
     Scenario {
         name: "HTTP/2 (h2load → nghttpd, h2c, 10 streams per connection)",
@@ -77,6 +82,31 @@ const SCENARIOS: &[Scenario] = &[
         keep_alive: true,
         h2: true,
         spans_per_request: 2,
+        agent_args: &[],
+    },
+    // What tracing costs when a 10% head sampler exports one trace in ten (every request is
+    // still decoded, linked and counted in the RED metrics).
+    Scenario {
+        name: "static, keep-alive, 10% of traces sampled",
+        path: "/static",
+        keep_alive: true,
+        h2: false,
+        spans_per_request: 2,
+        agent_args: &[
+            "--traces-sampler=parentbased_traceidratio",
+            "--traces-sampler-arg=0.1",
+        ],
+    },
+    // The floor: probes attached and every connection filtered (no port 1 is served, so the
+    // kernel marks each connection ignored after its first bytes). Nothing is traced on
+    // purpose; this is what the hooks cost by themselves.
+    Scenario {
+        name: "static, keep-alive, probes only (`--port 1`: every connection filtered)",
+        path: "/static",
+        keep_alive: true,
+        h2: false,
+        spans_per_request: 0,
+        agent_args: &["--port", "1"],
     },
 ];
 
@@ -139,7 +169,12 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
         for pair in 0..pairs {
             eprintln!("bench: {} — pair {}/{pairs}", sc.name, pair + 1);
             a_runs.push(load(&url)?);
-            let extra: Vec<&str> = args.agent_args.iter().map(String::as_str).collect();
+            let extra: Vec<&str> = sc
+                .agent_args
+                .iter()
+                .copied()
+                .chain(args.agent_args.iter().map(String::as_str))
+                .collect();
             let agent = Agent::start_with(kspan, sink.port, &dir, &extra)?;
             let w = load(&url)?;
             let run = agent.finish()?;
@@ -233,8 +268,16 @@ fn summarise(sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
     let expected: u64 = b.iter().map(|(w, _)| w.requests * per_req).sum();
     let dropped: u64 = b.iter().map(|(_, r)| r.spans_dropped).sum();
     let seen: u64 = b.iter().map(|(_, r)| r.requests_seen).sum();
+    let spans = if per_req == 0 {
+        format!("{exported} (nothing traced on purpose; {seen} requests decoded)")
+    } else {
+        format!(
+            "{exported} / {expected} ({:.1}%; {dropped} dropped, {seen} requests decoded)",
+            100.0 * exported as f64 / expected.max(1) as f64,
+        )
+    };
     format!(
-        "| {} | {:.0} | {:.0} | **{:.3}** | {p50} | {p50_ratio} | {p99} | {p99_ratio} | {:.3} | {:.1} MiB | {} | {} / {} ({:.1}%; {} dropped, {} requests decoded) |",
+        "| {} | {:.0} | {:.0} | **{:.3}** | {p50} | {p50_ratio} | {p99} | {p99_ratio} | {:.3} | {:.1} MiB | {} | {spans} |",
         sc.name,
         rps_a,
         rps_b,
@@ -242,11 +285,6 @@ fn summarise(sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
         cpu_per_10k,
         rss as f64 / 1024.0,
         lost,
-        exported,
-        expected,
-        100.0 * exported as f64 / expected.max(1) as f64,
-        dropped,
-        seen,
     )
 }
 
