@@ -164,7 +164,11 @@ impl Red {
     pub fn observe(&mut self, o: &Observation) {
         let seconds = o.duration_ns as f64 / 1e9;
         let service = o.process.service_name.as_str();
-        let (mut status_buf, mut port_buf, mut code_buf) = (itoa::Buffer::new(), itoa::Buffer::new(), itoa::Buffer::new());
+        let (mut status_buf, mut port_buf, mut code_buf) = (
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+            itoa::Buffer::new(),
+        );
         let status = o.status.map_or("", |s| status_buf.format(s));
         let error_type = match (o.error, o.status) {
             (false, _) => "",
@@ -346,8 +350,6 @@ impl Red {
         }
     }
 }
-
-/// Formats an integer without allocating.
 
 fn render_labels(names: &[&str], values: &[String]) -> String {
     names

@@ -209,7 +209,8 @@ impl HttpExchange {
     /// not to emit them unasked, and each costs export time on every span.
     pub fn attributes(&self, kind: SpanKind, privacy: &Privacy) -> Vec<(&'static str, AttrValue)> {
         let opt_in = privacy.opt_in_attributes;
-        let mut a: Vec<(&'static str, AttrValue)> = Vec::with_capacity(if opt_in { 20 } else { 12 });
+        let mut a: Vec<(&'static str, AttrValue)> =
+            Vec::with_capacity(if opt_in { 20 } else { 12 });
         // Fields an HTTP/2 decoder joined mid-way could not read are left out, never guessed.
         if !self.method.is_empty() {
             a.push(("http.request.method", method_value(&self.method)));
@@ -450,12 +451,21 @@ mod tests {
         e.peer = Some("[::1]:80".parse().unwrap());
         let a = e.attributes(SpanKind::Client, &Privacy::default());
         let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
-        assert_eq!(get("url.full"), Some("http://::1/api/items?id=REDACTED".into()));
+        assert_eq!(
+            get("url.full"),
+            Some("http://::1/api/items?id=REDACTED".into())
+        );
     }
 
     #[test]
     fn ip_strings_match_display() {
-        for ip in ["0.0.0.0", "10.200.3.45", "255.255.255.255", "::1", "fe80::1"] {
+        for ip in [
+            "0.0.0.0",
+            "10.200.3.45",
+            "255.255.255.255",
+            "::1",
+            "fe80::1",
+        ] {
             let ip: std::net::IpAddr = ip.parse().unwrap();
             assert_eq!(ip_string(ip), ip.to_string());
         }
