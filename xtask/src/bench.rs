@@ -49,6 +49,9 @@ struct Scenario {
     spans_per_request: u64,
     /// kspan flags for this scenario's B runs (before any `--agent-arg`).
     agent_args: &'static [&'static str],
+    /// Milliseconds each wrk connection waits between a response and its next request; 0 runs
+    /// at saturation.
+    think_ms: u32,
 }
 
 const SCENARIOS: &[Scenario] = &[
@@ -59,6 +62,7 @@ const SCENARIOS: &[Scenario] = &[
         h2: false,
         spans_per_request: 2,
         agent_args: &[],
+        think_ms: 0,
     },
     Scenario {
         name: "static, new connection per request",
@@ -67,6 +71,7 @@ const SCENARIOS: &[Scenario] = &[
         h2: false,
         spans_per_request: 2,
         agent_args: &[],
+        think_ms: 0,
     },
     Scenario {
         name: "proxied upstream, keep-alive",
@@ -75,6 +80,7 @@ const SCENARIOS: &[Scenario] = &[
         h2: false,
         spans_per_request: 4,
         agent_args: &[],
+        think_ms: 0,
     },
     Scenario {
         name: "HTTP/2 (h2load → nghttpd, h2c, 10 streams per connection)",
@@ -83,6 +89,7 @@ const SCENARIOS: &[Scenario] = &[
         h2: true,
         spans_per_request: 2,
         agent_args: &[],
+        think_ms: 0,
     },
     // What tracing costs when a 10% head sampler exports one trace in ten (every request is
     // still decoded, linked and counted in the RED metrics).
@@ -96,6 +103,7 @@ const SCENARIOS: &[Scenario] = &[
             "--traces-sampler=parentbased_traceidratio",
             "--traces-sampler-arg=0.1",
         ],
+        think_ms: 0,
     },
     // The floor: probes attached and every connection filtered (no port 1 is served, so the
     // kernel marks each connection ignored after its first bytes). Nothing is traced on
@@ -107,6 +115,19 @@ const SCENARIOS: &[Scenario] = &[
         h2: false,
         spans_per_request: 0,
         agent_args: &["--port", "1"],
+        think_ms: 0,
+    },
+    // Below saturation, as services mostly run: each of the 32 connections waits 1 ms between
+    // requests, so the offered load is the same with and without the agent and the latency
+    // columns show what tracing adds to a request rather than the queueing of a full machine.
+    Scenario {
+        name: "static, keep-alive, fixed load (1 ms think time per connection)",
+        path: "/static",
+        keep_alive: true,
+        h2: false,
+        spans_per_request: 2,
+        agent_args: &[],
+        think_ms: 1,
     },
 ];
 
@@ -161,7 +182,14 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
             if sc.h2 {
                 h2load(url, secs, args.connections)
             } else {
-                wrk(url, sc.keep_alive, secs, args.connections)
+                wrk(
+                    url,
+                    sc.keep_alive,
+                    secs,
+                    args.connections,
+                    sc.think_ms,
+                    &dir,
+                )
             }
         };
         let mut a_runs = Vec::new();
@@ -340,7 +368,14 @@ fn wait_port(port: u16) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn wrk(url: &str, keep_alive: bool, secs: u64, connections: u32) -> anyhow::Result<Wrk> {
+fn wrk(
+    url: &str,
+    keep_alive: bool,
+    secs: u64,
+    connections: u32,
+    think_ms: u32,
+    dir: &Path,
+) -> anyhow::Result<Wrk> {
     let mut cmd = Command::new("wrk");
     cmd.args([
         "-t1",
@@ -350,6 +385,15 @@ fn wrk(url: &str, keep_alive: bool, secs: u64, connections: u32) -> anyhow::Resu
     ]);
     if !keep_alive {
         cmd.args(["-H", "Connection: close"]);
+    }
+    if think_ms > 0 {
+        // wrk calls delay() before each request on a connection.
+        let script = dir.join(format!("think-{think_ms}.lua"));
+        std::fs::write(
+            &script,
+            format!("function delay()\n  return {think_ms}\nend\n"),
+        )?;
+        cmd.arg("-s").arg(&script);
     }
     let out = cmd.arg(url).output().context("running wrk")?;
     let text = String::from_utf8_lossy(&out.stdout);
@@ -623,6 +667,8 @@ fn replay_bench(
         true,
         if args.smoke { 1 } else { 5 },
         args.connections,
+        0,
+        dir,
     )?;
     agent.finish()?;
     let out = Command::new("cargo")
