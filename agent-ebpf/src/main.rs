@@ -1,9 +1,15 @@
-//! kspan's kernel side: one raw tracepoint on `sys_exit`.
+//! kspan's kernel side: one hook on the `sys_exit` tracepoint.
 //!
 //! At syscall exit the saved registers still hold the syscall number and its arguments, and the
 //! return value tells how many bytes moved, so a single hook sees everything a pair of
 //! enter/exit hooks would, at half the cost. Work is ordered cheapest-first: syscall number,
 //! then the connection table, then payload copies only for connections that sniffed as HTTP.
+//!
+//! The same body has two entry points. The BTF-typed one (`tp_btf`) reads the registers with
+//! plain loads the verifier checks against the kernel's BTF; the raw tracepoint needs a helper
+//! call per register. The hook runs on every syscall of every process, and the loads made it a
+//! third cheaper for the syscalls it filters out; the raw one is the fallback for kernels that
+//! refuse BTF-typed tracing programs.
 #![no_std]
 #![no_main]
 
@@ -18,9 +24,9 @@ use aya_ebpf::{
         bpf_probe_read_kernel, bpf_probe_read_user,
         generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw},
     },
-    macros::{map, raw_tracepoint},
+    macros::{btf_tracepoint, map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::RawTracePointContext,
+    programs::{BtfTracePointContext, RawTracePointContext},
 };
 use kspan_common::{
     Config, ConnInfo, ConnKey, DISCOVERY_SNIFFS, DataEvent, EventHeader, KernelOffsets, MAX_IOV,
@@ -101,10 +107,45 @@ fn wakeup_flags() -> u64 {
     }
 }
 
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn kspan_sys_exit(ctx: RawTracePointContext) -> i32 {
-    let _ = try_sys_exit(&ctx);
+#[btf_tracepoint(function = "sys_exit")]
+pub fn kspan_sys_exit(ctx: BtfTracePointContext) -> i32 {
+    let _ = try_sys_exit(BtfRegs(ctx.arg(0)), ctx.arg(1));
     0
+}
+
+#[raw_tracepoint(tracepoint = "sys_exit")]
+pub fn kspan_sys_exit_raw(ctx: RawTracePointContext) -> i32 {
+    let _ = try_sys_exit(RawRegs(ctx.arg(0)), ctx.arg(1));
+    0
+}
+
+/// The syscall's saved registers (`struct pt_regs *`), read at the offsets in `arch`.
+trait Regs: core::marker::Copy {
+    fn get<T>(self, offset: usize) -> Result<T, i32>;
+}
+
+/// From `tp_btf`: a BTF-typed pointer, so a field is a plain load.
+#[derive(Clone, Copy)]
+struct BtfRegs(*const u8);
+
+impl Regs for BtfRegs {
+    #[inline(always)]
+    fn get<T>(self, offset: usize) -> Result<T, i32> {
+        // SAFETY: the verifier checks each load against struct pt_regs in the kernel's BTF.
+        Ok(unsafe { core::ptr::read_volatile(self.0.add(offset) as *const T) })
+    }
+}
+
+/// From a raw tracepoint: an untyped kernel pointer, read through the fault-tolerant helper.
+#[derive(Clone, Copy)]
+struct RawRegs(*const u8);
+
+impl Regs for RawRegs {
+    #[inline(always)]
+    fn get<T>(self, offset: usize) -> Result<T, i32> {
+        // SAFETY: bpf_probe_read_kernel tolerates any address; a bad one returns an error.
+        unsafe { bpf_probe_read_kernel(self.0.add(offset) as *const T) }
+    }
 }
 
 enum Copy {
@@ -119,10 +160,8 @@ enum Copy {
 }
 
 #[inline(always)]
-fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
-    let regs: *const u8 = ctx.arg(0);
-    let ret: i64 = ctx.arg(1);
-    let nr: i64 = reg(regs, REG_NR)?;
+fn try_sys_exit(regs: impl Regs, ret: i64) -> Result<(), i32> {
+    let nr: i64 = regs.get(REG_NR)?;
 
     // Cheapest rejection first: most syscalls on a busy host are none of these.
     let (dir, copy) = match nr {
@@ -141,13 +180,13 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
         }
         NR_CONNECT => {
             if (ret == 0 || ret == -EINPROGRESS) && !is_self() {
-                let fd: u64 = reg(regs, REG_ARG0)?;
+                let fd: u64 = regs.get(REG_ARG0)?;
                 on_open(fd as u32, role::CLIENT);
             }
             return Ok(());
         }
         NR_CLOSE => {
-            let fd: u64 = reg(regs, REG_ARG0)?;
+            let fd: u64 = regs.get(REG_ARG0)?;
             on_close(fd as u32);
             return Ok(());
         }
@@ -156,14 +195,8 @@ fn try_sys_exit(ctx: &RawTracePointContext) -> Result<(), i32> {
     if ret <= 0 {
         return Ok(());
     }
-    let fd: u64 = reg(regs, REG_ARG0)?;
+    let fd: u64 = regs.get(REG_ARG0)?;
     on_data(regs, fd as u32, ret as u64, dir, copy)
-}
-
-#[inline(always)]
-fn reg<T>(regs: *const u8, offset: usize) -> Result<T, i32> {
-    // SAFETY: bpf_probe_read_kernel tolerates any address; a bad one returns an error.
-    unsafe { bpf_probe_read_kernel(regs.add(offset) as *const T) }
 }
 
 #[inline(always)]
@@ -265,7 +298,7 @@ fn on_close(fd: u32) {
 }
 
 #[inline(always)]
-fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<(), i32> {
+fn on_data(regs: impl Regs, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<(), i32> {
     let (tgid, tid) = tgid_tid();
     let key = ConnKey { tgid, fd };
     let info = match CONNS.get_ptr_mut(&key) {
@@ -292,12 +325,12 @@ fn on_data(regs: *const u8, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
     if cap > MAX_PAYLOAD as u64 {
         cap = MAX_PAYLOAD as u64;
     }
-    let buf: u64 = reg(regs, REG_ARG1)?;
+    let buf: u64 = regs.get(REG_ARG1)?;
     let src = match copy {
         Copy::Flat => h2::Source::Flat(buf),
         Copy::Iov => h2::Source::Iov {
             iov: buf,
-            count: reg(regs, REG_ARG2)?,
+            count: regs.get(REG_ARG2)?,
         },
         Copy::Msg => {
             let msg = buf as *const u8;

@@ -102,6 +102,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         None => Source::Kernel(Capture::load(CaptureOptions {
             payload_cap: args.payload_cap,
             ring_buffer_mb: args.ring_buffer_mb,
+            hook: args.hook,
         })?),
     };
     let mut recorder = match &args.record {
@@ -187,9 +188,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         procs,
     );
     metrics.ready.store(true, Relaxed);
-    if matches!(source, Source::Kernel(_)) {
+    if let Source::Kernel(cap) = &source {
+        let hook = match cap.hook {
+            kspan::capture::Hook::RawTracepoint => "raw tracepoint",
+            _ => "tp_btf",
+        };
         eprintln!(
-            "kspan: probes attached; tracing HTTP/1.x, HTTP/2 and gRPC (metrics on http://{}/metrics)",
+            "kspan: probes attached (sys_exit, {hook}); tracing HTTP/1.x, HTTP/2 and gRPC (metrics on http://{}/metrics)",
             args.metrics_addr
         );
     }
@@ -285,12 +290,12 @@ enum Source {
 /// Longest a graceful shutdown may take.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(20);
 
-/// Longest an event waits in the ring buffer when no backlog forces a wakeup, while traffic
-/// flows. (2 ms was tried for shorter slices of work: no change in the served processes' p99
-/// at saturation, and more wakeups.)
-const POLL_BUSY_MS: i32 = 10;
-/// The same when the last wakeup found nothing: an idle node should cost next to nothing.
-const POLL_IDLE_MS: i32 = 50;
+/// Longest an event waits in the ring buffer when no backlog forces a wakeup. Not longer when
+/// idle: the first events of a short-lived client must be read while its /proc entry (service
+/// name, executable) still exists; 50 ms lost the identity of a gRPC client that made one call.
+/// (2 ms was tried under load for shorter slices of work: no change in the served processes'
+/// p99 at saturation, and more wakeups.)
+const POLL_MS: i32 = 10;
 
 /// Most records handled before the loop attends to timers again.
 const DRAIN_BUDGET: usize = 8192;
@@ -308,7 +313,6 @@ fn run_loop(
     let mut last_publish = Instant::now();
     let mut last_expire = Instant::now();
     let mut record_err = None;
-    let mut poll_ms = POLL_IDLE_MS;
     loop {
         if stop.load(Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(());
@@ -323,8 +327,8 @@ fn run_loop(
                 // The kernel only wakes us for a backlog (Config::wakeup_bytes); this timeout is
                 // what normally paces the loop, bounding how long an event waits.
                 // SAFETY: one valid pollfd.
-                unsafe { libc::poll(&mut pfd, 1, poll_ms) };
-                let drained = cap.drain(DRAIN_BUDGET, |bytes| {
+                unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
+                cap.drain(DRAIN_BUDGET, |bytes| {
                     if let Some(r) = recorder.as_deref_mut()
                         && let Err(e) = r.record(bytes)
                     {
@@ -338,11 +342,6 @@ fn run_loop(
                         }
                     }
                 });
-                poll_ms = if drained > 0 {
-                    POLL_BUSY_MS
-                } else {
-                    POLL_IDLE_MS
-                };
                 for c in pipeline.to_ignore.drain(..) {
                     cap.ignore(c.tgid, c.fd, c.generation);
                 }

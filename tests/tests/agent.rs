@@ -407,3 +407,48 @@ fn traces_sampler_from_the_standard_variables() {
     }
     assert!(agent.terminate().success());
 }
+
+/// The raw-tracepoint hook, the fallback for kernels that refuse BTF-typed programs, captures
+/// and links a whole chain like the default tp_btf hook the other tests run with.
+#[test]
+fn raw_tracepoint_hook_traces_a_linked_chain() {
+    assert_root();
+    let rt = runtime();
+    let (collector, spans) = kspan_tests::grpc_collector(&rt);
+    let back = PyService::start("backend", None);
+    let front = PyService::start("frontend", Some(back.port));
+    let agent = Agent::start(
+        "kspan-raw",
+        &["--hook", "raw-tracepoint", "--linger-ms", "200"],
+        &kspan_tests::otlp_grpc(collector),
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while !agent.proc.log().contains("(sys_exit, raw tracepoint)") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the agent did not report the raw tracepoint hook:\n{}",
+            agent.proc.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let t = trace_id(21);
+    let path = unique_path("raw-hook");
+    curl(&[
+        "-H",
+        &format!("b3: {t:032x}-000000000000f200-1"),
+        &format!("http://127.0.0.1:{}{path}", front.port),
+    ]);
+    let got = spans.wait_trace(t, 4, 15);
+    let curl_span = kspan_tests::one(&got, "CLIENT", "curl");
+    let front_server = kspan_tests::one(&got, "SERVER", "frontend");
+    let front_client = kspan_tests::one(&got, "CLIENT", "frontend");
+    let back_server = kspan_tests::one(&got, "SERVER", "backend");
+    assert_eq!(curl_span.parent, Some(0xf200));
+    assert_eq!(front_server.parent, Some(curl_span.span_id));
+    assert_eq!(front_client.parent, Some(front_server.span_id));
+    assert_eq!(back_server.parent, Some(front_client.span_id));
+    assert_eq!(front_server.attr("url.path").s(), path);
+    assert_eq!(back_server.attr("http.response.status_code").i(), 200);
+    drop(agent);
+    drop(rt);
+}

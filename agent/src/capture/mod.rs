@@ -12,7 +12,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::RawTracePoint,
+    programs::{BtfTracePoint, RawTracePoint},
 };
 use kspan_common::{Config, ConnInfo, ConnKey, MAX_PAYLOAD, proto, stat};
 
@@ -35,8 +35,10 @@ pub enum CaptureError {
     Btf(#[from] btf::BtfError),
     #[error("the kernel refused kspan's eBPF programs (is BPF enabled and allowed here?): {0:#}")]
     Load(#[source] aya::EbpfError),
-    #[error("could not attach to the sys_exit raw tracepoint: {0}")]
+    #[error("could not attach to the sys_exit tracepoint: {0}")]
     Attach(#[source] aya::programs::ProgramError),
+    #[error("the kernel's BTF could not be read for the tp_btf hook: {0}")]
+    HookBtf(#[source] aya::BtfError),
     #[error("eBPF object is missing `{0}`")]
     Missing(&'static str),
     #[error("eBPF map error: {0}")]
@@ -51,6 +53,18 @@ pub enum CaptureError {
 pub struct CaptureOptions {
     pub payload_cap: u32,
     pub ring_buffer_mb: u32,
+    pub hook: Hook,
+}
+
+/// How the program is attached to `sys_exit`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Hook {
+    /// BTF-typed (`tp_btf`), falling back to the raw tracepoint if the kernel refuses it.
+    Auto,
+    /// BTF-typed (`tp_btf`): registers are read with plain loads.
+    BtfTracepoint,
+    /// Raw tracepoint: a helper call per register read; works without BTF-typed programs.
+    RawTracepoint,
 }
 
 /// Kernel-side counters, summed over CPUs.
@@ -72,6 +86,32 @@ pub struct Capture {
     ring: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
+    /// The hook in use (`Auto` resolved).
+    pub hook: Hook,
+}
+
+fn attach_btf(ebpf: &mut Ebpf, raw_btf: &[u8]) -> Result<Hook, CaptureError> {
+    let btf =
+        aya::Btf::parse(raw_btf, aya::Endianness::default()).map_err(CaptureError::HookBtf)?;
+    let prog: &mut BtfTracePoint = ebpf
+        .program_mut("kspan_sys_exit")
+        .ok_or(CaptureError::Missing("kspan_sys_exit"))?
+        .try_into()
+        .map_err(CaptureError::Attach)?;
+    prog.load("sys_exit", &btf).map_err(CaptureError::Attach)?;
+    prog.attach().map_err(CaptureError::Attach)?;
+    Ok(Hook::BtfTracepoint)
+}
+
+fn attach_raw(ebpf: &mut Ebpf) -> Result<Hook, CaptureError> {
+    let prog: &mut RawTracePoint = ebpf
+        .program_mut("kspan_sys_exit_raw")
+        .ok_or(CaptureError::Missing("kspan_sys_exit_raw"))?
+        .try_into()
+        .map_err(CaptureError::Attach)?;
+    prog.load().map_err(CaptureError::Attach)?;
+    prog.attach("sys_exit").map_err(CaptureError::Attach)?;
+    Ok(Hook::RawTracepoint)
 }
 
 /// True when the effective capabilities allow loading tracing programs.
@@ -129,13 +169,17 @@ impl Capture {
             .map_max_entries("EVENTS", opts.ring_buffer_mb * 1024 * 1024)
             .load(OBJECT)
             .map_err(CaptureError::Load)?;
-        let prog: &mut RawTracePoint = ebpf
-            .program_mut("kspan_sys_exit")
-            .ok_or(CaptureError::Missing("kspan_sys_exit"))?
-            .try_into()
-            .map_err(CaptureError::Attach)?;
-        prog.load().map_err(CaptureError::Attach)?;
-        prog.attach("sys_exit").map_err(CaptureError::Attach)?;
+        let hook = match opts.hook {
+            Hook::BtfTracepoint => attach_btf(&mut ebpf, &raw_btf)?,
+            Hook::RawTracepoint => attach_raw(&mut ebpf)?,
+            Hook::Auto => match attach_btf(&mut ebpf, &raw_btf) {
+                Ok(h) => h,
+                Err(e) => {
+                    log::warn!("tp_btf hook unavailable ({e}); using the raw tracepoint");
+                    attach_raw(&mut ebpf)?
+                }
+            },
+        };
 
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -154,6 +198,7 @@ impl Capture {
             ring,
             stats,
             conns,
+            hook,
         })
     }
 
