@@ -189,12 +189,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     );
     metrics.ready.store(true, Relaxed);
     if let Source::Kernel(cap) = &source {
-        let hook = match cap.hook {
-            kspan::capture::Hook::RawTracepoint => "raw tracepoint",
-            _ => "tp_btf",
-        };
         eprintln!(
-            "kspan: probes attached (sys_exit, {hook}); tracing HTTP/1.x, HTTP/2 and gRPC (metrics on http://{}/metrics)",
+            "kspan: probes attached (sys_exit, {}); tracing HTTP/1.x, HTTP/2 and gRPC (metrics on http://{}/metrics)",
+            cap.hook.describe(),
             args.metrics_addr
         );
     }

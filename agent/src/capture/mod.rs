@@ -67,6 +67,16 @@ pub enum Hook {
     RawTracepoint,
 }
 
+impl Hook {
+    pub fn describe(self) -> &'static str {
+        match self {
+            Hook::Auto => "tp_btf, else raw tracepoint",
+            Hook::BtfTracepoint => "tp_btf",
+            Hook::RawTracepoint => "raw tracepoint",
+        }
+    }
+}
+
 /// Kernel-side counters, summed over CPUs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct KernelStats {
