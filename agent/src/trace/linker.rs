@@ -116,7 +116,6 @@ pub struct Tracer {
     clients_by_key: HashMap<LinkKey, (u64, u64)>,
     waiting_servers: HashMap<LinkKey, (u64, u64)>,
     lingering: VecDeque<(u64, u64)>,
-    next_prune_ns: u64,
     linger_ns: u64,
     max_open: usize,
     /// Monotonic → Unix epoch offset.
@@ -129,7 +128,6 @@ pub struct Tracer {
 }
 
 const LINK_TTL_NS: u64 = 10_000_000_000;
-const PRUNE_EVERY_NS: u64 = 1_000_000_000;
 const MAX_LINK_ENTRIES: usize = 65_536;
 /// An exchange with no response after this long is given up.
 const OPEN_TTL_NS: u64 = 600_000_000_000;
@@ -166,7 +164,6 @@ impl Tracer {
             clients_by_key: HashMap::default(),
             waiting_servers: HashMap::default(),
             lingering: VecDeque::new(),
-            next_prune_ns: 0,
             linger_ns,
             max_open,
             clock_offset_ns,
@@ -446,14 +443,9 @@ impl Tracer {
                 out.push(rec);
             }
         }
-        // The tables are scanned whole, so not on every tick: expiry a second late is harmless
-        // (their size is capped at insertion), a scan per tick was the linker's largest cost.
-        if now_ns >= self.next_prune_ns {
-            self.next_prune_ns = now_ns.saturating_add(PRUNE_EVERY_NS);
-            let cutoff = now_ns.saturating_sub(LINK_TTL_NS);
-            self.clients_by_key.retain(|_, (_, ts)| *ts >= cutoff);
-            self.waiting_servers.retain(|_, (_, ts)| *ts >= cutoff);
-        }
+        let cutoff = now_ns.saturating_sub(LINK_TTL_NS);
+        self.clients_by_key.retain(|_, (_, ts)| *ts >= cutoff);
+        self.waiting_servers.retain(|_, (_, ts)| *ts >= cutoff);
     }
 
     /// Gives up on exchanges open longer than the limit (call rarely: it scans).
