@@ -215,7 +215,7 @@ fn is_self() -> bool {
 #[inline(always)]
 fn bump(index: u32) {
     if let Some(p) = STATS.get_ptr_mut(index) {
-        // SAFETY: per-CPU slot; raw tracepoints run with migration disabled.
+        // SAFETY: per-CPU slot; tracepoint programs (tp_btf and raw) run with migration disabled.
         unsafe { *p += 1 };
     }
 }
