@@ -409,11 +409,20 @@ mod tests {
         }
     }
 
+    /// A lookup over the exchange's attributes as `kind` with `privacy`.
+    fn attrs(
+        e: &HttpExchange,
+        kind: SpanKind,
+        privacy: &Privacy,
+    ) -> impl Fn(&str) -> Option<AttrValue> + use<> {
+        let a = e.attributes(kind, privacy);
+        move |k| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
+    }
+
     #[test]
     fn client_attributes_follow_semconv() {
         let e = ex();
-        let a = e.attributes(SpanKind::Client, &Privacy::default());
-        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let get = attrs(&e, SpanKind::Client, &Privacy::default());
         assert_eq!(
             get("url.full"),
             Some("http://backend:8081/api/items?id=REDACTED".into())
@@ -430,8 +439,7 @@ mod tests {
             opt_in_attributes: true,
             ..Default::default()
         };
-        let a = e.attributes(SpanKind::Client, &all);
-        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let get = attrs(&e, SpanKind::Client, &all);
         assert_eq!(get("user_agent.original"), Some("curl/8".into()));
         assert_eq!(get("network.local.port"), Some(40000i64.into()));
         assert_eq!(get("http.response.body.size"), Some(12i64.into()));
@@ -442,15 +450,13 @@ mod tests {
         let mut e = ex();
         e.host = None;
         e.peer = Some("[::1]:8081".parse().unwrap());
-        let a = e.attributes(SpanKind::Client, &Privacy::default());
-        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let get = attrs(&e, SpanKind::Client, &Privacy::default());
         assert_eq!(
             get("url.full"),
             Some("http://[::1]:8081/api/items?id=REDACTED".into())
         );
         e.peer = Some("[::1]:80".parse().unwrap());
-        let a = e.attributes(SpanKind::Client, &Privacy::default());
-        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let get = attrs(&e, SpanKind::Client, &Privacy::default());
         assert_eq!(
             get("url.full"),
             Some("http://::1/api/items?id=REDACTED".into())
@@ -476,8 +482,7 @@ mod tests {
         let mut e = ex();
         e.local = Some("10.0.0.2:8081".parse().unwrap());
         e.peer = Some("10.0.0.1:5555".parse().unwrap());
-        let a = e.attributes(SpanKind::Server, &Privacy::default());
-        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let get = attrs(&e, SpanKind::Server, &Privacy::default());
         assert_eq!(get("url.path"), Some("/api/items".into()));
         assert_eq!(get("url.query"), Some("id=REDACTED".into()));
         assert_eq!(get("client.address"), Some("10.0.0.1".into()));
@@ -499,8 +504,7 @@ mod tests {
             opt_in_attributes: true,
             ..Default::default()
         };
-        let a = e.attributes(SpanKind::Server, &all);
-        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let get = attrs(&e, SpanKind::Server, &all);
         assert_eq!(get("client.port"), Some(5555i64.into()));
         assert_eq!(get("network.type"), Some("ipv4".into()));
         assert_eq!(get("http.request.body.size"), Some(0i64.into()));
@@ -512,8 +516,7 @@ mod tests {
         let mut e = ex();
         e.target = "http://bob:pw@api:8080/x?k=v".into();
         e.captured_headers = vec![("x-tenant", "a".into()), ("x-tenant", "b".into())];
-        let a = e.attributes(SpanKind::Client, &privacy);
-        let get = |k: &str| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone());
+        let get = attrs(&e, SpanKind::Client, &privacy);
         assert_eq!(
             get("url.full"),
             Some("http://REDACTED:REDACTED@api:8080/x?k=REDACTED".into())
