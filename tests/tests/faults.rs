@@ -9,7 +9,7 @@ use std::{
 };
 
 use kspan_tests::{
-    Agent, Nginx, Proc, PyService, Spans, assert_root, curl, free_port, grpc_collector,
+    Agent, Got, Nginx, Proc, PyService, Spans, assert_root, curl, free_port, grpc_collector,
     grpc_collector_at, metric, otlp_grpc, runtime, trace_id, unique_path, wait_metric,
 };
 
@@ -41,6 +41,21 @@ impl NginxRig {
             agent,
         }
     }
+}
+
+/// One request to nginx's `/teapot` carrying B3 context (trace `t`, caller span `parent`):
+/// both of its spans arrive and say 418. Returns them.
+fn traced_teapot(spans: &Spans, port: &str, t: u128, parent: u64) -> Vec<Got> {
+    curl(&[
+        "-H",
+        &format!("b3: {t:032x}-{parent:016x}-1"),
+        &format!("http://127.0.0.1:{port}/teapot"),
+    ]);
+    let got = spans.wait_trace(t, 2, 15);
+    for g in &got {
+        assert_eq!(g.attr("http.response.status_code").i(), 418, "{g:#?}");
+    }
+    got
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -145,16 +160,7 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
     let lost = wait_metric(agent.metrics, "kspan_kernel_lost_events_total", |v| v > 0);
     assert!(http_ready(agent.metrics), "agent ready after the overflow");
     // Connections that lost events resynchronise; new ones are exact.
-    let t = trace_id(42);
-    curl(&[
-        "-H",
-        &format!("b3: {t:032x}-0000000000000e0e-1"),
-        &format!("http://127.0.0.1:{port}/teapot"),
-    ]);
-    let got = spans.wait_trace(t, 2, 15);
-    for g in &got {
-        assert_eq!(g.attr("http.response.status_code").i(), 418, "{g:#?}");
-    }
+    traced_teapot(&spans, &port, trace_id(42), 0xe0e);
     println!("ring buffer overflow: {lost} events lost and counted");
     assert!(agent.terminate().success());
 }
@@ -337,15 +343,8 @@ for i in range(300):
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(http_ready(agent.metrics), "agent up after the noise");
-    let t = trace_id(43);
-    curl(&[
-        "-H",
-        &format!("b3: {t:032x}-0000000000000a0a-1"),
-        &format!("http://127.0.0.1:{port}/teapot"),
-    ]);
-    let got = spans.wait_trace(t, 2, 15);
+    let got = traced_teapot(&spans, &port, trace_id(43), 0xa0a);
     for g in &got {
-        assert_eq!(g.attr("http.response.status_code").i(), 418, "{g:#?}");
         assert!(g.parent.is_some(), "{g:#?}");
     }
     let server = got
