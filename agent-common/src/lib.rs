@@ -15,6 +15,25 @@ pub const DEFAULT_PAYLOAD_CAP: u32 = 4096;
 /// frame per segment, so a handful is not enough to reach the first header block.
 pub const MAX_IOV: usize = 64;
 
+/// The syscalls the kernel programs handle, by their kernel names (the function behind each is
+/// `__x64_sys_<name>` on x86_64). Where the kernel allows fexit, one program is attached to each:
+/// `fexit_<name>`, or `fexit_<name>_bounded` where `bpf_loop` is missing.
+pub const SOCKET_SYSCALLS: [&str; 13] = [
+    "read",
+    "write",
+    "readv",
+    "writev",
+    "recvfrom",
+    "sendto",
+    "recvmsg",
+    "sendmsg",
+    "sendfile64",
+    "accept",
+    "accept4",
+    "connect",
+    "close",
+];
+
 pub mod role {
     /// The socket came from accept(): we are the server on it.
     pub const SERVER: u8 = 1;

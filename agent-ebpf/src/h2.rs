@@ -10,13 +10,17 @@
 use core::{ffi::c_void, mem::size_of};
 
 use aya_ebpf::{
-    helpers::generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw},
+    helpers::generated::bpf_probe_read_user as probe_read_user_raw,
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
 use kspan_common::{ConnKey, EventHeader, H2_CHUNK_HEADER, MAX_PAYLOAD, event_flags, stat};
 
-use crate::{EVENTS, SCRATCH, bump, iovec_entry, wakeup_flags};
+use crate::{
+    EVENTS, SCRATCH, bump, iovec_entry,
+    looping::{BOUNDED_H2_STEPS, repeat},
+    wakeup_flags,
+};
 
 /// The HTTP/2 client connection preface, walked as if it were one frame's payload.
 const PREFACE_LEN: u32 = 24;
@@ -123,7 +127,7 @@ pub struct Walk {
 /// not be output (the connection then owes userspace a gap flag), or `None` when this
 /// connection has no framing state (or lost it): the caller then copies a plain prefix.
 #[inline(always)]
-pub fn walk(
+pub fn walk<const BPF_LOOP: bool>(
     key: &ConnKey,
     generation: u64,
     dir: u8,
@@ -165,8 +169,8 @@ pub fn walk(
         at_frame: 0,
     };
     w.at_frame = at_frame_start(&w.side);
-    // SAFETY: the callback is a BPF subprogram; it finds its state in WALK.
-    unsafe { bpf_loop(MAX_STEPS, step as *mut c_void, core::ptr::null_mut(), 0) };
+    // `step` finds its state in WALK.
+    repeat::<BPF_LOOP>(MAX_STEPS, BOUNDED_H2_STEPS, step, core::ptr::null_mut());
     if w.total_left > 0 {
         // Out of steps, or bytes that cannot be read where a frame header is due: report the
         // rest as uncopied (userspace counts the lost framing) and stop following this side.
@@ -187,6 +191,7 @@ fn at_frame_start(side: &Side) -> u64 {
 }
 
 /// One step of the walk; returns 1 to stop.
+#[inline(never)]
 extern "C" fn step(_i: u32, _ctx: *mut c_void) -> i64 {
     let Some(w) = WALK.get_ptr_mut(0) else {
         return 1;

@@ -1,20 +1,28 @@
-//! kspan's kernel side: one hook on the `sys_exit` tracepoint.
+//! kspan's kernel side: one body run at the exit of the socket syscalls.
 //!
-//! At syscall exit the saved registers still hold the syscall number and its arguments, and the
-//! return value tells how many bytes moved, so a single hook sees everything a pair of
-//! enter/exit hooks would, at half the cost. Work is ordered cheapest-first: syscall number,
-//! then the connection table, then payload copies only for connections that sniffed as HTTP.
+//! At syscall exit the saved registers still hold the syscall's arguments, and the return value
+//! tells how many bytes moved, so one hook sees everything a pair of enter/exit hooks would, at
+//! half the cost. Work is ordered cheapest-first: syscall number, then the connection table,
+//! then payload copies only for connections that sniffed as HTTP.
 //!
-//! The same body has two entry points. The BTF-typed one (`tp_btf`) reads the registers with
-//! plain loads the verifier checks against the kernel's BTF; the raw tracepoint needs a helper
-//! call per register. The hook runs on every syscall of every process, and the loads made it a
-//! third cheaper for the syscalls it filters out; the raw one is the fallback for kernels that
-//! refuse BTF-typed tracing programs.
+//! The body has three kinds of entry point, the cheapest the kernel allows chosen at start:
+//! - `fexit` on each socket syscall (`__x64_sys_read`, …): only those syscalls run a program.
+//! - `tp_btf` on `sys_exit`: every syscall of every process runs it; registers are plain loads
+//!   the verifier checks against the kernel's BTF. For kernels that refuse fexit (this project's
+//!   CI host, under lockdown).
+//! - the raw `sys_exit` tracepoint: a helper call per register; for kernels that refuse both.
+//!
+//! Each entry point is built twice, with `bpf_loop` and with bounded loops (see `looping`).
+//!
+//! Every call chain's combined stack must stay under the verifier's 512 bytes on every kernel
+//! of the matrix (older verifiers add up whole frames): large records are built in per-CPU
+//! scratch maps, and globals are read field by field instead of copied whole.
 #![no_std]
 #![no_main]
 
 mod arch;
 mod h2;
+mod looping;
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -22,11 +30,11 @@ use aya_ebpf::{
     helpers::{
         bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_get_current_task, bpf_ktime_get_ns,
         bpf_probe_read_kernel, bpf_probe_read_user,
-        generated::{bpf_loop, bpf_probe_read_user as probe_read_user_raw},
+        generated::bpf_probe_read_user as probe_read_user_raw,
     },
-    macros::{btf_tracepoint, map, raw_tracepoint},
+    macros::{btf_tracepoint, fexit, map, raw_tracepoint},
     maps::{LruHashMap, PerCpuArray, RingBuf},
-    programs::{BtfTracePointContext, RawTracePointContext},
+    programs::{BtfTracePointContext, FExitContext, RawTracePointContext},
 };
 use kspan_common::{
     Config, ConnInfo, ConnKey, DISCOVERY_SNIFFS, DataEvent, EventHeader, KernelOffsets, MAX_IOV,
@@ -34,6 +42,7 @@ use kspan_common::{
 };
 
 use arch::*;
+use looping::{BOUNDED_IOV, repeat};
 
 /// Filled by userspace before load (`EbpfLoader::override_global`).
 #[unsafe(no_mangle)]
@@ -89,7 +98,23 @@ static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(stat::COUNT, 0);
 #[map]
 static SCRATCH: PerCpuArray<DataEvent> = PerCpuArray::with_max_entries(1, 0);
 
+/// Per-CPU slot where a new connection's table entry is built: a `ConnInfo` on the stack
+/// would push the deepest call chain past the verifier's limit.
+#[map]
+static NEW_CONN: PerCpuArray<ConnInfo> = PerCpuArray::with_max_entries(1, 0);
+
 const HEADER_LEN: usize = size_of::<EventHeader>();
+
+/// One field of a read-only global. Userspace rewrites the globals before load, so the
+/// compiler must not fold their initial values; a whole-struct copy would cost stack.
+macro_rules! global {
+    ($global:ident . $field:ident) => {{
+        // SAFETY: read of a field of a read-only global.
+        #[allow(unused_unsafe)]
+        let v = unsafe { core::ptr::read_volatile(&raw const $global.$field) };
+        v
+    }};
+}
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
 const BPF_RB_FORCE_WAKEUP: u64 = 2;
@@ -98,8 +123,7 @@ const BPF_RB_AVAIL_DATA: u64 = 0;
 /// Output flags: wake the reader only when a backlog has built up (see `Config::wakeup_bytes`).
 #[inline(always)]
 fn wakeup_flags() -> u64 {
-    // SAFETY: read of a read-only global.
-    let threshold = unsafe { core::ptr::read_volatile(&CONFIG) }.wakeup_bytes as u64;
+    let threshold = global!(CONFIG.wakeup_bytes) as u64;
     if EVENTS.query(BPF_RB_AVAIL_DATA) >= threshold {
         BPF_RB_FORCE_WAKEUP
     } else {
@@ -107,16 +131,69 @@ fn wakeup_flags() -> u64 {
     }
 }
 
-#[btf_tracepoint(function = "sys_exit")]
-pub fn kspan_sys_exit(ctx: BtfTracePointContext) -> i32 {
-    let _ = try_sys_exit(BtfRegs(ctx.arg(0)), ctx.arg(1));
-    0
+/// Entry points at `sys_exit`: the syscall number comes from the saved registers.
+macro_rules! sys_exit_programs {
+    ($($attr:meta, $ctx:ty, $regs:ident: $helper:ident, $bounded:ident;)*) => {$(
+        #[$attr]
+        pub fn $helper(ctx: $ctx) -> i32 {
+            let regs = $regs(ctx.arg(0));
+            if let Ok(nr) = regs.get(REG_NR) {
+                let _ = on_syscall::<true>(nr, regs, ctx.arg(1));
+            }
+            0
+        }
+
+        #[$attr]
+        pub fn $bounded(ctx: $ctx) -> i32 {
+            let regs = $regs(ctx.arg(0));
+            if let Ok(nr) = regs.get(REG_NR) {
+                let _ = on_syscall::<false>(nr, regs, ctx.arg(1));
+            }
+            0
+        }
+    )*};
 }
 
-#[raw_tracepoint(tracepoint = "sys_exit")]
-pub fn kspan_sys_exit_raw(ctx: RawTracePointContext) -> i32 {
-    let _ = try_sys_exit(RawRegs(ctx.arg(0)), ctx.arg(1));
-    0
+sys_exit_programs! {
+    btf_tracepoint(function = "sys_exit"), BtfTracePointContext, BtfRegs:
+        kspan_sys_exit, kspan_sys_exit_bounded;
+    raw_tracepoint(tracepoint = "sys_exit"), RawTracePointContext, RawRegs:
+        kspan_sys_exit_raw, kspan_sys_exit_raw_bounded;
+}
+
+/// Entry points at the exit of one socket syscall each (`fexit` on its `__<arch>_sys_*`
+/// function, whose one argument is the saved registers). Userspace attaches `fexit_<name>`
+/// (or `fexit_<name>_bounded`) to each syscall `<name>` of `kspan_common::SOCKET_SYSCALLS`.
+macro_rules! fexit_programs {
+    ($($helper:ident, $bounded:ident => $nr:ident;)*) => {$(
+        #[fexit]
+        pub fn $helper(ctx: FExitContext) -> i32 {
+            let _ = on_syscall::<true>($nr, BtfRegs(ctx.arg(0)), ctx.arg(1));
+            0
+        }
+
+        #[fexit]
+        pub fn $bounded(ctx: FExitContext) -> i32 {
+            let _ = on_syscall::<false>($nr, BtfRegs(ctx.arg(0)), ctx.arg(1));
+            0
+        }
+    )*};
+}
+
+fexit_programs! {
+    fexit_read, fexit_read_bounded => NR_READ;
+    fexit_write, fexit_write_bounded => NR_WRITE;
+    fexit_readv, fexit_readv_bounded => NR_READV;
+    fexit_writev, fexit_writev_bounded => NR_WRITEV;
+    fexit_recvfrom, fexit_recvfrom_bounded => NR_RECVFROM;
+    fexit_sendto, fexit_sendto_bounded => NR_SENDTO;
+    fexit_recvmsg, fexit_recvmsg_bounded => NR_RECVMSG;
+    fexit_sendmsg, fexit_sendmsg_bounded => NR_SENDMSG;
+    fexit_sendfile64, fexit_sendfile64_bounded => NR_SENDFILE;
+    fexit_accept, fexit_accept_bounded => NR_ACCEPT;
+    fexit_accept4, fexit_accept4_bounded => NR_ACCEPT4;
+    fexit_connect, fexit_connect_bounded => NR_CONNECT;
+    fexit_close, fexit_close_bounded => NR_CLOSE;
 }
 
 /// The syscall's saved registers (`struct pt_regs *`), read at the offsets in `arch`.
@@ -124,7 +201,7 @@ trait Regs: core::marker::Copy {
     fn get<T>(self, offset: usize) -> Result<T, i32>;
 }
 
-/// From `tp_btf`: a BTF-typed pointer, so a field is a plain load.
+/// From `tp_btf` or `fexit`: a BTF-typed pointer, so a field is a plain load.
 #[derive(Clone, Copy)]
 struct BtfRegs(*const u8);
 
@@ -159,10 +236,9 @@ enum Copy {
     None,
 }
 
+/// Handles the exit of syscall `nr`, which returned `ret`.
 #[inline(always)]
-fn try_sys_exit(regs: impl Regs, ret: i64) -> Result<(), i32> {
-    let nr: i64 = regs.get(REG_NR)?;
-
+fn on_syscall<const BPF_LOOP: bool>(nr: i64, regs: impl Regs, ret: i64) -> Result<(), i32> {
     // Cheapest rejection first: most syscalls on a busy host are none of these.
     let (dir, copy) = match nr {
         NR_READ | NR_RECVFROM => (direction::INGRESS, Copy::Flat),
@@ -196,7 +272,7 @@ fn try_sys_exit(regs: impl Regs, ret: i64) -> Result<(), i32> {
         return Ok(());
     }
     let fd: u64 = regs.get(REG_ARG0)?;
-    on_data(regs, fd as u32, ret as u64, dir, copy)
+    on_data::<BPF_LOOP>(regs, fd as u32, ret as u64, dir, copy)
 }
 
 #[inline(always)]
@@ -207,9 +283,7 @@ fn tgid_tid() -> (u32, u32) {
 
 #[inline(always)]
 fn is_self() -> bool {
-    // SAFETY: read of a read-only global.
-    let cfg = unsafe { core::ptr::read_volatile(&CONFIG) };
-    tgid_tid().0 == cfg.self_tgid
+    tgid_tid().0 == global!(CONFIG.self_tgid)
 }
 
 #[inline(always)]
@@ -220,6 +294,7 @@ fn bump(index: u32) {
     }
 }
 
+#[inline(never)]
 fn on_open(fd: u32, role: u8) {
     let key = ConnKey {
         tgid: tgid_tid().0,
@@ -227,32 +302,42 @@ fn on_open(fd: u32, role: u8) {
     };
     let _ = NOT_SOCKETS.remove(&key);
     h2::forget(&key);
-    let Ok(tuple) = read_tuple(fd, false) else {
+    let Some(info) = new_conn(fd, false, role) else {
         return;
     };
     // Unix sockets and anything else that is not TCP/IP carry no HTTP we can attribute.
-    if tuple.family != 0 && tuple.family != AF_INET && tuple.family != AF_INET6 {
+    let family = info.tuple.family;
+    if family != 0 && family != AF_INET && family != AF_INET6 {
         return;
     }
-    let info = ConnInfo {
-        // SAFETY: helper without preconditions.
-        generation: unsafe { bpf_ktime_get_ns() },
-        tuple,
-        role,
-        proto: proto::UNKNOWN,
-        gap_pending: 0,
-        discovered: 0,
-        sniff_left: 0,
-        _pad: [0; 3],
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
-    if CONNS.insert(&key, &info, 0).is_ok() {
+    if CONNS.insert(&key, info, 0).is_ok() {
         bump(stat::CONNS_TRACKED);
     } else {
         bump(stat::CONN_INSERT_FAILED);
     }
 }
 
+/// Builds the table entry of a socket just opened or discovered in the per-CPU slot; `None`
+/// when its addresses cannot be read (or, with `verify`, when the fd is no stream socket).
+#[inline(always)]
+fn new_conn(fd: u32, verify: bool, role: u8) -> Option<&'static ConnInfo> {
+    let info = NEW_CONN.get_ptr_mut(0)?;
+    // SAFETY: per-CPU slot, exclusively ours for this program run.
+    let info = unsafe { &mut *info };
+    info.tuple = Tuple::default();
+    read_tuple(fd, verify, &mut info.tuple).ok()?;
+    // SAFETY: helper without preconditions.
+    info.generation = unsafe { bpf_ktime_get_ns() };
+    info.role = role;
+    info.proto = proto::UNKNOWN;
+    info.gap_pending = 0;
+    info.discovered = (role == 0) as u8;
+    info.sniff_left = if role == 0 { DISCOVERY_SNIFFS } else { 0 };
+    info.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    Some(info)
+}
+
+#[inline(never)]
 fn on_close(fd: u32) {
     let (tgid, tid) = tgid_tid();
     let key = ConnKey { tgid, fd };
@@ -260,35 +345,24 @@ fn on_close(fd: u32) {
     let Some(info) = CONNS.get_ptr(&key) else {
         return;
     };
-    // SAFETY: pointer from a successful lookup, read before the entry is removed.
-    let info = unsafe { *info };
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
+    let ev = unsafe { &mut *ev };
+    // SAFETY: pointer from a successful lookup, copied before the entry is removed.
+    fill_header(ev, unsafe { &*info }, tid, fd, 0, 0, 0);
+    ev.header.kind = kind::CLOSE;
     let _ = CONNS.remove(&key);
-    if info.proto == proto::HTTP2 {
+    let p = ev.header.conn.proto;
+    if p == proto::HTTP2 {
         h2::forget(&key);
     }
-    if info.proto != proto::HTTP1 && info.proto != proto::HTTP2 {
+    if p != proto::HTTP1 && p != proto::HTTP2 {
         return;
     }
-    let header = EventHeader {
-        kind: kind::CLOSE,
-        tgid,
-        tid,
-        fd,
-        // SAFETY: helper without preconditions.
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-        conn: info,
-        total_len: 0,
-        captured_len: 0,
-        direction: 0,
-        flags: if info.gap_pending != 0 {
-            event_flags::GAP
-        } else {
-            0
-        },
-        _pad: [0; 2],
-    };
     if EVENTS
-        .output::<EventHeader>(&header, wakeup_flags())
+        .output::<EventHeader>(&ev.header, wakeup_flags())
         .is_ok()
     {
         bump(stat::EVENTS);
@@ -298,7 +372,13 @@ fn on_close(fd: u32) {
 }
 
 #[inline(always)]
-fn on_data(regs: impl Regs, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<(), i32> {
+fn on_data<const BPF_LOOP: bool>(
+    regs: impl Regs,
+    fd: u32,
+    total: u64,
+    dir: u8,
+    copy: Copy,
+) -> Result<(), i32> {
     let (tgid, tid) = tgid_tid();
     let key = ConnKey { tgid, fd };
     let info = match CONNS.get_ptr_mut(&key) {
@@ -319,9 +399,7 @@ fn on_data(regs: impl Regs, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
     // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
     let ev = unsafe { &mut *ev };
 
-    // SAFETY: read of a read-only global.
-    let cfg = unsafe { core::ptr::read_volatile(&CONFIG) };
-    let mut cap = cfg.payload_cap as u64;
+    let mut cap = global!(CONFIG.payload_cap) as u64;
     if cap > MAX_PAYLOAD as u64 {
         cap = MAX_PAYLOAD as u64;
     }
@@ -343,7 +421,8 @@ fn on_data(regs: impl Regs, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
     };
 
     // HTTP/2 framing must survive reads of any size: follow the frames instead of a prefix.
-    if info.proto == proto::HTTP2 && h2_walk(ev, info, &key, tid, total, dir, &src, cap) {
+    if info.proto == proto::HTTP2 && h2_walk::<BPF_LOOP>(ev, info, &key, tid, total, dir, &src, cap)
+    {
         return Ok(());
     }
 
@@ -351,7 +430,7 @@ fn on_data(regs: impl Regs, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
     let mut flags = 0u8;
     let captured = match src {
         h2::Source::Flat(buf) => copy_flat(ev, buf as *const u8, want),
-        h2::Source::Iov { iov, count } => copy_iov(iov as *const u8, count, want),
+        h2::Source::Iov { iov, count } => copy_iov::<BPF_LOOP>(iov as *const u8, count, want),
         h2::Source::Unreadable => {
             flags |= event_flags::NO_PAYLOAD;
             0
@@ -400,7 +479,7 @@ fn on_data(regs: impl Regs, fd: u32, total: u64, dir: u8, copy: Copy) -> Result<
                 Some(dir ^ 1)
             };
             h2::start(&key, info.generation, preface);
-            if h2_walk(ev, info, &key, tid, total, dir, &src, cap) {
+            if h2_walk::<BPF_LOOP>(ev, info, &key, tid, total, dir, &src, cap) {
                 return Ok(());
             }
         }
@@ -460,7 +539,7 @@ fn fill_header(
 /// followed (state evicted or lost), so the caller falls back to a prefix copy.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
-fn h2_walk(
+fn h2_walk<const BPF_LOOP: bool>(
     ev: &mut DataEvent,
     info: &mut ConnInfo,
     key: &ConnKey,
@@ -471,7 +550,7 @@ fn h2_walk(
     cap: u64,
 ) -> bool {
     fill_header(ev, info, tid, key.fd, total, dir, 0);
-    match h2::walk(key, info.generation, dir, total, src, cap) {
+    match h2::walk::<BPF_LOOP>(key, info.generation, dir, total, src, cap) {
         Some(gap) => {
             info.gap_pending = gap as u8;
             true
@@ -515,29 +594,28 @@ struct IovWalk {
     off: u64,
 }
 
-/// Walks up to MAX_IOV iovec entries copying at most `want` bytes in order. `bpf_loop` has
-/// the verifier check one segment's copy once, instead of an unrolled loop per call site.
+/// Walks up to MAX_IOV (bounded build: `BOUNDED_IOV`) iovec entries copying at most `want`
+/// bytes in order. `bpf_loop` has the verifier check one segment's copy once, instead of an
+/// unrolled loop per call site.
 #[inline(always)]
-fn copy_iov(iov: *const u8, count: u64, want: u64) -> u64 {
+fn copy_iov<const BPF_LOOP: bool>(iov: *const u8, count: u64, want: u64) -> u64 {
     let mut walk = IovWalk {
         iov: iov as u64,
         count,
         want,
         off: 0,
     };
-    // SAFETY: the callback is a BPF subprogram and the context lives on this stack frame.
-    unsafe {
-        bpf_loop(
-            MAX_IOV as u32,
-            iov_step as *mut c_void,
-            &mut walk as *mut IovWalk as *mut c_void,
-            0,
-        )
-    };
+    repeat::<BPF_LOOP>(
+        MAX_IOV as u32,
+        BOUNDED_IOV,
+        iov_step,
+        &mut walk as *mut IovWalk as *mut c_void,
+    );
     walk.off
 }
 
 /// One iovec segment; returns 1 to stop the walk.
+#[inline(never)]
 extern "C" fn iov_step(i: u32, ctx: *mut c_void) -> i64 {
     // SAFETY: `ctx` is the IovWalk passed by copy_iov.
     let w = unsafe { &mut *(ctx as *mut IovWalk) };
@@ -599,31 +677,19 @@ fn iovec_entry(iov: u64, i: u64) -> Option<(u64, u64)> {
 
 /// A socket the agent did not see being opened (it predates the agent): track it if it is a
 /// TCP stream, remember the answer otherwise so the walk happens once per fd.
-#[inline(always)]
+#[inline(never)]
 fn discover(key: &ConnKey) -> Option<*mut ConnInfo> {
     if NOT_SOCKETS.get_ptr(key).is_some() || is_self() {
         return None;
     }
-    let tuple = match read_tuple(key.fd, true) {
-        Ok(t) if t.family == AF_INET || t.family == AF_INET6 => t,
+    let info = match new_conn(key.fd, true, 0) {
+        Some(i) if i.tuple.family == AF_INET || i.tuple.family == AF_INET6 => i,
         _ => {
             let _ = NOT_SOCKETS.insert(key, &0, 0);
             return None;
         }
     };
-    let info = ConnInfo {
-        // SAFETY: helper without preconditions.
-        generation: unsafe { bpf_ktime_get_ns() },
-        tuple,
-        role: 0,
-        proto: proto::UNKNOWN,
-        gap_pending: 0,
-        discovered: 1,
-        sniff_left: DISCOVERY_SNIFFS,
-        _pad: [0; 3],
-        comm: bpf_get_current_comm().unwrap_or([0; 16]),
-    };
-    if CONNS.insert(key, &info, 0).is_err() {
+    if CONNS.insert(key, info, 0).is_err() {
         bump(stat::CONN_INSERT_FAILED);
         return None;
     }
@@ -673,60 +739,62 @@ fn h2_frame_start(p: &[u8]) -> bool {
         }
 }
 
-/// Reads the socket's addresses by walking task → files → fdtable → file → socket → sock with
-/// offsets resolved from BTF. A failed walk yields family 0 so the connection is still tracked.
-/// With `verify`, the fd is first proven to be a stream socket (for fds of unknown kind).
-fn read_tuple(fd: u32, verify: bool) -> Result<Tuple, i32> {
-    // SAFETY: read of a read-only global.
-    let o = unsafe { core::ptr::read_volatile(&OFFSETS) };
-    let mut t = Tuple::default();
-    if o.valid == 0 {
-        return Ok(t);
+/// Reads the socket's addresses into `t` by walking task → files → fdtable → file → socket →
+/// sock with offsets resolved from BTF. Without offsets `t` stays zero (family 0) so the
+/// connection is still tracked. With `verify`, the fd is first proven to be a stream socket
+/// (for fds of unknown kind).
+#[inline(always)]
+fn read_tuple(fd: u32, verify: bool, t: &mut Tuple) -> Result<(), i32> {
+    if global!(OFFSETS.valid) == 0 {
+        return Ok(());
+    }
+    macro_rules! field {
+        ($base:expr, $off:ident) => {
+            bpf_probe_read_kernel($base.add(global!(OFFSETS.$off) as usize) as *const _)
+        };
     }
     // SAFETY: every dereference goes through bpf_probe_read_kernel, which tolerates bad addresses.
     unsafe {
         let task = bpf_get_current_task() as *const u8;
-        let files: *const u8 = bpf_probe_read_kernel(task.add(o.task_files as usize) as *const _)?;
-        let fdt: *const u8 = bpf_probe_read_kernel(files.add(o.files_fdt as usize) as *const _)?;
-        let max_fds: u32 = bpf_probe_read_kernel(fdt.add(o.fdt_max_fds as usize) as *const _)?;
+        let files: *const u8 = field!(task, task_files)?;
+        let fdt: *const u8 = field!(files, files_fdt)?;
+        let max_fds: u32 = field!(fdt, fdt_max_fds)?;
         if fd >= max_fds {
-            return Ok(t);
+            return Ok(());
         }
-        let fds: *const *const u8 = bpf_probe_read_kernel(fdt.add(o.fdt_fd as usize) as *const _)?;
+        let fds: *const *const u8 = field!(fdt, fdt_fd)?;
         let file: *const u8 = bpf_probe_read_kernel(fds.add(fd as usize))?;
-        let socket: *const u8 =
-            bpf_probe_read_kernel(file.add(o.file_private_data as usize) as *const _)?;
+        let socket: *const u8 = field!(file, file_private_data)?;
         if verify {
             const S_IFMT: u16 = 0o170000;
             const S_IFSOCK: u16 = 0o140000;
             const SOCK_STREAM: u16 = 1;
-            let inode: *const u8 =
-                bpf_probe_read_kernel(file.add(o.file_f_inode as usize) as *const _)?;
-            let mode: u16 = bpf_probe_read_kernel(inode.add(o.inode_i_mode as usize) as *const _)?;
-            let kind: u16 = bpf_probe_read_kernel(socket.add(o.socket_type as usize) as *const _)?;
+            let inode: *const u8 = field!(file, file_f_inode)?;
+            let mode: u16 = field!(inode, inode_i_mode)?;
+            let kind: u16 = field!(socket, socket_type)?;
             if mode & S_IFMT != S_IFSOCK || kind != SOCK_STREAM {
                 return Err(-1);
             }
         }
-        let sk: *const u8 = bpf_probe_read_kernel(socket.add(o.socket_sk as usize) as *const _)?;
-        let family: u16 = bpf_probe_read_kernel(sk.add(o.skc_family as usize) as *const _)?;
+        let sk: *const u8 = field!(socket, socket_sk)?;
+        let family: u16 = field!(sk, skc_family)?;
         t.family = family;
-        let dport: u16 = bpf_probe_read_kernel(sk.add(o.skc_dport as usize) as *const _)?;
+        let dport: u16 = field!(sk, skc_dport)?;
         t.peer_port = u16::from_be(dport);
-        t.local_port = bpf_probe_read_kernel(sk.add(o.skc_num as usize) as *const _)?;
+        t.local_port = field!(sk, skc_num)?;
         if family == AF_INET {
-            let d: [u8; 4] = bpf_probe_read_kernel(sk.add(o.skc_daddr as usize) as *const _)?;
-            let s: [u8; 4] = bpf_probe_read_kernel(sk.add(o.skc_rcv_saddr as usize) as *const _)?;
+            let d: [u8; 4] = field!(sk, skc_daddr)?;
+            let s: [u8; 4] = field!(sk, skc_rcv_saddr)?;
             t.peer_addr[..4].copy_from_slice(&d);
             t.local_addr[..4].copy_from_slice(&s);
-        } else if family == AF_INET6 && o.skc_v6_daddr != 0 {
-            t.peer_addr = bpf_probe_read_kernel(sk.add(o.skc_v6_daddr as usize) as *const _)?;
-            t.local_addr = bpf_probe_read_kernel(sk.add(o.skc_v6_rcv_saddr as usize) as *const _)?;
+        } else if family == AF_INET6 && global!(OFFSETS.skc_v6_daddr) != 0 {
+            t.peer_addr = field!(sk, skc_v6_daddr)?;
+            t.local_addr = field!(sk, skc_v6_rcv_saddr)?;
         }
-        let net: *const u8 = bpf_probe_read_kernel(sk.add(o.skc_net as usize) as *const _)?;
-        t.netns = bpf_probe_read_kernel(net.add(o.net_ns_inum as usize) as *const _)?;
+        let net: *const u8 = field!(sk, skc_net)?;
+        t.netns = field!(net, net_ns_inum)?;
     }
-    Ok(t)
+    Ok(())
 }
 
 #[cfg(not(test))]

@@ -118,7 +118,7 @@ pub struct Args {
     /// Kernel ring buffer size in MiB (power of two).
     #[arg(long, default_value_t = 16)]
     pub ring_buffer_mb: u32,
-    /// How the kernel program hooks sys_exit.
+    /// Where the kernel programs run: the socket syscalls' exits (fexit) or sys_exit.
     #[arg(long, value_enum, default_value_t = crate::capture::Hook::Auto, env = "KSPAN_HOOK")]
     pub hook: crate::capture::Hook,
     /// Spans buffered for export; beyond it spans are dropped and counted.

@@ -190,8 +190,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     metrics.ready.store(true, Relaxed);
     if let Source::Kernel(cap) = &source {
         eprintln!(
-            "kspan: probes attached (sys_exit, {}); tracing HTTP/1.x, HTTP/2 and gRPC (metrics on http://{}/metrics)",
+            "kspan: probes attached ({}, {}); tracing HTTP/1.x, HTTP/2 and gRPC (metrics on http://{}/metrics)",
             cap.hook.describe(),
+            cap.loops.describe(),
             args.metrics_addr
         );
     }

@@ -320,15 +320,27 @@ pub struct Nginx {
 
 impl Nginx {
     pub fn start(upstream: u16) -> Self {
+        Self::with_locations(
+            &format!("upstream app {{ server 127.0.0.1:{upstream}; keepalive 4; }}\n",),
+            "location / { proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }",
+        )
+    }
+
+    /// nginx answering every path itself: `200 leaf\n` (and `/teapot` like [`Nginx::start`]).
+    pub fn leaf() -> Self {
+        Self::with_locations("", "location / { return 200 \"leaf\\n\"; }")
+    }
+
+    fn with_locations(http: &str, locations: &str) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("kspan-nginx-{port}"));
         std::fs::create_dir_all(dir.join("logs")).unwrap();
         let conf = format!(
             "worker_processes 1;\nerror_log {d}/logs/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 64; }}\n\
              http {{\n access_log off;\n client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
-             upstream app {{ server 127.0.0.1:{upstream}; keepalive 4; }}\n\
+             {http}\
              server {{\n  listen 127.0.0.1:{port};\n  location /teapot {{ return 418 \"short and stout\\n\"; }}\n\
-               location / {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }}\n }}\n}}\n",
+               {locations}\n }}\n}}\n",
             d = dir.display()
         );
         std::fs::write(dir.join("nginx.conf"), conf).unwrap();
@@ -528,6 +540,16 @@ pub struct Agent {
 impl Agent {
     /// Starts the agent and waits until `/readyz` says it is ready.
     pub fn start(name: &str, args: &[&str], env: &[(&str, String)]) -> Self {
+        Self::start_within(name, args, env, Duration::from_secs(30))
+    }
+
+    /// [`Agent::start`] with another bound on loading: an emulated guest verifies slowly.
+    pub fn start_within(
+        name: &str,
+        args: &[&str],
+        env: &[(&str, String)],
+        bound: Duration,
+    ) -> Self {
         let metrics: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(kspan_bin());
         cmd.arg("--metrics-addr")
@@ -538,7 +560,7 @@ impl Agent {
             cmd.env(k, v);
         }
         let mut proc = Proc::spawn(name, cmd);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + bound;
         while http_get(metrics, "/readyz")
             .map(|r| !r.starts_with("HTTP/1.1 200"))
             .unwrap_or(true)

@@ -12,9 +12,10 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, RawTracePoint},
+    programs::{BtfTracePoint, FExit, ProgramType, RawTracePoint},
+    sys::{BpfHelper, is_helper_supported},
 };
-use kspan_common::{Config, ConnInfo, ConnKey, MAX_PAYLOAD, proto, stat};
+use kspan_common::{Config, ConnInfo, ConnKey, MAX_PAYLOAD, SOCKET_SYSCALLS, proto, stat};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kspan-ebpf"));
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -35,8 +36,14 @@ pub enum CaptureError {
     Btf(#[from] btf::BtfError),
     #[error("the kernel refused kspan's eBPF programs (is BPF enabled and allowed here?): {0:#}")]
     Load(#[source] aya::EbpfError),
-    #[error("could not attach to the sys_exit tracepoint: {0}")]
-    Attach(#[source] aya::programs::ProgramError),
+    #[error("could not attach the {0} hook: {1}")]
+    Attach(&'static str, #[source] aya::programs::ProgramError),
+    #[error(
+        "kspan needs Linux {major}.{minor} or newer (the oldest kernel it is tested on); this kernel is {0}",
+        major = MIN_KERNEL.0,
+        minor = MIN_KERNEL.1
+    )]
+    KernelTooOld(String),
     #[error("the kernel's BTF could not be read for the tp_btf hook: {0}")]
     HookBtf(#[source] aya::BtfError),
     #[error("eBPF object is missing `{0}`")]
@@ -56,23 +63,66 @@ pub struct CaptureOptions {
     pub hook: Hook,
 }
 
-/// How the program is attached to `sys_exit`.
+/// The oldest kernel the VM matrix (`cargo xtask vm`) tests. Older ones lack pieces kspan
+/// needs (the BPF ring buffer is 5.8) or were never run.
+pub const MIN_KERNEL: (u32, u32) = (5, 10);
+
+/// Where the kernel programs run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Hook {
-    /// BTF-typed (`tp_btf`), falling back to the raw tracepoint if the kernel refuses it.
+    /// The cheapest the kernel allows: fexit, else tp_btf, else the raw tracepoint.
     Auto,
-    /// BTF-typed (`tp_btf`): registers are read with plain loads.
+    /// fexit on each socket syscall: no program runs for any other syscall.
+    Fexit,
+    /// BTF-typed `sys_exit` tracepoint (`tp_btf`): runs on every syscall; registers are read
+    /// with plain loads.
     BtfTracepoint,
-    /// Raw tracepoint: a helper call per register read; works without BTF-typed programs.
+    /// Raw `sys_exit` tracepoint: a helper call per register read; works without BTF-typed
+    /// programs.
     RawTracepoint,
 }
 
 impl Hook {
     pub fn describe(self) -> &'static str {
         match self {
-            Hook::Auto => "tp_btf, else raw tracepoint",
-            Hook::BtfTracepoint => "tp_btf",
-            Hook::RawTracepoint => "raw tracepoint",
+            Hook::Auto => "fexit, else tp_btf, else raw tracepoint",
+            Hook::Fexit => "fexit on the socket syscalls",
+            Hook::BtfTracepoint => "sys_exit tp_btf",
+            Hook::RawTracepoint => "sys_exit raw tracepoint",
+        }
+    }
+}
+
+/// How the kernel programs loop over iovec segments and HTTP/2 frames.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Loops {
+    /// The `bpf_loop` helper (5.17+): 64 iovec segments, 8192 HTTP/2 walk steps per syscall.
+    Helper,
+    /// Bounded loops for older verifiers: 16 iovec segments, 96 HTTP/2 walk steps per syscall.
+    Bounded,
+}
+
+impl Loops {
+    fn detect() -> Self {
+        // bpf_loop is a base helper: any program type tells.
+        match is_helper_supported(ProgramType::TracePoint, BpfHelper::BPF_FUNC_loop) {
+            Ok(false) => Loops::Bounded,
+            _ => Loops::Helper,
+        }
+    }
+
+    /// The name of the build of program `base` that uses these loops.
+    fn program(self, base: &str) -> String {
+        match self {
+            Loops::Helper => base.to_string(),
+            Loops::Bounded => format!("{base}_bounded"),
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            Loops::Helper => "bpf_loop",
+            Loops::Bounded => "bounded loops",
         }
     }
 }
@@ -98,30 +148,102 @@ pub struct Capture {
     conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
     /// The hook in use (`Auto` resolved).
     pub hook: Hook,
+    pub loops: Loops,
 }
 
-fn attach_btf(ebpf: &mut Ebpf, raw_btf: &[u8]) -> Result<Hook, CaptureError> {
-    let btf =
-        aya::Btf::parse(raw_btf, aya::Endianness::default()).map_err(CaptureError::HookBtf)?;
-    let prog: &mut BtfTracePoint = ebpf
-        .program_mut("kspan_sys_exit")
-        .ok_or(CaptureError::Missing("kspan_sys_exit"))?
+/// The kernel function behind syscall `name`.
+fn syscall_function(name: &str) -> String {
+    #[cfg(target_arch = "aarch64")]
+    const PREFIX: &str = "__arm64_sys_";
+    #[cfg(not(target_arch = "aarch64"))]
+    const PREFIX: &str = "__x64_sys_";
+    format!("{PREFIX}{name}")
+}
+
+fn program<'a, P>(
+    ebpf: &'a mut Ebpf,
+    name: &str,
+    hook: &'static str,
+) -> Result<&'a mut P, CaptureError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or(CaptureError::Missing("a kernel program"))?
         .try_into()
-        .map_err(CaptureError::Attach)?;
-    prog.load("sys_exit", &btf).map_err(CaptureError::Attach)?;
-    prog.attach().map_err(CaptureError::Attach)?;
+        .map_err(|e| CaptureError::Attach(hook, e))
+}
+
+const FEXIT: &str = "fexit";
+
+/// One fexit program per socket syscall; all or none (a partial set would miss events).
+fn attach_fexit(ebpf: &mut Ebpf, btf: &aya::Btf, loops: Loops) -> Result<Hook, CaptureError> {
+    let mut done = Vec::new();
+    let result = SOCKET_SYSCALLS.iter().try_for_each(|syscall| {
+        let name = loops.program(&format!("fexit_{syscall}"));
+        let prog: &mut FExit = program(ebpf, &name, FEXIT)?;
+        done.push(name);
+        prog.load(&syscall_function(syscall), btf)
+            .and_then(|()| prog.attach().map(drop))
+            .map_err(|e| CaptureError::Attach(FEXIT, e))
+    });
+    if result.is_err() {
+        for name in done {
+            if let Ok(prog) = program::<FExit>(ebpf, &name, FEXIT) {
+                let _ = prog.unload();
+            }
+        }
+    }
+    result.map(|()| Hook::Fexit)
+}
+
+fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, loops: Loops) -> Result<Hook, CaptureError> {
+    const HOOK: &str = "tp_btf sys_exit";
+    let prog: &mut BtfTracePoint = program(ebpf, &loops.program("kspan_sys_exit"), HOOK)?;
+    prog.load("sys_exit", btf)
+        .and_then(|()| prog.attach().map(drop))
+        .map_err(|e| CaptureError::Attach(HOOK, e))?;
     Ok(Hook::BtfTracepoint)
 }
 
-fn attach_raw(ebpf: &mut Ebpf) -> Result<Hook, CaptureError> {
-    let prog: &mut RawTracePoint = ebpf
-        .program_mut("kspan_sys_exit_raw")
-        .ok_or(CaptureError::Missing("kspan_sys_exit_raw"))?
-        .try_into()
-        .map_err(CaptureError::Attach)?;
-    prog.load().map_err(CaptureError::Attach)?;
-    prog.attach("sys_exit").map_err(CaptureError::Attach)?;
+fn attach_raw(ebpf: &mut Ebpf, loops: Loops) -> Result<Hook, CaptureError> {
+    const HOOK: &str = "raw tracepoint sys_exit";
+    let prog: &mut RawTracePoint = program(ebpf, &loops.program("kspan_sys_exit_raw"), HOOK)?;
+    prog.load()
+        .and_then(|()| prog.attach("sys_exit").map(drop))
+        .map_err(|e| CaptureError::Attach(HOOK, e))?;
     Ok(Hook::RawTracepoint)
+}
+
+/// Attaches `hook`; `Auto` takes the cheapest one the kernel accepts.
+fn attach(ebpf: &mut Ebpf, raw_btf: &[u8], hook: Hook, loops: Loops) -> Result<Hook, CaptureError> {
+    let btf =
+        aya::Btf::parse(raw_btf, aya::Endianness::default()).map_err(CaptureError::HookBtf)?;
+    match hook {
+        Hook::Fexit => attach_fexit(ebpf, &btf, loops),
+        Hook::BtfTracepoint => attach_btf(ebpf, &btf, loops),
+        Hook::RawTracepoint => attach_raw(ebpf, loops),
+        Hook::Auto => attach_fexit(ebpf, &btf, loops)
+            .or_else(|e| {
+                log::info!("fexit unavailable ({e}); hooking sys_exit");
+                attach_btf(ebpf, &btf, loops)
+            })
+            .or_else(|e| {
+                log::warn!("tp_btf unavailable ({e}); using the raw tracepoint");
+                attach_raw(ebpf, loops)
+            }),
+    }
+}
+
+/// The running kernel's release, when it is older than [`MIN_KERNEL`].
+fn kernel_too_old() -> Option<String> {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
+    let release = release.trim().to_string();
+    let mut parts = release
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    let version = (parts.next()??, parts.next()??);
+    (version < MIN_KERNEL).then_some(release)
 }
 
 /// True when the effective capabilities allow loading tracing programs.
@@ -155,6 +277,9 @@ impl Capture {
         if OBJECT.is_empty() {
             return Err(CaptureError::NoObject);
         }
+        if let Some(release) = kernel_too_old() {
+            return Err(CaptureError::KernelTooOld(release));
+        }
         let raw_btf = std::fs::read(BTF_PATH).map_err(CaptureError::NoBtf)?;
         let offsets = btf::kernel_offsets(&btf::Btf::parse(&raw_btf)?)?;
         let config = Config {
@@ -179,17 +304,8 @@ impl Capture {
             .map_max_entries("EVENTS", opts.ring_buffer_mb * 1024 * 1024)
             .load(OBJECT)
             .map_err(CaptureError::Load)?;
-        let hook = match opts.hook {
-            Hook::BtfTracepoint => attach_btf(&mut ebpf, &raw_btf)?,
-            Hook::RawTracepoint => attach_raw(&mut ebpf)?,
-            Hook::Auto => match attach_btf(&mut ebpf, &raw_btf) {
-                Ok(h) => h,
-                Err(e) => {
-                    log::warn!("tp_btf hook unavailable ({e}); using the raw tracepoint");
-                    attach_raw(&mut ebpf)?
-                }
-            },
-        };
+        let loops = Loops::detect();
+        let hook = attach(&mut ebpf, &raw_btf, opts.hook, loops)?;
 
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -209,6 +325,7 @@ impl Capture {
             stats,
             conns,
             hook,
+            loops,
         })
     }
 

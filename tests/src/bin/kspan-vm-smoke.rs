@@ -1,0 +1,317 @@
+//! The kernel matrix's smoke set. `cargo xtask vm` runs it inside a VM of each kernel, and on
+//! the host: the agent picks its hook by itself, then is forced onto each fallback below that
+//! choice. With each hook: the probes load and attach, an nginx proxy chain carrying B3 gives
+//! its exact 4-span tree, an h2c call its 2 linked spans, no kernel event or span is lost, and
+//! the agent exits cleanly on SIGTERM.
+//!
+//! It prints `kspan-vm: …` lines (xtask reads them off the serial console) and exits 1 if any
+//! check failed. Usage: `KSPAN_BIN=/path/to/kspan kspan-vm-smoke`.
+use std::{
+    panic::{AssertUnwindSafe, catch_unwind},
+    path::Path,
+    process::Command,
+    time::Duration,
+};
+
+use kspan_tests::{
+    Agent, Got, Nginx, Spans, curl, grpc_collector, metric, nghttpd, one, otlp_grpc, runtime,
+    trace_id,
+};
+
+/// Cheapest first, as the agent tries them.
+const HOOKS: [&str; 3] = ["fexit", "btf-tracepoint", "raw-tracepoint"];
+/// Loading can take many seconds in an emulated guest (the verifier is slow there).
+const LOAD_BOUND: Duration = Duration::from_secs(180);
+/// Spans of a trace must all arrive within this (emulated guests are slow).
+const SPAN_WAIT_SECS: u64 = 30;
+
+struct Peers {
+    spans: Spans,
+    collector_env: [(&'static str, String); 2],
+}
+
+/// The servers under test, started after the agent so that every connection they open is
+/// seen from its start (a keep-alive connection older than the agent is linked more
+/// carefully, and would test something else).
+struct Servers {
+    front: Nginx,
+    back: Nginx,
+    h2_port: u16,
+    _h2_server: kspan_tests::Proc,
+}
+
+impl Servers {
+    fn start() -> Self {
+        let back = Nginx::leaf();
+        let front = Nginx::start(back.port);
+        let dir = std::env::temp_dir().join(format!("kspan-vm-h2-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("h2 docroot");
+        std::fs::write(dir.join("page.txt"), vec![b'k'; 3000]).expect("h2 page");
+        let (h2_port, h2_server) = nghttpd(&dir);
+        Self {
+            front,
+            back,
+            h2_port,
+            _h2_server: h2_server,
+        }
+    }
+}
+
+fn main() {
+    // Assertion messages are printed by the checks themselves.
+    std::panic::set_hook(Box::new(|_| {}));
+    let rt = runtime();
+    let (collector, spans) = grpc_collector(&rt);
+    let peers = Peers {
+        spans,
+        collector_env: otlp_grpc(collector),
+    };
+    say(&format!("kernel {}", kernel_release()));
+
+    let mut results = Results::default();
+    let chosen = match with_hook(&peers, "auto", 0, &mut results) {
+        Some(line) => line,
+        None => {
+            results.finish();
+            return;
+        }
+    };
+    let chosen_index = HOOKS.iter().position(|h| chosen.contains(hook_words(h)));
+    say(&format!("auto chose: {chosen}"));
+    for (i, hook) in HOOKS.iter().enumerate() {
+        match chosen_index {
+            Some(c) if i == c => continue,
+            // Cheaper than the automatic choice: the kernel refused it there.
+            Some(c) if i < c => {
+                match catch_unwind(AssertUnwindSafe(|| start_agent(&peers, hook))) {
+                    Ok(agent) => {
+                        results.fail(hook, "start", "the kernel accepts it, yet auto skipped it");
+                        drop(agent);
+                    }
+                    Err(e) => say(&format!(
+                        "hook {hook} unavailable here (as auto found): {}",
+                        first_line(&panic_text(e))
+                    )),
+                }
+            }
+            _ => {
+                with_hook(&peers, hook, (i as u16 + 1) * 16, &mut results);
+            }
+        }
+    }
+    results.finish();
+}
+
+/// Runs the checks with `hook`; returns the agent's description of its probes.
+fn with_hook(peers: &Peers, hook: &str, tag: u16, results: &mut Results) -> Option<String> {
+    let agent = match catch_unwind(AssertUnwindSafe(|| start_agent(peers, hook))) {
+        Ok(agent) => agent,
+        Err(e) => {
+            results.fail(hook, "load", &panic_text(e));
+            return None;
+        }
+    };
+    let probes = probes_line(&agent.proc.log());
+    results.pass(hook, "load", &probes);
+    let servers = Servers::start();
+    results.run(hook, "http1-nginx-chain", &agent, || {
+        http1_chain(peers, &servers, tag + 1)
+    });
+    results.run(hook, "h2c-nghttp", &agent, || {
+        h2c_call(peers, &servers, tag + 2)
+    });
+    results.run(hook, "no-losses", &agent, || {
+        for m in [
+            "kspan_kernel_lost_events_total",
+            "kspan_spans_queue_dropped_total",
+            "kspan_spans_export_failed_total",
+        ] {
+            assert_eq!(metric(agent.metrics, m), 0, "{m}");
+        }
+        assert!(metric(agent.metrics, "kspan_kernel_events_total") > 0);
+    });
+    let status = agent.terminate();
+    if status.success() {
+        results.pass(hook, "clean-exit", "");
+    } else {
+        results.fail(hook, "clean-exit", &format!("{status}"));
+    }
+    Some(probes)
+}
+
+fn start_agent(peers: &Peers, hook: &str) -> Agent {
+    Agent::start_within(
+        &format!("kspan-{hook}"),
+        &["--hook", hook, "--linger-ms", "200"],
+        &peers.collector_env,
+        LOAD_BOUND,
+    )
+}
+
+/// curl → nginx (proxy) → nginx (leaf), B3 from curl: the exact tree of 4 spans.
+fn http1_chain(peers: &Peers, servers: &Servers, tag: u16) {
+    let t = trace_id(tag);
+    let body = curl(&[
+        "-H",
+        &format!("b3: {t:032x}-00000000000000f1-1"),
+        &format!("http://127.0.0.1:{}/chain", servers.front.port),
+    ]);
+    assert_eq!(body, "leaf\n");
+    let got = exactly(&peers.spans, t, 4);
+    let client = one(&got, "CLIENT", "curl");
+    let front_server = server_on(&got, servers.front.port);
+    let front_client = one(&got, "CLIENT", "nginx");
+    let back_server = server_on(&got, servers.back.port);
+    assert_eq!(
+        client.parent,
+        Some(0xf1),
+        "curl's span is the header's child"
+    );
+    assert_eq!(front_server.parent, Some(client.span_id));
+    assert_eq!(front_client.parent, Some(front_server.span_id));
+    assert_eq!(back_server.parent, Some(front_client.span_id));
+    for (outer, inner) in [
+        (client, front_server),
+        (front_server, front_client),
+        (front_client, back_server),
+    ] {
+        assert!(outer.contains(inner), "{outer:#?} must cover {inner:#?}");
+    }
+    for s in &got {
+        assert_eq!(s.attr("http.response.status_code").i(), 200, "{s:#?}");
+    }
+    assert_eq!(back_server.attr("url.path").s(), "/chain");
+}
+
+/// nghttp → nghttpd over h2c prior knowledge, B3 from the client.
+fn h2c_call(peers: &Peers, servers: &Servers, tag: u16) {
+    let t = trace_id(tag);
+    let out = Command::new("nghttp")
+        .args([
+            "-n",
+            "-H",
+            &format!("b3: {t:032x}-00000000000000dd-1"),
+            &format!("http://127.0.0.1:{}/page.txt", servers.h2_port),
+        ])
+        .output()
+        .expect("nghttp");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got = exactly(&peers.spans, t, 2);
+    let client = one(&got, "CLIENT", "nghttp");
+    let server = one(&got, "SERVER", "nghttpd");
+    assert_eq!(client.parent, Some(0xdd));
+    assert_eq!(server.parent, Some(client.span_id));
+    for s in [client, server] {
+        assert_eq!(s.attr("network.protocol.version").s(), "2");
+        assert_eq!(s.attr("http.response.status_code").i(), 200);
+    }
+    assert_eq!(server.attr("url.path").s(), "/page.txt");
+}
+
+/// The spans of trace `t`, which must be exactly `n` (a late extra span fails too).
+fn exactly(spans: &Spans, t: u128, n: usize) -> Vec<Got> {
+    spans.wait_trace(t, n, SPAN_WAIT_SECS);
+    std::thread::sleep(Duration::from_secs(1));
+    let got: Vec<Got> = spans
+        .all()
+        .into_iter()
+        .filter(|g| g.trace_id == t)
+        .collect();
+    assert_eq!(got.len(), n, "{got:#?}");
+    got
+}
+
+fn server_on(spans: &[Got], port: u16) -> &Got {
+    let found: Vec<&Got> = spans
+        .iter()
+        .filter(|s| s.kind == "SERVER" && s.attr("server.port").i() == port as i64)
+        .collect();
+    assert_eq!(found.len(), 1, "one SERVER span on port {port}: {spans:#?}");
+    found[0]
+}
+
+/// What the agent's start-up line says between "probes attached (" and ")".
+fn probes_line(log: &str) -> String {
+    log.lines()
+        .find_map(|l| l.split_once("probes attached (")?.1.split_once(')'))
+        .map(|(what, _)| what.to_string())
+        .unwrap_or_else(|| "start-up line missing".to_string())
+}
+
+/// How the agent's start-up line names each forced hook.
+fn hook_words(hook: &str) -> &'static str {
+    match hook {
+        "fexit" => "fexit",
+        "btf-tracepoint" => "tp_btf",
+        _ => "raw tracepoint",
+    }
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string(Path::new("/proc/sys/kernel/osrelease"))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
+}
+
+fn say(what: &str) {
+    println!("kspan-vm: {what}");
+}
+
+fn panic_text(e: Box<dyn std::any::Any + Send>) -> String {
+    e.downcast_ref::<String>()
+        .cloned()
+        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+        .unwrap_or_else(|| "panic".to_string())
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines()
+        .find(|l| l.contains("kspan:"))
+        .or_else(|| s.lines().next())
+        .unwrap_or_default()
+}
+
+#[derive(Default)]
+struct Results {
+    passed: usize,
+    failed: usize,
+}
+
+impl Results {
+    fn run(&mut self, hook: &str, check: &str, agent: &Agent, f: impl FnOnce()) {
+        match catch_unwind(AssertUnwindSafe(f)) {
+            Ok(()) => self.pass(hook, check, ""),
+            Err(e) => {
+                let log = agent.proc.log();
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                self.fail(
+                    hook,
+                    check,
+                    &format!("{}\nagent log tail:\n{}", panic_text(e), tail.join("\n")),
+                );
+            }
+        }
+    }
+
+    fn pass(&mut self, hook: &str, check: &str, detail: &str) {
+        self.passed += 1;
+        say(&format!("PASS {hook} {check} {detail}"));
+    }
+
+    fn fail(&mut self, hook: &str, check: &str, why: &str) {
+        self.failed += 1;
+        say(&format!("FAIL {hook} {check}: {why}"));
+    }
+
+    fn finish(&self) {
+        say(&format!("{} passed, {} failed", self.passed, self.failed));
+        if self.failed > 0 || self.passed == 0 {
+            std::process::exit(1);
+        }
+    }
+}
