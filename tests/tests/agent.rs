@@ -423,7 +423,7 @@ fn raw_tracepoint_hook_traces_a_linked_chain() {
         &kspan_tests::otlp_grpc(collector),
     );
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while !agent.proc.log().contains("(sys_exit, raw tracepoint)") {
+    while !agent.proc.log().contains("(sys_exit raw tracepoint, ") {
         assert!(
             std::time::Instant::now() < deadline,
             "the agent did not report the raw tracepoint hook:\n{}",

@@ -9,6 +9,7 @@ use anyhow::{Context as _, bail};
 use clap::Parser;
 
 mod bench;
+mod vm;
 
 const BPF_LINKER_VERSION: &str = "0.10.3";
 
@@ -29,8 +30,11 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Unit tests, then integration tests that load the real probes (needs root).
+    /// Unit tests, integration tests that load the real probes, then the kernel matrix (root).
     Test,
+    /// The kernel matrix: Debian's 5.10, 6.1 and 6.12 kernels under qemu, and the host's, each
+    /// running the smoke set with every hook it allows (needs root).
+    Vm(vm::VmArgs),
     /// Agent overhead, with and without kspan side by side; writes BENCHMARKS.md (needs root).
     Bench(bench::BenchArgs),
 }
@@ -67,6 +71,11 @@ fn main() -> anyhow::Result<()> {
             setup_toolchain()?;
             setup_test_peers(&[])?;
             test()
+        }
+        Cmd::Vm(args) => {
+            setup_toolchain()?;
+            setup_test_peers(&[])?;
+            vm_matrix(&args)
         }
         Cmd::Bench(args) => {
             setup_toolchain()?;
@@ -161,8 +170,8 @@ fn setup_toolchain() -> anyhow::Result<()> {
 
 /// Real peers the integration tests (nginx, curl, python3) and benchmarks (`extra`) drive.
 fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
-    let missing: Vec<&str> = [
-        ("nginx", "/usr/sbin/nginx"),
+    let peers: Vec<(&str, &str)> = [
+        ("nginx-light", "/usr/sbin/nginx"),
         ("curl", "/usr/bin/curl"),
         ("nghttp2-server", "/usr/sbin/nghttpd"),
         ("nghttp2-client", "/usr/bin/nghttp"),
@@ -170,8 +179,7 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
     ]
     .iter()
     .chain(extra)
-    .filter(|(_, path)| !Path::new(path).exists())
-    .map(|(pkg, _)| *pkg)
+    .copied()
     .collect();
     if !which("python3") {
         bail!("python3 is required for the integration tests");
@@ -184,21 +192,25 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
     {
         run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "grpcio"]))?;
     }
+    apt_install(&peers)
+}
+
+/// Installs the Debian packages of `wanted` whose marker path is missing.
+fn apt_install(wanted: &[(&str, &str)]) -> anyhow::Result<()> {
+    let missing: Vec<&str> = wanted
+        .iter()
+        .filter(|(_, path)| !Path::new(path).exists())
+        .map(|(pkg, _)| *pkg)
+        .collect();
     if missing.is_empty() {
         return Ok(());
     }
     if !is_root() || !which("apt-get") {
-        bail!(
-            "missing test peers {missing:?}: install nginx-light and curl (as root: apt-get install nginx-light curl)"
-        );
+        bail!("missing packages {missing:?}: install them as root with apt-get");
     }
-    let pkgs: Vec<&str> = missing
-        .iter()
-        .map(|p| if *p == "nginx" { "nginx-light" } else { p })
-        .collect();
     run(Command::new("apt-get").arg("update"))?;
-    // The tests start their own nginx; keep the package's service from starting on port 80
-    // (unless the machine already has a policy of its own).
+    // The tests start their own servers; keep the packages' services from starting (unless
+    // the machine already has a policy of its own).
     let policy = Path::new("/usr/sbin/policy-rc.d");
     let ours = !policy.exists() && std::fs::write(policy, "#!/bin/sh\nexit 101\n").is_ok();
     if ours {
@@ -206,7 +218,7 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
     }
     let result = run(Command::new("apt-get")
         .args(["install", "-y", "--no-install-recommends"])
-        .args(&pkgs)
+        .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"));
     if ours {
         std::fs::remove_file(policy).ok();
@@ -273,5 +285,23 @@ fn test() -> anyhow::Result<()> {
     let bin = build(true)?;
     run(Command::new("cargo")
         .args(["test", "--package", "kspan-tests", "--", "--test-threads=1"])
-        .env("KSPAN_BIN", bin))
+        .env("KSPAN_BIN", bin))?;
+    vm_matrix(&vm::VmArgs::default())
+}
+
+/// Builds the release agent and the smoke set, then runs the kernel matrix.
+fn vm_matrix(args: &vm::VmArgs) -> anyhow::Result<()> {
+    if !is_root() {
+        bail!("the kernel matrix loads eBPF programs on the host too: run it as root");
+    }
+    let kspan = build(false)?;
+    run(Command::new("cargo").args([
+        "build",
+        "--package",
+        "kspan-tests",
+        "--bin",
+        "kspan-vm-smoke",
+    ]))?;
+    let smoke = PathBuf::from("target/debug/kspan-vm-smoke").canonicalize()?;
+    vm::run(args, &kspan, &smoke)
 }

@@ -1,0 +1,413 @@
+//! `cargo xtask vm`: the kernel matrix. Debian's own kernels boot under qemu (TCG: KVM hangs at
+//! early boot on nested hosts) with a small initramfs holding busybox, the release agent, the
+//! smoke set (`tests/src/bin/kspan-vm-smoke.rs`) and its peers (nginx, curl, nghttp2) with the
+//! libraries they link. The smoke set runs inside each guest, then on the host kernel.
+//! Kernels are fetched once into `target/vm/`.
+use std::{
+    io::{BufRead as _, BufReader},
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, bail};
+
+/// One kernel of the matrix: the default `linux-image-amd64` of a Debian release.
+struct Kernel {
+    name: &'static str,
+    suite: &'static str,
+    /// What the agent's start-up line must name when it chooses by itself: the cheapest hook
+    /// the kernel allows.
+    auto: &'static str,
+}
+
+const MATRIX: [Kernel; 3] = [
+    // 5.10's BTF types some syscall functions' `pt_regs` as a forward declaration, which its
+    // verifier refuses as an fexit argument; it has no bpf_loop either.
+    Kernel {
+        name: "5.10",
+        suite: "bullseye",
+        auto: "sys_exit tp_btf, bounded loops",
+    },
+    Kernel {
+        name: "6.1",
+        suite: "bookworm",
+        auto: "fexit on the socket syscalls, bpf_loop",
+    },
+    Kernel {
+        name: "6.12",
+        suite: "trixie",
+        auto: "fexit on the socket syscalls, bpf_loop",
+    },
+];
+
+/// A guest that has not powered off by then has hung.
+const GUEST_BOUND: Duration = Duration::from_secs(15 * 60);
+const VM_DIR: &str = "target/vm";
+/// Executables the smoke set runs in the guest, at the paths it expects them.
+const PEERS: [&str; 4] = [
+    "/usr/sbin/nginx",
+    "/usr/bin/curl",
+    "/usr/bin/nghttp",
+    "/usr/sbin/nghttpd",
+];
+
+#[derive(clap::Args, Default)]
+pub struct VmArgs {
+    /// Kernels to boot (default: the whole matrix: 5.10, 6.1, 6.12).
+    #[arg(long = "kernel")]
+    kernels: Vec<String>,
+    /// Leave out the run on the host's own kernel.
+    #[arg(long)]
+    no_host: bool,
+}
+
+/// What one kernel's run showed.
+struct Outcome {
+    kernel: String,
+    chose: String,
+    passed: usize,
+    failed: usize,
+    seconds: u64,
+    problem: Option<String>,
+}
+
+pub fn run(args: &VmArgs, kspan: &Path, smoke: &Path) -> anyhow::Result<()> {
+    let kernels: Vec<&Kernel> = if args.kernels.is_empty() {
+        MATRIX.iter().collect()
+    } else {
+        args.kernels
+            .iter()
+            .map(|k| {
+                MATRIX
+                    .iter()
+                    .find(|m| m.name == k)
+                    .with_context(|| format!("no kernel {k} in the matrix (5.10, 6.1, 6.12)"))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    crate::apt_install(&[
+        ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
+        ("busybox-static", "/usr/share/doc/busybox-static"),
+    ])?;
+    std::fs::create_dir_all(VM_DIR)?;
+    // apt takes relative paths as relative to its own root, not to the working directory.
+    let dir = PathBuf::from(VM_DIR).canonicalize()?;
+    let initramfs = build_initramfs(&dir, kspan, smoke)?;
+    let mut outcomes = Vec::new();
+    for k in &kernels {
+        let vmlinuz = fetch_kernel(&dir, k)?;
+        outcomes.push(boot(k, &vmlinuz, &initramfs, &dir)?);
+    }
+    if !args.no_host {
+        outcomes.push(on_host(kspan, smoke)?);
+    }
+    report(&outcomes)
+}
+
+fn report(outcomes: &[Outcome]) -> anyhow::Result<()> {
+    eprintln!("\nkernel matrix:");
+    eprintln!(
+        "{:<28} {:<44} {:>6} {:>6} {:>6}",
+        "kernel", "hook chosen by auto", "passed", "failed", "secs"
+    );
+    for o in outcomes {
+        eprintln!(
+            "{:<28} {:<44} {:>6} {:>6} {:>6}{}",
+            o.kernel,
+            o.chose,
+            o.passed,
+            o.failed,
+            o.seconds,
+            o.problem
+                .as_ref()
+                .map(|p| format!("  <- {p}"))
+                .unwrap_or_default()
+        );
+    }
+    let bad: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.problem.is_some())
+        .map(|o| o.kernel.as_str())
+        .collect();
+    if !bad.is_empty() {
+        bail!("the kernel matrix failed on {bad:?}");
+    }
+    Ok(())
+}
+
+/// Debian's archive for every suite of the matrix, through apt with a private configuration
+/// (the host's own sources and state stay untouched).
+fn apt(dir: &Path, tool: &str) -> Command {
+    let root = dir.join("apt");
+    let mut cmd = Command::new(tool);
+    for (k, v) in [
+        ("Dir::Etc::SourceList", root.join("sources.list")),
+        ("Dir::Etc::SourceParts", PathBuf::from("/dev/null")),
+        ("Dir::State::Lists", root.join("lists")),
+        ("Dir::Cache", root.join("cache")),
+    ] {
+        cmd.arg("-o").arg(format!("{k}={}", v.display()));
+    }
+    cmd.args(["-o", "APT::Sandbox::User=root", "-q"]);
+    cmd
+}
+
+fn apt_update(dir: &Path) -> anyhow::Result<()> {
+    let root = dir.join("apt");
+    std::fs::create_dir_all(root.join("lists/partial"))?;
+    std::fs::create_dir_all(root.join("cache/archives/partial"))?;
+    let sources: String = MATRIX
+        .iter()
+        .map(|k| format!("deb http://deb.debian.org/debian {} main\n", k.suite))
+        .collect();
+    std::fs::write(root.join("sources.list"), sources)?;
+    crate::run(apt(dir, "apt-get").arg("update"))
+}
+
+/// The kernel image of `k`, downloaded and unpacked once.
+fn fetch_kernel(dir: &Path, k: &Kernel) -> anyhow::Result<PathBuf> {
+    let kdir = dir.join(format!("kernel-{}", k.name));
+    let vmlinuz = kdir.join("vmlinuz");
+    if vmlinuz.exists() {
+        return Ok(vmlinuz);
+    }
+    if !dir.join("apt/lists").exists() {
+        apt_update(dir)?;
+    }
+    // The suite's default kernel: the package its `linux-image-amd64` depends on.
+    let meta = crate::output(apt(dir, "apt-cache").args([
+        "show",
+        "--no-all-versions",
+        &format!("linux-image-amd64/{}", k.suite),
+    ]))
+    .context("apt-cache show linux-image-amd64")?;
+    let package = meta
+        .lines()
+        .find_map(|l| l.strip_prefix("Depends: "))
+        .and_then(|d| d.split([' ', ',']).next())
+        .with_context(|| format!("no kernel package behind linux-image-amd64/{}", k.suite))?
+        .to_string();
+    let work = kdir.join("download");
+    std::fs::create_dir_all(&work)?;
+    crate::run(
+        apt(dir, "apt-get")
+            .args(["download", &package])
+            .current_dir(&work),
+    )?;
+    let deb = std::fs::read_dir(&work)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")?;
+    crate::run(Command::new("sh").arg("-c").arg(format!(
+        "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' --wildcards './boot/vmlinuz-*'",
+        deb.display(),
+        work.display()
+    )))?;
+    let image = std::fs::read_dir(work.join("boot"))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .next()
+        .context("the kernel package holds no vmlinuz")?;
+    std::fs::rename(&image, &vmlinuz)?;
+    std::fs::write(kdir.join("package"), &package)?;
+    std::fs::remove_dir_all(&work)?;
+    Ok(vmlinuz)
+}
+
+const INIT: &str = r#"#!/bin/busybox sh
+/bin/busybox --install -s /bin
+export PATH=/bin:/usr/bin:/usr/sbin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t devtmpfs dev /dev
+mount -t tmpfs tmp /tmp
+ip link set lo up
+hostname kspan-vm
+KSPAN_BIN=/kspan /kspan-vm-smoke
+echo "kspan-vm: smoke exit $?"
+poweroff -f
+"#;
+
+/// The guest's root: busybox, the init script, the agent and the smoke set, the peers and
+/// every library they link.
+fn build_initramfs(dir: &Path, kspan: &Path, smoke: &Path) -> anyhow::Result<PathBuf> {
+    let root = dir.join("initramfs");
+    if root.exists() {
+        std::fs::remove_dir_all(&root)?;
+    }
+    for d in ["bin", "proc", "sys", "dev", "tmp", "etc", "var/log/nginx"] {
+        std::fs::create_dir_all(root.join(d))?;
+    }
+    std::fs::copy("/bin/busybox", root.join("bin/busybox")).context("static busybox")?;
+    std::fs::write(root.join("init"), INIT)?;
+    crate::set_executable(&root.join("init"));
+    // nginx's workers switch to nobody/nogroup.
+    std::fs::write(
+        root.join("etc/passwd"),
+        "root:x:0:0:root:/:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/sh\n",
+    )?;
+    std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
+    std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost kspan-vm\n")?;
+    add_elf(&root, kspan, Path::new("/kspan"))?;
+    add_elf(&root, smoke, Path::new("/kspan-vm-smoke"))?;
+    for peer in PEERS {
+        add_elf(&root, Path::new(peer), Path::new(peer))?;
+    }
+    let cpio = dir.join("initramfs.cpio");
+    crate::run(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
+        "find . | /bin/busybox cpio -o -H newc > '{}'",
+        cpio.display()
+    )))?;
+    Ok(cpio)
+}
+
+/// Copies an executable (without debug info) and the shared libraries it links.
+fn add_elf(root: &Path, from: &Path, to: &Path) -> anyhow::Result<()> {
+    let dest = root.join(to.strip_prefix("/")?);
+    std::fs::create_dir_all(dest.parent().context("no parent")?)?;
+    if crate::run(
+        Command::new("strip")
+            .arg("--strip-debug")
+            .arg("-o")
+            .arg(&dest)
+            .arg(from),
+    )
+    .is_err()
+    {
+        std::fs::copy(from, &dest).with_context(|| format!("copying {}", from.display()))?;
+    }
+    let libs = crate::output(Command::new("ldd").arg(from)).unwrap_or_default();
+    for lib in libs
+        .split_whitespace()
+        .filter(|w| w.starts_with('/'))
+        .map(Path::new)
+    {
+        let dest = root.join(lib.strip_prefix("/")?);
+        if !dest.exists() {
+            std::fs::create_dir_all(dest.parent().context("no parent")?)?;
+            std::fs::copy(lib, &dest).with_context(|| format!("copying {}", lib.display()))?;
+        }
+    }
+    Ok(())
+}
+
+fn boot(k: &Kernel, vmlinuz: &Path, initramfs: &Path, dir: &Path) -> anyhow::Result<Outcome> {
+    eprintln!(
+        "xtask: booting Debian {} ({}) under qemu TCG",
+        k.name, k.suite
+    );
+    let start = Instant::now();
+    let mut child = Command::new("qemu-system-x86_64")
+        .args([
+            "-accel",
+            "tcg",
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+            "-nographic",
+            "-no-reboot",
+        ])
+        .arg("-kernel")
+        .arg(vmlinuz)
+        .arg("-initrd")
+        .arg(initramfs)
+        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting qemu-system-x86_64")?;
+    let pid = child.id();
+    // A hung guest is killed at the bound; reading its console then ends.
+    let watchdog = std::thread::spawn(move || {
+        let deadline = Instant::now() + GUEST_BOUND;
+        while Instant::now() < deadline {
+            std::thread::sleep(Duration::from_secs(1));
+            // SAFETY: signal 0 only checks that the process exists.
+            if unsafe { libc::kill(pid as i32, 0) } != 0 {
+                return;
+            }
+        }
+        // SAFETY: plain syscall on our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    });
+    let console = child.stdout.take().context("qemu stdout")?;
+    let mut log = String::new();
+    let mut echoing = false;
+    for line in BufReader::new(console).split(b'\n') {
+        let line = String::from_utf8_lossy(&line?).replace('\r', "");
+        echoing |= line.contains("kspan-vm:");
+        if echoing {
+            eprintln!("  [{}] {line}", k.name);
+        }
+        log.push_str(&line);
+        log.push('\n');
+    }
+    let _ = child.wait();
+    let _ = watchdog.join();
+    std::fs::write(dir.join(format!("console-{}.log", k.name)), &log)?;
+    let mut outcome = read_outcome(&log, start.elapsed());
+    if outcome.problem.is_none() && outcome.chose != k.auto {
+        outcome.problem = Some(format!("auto should choose `{}`", k.auto));
+    }
+    if start.elapsed() >= GUEST_BOUND {
+        outcome.problem = Some("the guest hung".into());
+    }
+    Ok(outcome)
+}
+
+/// The smoke set's verdict from its `kspan-vm:` lines.
+fn read_outcome(log: &str, took: Duration) -> Outcome {
+    let said: Vec<&str> = log
+        .lines()
+        .filter_map(|l| l.split_once("kspan-vm: ").map(|(_, r)| r))
+        .collect();
+    let kernel = said
+        .iter()
+        .find_map(|l| l.strip_prefix("kernel "))
+        .unwrap_or("(did not start)")
+        .to_string();
+    let chose = said
+        .iter()
+        .find_map(|l| l.strip_prefix("auto chose: "))
+        .unwrap_or("")
+        .to_string();
+    let counts = said.iter().rev().find_map(|l| {
+        let (p, f) = l.split_once(" passed, ")?;
+        Some((p.parse().ok()?, f.strip_suffix(" failed")?.parse().ok()?))
+    });
+    let (passed, failed) = counts.unwrap_or((0, 0));
+    let problem = match counts {
+        None => Some("the smoke set did not finish".to_string()),
+        Some((_, f)) if f > 0 => Some(format!("{f} checks failed")),
+        Some((0, _)) => Some("no check passed".to_string()),
+        _ => None,
+    };
+    Outcome {
+        kernel,
+        chose,
+        passed,
+        failed,
+        seconds: took.as_secs(),
+        problem,
+    }
+}
+
+/// The same smoke set on the host's own kernel.
+fn on_host(kspan: &Path, smoke: &Path) -> anyhow::Result<Outcome> {
+    eprintln!("xtask: the smoke set on the host kernel");
+    let start = Instant::now();
+    let out = Command::new(smoke)
+        .env("KSPAN_BIN", kspan)
+        .stderr(Stdio::inherit())
+        .output()
+        .context("running the smoke set")?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    for line in text.lines() {
+        eprintln!("  [host] {line}");
+    }
+    let mut outcome = read_outcome(&text, start.elapsed());
+    outcome.kernel = format!("host {}", outcome.kernel);
+    Ok(outcome)
+}
