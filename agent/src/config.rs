@@ -121,6 +121,10 @@ pub struct Args {
     /// Where the kernel programs run: the socket syscalls' exits (fexit) or sys_exit.
     #[arg(long, value_enum, default_value_t = crate::capture::Hook::Auto, env = "KSPAN_HOOK")]
     pub hook: crate::capture::Hook,
+    /// Which build of the kernel programs to load: with the bpf_loop helper (5.17+) or with
+    /// bounded loops (fewer iovec segments and HTTP/2 frames followed per syscall).
+    #[arg(long, value_enum, default_value_t = crate::capture::Loops::Auto, env = "KSPAN_KERNEL_LOOPS")]
+    pub kernel_loops: crate::capture::Loops,
     /// Spans buffered for export; beyond it spans are dropped and counted.
     #[arg(long, default_value_t = 16_384)]
     pub export_queue: usize,

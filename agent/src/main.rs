@@ -103,6 +103,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             payload_cap: args.payload_cap,
             ring_buffer_mb: args.ring_buffer_mb,
             hook: args.hook,
+            loops: args.kernel_loops,
         })?),
     };
     let mut recorder = match &args.record {

@@ -61,6 +61,7 @@ pub struct CaptureOptions {
     pub payload_cap: u32,
     pub ring_buffer_mb: u32,
     pub hook: Hook,
+    pub loops: Loops,
 }
 
 /// The oldest kernel the VM matrix (`cargo xtask vm`) tests. Older ones lack pieces kspan
@@ -93,35 +94,43 @@ impl Hook {
     }
 }
 
-/// How the kernel programs loop over iovec segments and HTTP/2 frames.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// How the kernel programs loop over iovec segments and HTTP/2 frames: which build of them
+/// is loaded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Loops {
+    /// `bpf-loop` where the kernel has the helper, else `bounded`.
+    Auto,
     /// The `bpf_loop` helper (5.17+): 64 iovec segments, 8192 HTTP/2 walk steps per syscall.
-    Helper,
-    /// Bounded loops for older verifiers: 16 iovec segments, 96 HTTP/2 walk steps per syscall.
+    BpfLoop,
+    /// Bounded loops for older verifiers: 8 iovec segments, 32 HTTP/2 walk steps per syscall.
     Bounded,
 }
 
 impl Loops {
-    fn detect() -> Self {
+    /// `Auto` resolved for the running kernel.
+    fn resolve(self) -> Self {
+        if self != Loops::Auto {
+            return self;
+        }
         // bpf_loop is a base helper: any program type tells.
         match is_helper_supported(ProgramType::TracePoint, BpfHelper::BPF_FUNC_loop) {
             Ok(false) => Loops::Bounded,
-            _ => Loops::Helper,
+            _ => Loops::BpfLoop,
         }
     }
 
     /// The name of the build of program `base` that uses these loops.
     fn program(self, base: &str) -> String {
         match self {
-            Loops::Helper => base.to_string(),
             Loops::Bounded => format!("{base}_bounded"),
+            Loops::Auto | Loops::BpfLoop => base.to_string(),
         }
     }
 
     pub fn describe(self) -> &'static str {
         match self {
-            Loops::Helper => "bpf_loop",
+            Loops::Auto => "bpf_loop, else bounded loops",
+            Loops::BpfLoop => "bpf_loop",
             Loops::Bounded => "bounded loops",
         }
     }
@@ -146,7 +155,7 @@ pub struct Capture {
     ring: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
-    /// The hook in use (`Auto` resolved).
+    /// The hook and loops in use (`Auto` resolved).
     pub hook: Hook,
     pub loops: Loops,
 }
@@ -238,12 +247,20 @@ fn attach(ebpf: &mut Ebpf, raw_btf: &[u8], hook: Hook, loops: Loops) -> Result<H
 /// The running kernel's release, when it is older than [`MIN_KERNEL`].
 fn kernel_too_old() -> Option<String> {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?;
-    let release = release.trim().to_string();
+    let release = release.trim();
+    older_than_minimum(release).then(|| release.to_string())
+}
+
+/// Whether a release string (`5.4.0-150-generic`) names a kernel below [`MIN_KERNEL`]; an
+/// unreadable one is given the benefit of the doubt (the verifier then has the last word).
+fn older_than_minimum(release: &str) -> bool {
     let mut parts = release
         .split(|c: char| !c.is_ascii_digit())
         .map(|p| p.parse::<u32>().ok());
-    let version = (parts.next()??, parts.next()??);
-    (version < MIN_KERNEL).then_some(release)
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) < MIN_KERNEL,
+        _ => false,
+    }
 }
 
 /// True when the effective capabilities allow loading tracing programs.
@@ -304,7 +321,7 @@ impl Capture {
             .map_max_entries("EVENTS", opts.ring_buffer_mb * 1024 * 1024)
             .load(OBJECT)
             .map_err(CaptureError::Load)?;
-        let loops = Loops::detect();
+        let loops = opts.loops.resolve();
         let hook = attach(&mut ebpf, &raw_btf, opts.hook, loops)?;
 
         let ring = RingBuf::try_from(
@@ -369,5 +386,33 @@ impl Capture {
                 let _ = self.conns.insert(key, info, 0);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernels_below_the_tested_minimum_are_named() {
+        for old in ["5.4.0-150-generic", "4.18.0-553.el8_10.x86_64", "5.9.16"] {
+            assert!(older_than_minimum(old), "{old}");
+        }
+        for ok in [
+            "5.10.0-32-amd64",
+            "6.1.0-50-amd64",
+            "6.12.117+deb13-amd64",
+            "10.0",
+        ] {
+            assert!(!older_than_minimum(ok), "{ok}");
+        }
+        assert!(!older_than_minimum("garbage"));
+    }
+
+    #[test]
+    fn each_loop_build_has_its_own_programs() {
+        assert_eq!(Loops::BpfLoop.program("fexit_read"), "fexit_read");
+        assert_eq!(Loops::Bounded.program("fexit_read"), "fexit_read_bounded");
+        assert_eq!(syscall_function("sendfile64"), "__x64_sys_sendfile64");
     }
 }

@@ -1,6 +1,8 @@
 //! The kernel matrix's smoke set. `cargo xtask vm` runs it inside a VM of each kernel, and on
 //! the host: the agent picks its hook by itself, then is forced onto each fallback below that
-//! choice. With each hook: the probes load and attach, an nginx proxy chain carrying B3 gives
+//! choice, and onto its choice with the bounded-loop build of the programs where it chose the
+//! bpf_loop one (older kernels with fexit, 5.15-class, run that pair). With each: the probes
+//! load and attach, an nginx proxy chain carrying B3 gives
 //! its exact 4-span tree, an h2c call its 2 linked spans, no kernel event or span is lost, and
 //! the agent exits cleanly on SIGTERM.
 //!
@@ -69,7 +71,7 @@ fn main() {
     say(&format!("kernel {}", kernel_release()));
 
     let mut results = Results::default();
-    let chosen = match with_hook(&peers, "auto", 0, &mut results) {
+    let chosen = match with_hook(&peers, "auto", &["--hook", "auto"], 0, &mut results) {
         Some(line) => line,
         None => {
             results.finish();
@@ -83,7 +85,7 @@ fn main() {
             Some(c) if i == c => continue,
             // Cheaper than the automatic choice: the kernel refused it there.
             Some(c) if i < c => {
-                match catch_unwind(AssertUnwindSafe(|| start_agent(&peers, hook))) {
+                match catch_unwind(AssertUnwindSafe(|| start_agent(&peers, &["--hook", hook]))) {
                     Ok(agent) => {
                         results.fail(hook, "start", "the kernel accepts it, yet auto skipped it");
                         drop(agent);
@@ -95,16 +97,34 @@ fn main() {
                 }
             }
             _ => {
-                with_hook(&peers, hook, (i as u16 + 1) * 16, &mut results);
+                with_hook(
+                    &peers,
+                    hook,
+                    &["--hook", hook],
+                    (i as u16 + 1) * 16,
+                    &mut results,
+                );
             }
         }
+    }
+    if let Some(c) = chosen_index.filter(|_| chosen.contains("bpf_loop")) {
+        let hook = HOOKS[c];
+        let args = ["--hook", hook, "--kernel-loops", "bounded"];
+        with_hook(&peers, &format!("{hook}+bounded"), &args, 64, &mut results);
     }
     results.finish();
 }
 
-/// Runs the checks with `hook`; returns the agent's description of its probes.
-fn with_hook(peers: &Peers, hook: &str, tag: u16, results: &mut Results) -> Option<String> {
-    let agent = match catch_unwind(AssertUnwindSafe(|| start_agent(peers, hook))) {
+/// Runs the checks with the agent started with `args` (reported as `hook`); returns the
+/// agent's description of its probes.
+fn with_hook(
+    peers: &Peers,
+    hook: &str,
+    args: &[&str],
+    tag: u16,
+    results: &mut Results,
+) -> Option<String> {
+    let agent = match catch_unwind(AssertUnwindSafe(|| start_agent(peers, args))) {
         Ok(agent) => agent,
         Err(e) => {
             results.fail(hook, "load", &panic_text(e));
@@ -139,13 +159,10 @@ fn with_hook(peers: &Peers, hook: &str, tag: u16, results: &mut Results) -> Opti
     Some(probes)
 }
 
-fn start_agent(peers: &Peers, hook: &str) -> Agent {
-    Agent::start_within(
-        &format!("kspan-{hook}"),
-        &["--hook", hook, "--linger-ms", "200"],
-        &peers.collector_env,
-        LOAD_BOUND,
-    )
+fn start_agent(peers: &Peers, args: &[&str]) -> Agent {
+    let mut args = args.to_vec();
+    args.extend(["--linger-ms", "200"]);
+    Agent::start_within("kspan", &args, &peers.collector_env, LOAD_BOUND)
 }
 
 /// curl → nginx (proxy) → nginx (leaf), B3 from curl: the exact tree of 4 spans.
