@@ -428,6 +428,8 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
                 (&m.kernel_conns_not_http, k.conns_not_http),
                 (&m.kernel_conn_insert_failed, k.conn_insert_failed),
                 (&m.kernel_conns_discovered, k.conns_discovered),
+                (&m.kernel_program_runs, k.program_runs),
+                (&m.kernel_program_run_ns, k.program_run_ns),
             ]),
             Err(e) => log::warn!("reading kernel counters: {e}"),
         }

@@ -50,6 +50,8 @@ metrics! {
     kernel_conns_not_http: "counter", "kspan_kernel_connections_not_http_total", "Connections dropped in kernel because their first bytes were not HTTP.";
     kernel_conns_discovered: "counter", "kspan_kernel_connections_discovered_total", "Sockets opened before the agent started, found and tracked on first use.";
     kernel_conn_insert_failed: "counter", "kspan_kernel_connection_insert_failures_total", "Connections the kernel could not track (table full).";
+    kernel_program_runs: "counter", "kspan_kernel_program_runs_total", "Runs of kspan's kernel programs (the kernel counts them only while sysctl kernel.bpf_stats_enabled is 1).";
+    kernel_program_run_ns: "counter", "kspan_kernel_program_run_nanoseconds_total", "Time kspan's kernel programs ran, in nanoseconds (only while kernel.bpf_stats_enabled is 1).";
     events_decoded: "counter", "kspan_events_total", "Events received by userspace.";
     decode_errors: "counter", "kspan_event_decode_errors_total", "Ring-buffer records that could not be decoded.";
     requests: "counter", "kspan_http_requests_total", "HTTP requests decoded.";

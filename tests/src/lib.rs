@@ -770,6 +770,20 @@ pub fn curl(args: &[&str]) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// `nghttp -n` (h2c, prior knowledge) fetching `url` with a `b3` header; fails the test on a
+/// non-zero exit.
+pub fn nghttp_get(url: &str, b3: &str) {
+    let out = Command::new("nghttp")
+        .args(["-n", "-H", &format!("b3: {b3}"), url])
+        .output()
+        .expect("nghttp (nghttp2-client)");
+    assert!(
+        out.status.success(),
+        "nghttp {url} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// Trace ids unique to this test process. Every agent sees all traffic on the host, so two
 /// suites running at once must never share ids.
 pub fn trace_id(tag: u16) -> u128 {

@@ -147,19 +147,9 @@ fn h2c_prior_knowledge_with_nghttp2() {
     std::fs::write(dir.join("page.txt"), vec![b'k'; 3000]).unwrap();
     let (port, _server) = nghttpd(&dir);
     let t = trace_id(25);
-    let out = std::process::Command::new("nghttp")
-        .args([
-            "-n",
-            "-H",
-            &format!("b3: {t:032x}-00000000000000dd-1"),
-            &format!("http://127.0.0.1:{port}/page.txt"),
-        ])
-        .output()
-        .expect("nghttp (nghttp2-client)");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    kspan_tests::nghttp_get(
+        &format!("http://127.0.0.1:{port}/page.txt"),
+        &format!("{t:032x}-00000000000000dd-1"),
     );
     let spans = trace_of(2, t);
     let client = one(&spans, "CLIENT", "nghttp");

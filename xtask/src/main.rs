@@ -289,7 +289,7 @@ fn test() -> anyhow::Result<()> {
     vm_matrix(&vm::VmArgs::default())
 }
 
-/// Builds the release agent and the smoke set, then runs the kernel matrix.
+/// Builds the release agent and the guest program, then runs the kernel matrix.
 fn vm_matrix(args: &vm::VmArgs) -> anyhow::Result<()> {
     if !is_root() {
         bail!("the kernel matrix loads eBPF programs on the host too: run it as root");
@@ -300,8 +300,8 @@ fn vm_matrix(args: &vm::VmArgs) -> anyhow::Result<()> {
         "--package",
         "kspan-tests",
         "--bin",
-        "kspan-vm-smoke",
+        "kspan-vm-guest",
     ]))?;
-    let smoke = PathBuf::from("target/debug/kspan-vm-smoke").canonicalize()?;
-    vm::run(args, &kspan, &smoke)
+    let guest = PathBuf::from("target/debug/kspan-vm-guest").canonicalize()?;
+    vm::run(args, &kspan, &guest)
 }

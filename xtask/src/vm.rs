@@ -1,8 +1,9 @@
 //! `cargo xtask vm`: the kernel matrix. Debian's own kernels boot under qemu (TCG: KVM hangs at
 //! early boot on nested hosts) with a small initramfs holding busybox, the release agent, the
-//! smoke set (`tests/src/bin/kspan-vm-smoke.rs`) and its peers (nginx, curl, nghttp2) with the
-//! libraries they link. The smoke set runs inside each guest, then on the host kernel.
-//! Kernels are fetched once into `target/vm/`.
+//! guest program (`tests/src/bin/kspan-vm-guest/`) and its peers (nginx, curl, nghttp2, wrk)
+//! with the libraries they link. Its smoke set runs inside each guest, then on the host kernel;
+//! `--bench` runs its benchmark in each guest instead and writes a table per kernel into
+//! BENCHMARKS.md. Kernels are fetched once into `target/vm/`.
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -45,12 +46,17 @@ const MATRIX: [Kernel; 3] = [
 const GUEST_BOUND: Duration = Duration::from_secs(15 * 60);
 const VM_DIR: &str = "target/vm";
 /// Executables the smoke set runs in the guest, at the paths it expects them.
-const PEERS: [&str; 4] = [
+const PEERS: [&str; 5] = [
     "/usr/sbin/nginx",
     "/usr/bin/curl",
     "/usr/bin/nghttp",
     "/usr/sbin/nghttpd",
+    "/usr/bin/wrk",
 ];
+/// Where `--bench` puts its tables in BENCHMARKS.md (inside the hand-written notes, which
+/// `cargo xtask bench` keeps).
+const BENCH_BEGIN: &str = "<!-- kernel matrix bench -->";
+const BENCH_END: &str = "<!-- /kernel matrix bench -->";
 
 #[derive(clap::Args, Default)]
 pub struct VmArgs {
@@ -60,6 +66,10 @@ pub struct VmArgs {
     /// Leave out the run on the host's own kernel.
     #[arg(long)]
     no_host: bool,
+    /// Run the benchmark in each guest instead of the smoke set (BENCHMARKS.md gets a table
+    /// per kernel).
+    #[arg(long)]
+    bench: bool,
 }
 
 /// What one kernel's run showed.
@@ -70,9 +80,11 @@ struct Outcome {
     failed: usize,
     seconds: u64,
     problem: Option<String>,
+    /// `--bench`: the guest's table rows.
+    bench: Vec<String>,
 }
 
-pub fn run(args: &VmArgs, kspan: &Path, smoke: &Path) -> anyhow::Result<()> {
+pub fn run(args: &VmArgs, kspan: &Path, guest: &Path) -> anyhow::Result<()> {
     let kernels: Vec<&Kernel> = if args.kernels.is_empty() {
         MATRIX.iter().collect()
     } else {
@@ -89,20 +101,59 @@ pub fn run(args: &VmArgs, kspan: &Path, smoke: &Path) -> anyhow::Result<()> {
     crate::apt_install(&[
         ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
         ("busybox-static", "/usr/share/doc/busybox-static"),
+        ("wrk", "/usr/bin/wrk"),
     ])?;
     std::fs::create_dir_all(VM_DIR)?;
     // apt takes relative paths as relative to its own root, not to the working directory.
     let dir = PathBuf::from(VM_DIR).canonicalize()?;
-    let initramfs = build_initramfs(&dir, kspan, smoke)?;
+    let initramfs = build_initramfs(&dir, kspan, guest)?;
     let mut outcomes = Vec::new();
     for k in &kernels {
         let vmlinuz = fetch_kernel(&dir, k)?;
-        outcomes.push(boot(k, &vmlinuz, &initramfs, &dir)?);
+        outcomes.push(boot(k, &vmlinuz, &initramfs, &dir, args.bench)?);
+    }
+    if args.bench {
+        return write_bench(&outcomes);
     }
     if !args.no_host {
-        outcomes.push(on_host(kspan, smoke)?);
+        outcomes.push(on_host(kspan, guest)?);
     }
     report(&outcomes)
+}
+
+/// Puts each kernel's table between the bench markers of BENCHMARKS.md.
+fn write_bench(outcomes: &[Outcome]) -> anyhow::Result<()> {
+    let mut tables = format!(
+        "{BENCH_BEGIN}\n### Kernel matrix (`cargo xtask vm --bench`: in each guest under qemu TCG, \
+         wrk -t1 -c8 for 4 s against nginx `return 200`, medians of 3 A/B rounds)\n"
+    );
+    for o in outcomes {
+        tables.push_str(&format!("\n#### {}\n\n", o.kernel));
+        for row in &o.bench {
+            tables.push_str(row);
+            tables.push('\n');
+        }
+    }
+    tables.push_str(BENCH_END);
+    std::fs::write(PathBuf::from(VM_DIR).join("bench.md"), &tables)?;
+    let doc = std::fs::read_to_string("BENCHMARKS.md").unwrap_or_default();
+    let doc = match (doc.find(BENCH_BEGIN), doc.find(BENCH_END)) {
+        (Some(b), Some(e)) if b < e => {
+            format!("{}{tables}{}", &doc[..b], &doc[e + BENCH_END.len()..])
+        }
+        _ => format!("{}\n{tables}\n", doc.trim_end()),
+    };
+    std::fs::write("BENCHMARKS.md", doc)?;
+    eprintln!("{tables}");
+    let empty: Vec<&str> = outcomes
+        .iter()
+        .filter(|o| o.bench.len() < 3)
+        .map(|o| o.kernel.as_str())
+        .collect();
+    if !empty.is_empty() {
+        bail!("no benchmark rows from {empty:?}");
+    }
+    Ok(())
 }
 
 fn report(outcomes: &[Outcome]) -> anyhow::Result<()> {
@@ -223,14 +274,16 @@ mount -t devtmpfs dev /dev
 mount -t tmpfs tmp /tmp
 ip link set lo up
 hostname kspan-vm
-KSPAN_BIN=/kspan /kspan-vm-smoke
-echo "kspan-vm: smoke exit $?"
+mode=smoke
+grep -q kspan.bench /proc/cmdline && mode=bench
+KSPAN_BIN=/kspan /kspan-vm-guest $mode
+echo "kspan-vm: $mode exit $?"
 poweroff -f
 "#;
 
 /// The guest's root: busybox, the init script, the agent and the smoke set, the peers and
 /// every library they link.
-fn build_initramfs(dir: &Path, kspan: &Path, smoke: &Path) -> anyhow::Result<PathBuf> {
+fn build_initramfs(dir: &Path, kspan: &Path, guest: &Path) -> anyhow::Result<PathBuf> {
     let root = dir.join("initramfs");
     if root.exists() {
         std::fs::remove_dir_all(&root)?;
@@ -249,7 +302,7 @@ fn build_initramfs(dir: &Path, kspan: &Path, smoke: &Path) -> anyhow::Result<Pat
     std::fs::write(root.join("etc/group"), "root:x:0:\nnogroup:x:65534:\n")?;
     std::fs::write(root.join("etc/hosts"), "127.0.0.1 localhost kspan-vm\n")?;
     add_elf(&root, kspan, Path::new("/kspan"))?;
-    add_elf(&root, smoke, Path::new("/kspan-vm-smoke"))?;
+    add_elf(&root, guest, Path::new("/kspan-vm-guest"))?;
     for peer in PEERS {
         add_elf(&root, Path::new(peer), Path::new(peer))?;
     }
@@ -291,7 +344,13 @@ fn add_elf(root: &Path, from: &Path, to: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn boot(k: &Kernel, vmlinuz: &Path, initramfs: &Path, dir: &Path) -> anyhow::Result<Outcome> {
+fn boot(
+    k: &Kernel,
+    vmlinuz: &Path,
+    initramfs: &Path,
+    dir: &Path,
+    bench: bool,
+) -> anyhow::Result<Outcome> {
     eprintln!(
         "xtask: booting Debian {} ({}) under qemu TCG",
         k.name, k.suite
@@ -312,7 +371,12 @@ fn boot(k: &Kernel, vmlinuz: &Path, initramfs: &Path, dir: &Path) -> anyhow::Res
         .arg(vmlinuz)
         .arg("-initrd")
         .arg(initramfs)
-        .args(["-append", "console=ttyS0 panic=-1 quiet"])
+        .arg("-append")
+        .arg(if bench {
+            "console=ttyS0 panic=-1 quiet kspan.bench"
+        } else {
+            "console=ttyS0 panic=-1 quiet"
+        })
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -348,6 +412,10 @@ fn boot(k: &Kernel, vmlinuz: &Path, initramfs: &Path, dir: &Path) -> anyhow::Res
     let _ = watchdog.join();
     std::fs::write(dir.join(format!("console-{}.log", k.name)), &log)?;
     let mut outcome = read_outcome(&log, start.elapsed());
+    if bench {
+        outcome.problem = None;
+        return Ok(outcome);
+    }
     if outcome.problem.is_none() && outcome.chose != k.auto {
         outcome.problem = Some(format!("auto should choose `{}`", k.auto));
     }
@@ -384,6 +452,10 @@ fn read_outcome(log: &str, took: Duration) -> Outcome {
         Some((0, _)) => Some("no check passed".to_string()),
         _ => None,
     };
+    let bench = log
+        .lines()
+        .filter_map(|l| l.split_once("kspan-vm-bench: ").map(|(_, r)| r.to_string()))
+        .collect();
     Outcome {
         kernel,
         chose,
@@ -391,14 +463,16 @@ fn read_outcome(log: &str, took: Duration) -> Outcome {
         failed,
         seconds: took.as_secs(),
         problem,
+        bench,
     }
 }
 
 /// The same smoke set on the host's own kernel.
-fn on_host(kspan: &Path, smoke: &Path) -> anyhow::Result<Outcome> {
+fn on_host(kspan: &Path, guest: &Path) -> anyhow::Result<Outcome> {
     eprintln!("xtask: the smoke set on the host kernel");
     let start = Instant::now();
-    let out = Command::new(smoke)
+    let out = Command::new(guest)
+        .arg("smoke")
         .env("KSPAN_BIN", kspan)
         .stderr(Stdio::inherit())
         .output()
@@ -410,4 +484,35 @@ fn on_host(kspan: &Path, smoke: &Path) -> anyhow::Result<Outcome> {
     let mut outcome = read_outcome(&text, start.elapsed());
     outcome.kernel = format!("host {}", outcome.kernel);
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_the_guests_verdict() {
+        let log = "noise\r\nkspan-vm: kernel 6.1.0-50-amd64\nkspan-vm: PASS auto load x\n\
+                   kspan-vm: auto chose: fexit on the socket syscalls, bpf_loop\n\
+                   kspan-vm-bench: | a | b |\nkspan-vm: 15 passed, 0 failed\n";
+        let o = read_outcome(log, Duration::from_secs(3));
+        assert_eq!(o.kernel, "6.1.0-50-amd64");
+        assert_eq!(o.chose, "fexit on the socket syscalls, bpf_loop");
+        assert_eq!((o.passed, o.failed), (15, 0));
+        assert!(o.problem.is_none());
+        assert_eq!(o.bench, ["| a | b |"]);
+    }
+
+    #[test]
+    fn a_guest_that_fails_or_stops_early_is_a_problem() {
+        let failed = read_outcome("kspan-vm: 9 passed, 1 failed\n", Duration::ZERO);
+        assert_eq!(failed.problem.as_deref(), Some("1 checks failed"));
+        let cut = read_outcome(
+            "kspan-vm: kernel 5.10\nkspan-vm: PASS auto load\n",
+            Duration::ZERO,
+        );
+        assert_eq!(cut.problem.as_deref(), Some("the smoke set did not finish"));
+        let none = read_outcome("kspan-vm: 0 passed, 0 failed\n", Duration::ZERO);
+        assert!(none.problem.is_some());
+    }
 }

@@ -147,11 +147,15 @@ pub struct KernelStats {
     pub read_faults: u64,
     pub conn_insert_failed: u64,
     pub conns_discovered: u64,
+    /// Runs of the attached programs and their total time, from the kernel's own accounting:
+    /// they only move while the sysctl `kernel.bpf_stats_enabled` is 1.
+    pub program_runs: u64,
+    pub program_run_ns: u64,
 }
 
 pub struct Capture {
     // Dropping `Ebpf` detaches the programs, so it lives as long as the capture.
-    _ebpf: Ebpf,
+    ebpf: Ebpf,
     ring: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
     conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
@@ -337,7 +341,7 @@ impl Capture {
                 .ok_or(CaptureError::Missing("CONNS"))?,
         )?;
         Ok(Self {
-            _ebpf: ebpf,
+            ebpf,
             ring,
             stats,
             conns,
@@ -364,7 +368,15 @@ impl Capture {
 
     pub fn stats(&self) -> Result<KernelStats, CaptureError> {
         let sum = |i: u32| -> Result<u64, CaptureError> { Ok(self.stats.get(&i, 0)?.iter().sum()) };
+        // Programs never loaded (the other builds, the hooks not chosen) have no info.
+        let infos: Vec<_> = self
+            .ebpf
+            .programs()
+            .filter_map(|(_, p)| p.info().ok())
+            .collect();
         Ok(KernelStats {
+            program_runs: infos.iter().map(|i| i.run_count()).sum(),
+            program_run_ns: infos.iter().map(|i| i.run_time().as_nanos() as u64).sum(),
             events: sum(stat::EVENTS)?,
             lost: sum(stat::LOST_RINGBUF)?,
             truncated: sum(stat::TRUNCATED)?,

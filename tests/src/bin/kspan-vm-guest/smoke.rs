@@ -7,23 +7,18 @@
 //! the agent exits cleanly on SIGTERM.
 //!
 //! It prints `kspan-vm: …` lines (xtask reads them off the serial console) and exits 1 if any
-//! check failed. Usage: `KSPAN_BIN=/path/to/kspan kspan-vm-smoke`.
+//! check failed.
 use std::{
     panic::{AssertUnwindSafe, catch_unwind},
-    path::Path,
-    process::Command,
     time::Duration,
 };
 
 use kspan_tests::{
-    Agent, Got, Nginx, Spans, curl, grpc_collector, metric, nghttpd, one, otlp_grpc, runtime,
-    trace_id,
+    Agent, Got, Nginx, Spans, curl, grpc_collector, metric, nghttp_get, nghttpd, one, otlp_grpc,
+    runtime, trace_id,
 };
 
-/// Cheapest first, as the agent tries them.
-const HOOKS: [&str; 3] = ["fexit", "btf-tracepoint", "raw-tracepoint"];
-/// Loading can take many seconds in an emulated guest (the verifier is slow there).
-const LOAD_BOUND: Duration = Duration::from_secs(180);
+use crate::{HOOKS, LOAD_BOUND, hook_words, kernel_release, panic_text, probes_line, say};
 /// Spans of a trace must all arrive within this (emulated guests are slow).
 const SPAN_WAIT_SECS: u64 = 30;
 
@@ -59,9 +54,7 @@ impl Servers {
     }
 }
 
-fn main() {
-    // Assertion messages are printed by the checks themselves.
-    std::panic::set_hook(Box::new(|_| {}));
+pub fn run() {
     let rt = runtime();
     let (collector, spans) = grpc_collector(&rt);
     let peers = Peers {
@@ -203,19 +196,9 @@ fn http1_chain(peers: &Peers, servers: &Servers, tag: u16) {
 /// nghttp → nghttpd over h2c prior knowledge, B3 from the client.
 fn h2c_call(peers: &Peers, servers: &Servers, tag: u16) {
     let t = trace_id(tag);
-    let out = Command::new("nghttp")
-        .args([
-            "-n",
-            "-H",
-            &format!("b3: {t:032x}-00000000000000dd-1"),
-            &format!("http://127.0.0.1:{}/page.txt", servers.h2_port),
-        ])
-        .output()
-        .expect("nghttp");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    nghttp_get(
+        &format!("http://127.0.0.1:{}/page.txt", servers.h2_port),
+        &format!("{t:032x}-00000000000000dd-1"),
     );
     let got = exactly(&peers.spans, t, 2);
     let client = one(&got, "CLIENT", "nghttp");
@@ -249,40 +232,6 @@ fn server_on(spans: &[Got], port: u16) -> &Got {
         .collect();
     assert_eq!(found.len(), 1, "one SERVER span on port {port}: {spans:#?}");
     found[0]
-}
-
-/// What the agent's start-up line says between "probes attached (" and ")".
-fn probes_line(log: &str) -> String {
-    log.lines()
-        .find_map(|l| l.split_once("probes attached (")?.1.split_once(')'))
-        .map(|(what, _)| what.to_string())
-        .unwrap_or_else(|| "start-up line missing".to_string())
-}
-
-/// How the agent's start-up line names each forced hook.
-fn hook_words(hook: &str) -> &'static str {
-    match hook {
-        "fexit" => "fexit",
-        "btf-tracepoint" => "tp_btf",
-        _ => "raw tracepoint",
-    }
-}
-
-fn kernel_release() -> String {
-    std::fs::read_to_string(Path::new("/proc/sys/kernel/osrelease"))
-        .map(|s| s.trim().to_string())
-        .unwrap_or_default()
-}
-
-fn say(what: &str) {
-    println!("kspan-vm: {what}");
-}
-
-fn panic_text(e: Box<dyn std::any::Any + Send>) -> String {
-    e.downcast_ref::<String>()
-        .cloned()
-        .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
-        .unwrap_or_else(|| "panic".to_string())
 }
 
 fn first_line(s: &str) -> &str {
