@@ -35,9 +35,11 @@ pub enum CaptureError {
     #[error("the kernel's BTF could not be used: {0}")]
     Btf(#[from] btf::BtfError),
     #[error("the kernel refused kspan's eBPF programs (is BPF enabled and allowed here?): {0:#}")]
-    Load(#[source] aya::EbpfError),
+    // Not `#[source]`: aya's message already carries its causes and the verifier's log, and the
+    // chain printed at exit would repeat them.
+    Load(aya::EbpfError),
     #[error("could not attach the {0} hook: {1}")]
-    Attach(&'static str, #[source] aya::programs::ProgramError),
+    Attach(&'static str, aya::programs::ProgramError),
     #[error(
         "kspan needs Linux {major}.{minor} or newer (the oldest kernel it is tested on); this kernel is {0}",
         major = MIN_KERNEL.0,
