@@ -9,7 +9,7 @@
 //! - `fexit` on each socket syscall (`__x64_sys_read`, …): only those syscalls run a program.
 //! - `tp_btf` on `sys_exit`: every syscall of every process runs it; registers are plain loads
 //!   the verifier checks against the kernel's BTF. For kernels that refuse fexit (this project's
-//!   CI host, under lockdown).
+//!   CI host answers EPERM).
 //! - the raw `sys_exit` tracepoint: a helper call per register; for kernels that refuse both.
 //!
 //! Each entry point is built twice, with `bpf_loop` and with bounded loops (see `looping`).
@@ -136,22 +136,22 @@ macro_rules! sys_exit_programs {
     ($($attr:meta, $ctx:ty, $regs:ident: $helper:ident, $bounded:ident;)*) => {$(
         #[$attr]
         pub fn $helper(ctx: $ctx) -> i32 {
-            let regs = $regs(ctx.arg(0));
-            if let Ok(nr) = regs.get(REG_NR) {
-                let _ = on_syscall::<true>(nr, regs, ctx.arg(1));
-            }
-            0
+            on_sys_exit::<true>($regs(ctx.arg(0)), ctx.arg(1))
         }
 
         #[$attr]
         pub fn $bounded(ctx: $ctx) -> i32 {
-            let regs = $regs(ctx.arg(0));
-            if let Ok(nr) = regs.get(REG_NR) {
-                let _ = on_syscall::<false>(nr, regs, ctx.arg(1));
-            }
-            0
+            on_sys_exit::<false>($regs(ctx.arg(0)), ctx.arg(1))
         }
     )*};
+}
+
+#[inline(always)]
+fn on_sys_exit<const BPF_LOOP: bool>(regs: impl Regs, ret: i64) -> i32 {
+    if let Ok(nr) = regs.get(REG_NR) {
+        let _ = on_syscall::<BPF_LOOP>(nr, regs, ret);
+    }
+    0
 }
 
 sys_exit_programs! {
