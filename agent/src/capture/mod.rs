@@ -49,7 +49,7 @@ pub enum CaptureError {
     #[error("the kernel's BTF could not be read for the tp_btf hook: {0}")]
     HookBtf(#[source] aya::BtfError),
     #[error("eBPF object is missing `{0}`")]
-    Missing(&'static str),
+    Missing(String),
     #[error("eBPF map error: {0}")]
     Map(#[from] aya::maps::MapError),
     #[error("--payload-cap must be between 64 and {MAX_PAYLOAD} bytes, got {0}")]
@@ -184,7 +184,7 @@ where
     &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
     ebpf.program_mut(name)
-        .ok_or(CaptureError::Missing("a kernel program"))?
+        .ok_or(CaptureError::Missing(name.to_string()))?
         .try_into()
         .map_err(|e| CaptureError::Attach(hook, e))
 }
@@ -332,15 +332,15 @@ impl Capture {
 
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
-                .ok_or(CaptureError::Missing("EVENTS"))?,
+                .ok_or(CaptureError::Missing("EVENTS".into()))?,
         )?;
         let stats = PerCpuArray::try_from(
             ebpf.take_map("STATS")
-                .ok_or(CaptureError::Missing("STATS"))?,
+                .ok_or(CaptureError::Missing("STATS".into()))?,
         )?;
         let conns = BpfHashMap::try_from(
             ebpf.take_map("CONNS")
-                .ok_or(CaptureError::Missing("CONNS"))?,
+                .ok_or(CaptureError::Missing("CONNS".into()))?,
         )?;
         Ok(Self {
             ebpf,
