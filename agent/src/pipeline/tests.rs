@@ -297,6 +297,28 @@ fn client_covers_a_server_child_that_is_exported_first() {
     assert!(client.start_unix_ns <= server.start_unix_ns);
 }
 
+/// The back server's write returns (and is stamped) after the front already read the
+/// response and answered curl: the writer was preempted on its way out of the syscall (seen
+/// on a 2-CPU guest). Its span ends when the front read the response, so every parent still
+/// covers its child instead of the front's CLIENT span poking out of its SERVER span.
+#[test]
+fn a_late_stamped_server_write_ends_when_its_client_read_it() {
+    let mut s = Sim::new(Filter::default());
+    let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+    let b = s.connect(2, 3, "127.0.0.1:40001", "127.0.0.1:8081");
+    s.send_request(a, b"GET /front HTTP/1.1\r\nHost: f\r\n\r\n", false);
+    s.send_request(b, b"GET /back HTTP/1.1\r\nHost: b\r\n\r\n", false);
+    let t = s.ts;
+    s.event_at(t + 10, b, true, Direction::Ingress, OK);
+    s.event_at(t + 20, a, false, Direction::Egress, OK);
+    s.event_at(t + 30, a, true, Direction::Ingress, OK);
+    s.event_at(t + 800, b, false, Direction::Egress, OK);
+    let spans = s.spans();
+    assert_chain_shape(&spans);
+    assert_eq!(find(&spans, SpanKind::Server, 3).end_unix_ns, t + 10);
+    assert_eq!(find(&spans, SpanKind::Client, 2).end_unix_ns, t + 10);
+}
+
 #[test]
 fn single_b3_header_and_traceparent() {
     let spans = chain(

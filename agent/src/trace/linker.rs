@@ -402,12 +402,38 @@ impl Tracer {
         s.end_ns = Some(end_ns.max(s.start_ns));
         s.exchange.response_body = response_body;
         s.error = error.map(str::to_string);
+        let pair = match s.kind {
+            SpanKind::Server => s.parent.map(|client| (client, id)),
+            _ => s.linked_server.map(|server| (id, server)),
+        };
         if s.kind == SpanKind::Server {
             let tgid = s.tgid;
             self.close_server(tgid, id);
         }
+        if let Some((client, server)) = pair {
+            self.clamp_server_end(client, server);
+        }
         self.lingering
             .push_back((end_ns.saturating_add(self.linger_ns), id));
+    }
+
+    /// Ends are stamped when a syscall returns, and a writer can be preempted on its way out
+    /// after its reader was already woken: a server's response can be stamped after the client
+    /// read it. The bytes were sent before they were read, so a SERVER span ends no later than
+    /// the CLIENT span (rule 3) that received its complete response.
+    fn clamp_server_end(&mut self, client: u64, server: u64) {
+        let Some(c) = self.spans.get(&client) else {
+            return;
+        };
+        let client_end = match (c.linked_server == Some(server), c.end_ns, &c.error) {
+            (true, Some(end), None) => end,
+            _ => return,
+        };
+        if let Some(s) = self.spans.get_mut(&server)
+            && let Some(end) = s.end_ns.filter(|&e| e > client_end)
+        {
+            s.end_ns = Some(client_end.max(s.start_ns).min(end));
+        }
     }
 
     /// A SERVER span stops being a candidate parent for outgoing calls.
