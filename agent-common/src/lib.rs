@@ -17,8 +17,9 @@ pub const MAX_IOV: usize = 64;
 
 /// The syscalls the kernel programs handle, by their kernel names (the function behind each is
 /// `__x64_sys_<name>` on x86_64). Where the kernel allows fexit, one program is attached to each:
-/// `fexit_<name>`, or `fexit_<name>_bounded` where `bpf_loop` is missing.
-pub const SOCKET_SYSCALLS: [&str; 13] = [
+/// `fexit_<name>`, or `fexit_<name>_bounded` where `bpf_loop` is missing. The `dup` family
+/// rebinds an fd number (dup2 and dup3 close what it held without a close()).
+pub const SOCKET_SYSCALLS: [&str; 16] = [
     "read",
     "write",
     "readv",
@@ -32,6 +33,9 @@ pub const SOCKET_SYSCALLS: [&str; 13] = [
     "accept4",
     "connect",
     "close",
+    "dup",
+    "dup2",
+    "dup3",
 ];
 
 pub mod role {
@@ -61,6 +65,7 @@ pub mod direction {
 
 pub mod kind {
     pub const DATA: u32 = 1;
+    /// The socket was released (its last fd closed and TCP done with it), not one fd closed.
     pub const CLOSE: u32 = 2;
 }
 
@@ -106,7 +111,7 @@ pub mod stat {
     pub const COUNT: u32 = 8;
 }
 
-/// Key of the connection table: one socket fd in one process.
+/// One fd number in one process: the key of the table of fds known not to be TCP sockets.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ConnKey {
@@ -131,11 +136,13 @@ pub struct Tuple {
     pub _pad2: u32,
 }
 
-/// Value of the connection table.
+/// Value of the connection table, whose key is the socket itself (its `struct sock` address):
+/// every fd and every process holding the socket share the entry.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub struct ConnInfo {
-    /// Kernel time the socket was opened: with (tgid, fd) it tells reused fds apart.
+    /// Kernel time the socket was first seen: with the socket's address it tells a socket
+    /// apart from a later one allocated at the same address.
     pub generation: u64,
     pub tuple: Tuple,
     /// `role::SERVER`, `role::CLIENT`, or 0 for a socket discovered mid-life (opened before
@@ -153,6 +160,10 @@ pub struct ConnInfo {
     /// The opening thread's `comm`: names the process even when it exits before userspace
     /// can read its /proc entry (short-lived clients such as curl).
     pub comm: [u8; 16],
+    /// The process that accepted, connected or first used the socket, and its parent: who a
+    /// forked child that served the socket and exited before /proc was read belongs to.
+    pub opener_tgid: u32,
+    pub opener_parent_tgid: u32,
 }
 
 /// Fixed head of every ring-buffer record; `DATA` records are followed by `captured_len`
@@ -161,9 +172,13 @@ pub struct ConnInfo {
 #[derive(Clone, Copy, Debug, Default)]
 pub struct EventHeader {
     pub kind: u32,
+    /// The process and thread that made the syscall (0 for `CLOSE`, which the kernel may
+    /// report from softirq context).
     pub tgid: u32,
     pub tid: u32,
     pub fd: u32,
+    /// The socket's `struct sock` address: with `conn.generation`, the connection's identity.
+    pub sock: u64,
     /// CLOCK_MONOTONIC nanoseconds at syscall exit.
     pub ts_ns: u64,
     pub conn: ConnInfo,
@@ -204,9 +219,12 @@ pub struct KernelOffsets {
     pub skc_v6_rcv_saddr: u32,
     pub skc_net: u32,
     pub net_ns_inum: u32,
-    pub file_f_inode: u32,
-    pub inode_i_mode: u32,
     pub socket_type: u32,
+    /// `socket.file`: a socket points back at its file, which tells a socket's file from
+    /// any other without reading its inode.
+    pub socket_file: u32,
+    pub task_real_parent: u32,
+    pub task_tgid: u32,
     /// Non-zero once userspace has filled the struct; the kernel skips address reads otherwise.
     pub valid: u32,
 }
@@ -243,8 +261,8 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Tuple>(), 2 * 4 + 32 + 8);
-        assert_eq!(size_of::<ConnInfo>(), 8 + size_of::<Tuple>() + 8 + 16);
-        assert_eq!(size_of::<EventHeader>(), 24 + size_of::<ConnInfo>() + 16);
+        assert_eq!(size_of::<ConnInfo>(), 8 + size_of::<Tuple>() + 8 + 16 + 8);
+        assert_eq!(size_of::<EventHeader>(), 32 + size_of::<ConnInfo>() + 16);
         assert_eq!(size_of::<EventHeader>() % 8, 0);
     }
 }

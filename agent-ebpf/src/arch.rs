@@ -17,6 +17,9 @@ mod imp {
     pub const NR_SENDMSG: i64 = 46;
     pub const NR_RECVMSG: i64 = 47;
     pub const NR_ACCEPT4: i64 = 288;
+    pub const NR_DUP: i64 = 32;
+    pub const NR_DUP2: i64 = 33;
+    pub const NR_DUP3: i64 = 292;
 
     /// `orig_ax`: the syscall number survives in it after `ax` takes the return value.
     pub const REG_NR: usize = 120;
@@ -40,6 +43,10 @@ mod imp {
     pub const NR_SENDMSG: i64 = 211;
     pub const NR_RECVMSG: i64 = 212;
     pub const NR_ACCEPT4: i64 = 242;
+    pub const NR_DUP: i64 = 23;
+    /// arm64 has no dup2: libc implements it with dup3.
+    pub const NR_DUP2: i64 = -1;
+    pub const NR_DUP3: i64 = 24;
 
     /// `syscallno`.
     pub const REG_NR: usize = 280;

@@ -14,7 +14,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray},
 };
-use kspan_common::{ConnKey, EventHeader, H2_CHUNK_HEADER, MAX_PAYLOAD, event_flags, stat};
+use kspan_common::{EventHeader, H2_CHUNK_HEADER, MAX_PAYLOAD, event_flags, stat};
 
 use crate::{
     EVENTS, SCRATCH, bump, iovec_entry,
@@ -49,14 +49,14 @@ pub struct Side {
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
 pub struct Framing {
-    /// Generation of the connection this belongs to: fd numbers are reused.
+    /// Generation of the connection this belongs to: socket addresses are reused.
     generation: u64,
     /// Indexed by `direction`.
     sides: [Side; 2],
 }
 
 #[map]
-static H2_FRAMING: LruHashMap<ConnKey, Framing> = LruHashMap::with_max_entries(65_536, 0);
+static H2_FRAMING: LruHashMap<u64, Framing> = LruHashMap::with_max_entries(65_536, 0);
 
 /// The walk's state lives in a map, not on the stack: the verifier tracks stack values
 /// precisely and would explore every iteration of the loop separately, while values loaded
@@ -67,7 +67,7 @@ static WALK: PerCpuArray<Walk> = PerCpuArray::with_max_entries(1, 0);
 
 /// Starts following a connection that was just recognised as HTTP/2. `preface_dir` is the
 /// direction that begins with the client preface (none for a connection found mid-life).
-pub fn start(key: &ConnKey, generation: u64, preface_dir: Option<u8>) {
+pub fn start(sock: u64, generation: u64, preface_dir: Option<u8>) {
     let mut f = Framing {
         generation,
         ..Default::default()
@@ -76,11 +76,11 @@ pub fn start(key: &ConnKey, generation: u64, preface_dir: Option<u8>) {
         f.sides[(d & 1) as usize].left = PREFACE_LEN;
         f.sides[(d & 1) as usize].copy = 1;
     }
-    let _ = H2_FRAMING.insert(key, &f, 0);
+    let _ = H2_FRAMING.insert(&sock, &f, 0);
 }
 
-pub fn forget(key: &ConnKey) {
-    let _ = H2_FRAMING.remove(key);
+pub fn forget(sock: u64) {
+    let _ = H2_FRAMING.remove(&sock);
 }
 
 /// Where the syscall's bytes are.
@@ -128,14 +128,14 @@ pub struct Walk {
 /// connection has no framing state (or lost it): the caller then copies a plain prefix.
 #[inline(always)]
 pub fn walk<const BPF_LOOP: bool>(
-    key: &ConnKey,
+    sock: u64,
     generation: u64,
     dir: u8,
     total: u64,
     src: &Source,
     cap: u64,
 ) -> Option<bool> {
-    let f = H2_FRAMING.get_ptr_mut(key)?;
+    let f = H2_FRAMING.get_ptr_mut(&sock)?;
     // SAFETY: pointer from a successful lookup; the LRU map keeps it valid for this program run.
     let f = unsafe { &mut *f };
     let d = (dir & 1) as usize;

@@ -14,6 +14,11 @@
 //!
 //! Each entry point is built twice, with `bpf_loop` and with bounded loops (see `looping`).
 //!
+//! A connection is a socket, not an fd: the table is keyed by the `struct sock` behind the fd,
+//! so a socket accepted by one process and served by a forked child, or dup'ed onto stdin and
+//! stdout, is one connection. It ends when the kernel destroys the socket (`tcp_destroy_sock`),
+//! which happens once every fd of every process is closed, exit included, and TCP is done.
+//!
 //! Every call chain's combined stack must stay under the verifier's 512 bytes on every kernel
 //! of the matrix (older verifiers add up whole frames): large records are built in per-CPU
 //! scratch maps, and globals are read field by field instead of copied whole.
@@ -71,19 +76,20 @@ static OFFSETS: KernelOffsets = KernelOffsets {
     skc_v6_rcv_saddr: 0,
     skc_net: 0,
     net_ns_inum: 0,
-    file_f_inode: 0,
-    inode_i_mode: 0,
     socket_type: 0,
+    socket_file: 0,
+    task_real_parent: 0,
+    task_tgid: 0,
     valid: 0,
 };
 
-/// Tracked TCP sockets. LRU so that sockets of processes that exit without close() age out
-/// instead of filling the table.
+/// Tracked TCP sockets by `struct sock` address. Entries leave when the socket is destroyed;
+/// LRU in case a destruction is ever missed.
 #[map]
-static CONNS: LruHashMap<ConnKey, ConnInfo> = LruHashMap::with_max_entries(131_072, 0);
+static CONNS: LruHashMap<u64, ConnInfo> = LruHashMap::with_max_entries(131_072, 0);
 
 /// fds checked and found not to be TCP sockets, so each is walked once, not on every read.
-/// Cleared on close/accept/connect of the same fd number.
+/// Cleared whenever the fd number is (re)bound: close, accept, connect, dup*.
 #[map]
 static NOT_SOCKETS: LruHashMap<ConnKey, u8> = LruHashMap::with_max_entries(65_536, 0);
 
@@ -194,6 +200,24 @@ fexit_programs! {
     fexit_accept4, fexit_accept4_bounded => NR_ACCEPT4;
     fexit_connect, fexit_connect_bounded => NR_CONNECT;
     fexit_close, fexit_close_bounded => NR_CLOSE;
+    fexit_dup, fexit_dup_bounded => NR_DUP;
+    fexit_dup2, fexit_dup2_bounded => NR_DUP2;
+    fexit_dup3, fexit_dup3_bounded => NR_DUP3;
+}
+
+/// The kernel destroys a TCP socket once no fd refers to it and TCP is done with it: the
+/// connection's end, whichever process held it and however its fds went away. Attached as
+/// tp_btf, or as a raw tracepoint where the sys_exit hook is one.
+#[btf_tracepoint(function = "tcp_destroy_sock")]
+pub fn kspan_sock_destroy(ctx: BtfTracePointContext) -> i32 {
+    on_destroy(ctx.arg(0));
+    0
+}
+
+#[raw_tracepoint(tracepoint = "tcp_destroy_sock")]
+pub fn kspan_sock_destroy_raw(ctx: RawTracePointContext) -> i32 {
+    on_destroy(ctx.arg(0));
+    0
 }
 
 /// The syscall's saved registers (`struct pt_regs *`), read at the offsets in `arch`.
@@ -263,7 +287,13 @@ fn on_syscall<const BPF_LOOP: bool>(nr: i64, regs: impl Regs, ret: i64) -> Resul
         }
         NR_CLOSE => {
             let fd: u64 = regs.get(REG_ARG0)?;
-            on_close(fd as u32);
+            forget_fd(fd as u32);
+            return Ok(());
+        }
+        NR_DUP | NR_DUP2 | NR_DUP3 => {
+            if ret >= 0 {
+                forget_fd(ret as u32);
+            }
             return Ok(());
         }
         _ => return Ok(()),
@@ -294,38 +324,56 @@ fn bump(index: u32) {
     }
 }
 
+/// Where a record comes from: the socket, and the fd and thread that moved the bytes.
+struct Origin {
+    sock: u64,
+    fd: u32,
+    tid: u32,
+}
+
 #[inline(never)]
 fn on_open(fd: u32, role: u8) {
-    let key = ConnKey {
-        tgid: tgid_tid().0,
-        fd,
-    };
-    let _ = NOT_SOCKETS.remove(&key);
-    h2::forget(&key);
-    let Some(info) = new_conn(fd, false, role) else {
+    forget_fd(fd);
+    let socket = fd_socket(fd);
+    let sk = socket_sk(socket);
+    if sk == 0 {
+        return;
+    }
+    h2::forget(sk);
+    let Some(info) = new_conn(sk, role) else {
         return;
     };
     // Unix sockets and anything else that is not TCP/IP carry no HTTP we can attribute.
     let family = info.tuple.family;
-    if family != 0 && family != AF_INET && family != AF_INET6 {
+    if family != AF_INET && family != AF_INET6 {
         return;
     }
-    if CONNS.insert(&key, info, 0).is_ok() {
+    if CONNS.insert(&sk, info, 0).is_ok() {
         bump(stat::CONNS_TRACKED);
     } else {
         bump(stat::CONN_INSERT_FAILED);
     }
 }
 
-/// Builds the table entry of a socket just opened or discovered in the per-CPU slot; `None`
-/// when its addresses cannot be read (or, with `verify`, when the fd is no stream socket).
+/// The fd number was closed or rebound: what was known of it no longer holds.
 #[inline(always)]
-fn new_conn(fd: u32, verify: bool, role: u8) -> Option<&'static ConnInfo> {
+fn forget_fd(fd: u32) {
+    let key = ConnKey {
+        tgid: tgid_tid().0,
+        fd,
+    };
+    let _ = NOT_SOCKETS.remove(&key);
+}
+
+/// Builds the table entry of a socket just opened or discovered in the per-CPU slot; `None`
+/// when its addresses cannot be read.
+#[inline(always)]
+fn new_conn(sk: u64, role: u8) -> Option<&'static ConnInfo> {
     let info = NEW_CONN.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, exclusively ours for this program run.
     let info = unsafe { &mut *info };
     info.tuple = Tuple::default();
-    read_tuple(fd, verify, &mut info.tuple).ok()?;
+    read_tuple(sk, &mut info.tuple).ok()?;
     // SAFETY: helper without preconditions.
     info.generation = unsafe { bpf_ktime_get_ns() };
     info.role = role;
@@ -334,35 +382,62 @@ fn new_conn(fd: u32, verify: bool, role: u8) -> Option<&'static ConnInfo> {
     info.discovered = (role == 0) as u8;
     info.sniff_left = if role == 0 { DISCOVERY_SNIFFS } else { 0 };
     info.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    info.opener_tgid = tgid_tid().0;
+    info.opener_parent_tgid = parent_tgid();
     Some(info)
 }
 
-#[inline(never)]
-fn on_close(fd: u32) {
-    let (tgid, tid) = tgid_tid();
-    let key = ConnKey { tgid, fd };
-    let _ = NOT_SOCKETS.remove(&key);
-    let Some(info) = CONNS.get_ptr(&key) else {
+/// The current process's parent (0 when unreadable).
+#[inline(always)]
+fn parent_tgid() -> u32 {
+    // SAFETY: every dereference goes through bpf_probe_read_kernel, which tolerates bad addresses.
+    unsafe {
+        let task = bpf_get_current_task() as *const u8;
+        let parent: Result<*const u8, _> =
+            bpf_probe_read_kernel(task.add(global!(OFFSETS.task_real_parent) as usize) as *const _);
+        match parent {
+            Ok(p) => {
+                bpf_probe_read_kernel(p.add(global!(OFFSETS.task_tgid) as usize) as *const u32)
+                    .unwrap_or(0)
+            }
+            Err(_) => 0,
+        }
+    }
+}
+
+/// The socket `sk` is being destroyed: its connection is over for every process that held it.
+#[inline(always)]
+fn on_destroy(sk: u64) {
+    let Some(info) = CONNS.get_ptr(&sk) else {
         return;
     };
-    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
-        return;
-    };
-    // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
-    let ev = unsafe { &mut *ev };
     // SAFETY: pointer from a successful lookup, copied before the entry is removed.
-    fill_header(ev, unsafe { &*info }, tid, fd, 0, 0, 0);
-    ev.header.kind = kind::CLOSE;
-    let _ = CONNS.remove(&key);
-    let p = ev.header.conn.proto;
-    if p == proto::HTTP2 {
-        h2::forget(&key);
+    let conn = unsafe { *info };
+    let _ = CONNS.remove(&sk);
+    if conn.proto == proto::HTTP2 {
+        h2::forget(sk);
     }
-    if p != proto::HTTP1 && p != proto::HTTP2 {
+    // Userspace holds state only for these (and remembers the connections it excluded).
+    if conn.proto != proto::HTTP1 && conn.proto != proto::HTTP2 && conn.proto != proto::IGNORED {
         return;
     }
+    let header = EventHeader {
+        kind: kind::CLOSE,
+        tgid: 0,
+        tid: 0,
+        fd: 0,
+        sock: sk,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        conn,
+        total_len: 0,
+        captured_len: 0,
+        direction: 0,
+        flags: 0,
+        _pad: [0; 2],
+    };
     if EVENTS
-        .output::<EventHeader>(&ev.header, wakeup_flags())
+        .output::<EventHeader>(&header, wakeup_flags())
         .is_ok()
     {
         bump(stat::EVENTS);
@@ -381,9 +456,19 @@ fn on_data<const BPF_LOOP: bool>(
 ) -> Result<(), i32> {
     let (tgid, tid) = tgid_tid();
     let key = ConnKey { tgid, fd };
-    let info = match CONNS.get_ptr_mut(&key) {
+    if NOT_SOCKETS.get_ptr(&key).is_some() {
+        return Ok(());
+    }
+    let socket = fd_socket(fd);
+    let sk = socket_sk(socket);
+    if sk == 0 {
+        let _ = NOT_SOCKETS.insert(&key, &0, 0);
+        return Ok(());
+    }
+    let at = Origin { sock: sk, fd, tid };
+    let info = match CONNS.get_ptr_mut(&sk) {
         Some(info) => info,
-        None => match discover(&key) {
+        None => match discover(&key, socket, sk) {
             Some(info) => info,
             None => return Ok(()),
         },
@@ -421,8 +506,7 @@ fn on_data<const BPF_LOOP: bool>(
     };
 
     // HTTP/2 framing must survive reads of any size: follow the frames instead of a prefix.
-    if info.proto == proto::HTTP2 && h2_walk::<BPF_LOOP>(ev, info, &key, tid, total, dir, &src, cap)
-    {
+    if info.proto == proto::HTTP2 && h2_walk::<BPF_LOOP>(ev, info, &at, total, dir, &src, cap) {
         return Ok(());
     }
 
@@ -478,14 +562,14 @@ fn on_data<const BPF_LOOP: bool>(
             } else {
                 Some(dir ^ 1)
             };
-            h2::start(&key, info.generation, preface);
-            if h2_walk::<BPF_LOOP>(ev, info, &key, tid, total, dir, &src, cap) {
+            h2::start(sk, info.generation, preface);
+            if h2_walk::<BPF_LOOP>(ev, info, &at, total, dir, &src, cap) {
                 return Ok(());
             }
         }
     }
 
-    fill_header(ev, info, tid, fd, total, dir, flags);
+    fill_header(ev, info, &at, total, dir, flags);
     ev.header.captured_len = captured as u32;
     let mut len = HEADER_LEN as u64 + captured;
     if len > (HEADER_LEN + MAX_PAYLOAD) as u64 {
@@ -506,15 +590,7 @@ fn on_data<const BPF_LOOP: bool>(
 
 /// The record header of a data event (`captured_len` is set by whoever fills the payload).
 #[inline(always)]
-fn fill_header(
-    ev: &mut DataEvent,
-    info: &ConnInfo,
-    tid: u32,
-    fd: u32,
-    total: u64,
-    dir: u8,
-    flags: u8,
-) {
+fn fill_header(ev: &mut DataEvent, info: &ConnInfo, at: &Origin, total: u64, dir: u8, flags: u8) {
     let mut flags = flags;
     if info.gap_pending != 0 {
         flags |= event_flags::GAP;
@@ -522,8 +598,9 @@ fn fill_header(
     ev.header = EventHeader {
         kind: kind::DATA,
         tgid: tgid_tid().0,
-        tid,
-        fd,
+        tid: at.tid,
+        fd: at.fd,
+        sock: at.sock,
         // SAFETY: helper without preconditions.
         ts_ns: unsafe { bpf_ktime_get_ns() },
         conn: *info,
@@ -533,6 +610,11 @@ fn fill_header(
         flags,
         _pad: [0; 2],
     };
+    // The process moving the bytes may not be the one that opened the socket (a forked child,
+    // an exec'ed inetd service): its own name stands in for it if it exits before /proc is read.
+    if let Ok(comm) = bpf_get_current_comm() {
+        ev.header.conn.comm = comm;
+    }
 }
 
 /// Emits an HTTP/2 connection's bytes as followed frames; false when its framing is not
@@ -542,15 +624,14 @@ fn fill_header(
 fn h2_walk<const BPF_LOOP: bool>(
     ev: &mut DataEvent,
     info: &mut ConnInfo,
-    key: &ConnKey,
-    tid: u32,
+    at: &Origin,
     total: u64,
     dir: u8,
     src: &h2::Source,
     cap: u64,
 ) -> bool {
-    fill_header(ev, info, tid, key.fd, total, dir, 0);
-    match h2::walk::<BPF_LOOP>(key, info.generation, dir, total, src, cap) {
+    fill_header(ev, info, at, total, dir, 0);
+    match h2::walk::<BPF_LOOP>(at.sock, info.generation, dir, total, src, cap) {
         Some(gap) => {
             info.gap_pending = gap as u8;
             true
@@ -675,26 +756,31 @@ fn iovec_entry(iov: u64, i: u64) -> Option<(u64, u64)> {
     }
 }
 
-/// A socket the agent did not see being opened (it predates the agent): track it if it is a
-/// TCP stream, remember the answer otherwise so the walk happens once per fd.
+/// A socket the agent did not see being opened (it predates the agent, or arrived over
+/// SCM_RIGHTS from a process that predates it): track it if it is a TCP stream, remember the
+/// answer otherwise so the walk happens once per fd.
 #[inline(never)]
-fn discover(key: &ConnKey) -> Option<*mut ConnInfo> {
-    if NOT_SOCKETS.get_ptr(key).is_some() || is_self() {
+fn discover(key: &ConnKey, socket: u64, sk: u64) -> Option<*mut ConnInfo> {
+    if is_self() {
         return None;
     }
-    let info = match new_conn(key.fd, true, 0) {
-        Some(i) if i.tuple.family == AF_INET || i.tuple.family == AF_INET6 => i,
+    let info = match new_conn(sk, 0) {
+        Some(i)
+            if is_stream(socket) && (i.tuple.family == AF_INET || i.tuple.family == AF_INET6) =>
+        {
+            i
+        }
         _ => {
             let _ = NOT_SOCKETS.insert(key, &0, 0);
             return None;
         }
     };
-    if CONNS.insert(key, info, 0).is_err() {
+    if CONNS.insert(&sk, info, 0).is_err() {
         bump(stat::CONN_INSERT_FAILED);
         return None;
     }
     bump(stat::CONNS_DISCOVERED);
-    CONNS.get_ptr_mut(key)
+    CONNS.get_ptr_mut(&sk)
 }
 
 /// Recognises the first bytes of an HTTP/1.x request or response, or the HTTP/2 preface.
@@ -739,44 +825,68 @@ fn h2_frame_start(p: &[u8]) -> bool {
         }
 }
 
-/// Reads the socket's addresses into `t` by walking task → files → fdtable → file → socket →
-/// sock with offsets resolved from BTF. Without offsets `t` stays zero (family 0) so the
-/// connection is still tracked. With `verify`, the fd is first proven to be a stream socket
-/// (for fds of unknown kind).
-#[inline(always)]
-fn read_tuple(fd: u32, verify: bool, t: &mut Tuple) -> Result<(), i32> {
+macro_rules! field {
+    ($base:expr, $off:ident) => {
+        bpf_probe_read_kernel($base.add(global!(OFFSETS.$off) as usize) as *const _)
+    };
+}
+
+/// The `struct socket` behind `fd` of the current process, 0 when the fd is no socket:
+/// task → files → fdtable → file → private_data, which is a socket when the socket points back
+/// at the file. Offsets come from the kernel's BTF.
+#[inline(never)]
+fn fd_socket(fd: u32) -> u64 {
     if global!(OFFSETS.valid) == 0 {
-        return Ok(());
-    }
-    macro_rules! field {
-        ($base:expr, $off:ident) => {
-            bpf_probe_read_kernel($base.add(global!(OFFSETS.$off) as usize) as *const _)
-        };
+        return 0;
     }
     // SAFETY: every dereference goes through bpf_probe_read_kernel, which tolerates bad addresses.
-    unsafe {
-        let task = bpf_get_current_task() as *const u8;
-        let files: *const u8 = field!(task, task_files)?;
-        let fdt: *const u8 = field!(files, files_fdt)?;
-        let max_fds: u32 = field!(fdt, fdt_max_fds)?;
-        if fd >= max_fds {
-            return Ok(());
-        }
-        let fds: *const *const u8 = field!(fdt, fdt_fd)?;
-        let file: *const u8 = bpf_probe_read_kernel(fds.add(fd as usize))?;
-        let socket: *const u8 = field!(file, file_private_data)?;
-        if verify {
-            const S_IFMT: u16 = 0o170000;
-            const S_IFSOCK: u16 = 0o140000;
-            const SOCK_STREAM: u16 = 1;
-            let inode: *const u8 = field!(file, file_f_inode)?;
-            let mode: u16 = field!(inode, inode_i_mode)?;
-            let kind: u16 = field!(socket, socket_type)?;
-            if mode & S_IFMT != S_IFSOCK || kind != SOCK_STREAM {
+    let socket: Result<*const u8, i64> = unsafe {
+        (|| {
+            let task = bpf_get_current_task() as *const u8;
+            let files: *const u8 = field!(task, task_files)?;
+            let fdt: *const u8 = field!(files, files_fdt)?;
+            let max_fds: u32 = field!(fdt, fdt_max_fds)?;
+            if fd >= max_fds {
                 return Err(-1);
             }
-        }
-        let sk: *const u8 = field!(socket, socket_sk)?;
+            let fds: *const *const u8 = field!(fdt, fdt_fd)?;
+            let file: *const u8 = bpf_probe_read_kernel(fds.add(fd as usize))?;
+            let socket: *const u8 = field!(file, file_private_data)?;
+            let back: *const u8 = field!(socket, socket_file)?;
+            if back != file || socket.is_null() {
+                return Err(-1);
+            }
+            Ok(socket)
+        })()
+    };
+    socket.map(|s| s as u64).unwrap_or(0)
+}
+
+/// The `struct sock` of a socket (0 for none).
+#[inline(always)]
+fn socket_sk(socket: u64) -> u64 {
+    if socket == 0 {
+        return 0;
+    }
+    // SAFETY: read through the fault-tolerant helper.
+    unsafe { field!((socket as *const u8), socket_sk) }.unwrap_or(0)
+}
+
+/// Whether a socket is a stream socket (TCP, or a unix stream the family check then drops).
+#[inline(always)]
+fn is_stream(socket: u64) -> bool {
+    const SOCK_STREAM: u16 = 1;
+    // SAFETY: read through the fault-tolerant helper.
+    let kind: Result<u16, _> = unsafe { field!((socket as *const u8), socket_type) };
+    kind == Ok(SOCK_STREAM)
+}
+
+/// Reads the addresses of socket `sk` into `t`.
+#[inline(always)]
+fn read_tuple(sk: u64, t: &mut Tuple) -> Result<(), i64> {
+    let sk = sk as *const u8;
+    // SAFETY: every dereference goes through bpf_probe_read_kernel, which tolerates bad addresses.
+    unsafe {
         let family: u16 = field!(sk, skc_family)?;
         t.family = family;
         let dport: u16 = field!(sk, skc_dport)?;

@@ -49,21 +49,20 @@ fn synthesise() -> Vec<Vec<u8>> {
     let resp = b"HTTP/1.1 200 OK\r\nServer: nginx\r\nContent-Type: application/json\r\nContent-Length: 27\r\n\r\n{\"id\":42,\"name\":\"kspan\"}\r\n";
     for c in 0..64u32 {
         let client = ConnId {
-            tgid: 1000,
-            fd: 10 + c,
+            sock: 0x1000 + c as u64,
             generation: c as u64,
         };
         let server = ConnId {
-            tgid: 2000,
-            fd: 10 + c,
+            sock: 0x2000 + c as u64,
             generation: 1000 + c as u64,
         };
         let cli_addr = format!("127.0.0.1:{}", 40000 + c).parse().unwrap();
         let srv_addr = "127.0.0.1:8080".parse().unwrap();
         for _ in 0..50 {
-            for (conn, role, dir, bytes, local, peer) in [
+            for (conn, tgid, role, dir, bytes, local, peer) in [
                 (
                     client,
+                    1000,
                     Role::Client,
                     Direction::Egress,
                     &req[..],
@@ -72,6 +71,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                 ),
                 (
                     server,
+                    2000,
                     Role::Server,
                     Direction::Ingress,
                     &req[..],
@@ -80,6 +80,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                 ),
                 (
                     server,
+                    2000,
                     Role::Server,
                     Direction::Egress,
                     &resp[..],
@@ -88,6 +89,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                 ),
                 (
                     client,
+                    1000,
                     Role::Client,
                     Direction::Ingress,
                     &resp[..],
@@ -98,7 +100,8 @@ fn synthesise() -> Vec<Vec<u8>> {
                 ts += 5_000;
                 out.push(event::encode(&Event {
                     conn,
-                    tid: conn.tgid,
+                    tgid,
+                    tid: tgid,
                     ts_ns: ts,
                     role,
                     endpoints: Some(Endpoints {
@@ -108,6 +111,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                     }),
                     comm: *b"bench\0\0\0\0\0\0\0\0\0\0\0",
                     discovered: false,
+                    opener: Default::default(),
                     kind: EventKind::Data {
                         direction: dir,
                         total_len: bytes.len() as u64,

@@ -542,6 +542,7 @@ mod tests {
     fn filters() {
         let p = ProcessInfo {
             pid: 10,
+            comm: String::new(),
             exe: "/usr/sbin/nginx".into(),
             command_line: String::new(),
             service_name: "nginx".into(),

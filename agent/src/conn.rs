@@ -47,6 +47,9 @@ pub struct H2Stream {
 pub struct Conn {
     pub role: Role,
     pub endpoints: Option<Endpoints>,
+    /// The process that moved the connection's latest bytes: a socket can be served by
+    /// another process than the one that accepted it (a forked child, an inetd-style server).
+    pub tgid: u32,
     pub process: Arc<ProcessInfo>,
     pub protocol: Protocol,
     pub http: Http1Conn,
@@ -67,6 +70,7 @@ impl Conn {
     pub fn new(
         role: Role,
         endpoints: Option<Endpoints>,
+        tgid: u32,
         process: Arc<ProcessInfo>,
         ts_ns: u64,
         captured: &'static [&'static str],
@@ -74,6 +78,7 @@ impl Conn {
         Self {
             role,
             endpoints,
+            tgid,
             process,
             protocol: Protocol::Http1,
             http: Http1Conn::with_captured(captured),

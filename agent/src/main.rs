@@ -342,7 +342,7 @@ fn run_loop(
                     }
                 });
                 for c in pipeline.to_ignore.drain(..) {
-                    cap.ignore(c.tgid, c.fd, c.generation);
+                    cap.ignore(c.sock, c.generation);
                 }
                 clock_ns(libc::CLOCK_MONOTONIC)
             }

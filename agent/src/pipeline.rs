@@ -121,7 +121,7 @@ impl Pipeline {
             if ev.kind == EventKind::Close {
                 return;
             }
-            let process = self.procs.get(ev.conn.tgid, &ev.comm);
+            let process = self.procs.get(ev.tgid, &ev.comm, ev.opener);
             if !self.filter.admits(&process, ev.endpoints.as_ref()) {
                 self.stats.conns_filtered += 1;
                 self.excluded.insert(ev.conn, ev.ts_ns);
@@ -154,7 +154,14 @@ impl Pipeline {
                 self.evict_oldest();
             }
             self.stats.conns_opened += 1;
-            let mut conn = Conn::new(role, ev.endpoints, process, ev.ts_ns, self.captured);
+            let mut conn = Conn::new(
+                role,
+                ev.endpoints,
+                ev.tgid,
+                process,
+                ev.ts_ns,
+                self.captured,
+            );
             conn.discovered = ev.discovered;
             if h2_late {
                 conn.protocol = Protocol::Http2;
@@ -167,6 +174,10 @@ impl Pipeline {
             return;
         };
         conn.last_seen_ns = ev.ts_ns;
+        if ev.tgid != 0 && ev.tgid != conn.tgid {
+            conn.tgid = ev.tgid;
+            conn.process = self.procs.get(ev.tgid, &ev.comm, ev.opener);
+        }
         let mut sink = Sink {
             tracer: &mut self.tracer,
             stats: &mut self.stats,
@@ -175,7 +186,7 @@ impl Pipeline {
         match ev.kind {
             EventKind::Close => {
                 conn.http.close(ev.ts_ns, &mut self.messages);
-                sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
+                sink.apply(conn, &mut self.messages, ev.tid, ev.ts_ns);
                 let open_streams = conn
                     .h2
                     .as_mut()
@@ -257,13 +268,13 @@ impl Pipeline {
                                 ev.ts_ns,
                                 &mut self.h2_messages,
                             );
-                            sink.apply_h2(conn, &mut self.h2_messages, ev.conn, ev.tid, ev.ts_ns);
+                            sink.apply_h2(conn, &mut self.h2_messages, ev.tid, ev.ts_ns);
                             h2_lost = conn.protocol == Protocol::Unsupported;
                         }
                         None => {
                             conn.http
                                 .feed(requests, bytes, missing, ev.ts_ns, &mut self.messages);
-                            sink.apply(conn, &mut self.messages, ev.conn, ev.tid, ev.ts_ns);
+                            sink.apply(conn, &mut self.messages, ev.tid, ev.ts_ns);
                         }
                     }
                     if conn.protocol == Protocol::Unsupported {
@@ -359,19 +370,12 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     /// Applies decoded messages of one connection to the tracer.
-    fn apply(
-        &mut self,
-        conn: &mut Conn,
-        messages: &mut Vec<Message>,
-        id: ConnId,
-        tid: u32,
-        ts_ns: u64,
-    ) {
+    fn apply(&mut self, conn: &mut Conn, messages: &mut Vec<Message>, tid: u32, ts_ns: u64) {
         for msg in messages.drain(..) {
             match msg {
                 Message::RequestHead(head) => {
                     let seq = conn.requests;
-                    let span = self.start_request(conn, id, tid, seq, &head);
+                    let span = self.start_request(conn, tid, seq, &head);
                     conn.in_flight.push_back(span);
                 }
                 Message::RequestEnd { body_len, .. } => {
@@ -409,7 +413,6 @@ impl Sink<'_> {
     fn start_request(
         &mut self,
         conn: &mut Conn,
-        id: ConnId,
         tid: u32,
         seq: u64,
         head: &RequestHead,
@@ -417,7 +420,7 @@ impl Sink<'_> {
         self.stats.requests += 1;
         conn.requests += 1;
         self.tracer.request_started(RequestStart {
-            conn: id,
+            tgid: conn.tgid,
             tid,
             kind: if conn.role == Role::Server {
                 SpanKind::Server
@@ -461,14 +464,7 @@ impl Sink<'_> {
     }
 
     /// Applies decoded HTTP/2 messages: one span per stream.
-    fn apply_h2(
-        &mut self,
-        conn: &mut Conn,
-        messages: &mut Vec<h2::Message>,
-        id: ConnId,
-        tid: u32,
-        ts_ns: u64,
-    ) {
+    fn apply_h2(&mut self, conn: &mut Conn, messages: &mut Vec<h2::Message>, tid: u32, ts_ns: u64) {
         for mut msg in messages.drain(..) {
             let Some(h) = conn.h2.as_mut() else { return };
             let flip = match h.flip {
@@ -510,7 +506,7 @@ impl Sink<'_> {
                     }
                     let head = request_head(fields, start_ns, self.captured);
                     // Both ends number streams identically, which pairs them exactly.
-                    let span = self.start_request(conn, id, tid, stream as u64, &head);
+                    let span = self.start_request(conn, tid, stream as u64, &head);
                     if let Some(span) = span {
                         if partial {
                             self.tracer.mark_partial(span);

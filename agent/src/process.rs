@@ -1,7 +1,10 @@
 //! Process metadata from procfs, cached per tgid.
 pub mod cgroup;
 
-use crate::k8s::{PodIndex, PodMeta};
+use crate::{
+    capture::event::Opener,
+    k8s::{PodIndex, PodMeta},
+};
 
 use std::{
     collections::HashMap,
@@ -13,6 +16,8 @@ use std::{
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ProcessInfo {
     pub pid: u32,
+    /// The kernel's name for the process (`/proc/<pid>/comm`, or the kernel's when gone).
+    pub comm: String,
     /// Absolute path of the executable, empty when the process was gone before we looked.
     pub exe: String,
     pub command_line: String,
@@ -27,6 +32,34 @@ pub struct ProcessInfo {
 impl ProcessInfo {
     pub fn exe_name(&self) -> &str {
         self.exe.rsplit('/').next().unwrap_or(&self.exe)
+    }
+
+    /// Whether the process was gone before /proc was read.
+    pub fn gone(&self) -> bool {
+        self.exe.is_empty()
+    }
+
+    /// The identity of `child`, gone before it could be read, from a live relative (the
+    /// process that opened its socket, or its parent). A forked copy (same `comm`: a fork
+    /// keeps it, an exec changes it) is its relative under its own pid; a program it exec'ed
+    /// keeps its own name but shares the relative's container and pod.
+    pub fn inherited(child: &ProcessInfo, kin: &ProcessInfo) -> ProcessInfo {
+        if child.comm == kin.comm {
+            return ProcessInfo {
+                pid: child.pid,
+                ..kin.clone()
+            };
+        }
+        let service_name = match &kin.k8s {
+            Some(pod) => pod.service_name(kin.cgroup.container_id.as_deref()),
+            None => child.service_name.clone(),
+        };
+        ProcessInfo {
+            service_name,
+            cgroup: kin.cgroup.clone(),
+            k8s: kin.k8s.clone(),
+            ..child.clone()
+        }
     }
 }
 
@@ -64,15 +97,19 @@ pub fn read(root: &Path, pid: u32, comm: &[u8], pods: Option<&PodIndex>) -> Proc
             .map(|pod| pod.service_name(cgroup.container_id.as_deref()))
     });
     let exe_name = exe.rsplit('/').next().unwrap_or_default().to_string();
-    let comm =
-        String::from_utf8_lossy(comm.split(|&b| b == 0).next().unwrap_or_default()).into_owned();
+    let comm = std::fs::read_to_string(dir.join("comm"))
+        .map(|c| c.trim_end_matches('\n').to_string())
+        .unwrap_or_else(|_| {
+            String::from_utf8_lossy(comm.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
+        });
     let service_name = declared.unwrap_or_else(|| match (exe_name.is_empty(), comm.is_empty()) {
         (false, _) => exe_name,
-        (true, false) => comm,
+        (true, false) => comm.clone(),
         (true, true) => format!("unknown_service:{pid}"),
     });
     ProcessInfo {
         pid,
+        comm,
         exe,
         command_line,
         service_name,
@@ -110,7 +147,29 @@ impl ProcessCache {
         self
     }
 
-    pub fn get(&mut self, pid: u32, comm: &[u8]) -> Arc<ProcessInfo> {
+    /// The metadata of `pid`; `comm` (from the kernel) and `kin` (the socket's opener and its
+    /// parent) stand in for a process that exited before it could be read.
+    pub fn get(&mut self, pid: u32, comm: &[u8], kin: Opener) -> Arc<ProcessInfo> {
+        let info = self.get_one(pid, comm);
+        if !info.gone() {
+            return info;
+        }
+        for relative in [kin.tgid, kin.parent] {
+            if relative == 0 || relative == pid {
+                continue;
+            }
+            let relative = self.get_one(relative, b"");
+            if !relative.gone() {
+                let inherited = Arc::new(ProcessInfo::inherited(&info, &relative));
+                let expires = Instant::now() + NEGATIVE_TTL;
+                self.entries.insert(pid, (expires, inherited.clone()));
+                return inherited;
+            }
+        }
+        info
+    }
+
+    fn get_one(&mut self, pid: u32, comm: &[u8]) -> Arc<ProcessInfo> {
         let now = Instant::now();
         if let Some((expires, info)) = self.entries.get(&pid)
             && now < *expires
@@ -177,11 +236,74 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A forked child gone before /proc was read is its opener under its own pid; a program
+    /// exec'ed by a live parent keeps its name and takes the parent's container.
+    #[test]
+    fn gone_children_take_their_relatives_identity() {
+        let dir = std::env::temp_dir().join(format!("kspan-kin-{}", std::process::id()));
+        let parent = dir.join("42");
+        std::fs::create_dir_all(&parent).unwrap();
+        std::os::unix::fs::symlink("/usr/bin/python3.11", parent.join("exe")).unwrap();
+        std::fs::write(parent.join("comm"), "python3\n").unwrap();
+        std::fs::write(parent.join("environ"), b"OTEL_SERVICE_NAME=checkout\0").unwrap();
+        let container = "cd".repeat(32);
+        std::fs::write(
+            parent.join("cgroup"),
+            format!("0::/system.slice/docker-{container}.scope\n"),
+        )
+        .unwrap();
+        let mut cache = ProcessCache::new(&dir);
+        let comm = |name: &str| {
+            let mut c = [0u8; 16];
+            c[..name.len()].copy_from_slice(name.as_bytes());
+            c
+        };
+        let child = cache.get(
+            43,
+            &comm("python3"),
+            Opener {
+                tgid: 42,
+                parent: 1,
+            },
+        );
+        assert_eq!((child.pid, child.service_name.as_str()), (43, "checkout"));
+        assert_eq!(child.exe, "/usr/bin/python3.11");
+        let execed = cache.get(
+            44,
+            &comm("curl"),
+            Opener {
+                tgid: 44,
+                parent: 42,
+            },
+        );
+        assert_eq!((execed.pid, execed.service_name.as_str()), (44, "curl"));
+        assert_eq!(
+            execed.cgroup.container_id.as_deref(),
+            Some(container.as_str())
+        );
+        let orphan = cache.get(
+            45,
+            &comm("curl"),
+            Opener {
+                tgid: 45,
+                parent: 46,
+            },
+        );
+        assert_eq!(
+            orphan.service_name, "curl",
+            "no live relative: the kernel's name"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn own_process_is_readable() {
         let mut cache = ProcessCache::new("/proc");
-        let me = cache.get(std::process::id(), b"");
+        let me = cache.get(std::process::id(), b"", Opener::default());
         assert!(!me.exe.is_empty());
-        assert!(Arc::ptr_eq(&me, &cache.get(std::process::id(), b"")));
+        assert!(Arc::ptr_eq(
+            &me,
+            &cache.get(std::process::id(), b"", Opener::default())
+        ));
     }
 }

@@ -64,10 +64,10 @@ fuzz_target!(|data: &[u8]| {
             };
             pipeline.handle(Event {
                 conn: ConnId {
-                    tgid,
-                    fd: 3 + pair,
+                    sock: (tgid as u64) << 8 | pair as u64,
                     generation: pair as u64,
                 },
+                tgid,
                 tid: tgid,
                 ts_ns: ts,
                 role: match (op >> 4) & 3 {
@@ -82,6 +82,7 @@ fuzz_target!(|data: &[u8]| {
                 }),
                 comm: *b"fuzz\0\0\0\0\0\0\0\0\0\0\0\0",
                 discovered: op & 0x30 == 0,
+                opener: Default::default(),
                 kind,
             });
         }

@@ -231,9 +231,10 @@ pub fn kernel_offsets(btf: &Btf) -> Result<KernelOffsets, BtfError> {
         skc_v6_rcv_saddr: v6_s,
         skc_net: sk("skc_net")?,
         net_ns_inum: btf.offset_of("net", &["ns", "inum"])?,
-        file_f_inode: btf.offset_of("file", &["f_inode"])?,
-        inode_i_mode: btf.offset_of("inode", &["i_mode"])?,
         socket_type: btf.offset_of("socket", &["type"])?,
+        socket_file: btf.offset_of("socket", &["file"])?,
+        task_real_parent: btf.offset_of("task_struct", &["real_parent"])?,
+        task_tgid: btf.offset_of("task_struct", &["tgid"])?,
         valid: 1,
     })
 }

@@ -15,12 +15,19 @@ pub enum DecodeError {
     Chunks,
 }
 
-/// Identity of one connection for its whole life: fd numbers are reused, generations are not.
+/// Identity of one connection for its whole life: the socket (its kernel address, shared by
+/// every fd and process holding it), and a generation, since addresses are reused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ConnId {
-    pub tgid: u32,
-    pub fd: u32,
+    pub sock: u64,
     pub generation: u64,
+}
+
+/// The process that accepted, connected or first used a socket, and its parent.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Opener {
+    pub tgid: u32,
+    pub parent: u32,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -70,6 +77,8 @@ pub enum EventKind<'a> {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Event<'a> {
     pub conn: ConnId,
+    /// The process and thread that moved the bytes (0 for `Close`).
+    pub tgid: u32,
     pub tid: u32,
     pub ts_ns: u64,
     pub role: Role,
@@ -79,6 +88,7 @@ pub struct Event<'a> {
     pub comm: [u8; 16],
     /// The socket predates the agent: its request order is unknown.
     pub discovered: bool,
+    pub opener: Opener,
     pub kind: EventKind<'a>,
 }
 
@@ -118,8 +128,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     // with any alignment of the record.
     let h: EventHeader = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
     let conn = ConnId {
-        tgid: h.tgid,
-        fd: h.fd,
+        sock: h.sock,
         generation: h.conn.generation,
     };
     let role = match h.conn.role {
@@ -160,12 +169,17 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
     };
     Ok(Event {
         conn,
+        tgid: h.tgid,
         tid: h.tid,
         ts_ns: h.ts_ns,
         role,
         endpoints: endpoints(&h.conn.tuple),
         comm: h.conn.comm,
         discovered: h.conn.discovered != 0,
+        opener: Opener {
+            tgid: h.conn.opener_tgid,
+            parent: h.conn.opener_parent_tgid,
+        },
         kind,
     })
 }
@@ -248,8 +262,8 @@ pub fn first_bytes(payload: &[u8], framed: bool) -> &[u8] {
 /// Encodes an event back into the kernel's record layout (used by recording and tests).
 pub fn encode(ev: &Event<'_>) -> Vec<u8> {
     let mut h = EventHeader {
-        tgid: ev.conn.tgid,
-        fd: ev.conn.fd,
+        tgid: ev.tgid,
+        sock: ev.conn.sock,
         tid: ev.tid,
         ts_ns: ev.ts_ns,
         ..Default::default()
@@ -262,6 +276,8 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
         Role::Unknown => 0,
     };
     h.conn.discovered = ev.discovered as u8;
+    h.conn.opener_tgid = ev.opener.tgid;
+    h.conn.opener_parent_tgid = ev.opener.parent;
     if let Some(e) = &ev.endpoints {
         let put = |a: IpAddr, out: &mut [u8; 16]| match a {
             IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
@@ -326,10 +342,10 @@ mod tests {
     fn sample() -> Event<'static> {
         Event {
             conn: ConnId {
-                tgid: 7,
-                fd: 4,
+                sock: 0xffff_8880_1234_5600,
                 generation: 99,
             },
+            tgid: 7,
             tid: 8,
             ts_ns: 1234,
             role: Role::Server,
@@ -340,6 +356,7 @@ mod tests {
             }),
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             discovered: true,
+            opener: Opener { tgid: 6, parent: 1 },
             kind: EventKind::Data {
                 direction: Direction::Ingress,
                 total_len: 10_000,

@@ -15,7 +15,7 @@ use aya::{
     programs::{BtfTracePoint, FExit, ProgramType, RawTracePoint},
     sys::{BpfHelper, is_helper_supported},
 };
-use kspan_common::{Config, ConnInfo, ConnKey, MAX_PAYLOAD, SOCKET_SYSCALLS, proto, stat};
+use kspan_common::{Config, ConnInfo, MAX_PAYLOAD, SOCKET_SYSCALLS, proto, stat};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kspan-ebpf"));
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -160,7 +160,7 @@ pub struct Capture {
     ebpf: Ebpf,
     ring: RingBuf<MapData>,
     stats: PerCpuArray<MapData, u64>,
-    conns: BpfHashMap<MapData, ConnKey, ConnInfo>,
+    conns: BpfHashMap<MapData, u64, ConnInfo>,
     /// The hook and loops in use (`Auto` resolved).
     pub hook: Hook,
     pub loops: Loops,
@@ -191,10 +191,18 @@ where
 
 const FEXIT: &str = "fexit";
 
+/// The syscalls of [`SOCKET_SYSCALLS`] this architecture has.
+fn syscalls() -> impl Iterator<Item = &'static &'static str> {
+    // arm64 has no dup2 (libc calls dup3).
+    SOCKET_SYSCALLS
+        .iter()
+        .filter(|s| cfg!(not(target_arch = "aarch64")) || **s != "dup2")
+}
+
 /// One fexit program per socket syscall; all or none (a partial set would miss events).
 fn attach_fexit(ebpf: &mut Ebpf, btf: &aya::Btf, loops: Loops) -> Result<Hook, CaptureError> {
     let mut done = Vec::new();
-    let result = SOCKET_SYSCALLS.iter().try_for_each(|syscall| {
+    let result = syscalls().try_for_each(|syscall| {
         let name = loops.program(&format!("fexit_{syscall}"));
         let prog: &mut FExit = program(ebpf, &name, FEXIT)?;
         done.push(name);
@@ -209,7 +217,19 @@ fn attach_fexit(ebpf: &mut Ebpf, btf: &aya::Btf, loops: Loops) -> Result<Hook, C
             }
         }
     }
-    result.map(|()| Hook::Fexit)
+    result?;
+    attach_destroy_btf(ebpf, btf)?;
+    Ok(Hook::Fexit)
+}
+
+const DESTROY: &str = "tcp_destroy_sock";
+
+/// The socket-destruction hook that ends connections, BTF-typed (with fexit and tp_btf).
+fn attach_destroy_btf(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), CaptureError> {
+    let prog: &mut BtfTracePoint = program(ebpf, "kspan_sock_destroy", DESTROY)?;
+    prog.load(DESTROY, btf)
+        .and_then(|()| prog.attach().map(drop))
+        .map_err(|e| CaptureError::Attach(DESTROY, e))
 }
 
 fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, loops: Loops) -> Result<Hook, CaptureError> {
@@ -218,6 +238,7 @@ fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, loops: Loops) -> Result<Hook, Cap
     prog.load("sys_exit", btf)
         .and_then(|()| prog.attach().map(drop))
         .map_err(|e| CaptureError::Attach(HOOK, e))?;
+    attach_destroy_btf(ebpf, btf)?;
     Ok(Hook::BtfTracepoint)
 }
 
@@ -227,6 +248,10 @@ fn attach_raw(ebpf: &mut Ebpf, loops: Loops) -> Result<Hook, CaptureError> {
     prog.load()
         .and_then(|()| prog.attach("sys_exit").map(drop))
         .map_err(|e| CaptureError::Attach(HOOK, e))?;
+    let prog: &mut RawTracePoint = program(ebpf, "kspan_sock_destroy_raw", DESTROY)?;
+    prog.load()
+        .and_then(|()| prog.attach(DESTROY).map(drop))
+        .map_err(|e| CaptureError::Attach(DESTROY, e))?;
     Ok(Hook::RawTracepoint)
 }
 
@@ -391,13 +416,12 @@ impl Capture {
     }
 
     /// Tells the kernel to stop copying payload for a connection the filters exclude.
-    pub fn ignore(&mut self, tgid: u32, fd: u32, generation: u64) {
-        let key = ConnKey { tgid, fd };
-        if let Ok(mut info) = self.conns.get(&key, 0) {
-            // The fd may already belong to a newer connection that the filters never judged.
+    pub fn ignore(&mut self, sock: u64, generation: u64) {
+        if let Ok(mut info) = self.conns.get(&sock, 0) {
+            // The address may already belong to a newer socket that the filters never judged.
             if info.generation == generation {
                 info.proto = proto::IGNORED;
-                let _ = self.conns.insert(key, info, 0);
+                let _ = self.conns.insert(sock, info, 0);
             }
         }
     }

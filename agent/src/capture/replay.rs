@@ -3,13 +3,16 @@
 //! Format: the magic line, then records as a little-endian u32 length followed by the bytes.
 use std::io::{self, BufRead, Write};
 
-pub const MAGIC: &[u8] = b"KSPANREC1\n";
+/// Version 2: connections are identified by their socket, not by (process, fd).
+pub const MAGIC: &[u8] = b"KSPANREC2\n";
 /// Larger than any record the kernel can produce; guards against corrupt length fields.
 const MAX_RECORD: usize = 1 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ReplayError {
-    #[error("not a kspan recording (bad magic)")]
+    #[error(
+        "not a kspan recording of this version (bad magic; recordings by an older kspan, which keyed connections by fd, cannot be replayed)"
+    )]
     BadMagic,
     #[error("record length {0} exceeds the {MAX_RECORD}-byte limit")]
     TooLong(usize),

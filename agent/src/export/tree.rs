@@ -167,6 +167,7 @@ mod tests {
             error: None,
             process: Arc::new(ProcessInfo {
                 pid: 1,
+                comm: String::new(),
                 exe: String::new(),
                 command_line: String::new(),
                 service_name: service.into(),

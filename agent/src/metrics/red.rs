@@ -410,6 +410,7 @@ mod tests {
     fn process(name: &str) -> Arc<ProcessInfo> {
         Arc::new(ProcessInfo {
             pid: 1,
+            comm: String::new(),
             exe: String::new(),
             command_line: String::new(),
             service_name: name.into(),

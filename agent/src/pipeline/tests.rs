@@ -18,6 +18,8 @@ struct Sim {
 struct Link {
     client: ConnId,
     server: ConnId,
+    client_pid: u32,
+    server_pid: u32,
     client_addr: &'static str,
     server_addr: &'static str,
 }
@@ -57,16 +59,17 @@ impl Sim {
     ) -> Link {
         self.gens += 1;
         Link {
+            // Each end is its own socket.
             client: ConnId {
-                tgid: client_pid,
-                fd: 3,
+                sock: 0x1000 + client_pid as u64,
                 generation: self.gens,
             },
             server: ConnId {
-                tgid: server_pid,
-                fd: 4,
+                sock: 0x2000 + server_pid as u64,
                 generation: self.gens + 1000,
             },
+            client_pid,
+            server_pid,
             client_addr,
             server_addr,
         }
@@ -78,14 +81,27 @@ impl Sim {
     }
 
     fn event_at(&mut self, ts: u64, l: Link, client_side: bool, dir: Direction, bytes: &[u8]) {
-        let (conn, role, local, peer) = if client_side {
-            (l.client, Role::Client, l.client_addr, l.server_addr)
+        let (conn, pid, role, local, peer) = if client_side {
+            (
+                l.client,
+                l.client_pid,
+                Role::Client,
+                l.client_addr,
+                l.server_addr,
+            )
         } else {
-            (l.server, Role::Server, l.server_addr, l.client_addr)
+            (
+                l.server,
+                l.server_pid,
+                Role::Server,
+                l.server_addr,
+                l.client_addr,
+            )
         };
         self.p.handle(Event {
             conn,
-            tid: conn.tgid,
+            tgid: pid,
+            tid: pid,
             ts_ns: ts,
             role,
             endpoints: Some(Endpoints {
@@ -95,6 +111,7 @@ impl Sim {
             }),
             comm: [0; 16],
             discovered: false,
+            opener: Default::default(),
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
@@ -427,6 +444,54 @@ fn keep_alive_and_pipelining_pair_requests_in_order() {
     assert_eq!(busy.error.as_deref(), Some("HTTP 503"));
 }
 
+/// An inetd-style or forking server: the parent (pid 2) accepted the socket, a child (pid 5)
+/// reads the request through its stdin and writes the response through its stdout. It is
+/// one connection and one exchange, the child's, linked to its client through both ends;
+/// the socket's destruction then leaves nothing open.
+#[test]
+fn a_socket_served_by_a_forked_child_is_one_exchange_of_the_child() {
+    let mut s = Sim::new(Filter::default());
+    let mut a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+    s.event(
+        a,
+        true,
+        Direction::Egress,
+        b"GET /cgi HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    a.server_pid = 5;
+    s.event(
+        a,
+        false,
+        Direction::Ingress,
+        b"GET /cgi HTTP/1.1\r\nHost: x\r\n\r\n",
+    );
+    s.event(a, false, Direction::Egress, OK);
+    s.event(a, true, Direction::Ingress, OK);
+    assert_eq!(s.p.conns(), 2);
+    for conn in [a.client, a.server] {
+        s.ts += 10;
+        s.p.handle(Event {
+            conn,
+            tgid: 0,
+            tid: 0,
+            ts_ns: s.ts,
+            role: Role::Unknown,
+            endpoints: None,
+            comm: [0; 16],
+            discovered: false,
+            opener: Default::default(),
+            kind: EventKind::Close,
+        });
+    }
+    let spans = s.spans();
+    assert_eq!(spans.len(), 2, "{spans:#?}");
+    let server = find(&spans, SpanKind::Server, 5);
+    let client = find(&spans, SpanKind::Client, 1);
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+    assert!(server.error.is_none(), "{server:#?}");
+    assert_eq!((s.p.conns(), s.p.open_spans()), (0, 0));
+}
+
 #[test]
 fn close_without_response_is_an_error_span() {
     let mut s = Sim::new(Filter::default());
@@ -435,12 +500,15 @@ fn close_without_response_is_an_error_span() {
     s.ts += 10;
     s.p.handle(Event {
         conn: a.server,
-        tid: 2,
+        // The kernel reports a socket's destruction from no particular process.
+        tgid: 0,
+        tid: 0,
         ts_ns: s.ts,
         role: Role::Server,
         endpoints: None,
         comm: [0; 16],
         discovered: false,
+        opener: Default::default(),
         kind: EventKind::Close,
     });
     let spans = s.spans();
@@ -484,13 +552,11 @@ fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
         })
     };
     let client = ConnId {
-        tgid: 1,
-        fd: 5,
+        sock: 0x1001,
         generation: 1,
     };
     let server = ConnId {
-        tgid: 2,
-        fd: 6,
+        sock: 0x2002,
         generation: 2,
     };
     let send = |s: &mut Sim, conn: ConnId, dir: Direction, bytes: &[u8]| {
@@ -500,14 +566,17 @@ fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
         } else {
             ("127.0.0.1:8080", "127.0.0.1:40000")
         };
+        let pid = if conn == client { 1 } else { 2 };
         s.p.handle(Event {
             conn,
-            tid: conn.tgid,
+            tgid: pid,
+            tid: pid,
             ts_ns: s.ts,
             role: Role::Unknown,
             endpoints: ep(local, peer),
             comm: [0; 16],
             discovered: true,
+            opener: Default::default(),
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
@@ -591,7 +660,8 @@ mod http2 {
         payload.extend_from_slice(bytes);
         s.p.handle(Event {
             conn: l.server,
-            tid: l.server.tgid,
+            tgid: l.server_pid,
+            tid: l.server_pid,
             ts_ns: s.ts,
             role: Role::Server,
             endpoints: Some(Endpoints {
@@ -601,6 +671,7 @@ mod http2 {
             }),
             comm: [0; 16],
             discovered: false,
+            opener: Default::default(),
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64 + skipped as u64,
@@ -794,14 +865,14 @@ mod http2_late {
     fn joined_mid_connection_learns_its_side_and_marks_spans_partial() {
         let mut s = Sim::new(Filter::default());
         let server = ConnId {
-            tgid: 2,
-            fd: 6,
+            sock: 0x2002,
             generation: 9,
         };
         let send = |s: &mut Sim, dir: Direction, bytes: &[u8]| {
             s.ts += 10;
             s.p.handle(Event {
                 conn: server,
+                tgid: 2,
                 tid: 2,
                 ts_ns: s.ts,
                 role: Role::Unknown,
@@ -812,6 +883,7 @@ mod http2_late {
                 }),
                 comm: [0; 16],
                 discovered: true,
+                opener: Default::default(),
                 kind: EventKind::Data {
                     direction: dir,
                     total_len: bytes.len() as u64,

@@ -26,11 +26,7 @@ use super::{
     sampler::Sampler,
     span::{Grpc, HttpExchange, Observation, SpanKind, SpanRecord},
 };
-use crate::{
-    capture::event::{ConnId, Endpoints},
-    process::ProcessInfo,
-    protocol::http1::RequestHead,
-};
+use crate::{capture::event::Endpoints, process::ProcessInfo, protocol::http1::RequestHead};
 
 /// Identifies one request on one TCP connection from either end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -99,7 +95,8 @@ struct Open {
 
 /// What the connection layer knows when a request begins.
 pub struct RequestStart<'a> {
-    pub conn: ConnId,
+    /// The process and thread that moved the request's first bytes.
+    pub tgid: u32,
     pub tid: u32,
     pub kind: SpanKind,
     pub endpoints: Option<Endpoints>,
@@ -214,7 +211,7 @@ impl Tracer {
         };
         let mut span = Open {
             kind: r.kind,
-            tgid: r.conn.tgid,
+            tgid: r.tgid,
             tid: r.tid,
             trace_id: 0,
             parent: None,
@@ -242,7 +239,7 @@ impl Tracer {
                     None => span.trace_id = new_trace_id(),
                 }
                 self.spans.insert(id, span);
-                self.open_servers.entry(r.conn.tgid).or_default().push(id);
+                self.open_servers.entry(r.tgid).or_default().push(id);
                 if let (Some(e), Some(seq)) = (r.endpoints, r.seq) {
                     let key = LinkKey::new(e.peer, e.local, e.netns, seq);
                     match self.clients_by_key.remove(&key) {
@@ -252,7 +249,7 @@ impl Tracer {
                 }
             }
             SpanKind::Client => {
-                let server = self.pick_server(r.conn.tgid, r.tid, ids.map(|i| i.trace_id));
+                let server = self.pick_server(r.tgid, r.tid, ids.map(|i| i.trace_id));
                 match (ids, server) {
                     (Some(ids), Some(s)) => {
                         span.trace_id = ids.trace_id;
