@@ -619,7 +619,7 @@ mod tests {
             .admits(&p, Some(&e))
         );
         let mut in_pod = p.clone();
-        in_pod.cgroup = crate::process::cgroup::parse(&format!(
+        in_pod.cgroup = crate::process::cgroup::parse_text(&format!(
             "0::/kubepods/burstable/pod0f8e2b9a-1c3d-4e5f-8a7b-6c5d4e3f2a1b/{}\n",
             "ab12".repeat(16)
         ));

@@ -66,27 +66,26 @@ impl ProcessInfo {
 /// Reads one process's metadata. `root` is normally `/proc`. `comm` (from the kernel) names a
 /// process that already exited. `pods` resolves the pod its cgroup names.
 pub fn read(root: &Path, pid: u32, comm: &[u8], pods: Option<&PodIndex>) -> ProcessInfo {
-    let dir = root.join(pid.to_string());
-    let exe = std::fs::read_link(dir.join("exe"))
+    // Every read goes through one handle on the process's directory: a pid reused midway
+    // cannot mix two processes' files.
+    let proc = procfs::process::Process::new_with_root(root.join(pid.to_string())).ok();
+    let proc = proc.as_ref();
+    let exe = proc
+        .and_then(|p| p.exe().ok())
         .map(|p| p.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let command_line = std::fs::read(dir.join("cmdline"))
-        .map(|raw| {
-            raw.split(|&b| b == 0)
-                .filter(|s| !s.is_empty())
-                .map(String::from_utf8_lossy)
-                .collect::<Vec<_>>()
-                .join(" ")
-        })
+    let command_line = proc
+        .and_then(|p| p.cmdline().ok())
+        .map(|args| args.join(" "))
         .unwrap_or_default();
-    let env_name = std::fs::read(dir.join("environ")).ok().and_then(|raw| {
-        raw.split(|&b| b == 0)
-            .find_map(|kv| kv.strip_prefix(b"OTEL_SERVICE_NAME="))
-            .map(|v| String::from_utf8_lossy(v).trim().to_string())
+    let env_name = proc.and_then(|p| p.environ().ok()).and_then(|env| {
+        env.get(std::ffi::OsStr::new("OTEL_SERVICE_NAME"))
+            .map(|v| v.to_string_lossy().trim().to_string())
             .filter(|v| !v.is_empty())
     });
-    let cgroup = std::fs::read_to_string(dir.join("cgroup"))
-        .map(|c| cgroup::parse(&c))
+    let cgroup = proc
+        .and_then(|p| p.cgroups().ok())
+        .map(|groups| cgroup::parse(&groups))
         .unwrap_or_default();
     let k8s = pods
         .zip(cgroup.pod_uid.as_deref())
@@ -97,9 +96,10 @@ pub fn read(root: &Path, pid: u32, comm: &[u8], pods: Option<&PodIndex>) -> Proc
             .map(|pod| pod.service_name(cgroup.container_id.as_deref()))
     });
     let exe_name = exe.rsplit('/').next().unwrap_or_default().to_string();
-    let comm = std::fs::read_to_string(dir.join("comm"))
-        .map(|c| c.trim_end_matches('\n').to_string())
-        .unwrap_or_else(|_| {
+    let comm = proc
+        .and_then(|p| p.stat().ok())
+        .map(|stat| stat.comm)
+        .unwrap_or_else(|| {
             String::from_utf8_lossy(comm.split(|&b| b == 0).next().unwrap_or_default()).into_owned()
         });
     let service_name = declared.unwrap_or_else(|| match (exe_name.is_empty(), comm.is_empty()) {
@@ -236,6 +236,14 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// `/proc/<pid>/stat` of a sleeping process named `comm`.
+    fn stat_line(pid: u32, comm: &str) -> String {
+        format!(
+            "{pid} ({comm}) S 1 {pid} {pid} 0 -1 4194560 100 0 0 0 1 1 0 0 20 0 1 0 1000 10000000 \
+             500 18446744073709551615 1 1 0 0 0 0 0 4096 0 0 0 0 17 1 0 0 0 0 0 0 0 0 0 0 0 0 0\n"
+        )
+    }
+
     /// A forked child gone before /proc was read is its opener under its own pid; a program
     /// exec'ed by a live parent keeps its name and takes the parent's container.
     #[test]
@@ -244,7 +252,7 @@ mod tests {
         let parent = dir.join("42");
         std::fs::create_dir_all(&parent).unwrap();
         std::os::unix::fs::symlink("/usr/bin/python3.11", parent.join("exe")).unwrap();
-        std::fs::write(parent.join("comm"), "python3\n").unwrap();
+        std::fs::write(parent.join("stat"), stat_line(42, "python3")).unwrap();
         std::fs::write(parent.join("environ"), b"OTEL_SERVICE_NAME=checkout\0").unwrap();
         let container = "cd".repeat(32);
         std::fs::write(

@@ -907,3 +907,72 @@ pub fn nghttpd(dir: &std::path::Path) -> (u16, Proc) {
     wait_for_port(&mut proc, port);
     (port, proc)
 }
+
+/// Resident memory of a process, in KiB (0 once it is gone).
+pub fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Client processes [`churn`] runs side by side.
+pub const CHURN_CLIENTS: usize = 4;
+
+/// Each of [`CHURN_CLIENTS`] processes opens `per_client` connections to `port`, one at a time:
+/// one `GET path` (sampled out through B3, so no collector has to hold the spans; the agent
+/// still does all the work), the whole response (until the server closes, or until a body
+/// ending `short and stout\n`, nginx's teapot), then an abortive close (no TIME_WAIT, so the
+/// connections fit the ephemeral port range). Samples `probe` (an agent's RSS) while it
+/// waits; returns the peak it saw. Bounded to 5 minutes.
+pub fn churn(port: &str, path: &str, per_client: usize, mut probe: impl FnMut() -> u64) -> u64 {
+    let client = r#"
+import socket, struct, sys
+port, path, n = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+req = b"GET " + path.encode() + b" HTTP/1.1\r\nHost: x\r\nX-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: 0000000000000001\r\nX-B3-Sampled: 0\r\n\r\n"
+for _ in range(n):
+    s = socket.create_connection(("127.0.0.1", port))
+    s.sendall(req)
+    got = b""
+    while not got.endswith(b"short and stout\n"):
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        got += chunk
+    assert got.startswith(b"HTTP/1."), got
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()
+"#;
+    let started = Instant::now();
+    let mut clients: Vec<Proc> = (0..CHURN_CLIENTS)
+        .map(|i| {
+            let mut cmd = Command::new("python3");
+            cmd.args(["-c", client, port, path, &per_client.to_string()]);
+            Proc::spawn(&format!("churn{i}"), cmd)
+        })
+        .collect();
+    let mut peak = 0;
+    for c in &mut clients {
+        loop {
+            peak = peak.max(probe());
+            match c.try_wait() {
+                Some(status) => {
+                    assert!(status.success(), "{}", c.log());
+                    break;
+                }
+                None => {
+                    assert!(
+                        started.elapsed() < Duration::from_secs(300),
+                        "churn too slow"
+                    );
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+    peak
+}

@@ -9,8 +9,9 @@ use std::{
 };
 
 use kspan_tests::{
-    Agent, Got, Nginx, Proc, PyService, Spans, assert_root, curl, free_port, grpc_collector,
-    grpc_collector_at, metric, otlp_grpc, runtime, trace_id, unique_path, wait_metric,
+    Agent, CHURN_CLIENTS, Got, Nginx, PyService, Spans, assert_root, churn, curl, free_port,
+    grpc_collector, grpc_collector_at, metric, otlp_grpc, rss_kib, runtime, trace_id, unique_path,
+    wait_metric,
 };
 
 /// nginx (its `/teapot` answers by itself), an OTLP/gRPC collector, and an agent tracing
@@ -56,17 +57,6 @@ fn traced_teapot(spans: &Spans, port: &str, t: u128, parent: u64) -> Vec<Got> {
         assert_eq!(g.attr("http.response.status_code").i(), 418, "{g:#?}");
     }
     got
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 /// Nothing listens where the agent exports for a minute: spans fail (counted, never
@@ -218,6 +208,7 @@ fn agent_restart_picks_up_open_connections() {
 /// memory stays bounded and its connection table returns to idle.
 #[test]
 fn a_hundred_thousand_short_connections_keep_memory_bounded() {
+    const PER_CLIENT: usize = 100_000 / CHURN_CLIENTS;
     let NginxRig {
         _rt,
         spans,
@@ -226,61 +217,18 @@ fn a_hundred_thousand_short_connections_keep_memory_bounded() {
         agent,
     } = NginxRig::start("kspan-churn", &[]);
     let before = rss_kib(agent.proc.pid());
-    // Each connection: one request, the whole response, then an abortive close (no
-    // TIME_WAIT, so 100k connections fit the ephemeral port range). Sampled out, so the
-    // collector does not have to hold 200k spans; the agent still does all the work.
-    let client = r#"
-import socket, struct, sys
-port, n = int(sys.argv[1]), int(sys.argv[2])
-req = b"GET /teapot HTTP/1.1\r\nHost: x\r\nX-B3-TraceId: 463ac35c9f6413ad\r\nX-B3-SpanId: 0000000000000001\r\nX-B3-Sampled: 0\r\n\r\n"
-for _ in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    s.sendall(req)
-    got = b""
-    while not got.endswith(b"short and stout\n"):
-        chunk = s.recv(4096)
-        if not chunk:
-            break
-        got += chunk
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    s.close()
-"#;
-    const PER_CLIENT: usize = 25_000;
     let started = Instant::now();
-    let mut clients: Vec<Proc> = (0..4)
-        .map(|i| {
-            let mut cmd = Command::new("python3");
-            cmd.args(["-c", client, &port, &PER_CLIENT.to_string()]);
-            Proc::spawn(&format!("churn{i}"), cmd)
-        })
-        .collect();
-    let mut peak = before;
-    for c in &mut clients {
-        loop {
-            peak = peak.max(rss_kib(agent.proc.pid()));
-            match c.try_wait() {
-                Some(status) => {
-                    assert!(status.success(), "{}", c.log());
-                    break;
-                }
-                None => {
-                    assert!(
-                        started.elapsed() < Duration::from_secs(300),
-                        "churn too slow"
-                    );
-                    std::thread::sleep(Duration::from_millis(200));
-                }
-            }
-        }
-    }
+    let peak = churn(&port, "/teapot", PER_CLIENT, || rss_kib(agent.proc.pid())).max(before);
     let elapsed = started.elapsed();
     let requests = wait_metric(agent.metrics, "kspan_http_requests_total", |v| {
-        v >= 2 * 4 * PER_CLIENT as u64
+        v >= 2 * (CHURN_CLIENTS * PER_CLIENT) as u64
     });
-    wait_metric(agent.metrics, "kspan_open_connections", |v| v < 100);
     let unsampled = wait_metric(agent.metrics, "kspan_spans_unsampled_total", |v| {
-        v >= 2 * 4 * PER_CLIENT as u64
+        v >= 2 * (CHURN_CLIENTS * PER_CLIENT) as u64
     });
+    // Every socket was destroyed: nothing is left open.
+    wait_metric(agent.metrics, "kspan_open_connections", |v| v == 0);
+    wait_metric(agent.metrics, "kspan_open_spans", |v| v == 0);
     let after = rss_kib(agent.proc.pid());
     println!(
         "100k short connections in {elapsed:?}: {requests} requests decoded, {unsampled} spans finished (unsampled), RSS {before} KiB before, peak {peak} KiB, {after} KiB after"

@@ -176,6 +176,9 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         ("nghttp2-server", "/usr/sbin/nghttpd"),
         ("nghttp2-client", "/usr/bin/nghttp"),
         ("prometheus", "/usr/bin/prometheus"),
+        // Servers that hand sockets between processes (tests/tests/sockets.rs).
+        ("apache2", "/usr/sbin/apache2"),
+        ("busybox-static", "/bin/busybox"),
     ]
     .iter()
     .chain(extra)

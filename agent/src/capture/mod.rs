@@ -296,18 +296,13 @@ fn older_than_minimum(release: &str) -> bool {
 
 /// True when the effective capabilities allow loading tracing programs.
 fn privileged() -> bool {
-    let Ok(status) = std::fs::read_to_string("/proc/self/status") else {
-        return false;
-    };
-    let Some(hex) = status.lines().find_map(|l| l.strip_prefix("CapEff:")) else {
-        return false;
-    };
-    let Ok(caps) = u64::from_str_radix(hex.trim(), 16) else {
+    let Ok(status) = procfs::process::Process::myself().and_then(|p| p.status()) else {
         return false;
     };
     const SYS_ADMIN: u64 = 1 << 21;
     const PERFMON: u64 = 1 << 38;
     const BPF: u64 = 1 << 39;
+    let caps = status.capeff;
     caps & SYS_ADMIN != 0 || (caps & PERFMON != 0 && caps & BPF != 0)
 }
 

@@ -1,4 +1,4 @@
-//! Container and pod identity from a process's cgroup path (`/proc/<pid>/cgroup`).
+//! Container and pod identity from a process's cgroup paths (`/proc/<pid>/cgroup`).
 //!
 //! Runtimes name a container's cgroup after its 64-hex id, and the kubelet nests it under a
 //! cgroup named after the pod's UID, in one of two layouts:
@@ -8,6 +8,8 @@
 //! Docker (`/docker/<id>`, `docker-<id>.scope`), CRI-O (`crio-<id>.scope`) and Podman
 //! (`libpod-<id>.scope`) follow the same pattern.
 
+use procfs::ProcessCGroups;
+
 #[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Cgroup {
     /// The unified (v2) path, else the first v1 path that names a container.
@@ -16,31 +18,40 @@ pub struct Cgroup {
     pub pod_uid: Option<String>,
 }
 
-/// Parses the contents of `/proc/<pid>/cgroup`.
-pub fn parse(contents: &str) -> Cgroup {
-    let paths: Vec<&str> = contents
-        .lines()
-        .filter_map(|l| {
-            let mut parts = l.splitn(3, ':');
-            let (_, _, path) = (parts.next()?, parts.next()?, parts.next()?);
-            Some(path)
-        })
-        .collect();
+/// Picks the path that identifies the process's container from its cgroup memberships.
+pub fn parse(groups: &ProcessCGroups) -> Cgroup {
+    let unified = || {
+        groups
+            .0
+            .iter()
+            .find(|g| g.hierarchy == 0 && g.controllers.is_empty())
+    };
     // A v1 hierarchy can name the container where the v2 path is just "/" (hybrid hosts).
-    let unified = contents
-        .lines()
-        .find_map(|l| l.strip_prefix("0::"))
-        .filter(|p| container_id(p).is_some());
-    let path = unified
-        .or_else(|| paths.iter().copied().find(|p| container_id(p).is_some()))
-        .or_else(|| contents.lines().find_map(|l| l.strip_prefix("0::")))
-        .or_else(|| paths.first().copied())
+    let path = unified()
+        .filter(|g| container_id(&g.pathname).is_some())
+        .or_else(|| {
+            groups
+                .0
+                .iter()
+                .find(|g| container_id(&g.pathname).is_some())
+        })
+        .or_else(unified)
+        .or_else(|| groups.0.first())
+        .map(|g| g.pathname.as_str())
         .unwrap_or_default();
     Cgroup {
         path: path.to_string(),
         container_id: container_id(path),
         pod_uid: pod_uid(path),
     }
+}
+
+/// [`parse`] of the text of a `/proc/<pid>/cgroup` file (tests).
+#[cfg(test)]
+pub fn parse_text(contents: &str) -> Cgroup {
+    use procfs::FromRead as _;
+    let groups = ProcessCGroups::from_read(contents.as_bytes());
+    parse(&groups.unwrap_or(ProcessCGroups(Vec::new())))
 }
 
 /// The innermost path segment that carries a 64-hex container id.
@@ -75,7 +86,7 @@ fn is_uuid(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::parse_text as parse;
 
     const ID: &str = "4b1a5e3c9d2f8e7a6b5c4d3e2f1a0b9c8d7e6f5a4b3c2d1e0f9a8b7c6d5e4f3a";
     const UID: &str = "0f8e2b9a-1c3d-4e5f-8a7b-6c5d4e3f2a1b";
