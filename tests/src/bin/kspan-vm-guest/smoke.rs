@@ -3,8 +3,9 @@
 //! choice, and onto its choice with the bounded-loop build of the programs where it chose the
 //! bpf_loop one (older kernels with fexit, 5.15-class, run that pair). With each: the probes
 //! load and attach, an nginx proxy chain carrying B3 gives
-//! its exact 4-span tree, an h2c call its 2 linked spans, no kernel event or span is lost, and
-//! the agent exits cleanly on SIGTERM.
+//! its exact 4-span tree, an h2c call its 2 linked spans, busybox httpd (a child forked per
+//! connection serves it through stdin and stdout) its 2 linked spans, no kernel event or span
+//! is lost, and the agent exits cleanly on SIGTERM.
 //!
 //! It prints `kspan-vm: …` lines (xtask reads them off the serial console) and exits 1 if any
 //! check failed.
@@ -14,8 +15,8 @@ use std::{
 };
 
 use kspan_tests::{
-    Agent, Got, Nginx, Spans, curl, grpc_collector, metric, nghttp_get, nghttpd, one, otlp_grpc,
-    runtime, trace_id,
+    Agent, Got, Nginx, Spans, curl, free_port, grpc_collector, metric, nghttp_get, nghttpd, one,
+    otlp_grpc, runtime, trace_id, wait_for_port,
 };
 
 use crate::{HOOKS, LOAD_BOUND, hook_words, kernel_release, panic_text, probes_line, say};
@@ -35,6 +36,8 @@ struct Servers {
     back: Nginx,
     h2_port: u16,
     _h2_server: kspan_tests::Proc,
+    forking_port: u16,
+    _forking_server: kspan_tests::Proc,
 }
 
 impl Servers {
@@ -45,11 +48,25 @@ impl Servers {
         std::fs::create_dir_all(&dir).expect("h2 docroot");
         std::fs::write(dir.join("page.txt"), vec![b'k'; 3000]).expect("h2 page");
         let (h2_port, h2_server) = nghttpd(&dir);
+        let forking_port = free_port();
+        let mut cmd = std::process::Command::new("busybox");
+        cmd.args([
+            "httpd",
+            "-f",
+            "-p",
+            &format!("127.0.0.1:{forking_port}"),
+            "-h",
+        ])
+        .arg(&dir);
+        let mut forking_server = kspan_tests::Proc::spawn("busybox-httpd", cmd);
+        wait_for_port(&mut forking_server, forking_port);
         Self {
             front,
             back,
             h2_port,
             _h2_server: h2_server,
+            forking_port,
+            _forking_server: forking_server,
         }
     }
 }
@@ -133,6 +150,9 @@ fn with_hook(
     results.run(hook, "h2c-nghttp", &agent, || {
         h2c_call(peers, &servers, tag + 2)
     });
+    results.run(hook, "forked-busybox", &agent, || {
+        forked_call(peers, &servers, tag + 3)
+    });
     results.run(hook, "no-losses", &agent, || {
         for m in [
             "kspan_kernel_lost_events_total",
@@ -210,6 +230,26 @@ fn h2c_call(peers: &Peers, servers: &Servers, tag: u16) {
         assert_eq!(s.attr("http.response.status_code").i(), 200);
     }
     assert_eq!(server.attr("url.path").s(), "/page.txt");
+}
+
+/// curl → busybox httpd, whose child forked after accept() answers through its stdin and
+/// stdout: one connection, the child's SERVER span under curl's.
+fn forked_call(peers: &Peers, servers: &Servers, tag: u16) {
+    let t = trace_id(tag);
+    curl(&[
+        "-H",
+        &format!("b3: {t:032x}-00000000000000fb-1"),
+        &format!("http://127.0.0.1:{}/page.txt", servers.forking_port),
+    ]);
+    let got = exactly(&peers.spans, t, 2);
+    let client = one(&got, "CLIENT", "curl");
+    let server = one(&got, "SERVER", "busybox");
+    assert_eq!(server.parent, Some(client.span_id));
+    assert!(
+        client.contains(server),
+        "{client:#?} must cover {server:#?}"
+    );
+    assert_eq!(server.attr("http.response.status_code").i(), 200);
 }
 
 /// The spans of trace `t`, which must be exactly `n` (a late extra span fails too).
