@@ -1,7 +1,8 @@
 //! A connection is a socket, not (process, fd). Real servers that accept in one process and
 //! serve in another (busybox httpd and a Python `ForkingMixIn` server fork per connection;
 //! busybox serves through the socket dup'ed onto stdin and stdout), Apache's prefork MPM, a
-//! server handed its listening socket over `SCM_RIGHTS`, and a child that serves through
+//! server handed its listening socket over `SCM_RIGHTS`, a worker handed each accepted
+//! connection over `SCM_RIGHTS`, and a child that serves through
 //! `dup2`'ed fds and exits without closing them. Each request gives one exact SERVER span
 //! under its CLIENT span, with and without trace headers, under the right service name, and
 //! once the servers are gone no connection or span stays open in the agent.
@@ -213,6 +214,32 @@ elif mode == "dup2":
             os.write(1, RESPONSE)
             os._exit(0)
         conn.close()
+elif mode == "pass_conn":
+    # A front process accepts and passes each accepted connection over a unix socket to a
+    # worker that was started before it listened (the zero-downtime handover pattern); the
+    # front closes its copy at once.
+    ours, theirs = socket.socketpair(socket.AF_UNIX)
+    if os.fork() == 0:
+        ours.close()
+        while True:
+            _, fds, _, _ = socket.recv_fds(theirs, 16, 1)
+            if not fds:
+                os._exit(0)
+            conn = socket.socket(fileno=fds[0])
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    break
+                data += chunk
+            conn.sendall(RESPONSE)
+            conn.close()
+    theirs.close()
+    listener = socket.create_server(("127.0.0.1", port))
+    while True:
+        conn, _ = listener.accept()
+        socket.send_fds(ours, [b"conn"], [conn.fileno()])
+        conn.close()
 elif mode == "scm_rights":
     # Another process makes the listening socket and hands it over a unix socket, the way
     # socket activation and zero-downtime restarts pass listeners; this one serves it.
@@ -266,6 +293,17 @@ fn a_listening_socket_received_over_scm_rights() {
     let (port, server) = handover("scm_rights", "handed-over");
     let rig = Rig::start("kspan-scm-rights", &[port]);
     exact_pairs(&rig.spans, port, &docroot("scm"), "handed-over", 3);
+    drop(server);
+    rig.assert_idle();
+}
+
+/// Each accepted connection is served by another, unrelated process that receives it over
+/// `SCM_RIGHTS` after the acceptor closed its own fd.
+#[test]
+fn accepted_connections_passed_over_scm_rights() {
+    let (port, server) = handover("pass_conn", "handed-conns");
+    let rig = Rig::start("kspan-pass-conn", &[port]);
+    exact_pairs(&rig.spans, port, &docroot("pass-conn"), "handed-conns", 3);
     drop(server);
     rig.assert_idle();
 }
