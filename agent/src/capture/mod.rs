@@ -12,7 +12,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{HashMap as BpfHashMap, MapData, PerCpuArray, RingBuf},
-    programs::{BtfTracePoint, FExit, ProgramType, RawTracePoint},
+    programs::{BtfTracePoint, FExit, Program, ProgramType, RawTracePoint},
     sys::{BpfHelper, is_helper_supported},
 };
 use kspan_common::{Config, ConnInfo, MAX_PAYLOAD, SOCKET_SYSCALLS, proto, stat};
@@ -199,27 +199,30 @@ fn syscalls() -> impl Iterator<Item = &'static &'static str> {
         .filter(|s| cfg!(not(target_arch = "aarch64")) || **s != "dup2")
 }
 
-/// One fexit program per socket syscall; all or none (a partial set would miss events).
+/// One fexit program per socket syscall (a partial set would miss events; see [`attach`]).
 fn attach_fexit(ebpf: &mut Ebpf, btf: &aya::Btf, loops: Loops) -> Result<Hook, CaptureError> {
-    let mut done = Vec::new();
-    let result = syscalls().try_for_each(|syscall| {
-        let name = loops.program(&format!("fexit_{syscall}"));
-        let prog: &mut FExit = program(ebpf, &name, FEXIT)?;
-        done.push(name);
+    for syscall in syscalls() {
+        let prog: &mut FExit = program(ebpf, &loops.program(&format!("fexit_{syscall}")), FEXIT)?;
         prog.load(&syscall_function(syscall), btf)
             .and_then(|()| prog.attach().map(drop))
-            .map_err(|e| CaptureError::Attach(FEXIT, e))
-    });
-    if result.is_err() {
-        for name in done {
-            if let Ok(prog) = program::<FExit>(ebpf, &name, FEXIT) {
-                let _ = prog.unload();
-            }
-        }
+            .map_err(|e| CaptureError::Attach(FEXIT, e))?;
     }
-    result?;
     attach_destroy_btf(ebpf, btf)?;
     Ok(Hook::Fexit)
+}
+
+/// Detaches and unloads every program: a hook that attached only in part must leave nothing
+/// behind before the next is tried (two hooks at once would report each syscall twice).
+fn unload_all(ebpf: &mut Ebpf) {
+    for (_, prog) in ebpf.programs_mut() {
+        // Programs never loaded answer with an error, which is fine.
+        let _ = match prog {
+            Program::FExit(p) => p.unload(),
+            Program::BtfTracePoint(p) => p.unload(),
+            Program::RawTracePoint(p) => p.unload(),
+            _ => Ok(()),
+        };
+    }
 }
 
 const DESTROY: &str = "tcp_destroy_sock";
@@ -259,20 +262,26 @@ fn attach_raw(ebpf: &mut Ebpf, loops: Loops) -> Result<Hook, CaptureError> {
 fn attach(ebpf: &mut Ebpf, raw_btf: &[u8], hook: Hook, loops: Loops) -> Result<Hook, CaptureError> {
     let btf =
         aya::Btf::parse(raw_btf, aya::Endianness::default()).map_err(CaptureError::HookBtf)?;
-    match hook {
+    let attached = match hook {
         Hook::Fexit => attach_fexit(ebpf, &btf, loops),
         Hook::BtfTracepoint => attach_btf(ebpf, &btf, loops),
         Hook::RawTracepoint => attach_raw(ebpf, loops),
         Hook::Auto => attach_fexit(ebpf, &btf, loops)
             .or_else(|e| {
                 log::info!("fexit unavailable ({e}); hooking sys_exit");
+                unload_all(ebpf);
                 attach_btf(ebpf, &btf, loops)
             })
             .or_else(|e| {
                 log::warn!("tp_btf unavailable ({e}); using the raw tracepoint");
+                unload_all(ebpf);
                 attach_raw(ebpf, loops)
             }),
+    };
+    if attached.is_err() {
+        unload_all(ebpf);
     }
+    attached
 }
 
 /// The running kernel's release, when it is older than [`MIN_KERNEL`].
