@@ -421,6 +421,8 @@ fn on_destroy(sk: u64) {
     if conn.proto != proto::HTTP1 && conn.proto != proto::HTTP2 && conn.proto != proto::IGNORED {
         return;
     }
+    // Built on the stack, not in SCRATCH: from softirq this can interrupt a syscall's program
+    // on the same CPU while that one fills SCRATCH.
     let header = EventHeader {
         kind: kind::CLOSE,
         tgid: 0,
@@ -595,9 +597,10 @@ fn fill_header(ev: &mut DataEvent, info: &ConnInfo, at: &Origin, total: u64, dir
     if info.gap_pending != 0 {
         flags |= event_flags::GAP;
     }
+    let tgid = tgid_tid().0;
     ev.header = EventHeader {
         kind: kind::DATA,
-        tgid: tgid_tid().0,
+        tgid,
         tid: at.tid,
         fd: at.fd,
         sock: at.sock,
@@ -612,7 +615,10 @@ fn fill_header(ev: &mut DataEvent, info: &ConnInfo, at: &Origin, total: u64, dir
     };
     // The process moving the bytes may not be the one that opened the socket (a forked child,
     // an exec'ed inetd service): its own name stands in for it if it exits before /proc is read.
-    if let Ok(comm) = bpf_get_current_comm() {
+    // The opener's name is already in the entry, so the common case needs no helper call.
+    if tgid != info.opener_tgid
+        && let Ok(comm) = bpf_get_current_comm()
+    {
         ev.header.conn.comm = comm;
     }
 }
