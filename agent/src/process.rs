@@ -202,18 +202,29 @@ impl ProcessCache {
 mod tests {
     use super::*;
 
+    /// A process directory `root/pid` with its `exe` link and `files`.
+    fn fake_process(root: &Path, pid: u32, exe: &str, files: &[(&str, &[u8])]) -> PathBuf {
+        let p = root.join(pid.to_string());
+        std::fs::create_dir_all(&p).unwrap();
+        std::os::unix::fs::symlink(exe, p.join("exe")).unwrap();
+        for (name, contents) in files {
+            std::fs::write(p.join(name), contents).unwrap();
+        }
+        p
+    }
+
     #[test]
     fn reads_service_name_from_environment_or_exe() {
         let dir = std::env::temp_dir().join(format!("kspan-proc-{}", std::process::id()));
-        let p = dir.join("42");
-        std::fs::create_dir_all(&p).unwrap();
-        std::os::unix::fs::symlink("/usr/bin/python3.11", p.join("exe")).unwrap();
-        std::fs::write(p.join("cmdline"), b"python3\0app.py\0--port\x008080\0").unwrap();
-        std::fs::write(
-            p.join("environ"),
-            b"HOME=/root\0OTEL_SERVICE_NAME=checkout\0",
-        )
-        .unwrap();
+        let p = fake_process(
+            &dir,
+            42,
+            "/usr/bin/python3.11",
+            &[
+                ("cmdline", b"python3\0app.py\0--port\x008080\0"),
+                ("environ", b"HOME=/root\0OTEL_SERVICE_NAME=checkout\0"),
+            ],
+        );
         let info = read(&dir, 42, b"", None);
         assert_eq!(info.service_name, "checkout");
         assert_eq!(info.command_line, "python3 app.py --port 8080");
@@ -249,17 +260,20 @@ mod tests {
     #[test]
     fn gone_children_take_their_relatives_identity() {
         let dir = std::env::temp_dir().join(format!("kspan-kin-{}", std::process::id()));
-        let parent = dir.join("42");
-        std::fs::create_dir_all(&parent).unwrap();
-        std::os::unix::fs::symlink("/usr/bin/python3.11", parent.join("exe")).unwrap();
-        std::fs::write(parent.join("stat"), stat_line(42, "python3")).unwrap();
-        std::fs::write(parent.join("environ"), b"OTEL_SERVICE_NAME=checkout\0").unwrap();
         let container = "cd".repeat(32);
-        std::fs::write(
-            parent.join("cgroup"),
-            format!("0::/system.slice/docker-{container}.scope\n"),
-        )
-        .unwrap();
+        fake_process(
+            &dir,
+            42,
+            "/usr/bin/python3.11",
+            &[
+                ("stat", stat_line(42, "python3").as_bytes()),
+                ("environ", b"OTEL_SERVICE_NAME=checkout\0"),
+                (
+                    "cgroup",
+                    format!("0::/system.slice/docker-{container}.scope\n").as_bytes(),
+                ),
+            ],
+        );
         let mut cache = ProcessCache::new(&dir);
         let comm = |name: &str| {
             let mut c = [0u8; 16];

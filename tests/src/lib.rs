@@ -241,17 +241,22 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-pub fn wait_for_port(p: &mut Proc, port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        p.assert_running();
-        assert!(
-            Instant::now() < deadline,
-            "{} never listened on {port}:\n{}",
-            p.name,
-            p.log()
-        );
-        std::thread::sleep(Duration::from_millis(50));
+impl Proc {
+    /// A server started from `cmd`, once it accepts connections on `port` (bounded).
+    pub fn listening(name: &str, cmd: Command, port: u16) -> Self {
+        let mut p = Self::spawn(name, cmd);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            p.assert_running();
+            assert!(
+                Instant::now() < deadline,
+                "{} never listened on {port}:\n{}",
+                p.name,
+                p.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        p
     }
 }
 
@@ -304,8 +309,7 @@ impl PyService {
         if let Some(n) = otel_service_name {
             cmd.env("OTEL_SERVICE_NAME", n);
         }
-        let mut proc = Proc::spawn(name, cmd);
-        wait_for_port(&mut proc, port);
+        let proc = Proc::listening(name, cmd, port);
         Self { port, proc }
     }
 }
@@ -351,8 +355,7 @@ impl Nginx {
             .arg(dir.join("nginx.conf"))
             .arg("-g")
             .arg("daemon off;");
-        let mut proc = Proc::spawn("nginx", cmd);
-        wait_for_port(&mut proc, port);
+        let proc = Proc::listening("nginx", cmd, port);
         Self {
             port,
             proc,
@@ -518,6 +521,16 @@ impl Spans {
     }
 
     /// The spans of trace `t`, once at least `n` arrived (fails after `secs`).
+    /// The spans of trace `t` once `n` arrived within `secs`, after `settle` more, which must
+    /// still be exactly `n` (a late extra span fails too).
+    pub fn exactly(&self, t: u128, n: usize, secs: u64, settle: Duration) -> Vec<Got> {
+        self.wait_trace(t, n, secs);
+        std::thread::sleep(settle);
+        let got: Vec<Got> = self.all().into_iter().filter(|g| g.trace_id == t).collect();
+        assert_eq!(got.len(), n, "{got:#?}");
+        got
+    }
+
     pub fn wait_trace(&self, t: u128, n: usize, secs: u64) -> Vec<Got> {
         let deadline = Instant::now() + Duration::from_secs(secs);
         loop {
@@ -757,31 +770,31 @@ pub fn one<'a>(spans: &'a [Got], kind: &str, service: &str) -> &'a Got {
 
 /// Runs curl and returns its stdout; fails the test on a non-zero exit.
 pub fn curl(args: &[&str]) -> String {
-    let out = Command::new("curl")
-        .args(["-sS", "--max-time", "10"])
-        .args(args)
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--max-time", "10"]).args(args);
+    String::from_utf8_lossy(&run_ok(cmd)).into_owned()
+}
+
+/// Runs a client to completion and returns its stdout; fails the test if it cannot start or
+/// exits non-zero.
+fn run_ok(mut cmd: Command) -> Vec<u8> {
+    let out = cmd
         .output()
-        .expect("curl is not installed");
+        .unwrap_or_else(|e| panic!("{cmd:?} could not start (is it installed?): {e}"));
     assert!(
         out.status.success(),
-        "curl {args:?} failed: {}",
+        "{cmd:?} failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    out.stdout
 }
 
 /// `nghttp -n` (h2c, prior knowledge) fetching `url` with a `b3` header; fails the test on a
 /// non-zero exit.
 pub fn nghttp_get(url: &str, b3: &str) {
-    let out = Command::new("nghttp")
-        .args(["-n", "-H", &format!("b3: {b3}"), url])
-        .output()
-        .expect("nghttp (nghttp2-client)");
-    assert!(
-        out.status.success(),
-        "nghttp {url} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let mut cmd = Command::new("nghttp");
+    cmd.args(["-n", "-H", &format!("b3: {b3}"), url]);
+    run_ok(cmd);
 }
 
 /// Trace ids unique to this test process. Every agent sees all traffic on the host, so two
@@ -876,8 +889,7 @@ impl GrpcService {
         cmd.arg("-c").arg(GRPC_SERVER).arg(port.to_string());
         cmd.arg(next.map(|n| format!("127.0.0.1:{n}")).unwrap_or_default());
         cmd.env("OTEL_SERVICE_NAME", service_name);
-        let mut proc = Proc::spawn(service_name, cmd);
-        wait_for_port(&mut proc, port);
+        let proc = Proc::listening(service_name, cmd, port);
         Self { port, proc }
     }
 }
@@ -903,9 +915,17 @@ pub fn nghttpd(dir: &std::path::Path) -> (u16, Proc) {
     let port = free_port();
     let mut cmd = Command::new("nghttpd");
     cmd.args(["--no-tls", "-d"]).arg(dir).arg(port.to_string());
-    let mut proc = Proc::spawn("nghttpd", cmd);
-    wait_for_port(&mut proc, port);
-    (port, proc)
+    (port, Proc::listening("nghttpd", cmd, port))
+}
+
+/// busybox httpd serving `root`: a child forked per connection serves it through the socket
+/// dup'ed onto its stdin and stdout, in a process that never accepted.
+pub fn busybox_httpd(root: &std::path::Path) -> (u16, Proc) {
+    let port = free_port();
+    let mut cmd = Command::new("busybox");
+    cmd.args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
+        .arg(root);
+    (port, Proc::listening("busybox-httpd", cmd, port))
 }
 
 /// Resident memory of a process, in KiB (0 once it is gone).

@@ -5,7 +5,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use kspan_tests::{Proc, PyService, curl, env, free_port, wait_for_port};
+use kspan_tests::{Proc, PyService, curl, env, free_port};
 
 /// Prometheus (Debian's package) scraping the shared agent every second.
 struct Prometheus {
@@ -36,8 +36,7 @@ impl Prometheus {
             dir.join("data").display()
         ))
         .arg(format!("--web.listen-address=127.0.0.1:{port}"));
-        let mut proc = Proc::spawn("prometheus", cmd);
-        wait_for_port(&mut proc, port);
+        let proc = Proc::listening("prometheus", cmd, port);
         Self {
             port,
             _proc: proc,

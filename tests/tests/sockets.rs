@@ -13,8 +13,8 @@ use std::{
 };
 
 use kspan_tests::{
-    Agent, CHURN_CLIENTS, Got, Nginx, Proc, Spans, assert_root, churn, curl, free_port,
-    grpc_collector, one, otlp_grpc, rss_kib, runtime, trace_id, unique_path, wait_for_port,
+    Agent, CHURN_CLIENTS, Got, Nginx, Proc, Spans, assert_root, busybox_httpd, churn, curl,
+    free_port, grpc_collector, one, otlp_grpc, rss_kib, runtime, trace_id, unique_path,
     wait_metric,
 };
 
@@ -82,15 +82,7 @@ fn next_trace() -> u128 {
 
 /// All spans of one trace once `n` arrived, after a pause that lets any extra one arrive too.
 fn exactly(spans: &Spans, t: u128, n: usize) -> Vec<Got> {
-    spans.wait_trace(t, n, 15);
-    std::thread::sleep(Duration::from_millis(300));
-    let got: Vec<Got> = spans
-        .all()
-        .into_iter()
-        .filter(|g| g.trace_id == t)
-        .collect();
-    assert_eq!(got.len(), n, "{got:#?}");
-    got
+    spans.exactly(t, n, 15, Duration::from_millis(300))
 }
 
 /// The SERVER span of the request for `path`, once it arrived.
@@ -151,18 +143,6 @@ fn assert_pair(client: &Got, server: &Got) {
     for s in [client, server] {
         assert_eq!(s.attr("http.response.status_code").i(), 200, "{s:#?}");
     }
-}
-
-/// busybox httpd: a child forked per connection serves it through stdin and stdout (the
-/// socket dup'ed onto fds 0 and 1) in a process that never accepted.
-fn busybox_httpd(root: &Path) -> (u16, Proc) {
-    let port = free_port();
-    let mut cmd = Command::new("busybox");
-    cmd.args(["httpd", "-f", "-p", &format!("127.0.0.1:{port}"), "-h"])
-        .arg(root);
-    let mut proc = Proc::spawn("busybox-httpd", cmd);
-    wait_for_port(&mut proc, port);
-    (port, proc)
 }
 
 #[test]
@@ -263,49 +243,41 @@ fn handover(mode: &str, service: &str) -> (u16, Proc) {
     let mut cmd = Command::new("python3");
     cmd.args(["-c", HANDOVER, mode, &port.to_string()])
         .env("OTEL_SERVICE_NAME", service);
-    let mut proc = Proc::spawn(mode, cmd);
-    wait_for_port(&mut proc, port);
-    (port, proc)
+    (port, Proc::listening(mode, cmd, port))
+}
+
+/// Starts the `mode` server named `service`, traces `rounds` of [`exact_pairs`] through it,
+/// stops it and checks the agent is left idle.
+fn handover_traced(mode: &str, service: &str, rounds: u16) {
+    let (port, server) = handover(mode, service);
+    let rig = Rig::start(&format!("kspan-{mode}"), &[port]);
+    exact_pairs(&rig.spans, port, &docroot(mode), service, rounds);
+    drop(server);
+    rig.assert_idle();
 }
 
 /// Each child may exit before the agent reads its /proc entry: it still carries the
 /// service name of the process that accepted its socket.
 #[test]
 fn python_forking_server_links_and_names_every_child() {
-    let (port, server) = handover("forking", "forker");
-    let rig = Rig::start("kspan-forking", &[port]);
-    exact_pairs(&rig.spans, port, &docroot("forking"), "forker", 5);
-    drop(server);
-    rig.assert_idle();
+    handover_traced("forking", "forker", 5);
 }
 
 #[test]
 fn a_child_serving_through_dup2_and_exiting_without_close() {
-    let (port, server) = handover("dup2", "inetd-style");
-    let rig = Rig::start("kspan-dup2", &[port]);
-    exact_pairs(&rig.spans, port, &docroot("dup2"), "inetd-style", 3);
-    drop(server);
-    rig.assert_idle();
+    handover_traced("dup2", "inetd-style", 3);
 }
 
 #[test]
 fn a_listening_socket_received_over_scm_rights() {
-    let (port, server) = handover("scm_rights", "handed-over");
-    let rig = Rig::start("kspan-scm-rights", &[port]);
-    exact_pairs(&rig.spans, port, &docroot("scm"), "handed-over", 3);
-    drop(server);
-    rig.assert_idle();
+    handover_traced("scm_rights", "handed-over", 3);
 }
 
 /// Each accepted connection is served by another, unrelated process that receives it over
 /// `SCM_RIGHTS` after the acceptor closed its own fd.
 #[test]
 fn accepted_connections_passed_over_scm_rights() {
-    let (port, server) = handover("pass_conn", "handed-conns");
-    let rig = Rig::start("kspan-pass-conn", &[port]);
-    exact_pairs(&rig.spans, port, &docroot("pass-conn"), "handed-conns", 3);
-    drop(server);
-    rig.assert_idle();
+    handover_traced("pass_conn", "handed-conns", 3);
 }
 
 /// Apache with the prefork MPM: the children accept on the shared listener themselves.
@@ -342,12 +314,10 @@ impl Apache {
         cmd.arg("-f")
             .arg(dir.join("httpd.conf"))
             .arg("-DFOREGROUND");
-        let mut proc = Proc::spawn("apache2", cmd);
-        wait_for_port(&mut proc, port);
         Self {
             port,
             root,
-            _proc: proc,
+            _proc: Proc::listening("apache2", cmd, port),
         }
     }
 }

@@ -141,6 +141,23 @@ impl Sim {
         self.event(l, false, Direction::Egress, resp);
     }
 
+    /// The kernel destroyed the socket: it reports that from no particular process.
+    fn destroy(&mut self, conn: ConnId) {
+        self.ts += 10;
+        self.p.handle(Event {
+            conn,
+            tgid: 0,
+            tid: 0,
+            ts_ns: self.ts,
+            role: Role::Unknown,
+            endpoints: None,
+            comm: [0; 16],
+            discovered: false,
+            opener: Default::default(),
+            kind: EventKind::Close,
+        });
+    }
+
     fn spans(&mut self) -> Vec<SpanRecord> {
         let mut out = Vec::new();
         self.p.tick(u64::MAX, &mut out);
@@ -468,21 +485,8 @@ fn a_socket_served_by_a_forked_child_is_one_exchange_of_the_child() {
     s.event(a, false, Direction::Egress, OK);
     s.event(a, true, Direction::Ingress, OK);
     assert_eq!(s.p.conns(), 2);
-    for conn in [a.client, a.server] {
-        s.ts += 10;
-        s.p.handle(Event {
-            conn,
-            tgid: 0,
-            tid: 0,
-            ts_ns: s.ts,
-            role: Role::Unknown,
-            endpoints: None,
-            comm: [0; 16],
-            discovered: false,
-            opener: Default::default(),
-            kind: EventKind::Close,
-        });
-    }
+    s.destroy(a.client);
+    s.destroy(a.server);
     let spans = s.spans();
     assert_eq!(spans.len(), 2, "{spans:#?}");
     let server = find(&spans, SpanKind::Server, 5);
@@ -497,20 +501,7 @@ fn close_without_response_is_an_error_span() {
     let mut s = Sim::new(Filter::default());
     let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
     s.send_request(a, b"GET /slow HTTP/1.1\r\n\r\n", false);
-    s.ts += 10;
-    s.p.handle(Event {
-        conn: a.server,
-        // The kernel reports a socket's destruction from no particular process.
-        tgid: 0,
-        tid: 0,
-        ts_ns: s.ts,
-        role: Role::Server,
-        endpoints: None,
-        comm: [0; 16],
-        discovered: false,
-        opener: Default::default(),
-        kind: EventKind::Close,
-    });
+    s.destroy(a.server);
     let spans = s.spans();
     let srv = find(&spans, SpanKind::Server, 2);
     assert!(srv.error.as_deref().unwrap().contains("closed"));

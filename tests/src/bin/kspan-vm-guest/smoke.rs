@@ -15,8 +15,8 @@ use std::{
 };
 
 use kspan_tests::{
-    Agent, Got, Nginx, Spans, curl, free_port, grpc_collector, metric, nghttp_get, nghttpd, one,
-    otlp_grpc, runtime, trace_id, wait_for_port,
+    Agent, Got, Nginx, Spans, busybox_httpd, curl, grpc_collector, metric, nghttp_get, nghttpd,
+    one, otlp_grpc, runtime, trace_id,
 };
 
 use crate::{HOOKS, LOAD_BOUND, hook_words, kernel_release, panic_text, probes_line, say};
@@ -48,18 +48,7 @@ impl Servers {
         std::fs::create_dir_all(&dir).expect("h2 docroot");
         std::fs::write(dir.join("page.txt"), vec![b'k'; 3000]).expect("h2 page");
         let (h2_port, h2_server) = nghttpd(&dir);
-        let forking_port = free_port();
-        let mut cmd = std::process::Command::new("busybox");
-        cmd.args([
-            "httpd",
-            "-f",
-            "-p",
-            &format!("127.0.0.1:{forking_port}"),
-            "-h",
-        ])
-        .arg(&dir);
-        let mut forking_server = kspan_tests::Proc::spawn("busybox-httpd", cmd);
-        wait_for_port(&mut forking_server, forking_port);
+        let (forking_port, forking_server) = busybox_httpd(&dir);
         Self {
             front,
             back,
@@ -254,15 +243,7 @@ fn forked_call(peers: &Peers, servers: &Servers, tag: u16) {
 
 /// The spans of trace `t`, which must be exactly `n` (a late extra span fails too).
 fn exactly(spans: &Spans, t: u128, n: usize) -> Vec<Got> {
-    spans.wait_trace(t, n, SPAN_WAIT_SECS);
-    std::thread::sleep(Duration::from_secs(1));
-    let got: Vec<Got> = spans
-        .all()
-        .into_iter()
-        .filter(|g| g.trace_id == t)
-        .collect();
-    assert_eq!(got.len(), n, "{got:#?}");
-    got
+    spans.exactly(t, n, SPAN_WAIT_SECS, Duration::from_secs(1))
 }
 
 fn server_on(spans: &[Got], port: u16) -> &Got {
