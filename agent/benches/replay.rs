@@ -112,6 +112,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                     comm: *b"bench\0\0\0\0\0\0\0\0\0\0\0",
                     discovered: false,
                     opener: Default::default(),
+                    protocol: 0,
                     kind: EventKind::Data {
                         direction: dir,
                         total_len: bytes.len() as u64,

@@ -83,6 +83,7 @@ fuzz_target!(|data: &[u8]| {
                 comm: *b"fuzz\0\0\0\0\0\0\0\0\0\0\0\0",
                 discovered: op & 0x30 == 0,
                 opener: Default::default(),
+                protocol: 0,
                 kind,
             });
         }

@@ -89,6 +89,9 @@ pub struct Event<'a> {
     /// The socket predates the agent: its request order is unknown.
     pub discovered: bool,
     pub opener: Opener,
+    /// The protocol the kernel recognised (`kspan_common::proto`); `UNKNOWN` when the first
+    /// payload was too short to tell.
+    pub protocol: u8,
     pub kind: EventKind<'a>,
 }
 
@@ -180,6 +183,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             tgid: h.conn.opener_tgid,
             parent: h.conn.opener_parent_tgid,
         },
+        protocol: h.conn.proto,
         kind,
     })
 }
@@ -278,6 +282,7 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
     h.conn.discovered = ev.discovered as u8;
     h.conn.opener_tgid = ev.opener.tgid;
     h.conn.opener_parent_tgid = ev.opener.parent;
+    h.conn.proto = ev.protocol;
     if let Some(e) = &ev.endpoints {
         let put = |a: IpAddr, out: &mut [u8; 16]| match a {
             IpAddr::V4(v4) => out[..4].copy_from_slice(&v4.octets()),
@@ -357,6 +362,7 @@ mod tests {
             comm: *b"curl\0\0\0\0\0\0\0\0\0\0\0\0",
             discovered: true,
             opener: Opener { tgid: 6, parent: 1 },
+            protocol: 0,
             kind: EventKind::Data {
                 direction: Direction::Ingress,
                 total_len: 10_000,

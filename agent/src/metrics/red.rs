@@ -30,16 +30,18 @@ enum Family {
     HttpClient,
     RpcServer,
     RpcClient,
+    DbClient,
     GraphServer,
     GraphClient,
 }
 
 impl Family {
-    const ALL: [Family; 6] = [
+    const ALL: [Family; 7] = [
         Family::HttpServer,
         Family::HttpClient,
         Family::RpcServer,
         Family::RpcClient,
+        Family::DbClient,
         Family::GraphServer,
         Family::GraphClient,
     ];
@@ -50,6 +52,7 @@ impl Family {
             Family::HttpClient => "http_client_request_duration_seconds",
             Family::RpcServer => "rpc_server_duration_seconds",
             Family::RpcClient => "rpc_client_duration_seconds",
+            Family::DbClient => "db_client_operation_duration_seconds",
             Family::GraphServer => "traces_service_graph_request_server_seconds",
             Family::GraphClient => "traces_service_graph_request_client_seconds",
         }
@@ -65,6 +68,7 @@ impl Family {
             }
             Family::RpcServer => "Duration of RPC server calls (rpc.server.duration).",
             Family::RpcClient => "Duration of RPC client calls (rpc.client.duration).",
+            Family::DbClient => "Duration of data-store calls (db.client.operation.duration).",
             Family::GraphServer => "Service graph: request duration measured at the server.",
             Family::GraphClient => "Service graph: request duration measured at the client.",
         }
@@ -93,6 +97,13 @@ impl Family {
                 "rpc_service",
                 "rpc_method",
                 "rpc_grpc_status_code",
+            ],
+            Family::DbClient => &[
+                "service_name",
+                "db_system_name",
+                "db_operation_name",
+                "db_collection_name",
+                "error_type",
             ],
             Family::GraphServer | Family::GraphClient => &["client", "server", "connection_type"],
         }
@@ -176,8 +187,27 @@ impl Red {
             // No response: the conventions' catch-all.
             (true, None) => "_OTHER",
         };
-        match (&o.grpc, o.kind) {
-            (Some(g), kind) => {
+        match (&o.db, &o.grpc, o.kind) {
+            (Some(db), _, _) => {
+                let error_type = if o.error && db.error_code.is_empty() {
+                    "_OTHER"
+                } else {
+                    &db.error_code
+                };
+                self.add(
+                    Family::DbClient,
+                    [
+                        service,
+                        db.system,
+                        &db.operation,
+                        &db.collection,
+                        error_type,
+                    ],
+                    seconds,
+                    false,
+                );
+            }
+            (None, Some(g), kind) => {
                 let family = if kind == SpanKind::Server {
                     Family::RpcServer
                 } else {
@@ -191,7 +221,7 @@ impl Red {
                     false,
                 );
             }
-            (None, SpanKind::Server) => {
+            (None, None, SpanKind::Server) => {
                 let mut route = std::mem::take(&mut self.route);
                 self.route_into(service, &o.path, &mut route);
                 self.add(
@@ -202,7 +232,7 @@ impl Red {
                 );
                 self.route = route;
             }
-            (None, SpanKind::Client) => {
+            (None, None, SpanKind::Client) => {
                 let (addr, port) = o.server.as_ref().map_or(("", 0), |(a, p)| (a.as_str(), *p));
                 let port = port_buf.format(port);
                 self.add(
@@ -432,7 +462,30 @@ mod tests {
             duration_ns: ms * 1_000_000,
             error: status >= 500,
             failed: status >= 400,
+            db: None,
         }
+    }
+
+    #[test]
+    fn data_store_calls_have_their_own_histogram_and_edge() {
+        let mut red = Red::default();
+        let mut o = obs(SpanKind::Client, "shop", "", 0, 3);
+        o.server = Some(("127.0.0.1".into(), 6379));
+        o.db = Some(crate::trace::span::DbObservation {
+            system: "redis",
+            operation: "GET".into(),
+            collection: String::new(),
+            error_code: "WRONGTYPE".into(),
+        });
+        red.observe(&o);
+        let mut text = String::new();
+        red.render(&mut text);
+        assert!(
+            text.contains(r#"db_client_operation_duration_seconds_count{service_name="shop",db_system_name="redis",db_operation_name="GET",error_type="WRONGTYPE"} 1"#),
+            "{text}"
+        );
+        assert!(text.contains(r#"traces_service_graph_request_client_seconds_count{client="shop",server="127.0.0.1:6379",connection_type="virtual_node"} 1"#), "{text}");
+        assert!(!text.contains("http_client_request"), "{text}");
     }
 
     #[test]

@@ -112,6 +112,7 @@ impl Sim {
             comm: [0; 16],
             discovered: false,
             opener: Default::default(),
+            protocol: 0,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
@@ -154,6 +155,7 @@ impl Sim {
             comm: [0; 16],
             discovered: false,
             opener: Default::default(),
+            protocol: 0,
             kind: EventKind::Close,
         });
     }
@@ -568,6 +570,7 @@ fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
             comm: [0; 16],
             discovered: true,
             opener: Default::default(),
+            protocol: 0,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
@@ -663,6 +666,7 @@ mod http2 {
             comm: [0; 16],
             discovered: false,
             opener: Default::default(),
+            protocol: 0,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64 + skipped as u64,
@@ -875,6 +879,7 @@ mod http2_late {
                 comm: [0; 16],
                 discovered: true,
                 opener: Default::default(),
+                protocol: 0,
                 kind: EventKind::Data {
                     direction: dir,
                     total_len: bytes.len() as u64,

@@ -1,4 +1,136 @@
 //! Application protocols, decoded from connection byte streams. Nothing here knows about BPF.
+//!
+//! Every protocol has the same shape: a [`Decoder`] turns the two byte streams of one
+//! connection into [`Step`]s (an exchange began, got its outcome, ended), and the pipeline,
+//! linker, metrics and exporters treat every exchange alike. Adding a protocol is one module
+//! here, one entry in [`registry`], and one sniff in `kspan_common::sniff` that the kernel and
+//! userspace share.
 pub mod hpack;
 pub mod http1;
 pub mod http2;
+pub mod registry;
+pub mod sql;
+
+use crate::{
+    capture::event::{Direction, Role},
+    pipeline::PipelineStats,
+};
+
+/// One data event of a connection, as a decoder sees it.
+#[derive(Clone, Copy, Debug)]
+pub struct Segment<'a> {
+    pub direction: Direction,
+    /// The bytes flow client → server, by the connection's role as known so far.
+    pub requests: bool,
+    pub payload: &'a [u8],
+    /// Bytes the syscall moved; `payload` may hold fewer (see `capture::event::pieces`).
+    pub total_len: u64,
+    /// `payload` is chunked by the kernel's HTTP/2 frame walk.
+    pub framed: bool,
+    pub frame_start: bool,
+    /// Events of this connection were lost just before this one.
+    pub gap: bool,
+    pub ts_ns: u64,
+}
+
+/// What a request asked, as far as spans need it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Call {
+    Http(http1::RequestHead),
+    Db(DbCall),
+}
+
+/// A data-store command or query. Text is kept as sent; sanitising is the span's job.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DbCall {
+    /// `db.system.name`: "redis", "postgresql", "mysql".
+    pub system: &'static str,
+    /// `db.operation.name` as the protocol names it (a Redis command); `None` when it comes
+    /// from the query text.
+    pub operation: Option<String>,
+    /// The statement (SQL text, or the Redis command with its arguments).
+    pub text: String,
+    /// `db.namespace` (database, or Redis database index) when known.
+    pub namespace: Option<String>,
+    /// Commands sent as one batch (a Redis pipeline's share is 1 per span).
+    pub batch: u32,
+    pub start_ns: u64,
+}
+
+/// How an exchange came out, as its protocol states it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    HttpStatus(u16),
+    GrpcStatus(i64),
+    /// A data-store error: its code (SQLSTATE, MySQL error number, Redis error prefix) and
+    /// message.
+    DbError {
+        code: String,
+        message: String,
+    },
+}
+
+/// What decoding one segment found. `id` is the decoder's own name for an exchange; both ends
+/// of a connection seen from its start give the same exchange the same id (request order,
+/// HTTP/2 stream id), which is how the linker pairs a CLIENT span with its SERVER span.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Step {
+    Begin {
+        id: u64,
+        call: Call,
+        partial: bool,
+    },
+    /// The request (body included) is complete.
+    RequestDone {
+        id: u64,
+        body: u64,
+    },
+    Outcome {
+        id: u64,
+        outcome: Outcome,
+    },
+    /// Part of the exchange could not be decoded; the span says so instead of guessing.
+    Partial {
+        id: u64,
+    },
+    /// `error` when it ended without a complete response.
+    End {
+        id: u64,
+        end_ns: u64,
+        body: u64,
+        error: Option<String>,
+    },
+    /// This exchange's outcome can never be known (counted).
+    Abandon {
+        id: u64,
+    },
+    /// Requests and responses can no longer be paired: every exchange in flight is abandoned.
+    AbandonAll,
+    /// The decoder learnt which side of the connection the process is on.
+    Role(Role),
+    /// Nothing more can be decoded (an upgrade, framing lost for good). `ignore`: the kernel
+    /// may stop reporting the connection.
+    GiveUp {
+        ignore: bool,
+    },
+}
+
+/// Where a decoder puts what it found.
+pub struct Out<'a> {
+    pub steps: &'a mut Vec<Step>,
+    pub stats: &'a mut PipelineStats,
+}
+
+impl Out<'_> {
+    pub fn push(&mut self, step: Step) {
+        self.steps.push(step);
+    }
+}
+
+/// One connection's decoder, both directions.
+pub trait Decoder: Send {
+    fn feed(&mut self, seg: &Segment<'_>, out: &mut Out<'_>);
+    /// The socket is gone: finish what its close delimits; what is still open is then ended
+    /// as unanswered by the pipeline.
+    fn close(&mut self, ts_ns: u64, out: &mut Out<'_>);
+}

@@ -22,11 +22,16 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::{
     context::{self, Sampling},
+    db::DbExchange,
     privacy::Privacy,
     sampler::Sampler,
-    span::{Grpc, HttpExchange, Observation, SpanKind, SpanRecord},
+    span::{DbObservation, Exchange, Grpc, HttpExchange, Observation, SpanKind, SpanRecord},
 };
-use crate::{capture::event::Endpoints, process::ProcessInfo, protocol::http1::RequestHead};
+use crate::{
+    capture::event::Endpoints,
+    process::ProcessInfo,
+    protocol::{Call, Outcome},
+};
 
 /// Identifies one request on one TCP connection from either end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -79,7 +84,7 @@ struct Open {
     inbound_span_id: Option<u64>,
     start_ns: u64,
     end_ns: Option<u64>,
-    exchange: HttpExchange,
+    exchange: Exchange,
     error: Option<String>,
     process: Arc<ProcessInfo>,
     /// SERVER: CLIENT spans made while serving.
@@ -94,7 +99,7 @@ struct Open {
 }
 
 /// What the connection layer knows when a request begins.
-pub struct RequestStart<'a> {
+pub struct RequestStart {
     /// The process and thread that moved the request's first bytes.
     pub tgid: u32,
     pub tid: u32,
@@ -104,7 +109,7 @@ pub struct RequestStart<'a> {
     /// not seen (a connection older than the agent), which rules out pairing by order.
     pub seq: Option<u64>,
     pub process: Arc<ProcessInfo>,
-    pub head: &'a RequestHead,
+    pub call: Call,
 }
 
 pub struct Tracer {
@@ -176,39 +181,52 @@ impl Tracer {
     }
 
     /// Starts a span for a request; `None` when the span table is full (counted).
-    pub fn request_started(&mut self, r: RequestStart<'_>) -> Option<u64> {
+    pub fn request_started(&mut self, r: RequestStart) -> Option<u64> {
         if self.spans.len() >= self.max_open {
             self.stats.spans_dropped_overflow += 1;
             return None;
         }
-        let ctx = match context::extract(&r.head.headers) {
-            Ok(c) => c,
-            Err(_) => {
-                self.stats.bad_context += 1;
-                None
+        let (ctx, start_ns, exchange) = match r.call {
+            Call::Http(head) => {
+                let ctx = match context::extract(&head.headers) {
+                    Ok(c) => c,
+                    Err(_) => {
+                        self.stats.bad_context += 1;
+                        None
+                    }
+                };
+                let exchange = HttpExchange {
+                    grpc: Grpc::from_request(&head.target, head.headers.get("content-type")),
+                    host: head.headers.get("host").map(str::to_string),
+                    user_agent: head.headers.get("user-agent").map(str::to_string),
+                    local: r.endpoints.map(|e| e.local),
+                    peer: r.endpoints.map(|e| e.peer),
+                    captured_headers: head
+                        .headers
+                        .iter()
+                        .filter(|(n, _)| self.privacy.captured.contains(n))
+                        .map(|(n, v)| (n, v.to_string()))
+                        .collect(),
+                    method: head.method,
+                    target: head.target,
+                    version: head.version,
+                    ..Default::default()
+                };
+                (ctx, head.start_ns, Exchange::Http(exchange))
+            }
+            Call::Db(call) => {
+                let start_ns = call.start_ns;
+                let exchange = DbExchange {
+                    call,
+                    peer: r.endpoints.map(|e| e.peer),
+                    ..Default::default()
+                };
+                (None, start_ns, Exchange::Db(exchange))
             }
         };
         let id = new_span_id();
         let explicit = ctx.map(|c| c.sampling).unwrap_or(Sampling::Unset);
         let ids = ctx.and_then(|c| c.ids);
-        let exchange = HttpExchange {
-            method: r.head.method.clone(),
-            target: r.head.target.clone(),
-            version: r.head.version,
-            grpc: Grpc::from_request(&r.head.target, r.head.headers.get("content-type")),
-            host: r.head.headers.get("host").map(str::to_string),
-            user_agent: r.head.headers.get("user-agent").map(str::to_string),
-            local: r.endpoints.map(|e| e.local),
-            peer: r.endpoints.map(|e| e.peer),
-            captured_headers: r
-                .head
-                .headers
-                .iter()
-                .filter(|(n, _)| self.privacy.captured.contains(n))
-                .map(|(n, v)| (n, v.to_string()))
-                .collect(),
-            ..Default::default()
-        };
         let mut span = Open {
             kind: r.kind,
             tgid: r.tgid,
@@ -218,7 +236,7 @@ impl Tracer {
             sampling: explicit,
             explicit_sampling: explicit != Sampling::Unset,
             inbound_span_id: None,
-            start_ns: r.head.start_ns,
+            start_ns,
             end_ns: None,
             exchange,
             error: None,
@@ -244,7 +262,7 @@ impl Tracer {
                     let key = LinkKey::new(e.peer, e.local, e.netns, seq);
                     match self.clients_by_key.remove(&key) {
                         Some((client, _)) => self.link(id, client),
-                        None => self.insert_link(true, key, id, r.head.start_ns),
+                        None => self.insert_link(true, key, id, start_ns),
                     }
                 }
             }
@@ -285,7 +303,7 @@ impl Tracer {
                     let key = LinkKey::new(e.local, e.peer, e.netns, seq);
                     match self.waiting_servers.remove(&key) {
                         Some((srv, _)) => self.link(srv, id),
-                        None => self.insert_link(false, key, id, r.head.start_ns),
+                        None => self.insert_link(false, key, id, start_ns),
                     }
                 }
             }
@@ -360,31 +378,21 @@ impl Tracer {
 
     pub fn request_ended(&mut self, id: u64, body_len: u64) {
         if let Some(s) = self.spans.get_mut(&id) {
-            s.exchange.request_body = body_len;
+            s.exchange.set_request_body(body_len);
         }
     }
 
-    /// gRPC status from response headers or trailers.
-    pub fn grpc_status(&mut self, id: u64, code: i64) {
-        if let Some(g) = self
-            .spans
-            .get_mut(&id)
-            .and_then(|s| s.exchange.grpc.as_mut())
-        {
-            g.status = Some(code);
+    /// The exchange's outcome as its protocol states it (status, gRPC status, store error).
+    pub fn outcome(&mut self, id: u64, outcome: Outcome) {
+        if let Some(s) = self.spans.get_mut(&id) {
+            s.exchange.set_outcome(outcome);
         }
     }
 
     /// Part of the exchange could not be decoded; the span says so instead of guessing.
     pub fn mark_partial(&mut self, id: u64) {
         if let Some(s) = self.spans.get_mut(&id) {
-            s.exchange.partial = true;
-        }
-    }
-
-    pub fn response_started(&mut self, id: u64, status: u16) {
-        if let Some(s) = self.spans.get_mut(&id) {
-            s.exchange.status = Some(status);
+            s.exchange.set_partial();
         }
     }
 
@@ -397,7 +405,7 @@ impl Tracer {
             return;
         }
         s.end_ns = Some(end_ns.max(s.start_ns));
-        s.exchange.response_body = response_body;
+        s.exchange.set_response_body(response_body);
         s.error = error.map(str::to_string);
         let pair = match s.kind {
             SpanKind::Server => s.parent.map(|client| (client, id)),
@@ -513,7 +521,7 @@ impl Tracer {
         // Attributes first, while the exchange is whole; the observation then takes its
         // strings instead of copies (this runs for every request, sampled or not).
         let record = sampled.then(|| {
-            if s.exchange.partial {
+            if s.exchange.partial() {
                 self.stats.spans_partial += 1;
             }
             let to_unix = |ns: u64| (ns as i128 + self.clock_offset_ns).max(0) as u64;
@@ -533,23 +541,41 @@ impl Tracer {
         if !sampled {
             self.stats.spans_unsampled += 1;
         }
-        let server = (s.kind == SpanKind::Client).then(|| s.exchange.server_endpoint());
-        let mut exchange = s.exchange;
-        let path_len = exchange.path().len();
-        exchange.target.truncate(path_len);
-        self.observations.push(Observation {
+        let mut o = Observation {
             kind: s.kind,
             process: s.process,
             peer_process: s.peer_process,
-            method: exchange.method,
-            path: exchange.target,
-            status: exchange.status,
-            grpc: exchange.grpc,
-            server,
+            method: String::new(),
+            path: String::new(),
+            status: None,
+            grpc: None,
+            server: None,
             duration_ns,
             error: is_error,
             failed,
-        });
+            db: None,
+        };
+        match s.exchange {
+            Exchange::Http(mut exchange) => {
+                o.server = (s.kind == SpanKind::Client).then(|| exchange.server_endpoint());
+                let path_len = exchange.path().len();
+                exchange.target.truncate(path_len);
+                o.method = exchange.method;
+                o.path = exchange.target;
+                o.status = exchange.status;
+                o.grpc = exchange.grpc;
+            }
+            Exchange::Db(d) => {
+                o.server = d.peer.map(|p| (super::span::ip_string(p.ip()), p.port()));
+                o.db = Some(DbObservation {
+                    system: d.call.system,
+                    operation: d.operation().unwrap_or_default(),
+                    collection: d.collection().unwrap_or_default(),
+                    error_code: d.error.map(|(code, _)| code).unwrap_or_default(),
+                });
+            }
+        }
+        self.observations.push(o);
         record
     }
 }

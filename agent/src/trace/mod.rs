@@ -1,5 +1,6 @@
 //! Trace context, span records and the linking of spans into trees.
 pub mod context;
+pub mod db;
 pub mod linker;
 pub mod privacy;
 pub mod sampler;

@@ -24,6 +24,8 @@ pub struct Privacy {
     pub captured_keys: &'static [&'static str],
     /// Also export the conventions' opt-in attributes (`--opt-in-attributes`).
     pub opt_in_attributes: bool,
+    /// Export data-store query text with its literals (default: each literal is `?`).
+    pub keep_db_literals: bool,
 }
 
 impl Privacy {
@@ -62,6 +64,7 @@ impl Privacy {
                 captured: Box::leak(names.into_boxed_slice()),
                 captured_keys: Box::leak(keys.into_boxed_slice()),
                 opt_in_attributes: false,
+                keep_db_literals: false,
             },
             refused,
         )

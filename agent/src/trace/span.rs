@@ -1,8 +1,11 @@
 //! Finished spans as handed to exporters, with OpenTelemetry semantic-convention attributes.
 use std::{net::SocketAddr, sync::Arc};
 
-use super::privacy::{Privacy, without_credentials};
-use crate::process::ProcessInfo;
+use super::{
+    db::DbExchange,
+    privacy::{Privacy, without_credentials},
+};
+use crate::{process::ProcessInfo, protocol::Outcome};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SpanKind {
@@ -120,6 +123,90 @@ pub struct Observation {
     pub error: bool,
     /// Failed as the caller sees it (4xx/5xx, non-OK gRPC status, or no response).
     pub failed: bool,
+    /// Set for data-store calls (whose `method`, `path` and `status` are empty).
+    pub db: Option<DbObservation>,
+}
+
+/// What the data-store metrics need of a call.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct DbObservation {
+    pub system: &'static str,
+    pub operation: String,
+    pub collection: String,
+    /// The store's error code, empty when none.
+    pub error_code: String,
+}
+
+/// One exchange of any protocol, as its span is built.
+#[derive(Clone, Debug)]
+pub enum Exchange {
+    Http(HttpExchange),
+    Db(DbExchange),
+}
+
+impl Exchange {
+    pub fn span_name(&self) -> String {
+        match self {
+            Exchange::Http(h) => h.span_name(),
+            Exchange::Db(d) => d.span_name(),
+        }
+    }
+
+    pub fn attributes(&self, kind: SpanKind, privacy: &Privacy) -> Vec<(&'static str, AttrValue)> {
+        match self {
+            Exchange::Http(h) => h.attributes(kind, privacy),
+            Exchange::Db(d) => d.attributes(privacy),
+        }
+    }
+
+    /// Error status per the conventions of the exchange's protocol.
+    pub fn error(&self, kind: SpanKind) -> Option<String> {
+        match self {
+            Exchange::Http(h) => h.error(kind),
+            Exchange::Db(d) => d.error(),
+        }
+    }
+
+    pub fn partial(&self) -> bool {
+        match self {
+            Exchange::Http(h) => h.partial,
+            Exchange::Db(d) => d.partial,
+        }
+    }
+
+    pub fn set_partial(&mut self) {
+        match self {
+            Exchange::Http(h) => h.partial = true,
+            Exchange::Db(d) => d.partial = true,
+        }
+    }
+
+    pub fn set_outcome(&mut self, outcome: Outcome) {
+        match (self, outcome) {
+            (Exchange::Http(h), Outcome::HttpStatus(s)) => h.status = Some(s),
+            (Exchange::Http(h), Outcome::GrpcStatus(code)) => {
+                if let Some(g) = h.grpc.as_mut() {
+                    g.status = Some(code);
+                }
+            }
+            (Exchange::Db(d), Outcome::DbError { code, message }) => {
+                d.error = Some((code, message))
+            }
+            _ => {}
+        }
+    }
+
+    pub fn set_request_body(&mut self, len: u64) {
+        if let Exchange::Http(h) = self {
+            h.request_body = len;
+        }
+    }
+
+    pub fn set_response_body(&mut self, len: u64) {
+        if let Exchange::Http(h) = self {
+            h.response_body = len;
+        }
+    }
 }
 
 /// Everything known about one HTTP exchange when its span is built.

@@ -6,6 +6,8 @@
 //! message. Only the headers spans need are kept, so decoding allocates little.
 use std::collections::VecDeque;
 
+pub mod exchanges;
+
 /// Longest head we buffer before declaring the stream garbage.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 96;

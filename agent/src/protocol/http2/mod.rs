@@ -7,6 +7,8 @@
 //! HTTP/2 has no resynchronisation point.
 use super::hpack::{self, Field};
 
+pub mod exchanges;
+
 pub const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
 /// Whether bytes begin with a plausible HTTP/2 frame header (mirrors the kernel's check for
