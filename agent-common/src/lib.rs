@@ -45,15 +45,22 @@ pub mod role {
     pub const CLIENT: u8 = 2;
 }
 
+pub mod sniff;
+
+/// A connection's protocol as the kernel recognised it ([`sniff::sniff`]).
 pub mod proto {
     /// No payload seen yet.
     pub const UNKNOWN: u8 = 0;
     pub const HTTP1: u8 = 1;
     pub const HTTP2: u8 = 2;
-    /// First payload was not HTTP: the kernel ignores this connection from then on.
+    /// First payload was no protocol kspan decodes: the kernel ignores this connection from
+    /// then on.
     pub const OTHER: u8 = 3;
-    /// Userspace filters (`--pid`, `--port`, `--exe`) excluded this connection.
+    /// Userspace excluded this connection (filters, or a data-store server's side).
     pub const IGNORED: u8 = 4;
+    pub const REDIS: u8 = 5;
+    pub const POSTGRES: u8 = 6;
+    pub const MYSQL: u8 = 7;
 }
 
 pub mod direction {

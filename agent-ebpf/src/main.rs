@@ -43,7 +43,9 @@ use aya_ebpf::{
 };
 use kspan_common::{
     Config, ConnInfo, ConnKey, DISCOVERY_SNIFFS, DataEvent, EventHeader, KernelOffsets, MAX_IOV,
-    MAX_PAYLOAD, Tuple, direction, event_flags, kind, proto, role, stat,
+    MAX_PAYLOAD, Tuple, direction, event_flags, kind, proto, role,
+    sniff::{SNIFF_LEN, sniff},
+    stat,
 };
 
 use arch::*;
@@ -417,8 +419,9 @@ fn on_destroy(sk: u64) {
     if conn.proto == proto::HTTP2 {
         h2::forget(sk);
     }
-    // Userspace holds state only for these (and remembers the connections it excluded).
-    if conn.proto != proto::HTTP1 && conn.proto != proto::HTTP2 && conn.proto != proto::IGNORED {
+    // Userspace holds state for every recognised protocol (and remembers the connections it
+    // excluded), none for the rest.
+    if conn.proto == proto::UNKNOWN || conn.proto == proto::OTHER {
         return;
     }
     // Built on the stack, not in SCRATCH: from softirq this can interrupt a syscall's program
@@ -532,10 +535,12 @@ fn on_data<const BPF_LOOP: bool>(
         if captured == 0 {
             return Ok(());
         }
+        // SAFETY: the payload array is far longer than the sniffed head.
+        let head = unsafe { &*(ev.payload.as_ptr() as *const [u8; SNIFF_LEN]) };
         match if captured < 4 {
             Some(proto::UNKNOWN)
         } else {
-            sniff(&ev.payload)
+            sniff(head, captured as usize, dir == direction::EGRESS, info.role)
         } {
             Some(p) => info.proto = p,
             // A socket found mid-life may already speak HTTP/2 past its preface: a payload
@@ -787,28 +792,6 @@ fn discover(key: &ConnKey, socket: u64, sk: u64) -> Option<*mut ConnInfo> {
     }
     bump(stat::CONNS_DISCOVERED);
     CONNS.get_ptr_mut(&sk)
-}
-
-/// Recognises the first bytes of an HTTP/1.x request or response, or the HTTP/2 preface.
-#[inline(always)]
-fn sniff(p: &[u8]) -> Option<u8> {
-    let b = [p[0], p[1], p[2], p[3]];
-    match &b {
-        b"GET " | b"POST" | b"PUT " | b"HEAD" | b"DELE" | b"OPTI" | b"PATC" | b"CONN" | b"TRAC"
-        | b"HTTP" => Some(proto::HTTP1),
-        b"PRI " => Some(proto::HTTP2),
-        // An HTTP/2 server's preface is a SETTINGS frame, often sent before it reads the
-        // client's: length a multiple of 6 below 64 KiB, type 4, stream 0.
-        _ if p[0] == 0
-            && p[2] % 6 == 0
-            && p[3] == 4
-            && p[4] & !1 == 0
-            && p[5..9] == [0, 0, 0, 0] =>
-        {
-            Some(proto::HTTP2)
-        }
-        _ => None,
-    }
 }
 
 /// Whether bytes look like an HTTP/2 frame header: a defined type, a length within the

@@ -155,6 +155,7 @@ fn main() {
             max_open_spans: 100_000,
             max_conns: 65_536,
             clock_offset_ns: 0,
+            db_server_spans: false,
         };
         let mut p = Pipeline::new(opts, ProcessCache::new("/proc"));
         let mut last_ts = 0;

@@ -93,6 +93,15 @@ pub struct Args {
     /// http.request/response.body.size, and user_agent.original on CLIENT spans.
     #[arg(long, env = "KSPAN_OPT_IN_ATTRIBUTES")]
     pub opt_in_attributes: bool,
+    /// Export data-store query text with its literal values (by default each string and number
+    /// is replaced by `?`). Credentials (Redis AUTH, HELLO) are never exported.
+    #[arg(long, env = "KSPAN_KEEP_DB_LITERALS")]
+    pub keep_db_literals: bool,
+    /// Also decode data-store servers' side of their connections (SERVER spans for
+    /// redis-server, postgres, mysqld). Off by default: the clients' spans are the ones wanted,
+    /// and the servers' would double the cost.
+    #[arg(long, env = "KSPAN_DB_SERVER_SPANS")]
+    pub db_server_spans: bool,
 
     /// Kubernetes pod metadata (`k8s.*` resource attributes, service names): `auto` turns it on
     /// in a cluster (KUBERNETES_SERVICE_HOST set) or when --kube-api-url is given.

@@ -83,6 +83,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         args.keep_query_values,
     );
     privacy.opt_in_attributes = args.opt_in_attributes;
+    privacy.keep_db_literals = args.keep_db_literals;
     for h in refused {
         eprintln!(
             "kspan: not capturing header {h:?}: it may carry credentials (--redact-header or built in)"
@@ -185,13 +186,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             clock_offset_ns: clock_offset(),
             privacy,
             sampler,
+            db_server_spans: args.db_server_spans,
         },
         procs,
     );
     metrics.ready.store(true, Relaxed);
     if let Source::Kernel(cap) = &source {
         eprintln!(
-            "kspan: probes attached ({}, {}); tracing HTTP/1.x, HTTP/2 and gRPC (metrics on http://{}/metrics)",
+            "kspan: probes attached ({}, {}); tracing HTTP/1.x, HTTP/2, gRPC and Redis (metrics on http://{}/metrics)",
             cap.hook.describe(),
             cap.loops.describe(),
             args.metrics_addr
@@ -399,6 +401,7 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.gaps, p.gaps),
         (&m.conns_filtered, p.conns_filtered),
         (&m.conns_unsupported, p.conns_unsupported),
+        (&m.conns_db_server, p.conns_db_server),
         (&m.conns_evicted, p.conns_evicted),
         (&m.spans_finished, t.spans_finished),
         (&m.spans_unsampled, t.spans_unsampled),

@@ -8,7 +8,10 @@ use crate::{
     conn::{Conn, carries_requests},
     metrics::red::Red,
     process::ProcessCache,
-    protocol::{Call, Out, Segment, Step, registry},
+    protocol::{
+        Call, Out, Segment, Step,
+        registry::{self, Join},
+    },
     trace::{
         linker::{RequestStart, Tracer},
         privacy::Privacy,
@@ -35,6 +38,8 @@ pub struct PipelineStats {
     pub h2_joined_late: u64,
     /// HTTP/2 directions that resumed framing after lost events.
     pub h2_resyncs: u64,
+    /// Data-store connections seen from the server's side, not decoded by configuration.
+    pub conns_db_server: u64,
 }
 
 pub struct PipelineOptions {
@@ -45,6 +50,8 @@ pub struct PipelineOptions {
     pub clock_offset_ns: i128,
     pub privacy: Privacy,
     pub sampler: Sampler,
+    /// SERVER spans for data-store servers too (`--db-server-spans`).
+    pub db_server_spans: bool,
 }
 
 pub struct Pipeline {
@@ -55,8 +62,7 @@ pub struct Pipeline {
     procs: ProcessCache,
     filter: Filter,
     max_conns: usize,
-    /// Request headers to keep beyond those spans need.
-    captured: &'static [&'static str],
+    decoders: registry::Settings,
     /// What decoders found in the current event (kept to reuse its allocation).
     steps: Vec<Step>,
     /// RED metrics and service-graph edges of every finished request.
@@ -81,7 +87,11 @@ impl Pipeline {
                 opts.privacy,
                 opts.sampler,
             ),
-            captured: opts.privacy.captured,
+            decoders: registry::Settings {
+                captured: opts.privacy.captured,
+                keep_db_literals: opts.privacy.keep_db_literals,
+                db_server_spans: opts.db_server_spans,
+            },
             procs,
             filter: opts.filter,
             max_conns: opts.max_conns,
@@ -195,23 +205,29 @@ impl Pipeline {
             return false;
         }
         let first = first_bytes(payload, framed);
-        let Some(joined) =
-            registry::join(ev.role, direction, first, self.captured, &mut self.stats)
-        else {
-            return false;
+        let (role, decoder) = match registry::join(
+            ev.protocol,
+            ev.role,
+            direction,
+            first,
+            ev.discovered,
+            &self.decoders,
+            &mut self.stats,
+        ) {
+            Join::Decode { role, decoder } => (role, decoder),
+            Join::Skip => {
+                self.stats.conns_db_server += 1;
+                self.excluded.insert(ev.conn, ev.ts_ns);
+                self.to_ignore.push(ev.conn);
+                return false;
+            }
+            Join::Wait => return false,
         };
         if self.conns.len() >= self.max_conns {
             self.evict_oldest();
         }
         self.stats.conns_opened += 1;
-        let mut conn = Conn::new(
-            joined.role,
-            ev.endpoints,
-            ev.tgid,
-            process,
-            joined.decoder,
-            ev.ts_ns,
-        );
+        let mut conn = Conn::new(role, ev.endpoints, ev.tgid, process, decoder, ev.ts_ns);
         conn.discovered = ev.discovered;
         self.conns.insert(ev.conn, conn);
         true

@@ -734,10 +734,11 @@ impl Env {
 
 /// Waits (bounded) until an agent's metric satisfies `pred`: agents publish counters once a
 /// second, so a fresh value may lag the spans that caused it.
+/// A series not exported yet (a labelled series before its first observation) reads as 0.
 pub fn wait_metric(agent: SocketAddr, name: &str, pred: impl Fn(u64) -> bool) -> u64 {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let v = metric(agent, name);
+        let v = metric_or_zero(agent, name);
         if pred(v) {
             return v;
         }
@@ -748,10 +749,18 @@ pub fn wait_metric(agent: SocketAddr, name: &str, pred: impl Fn(u64) -> bool) ->
 
 pub fn metric(agent: SocketAddr, name: &str) -> u64 {
     let body = http_get(agent, "/metrics").expect("metrics endpoint");
+    series(&body, name).unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
+}
+
+fn metric_or_zero(agent: SocketAddr, name: &str) -> u64 {
+    let body = http_get(agent, "/metrics").expect("metrics endpoint");
+    series(&body, name).unwrap_or(0)
+}
+
+fn series(body: &str, name: &str) -> Option<u64> {
     body.lines()
         .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
         .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
 }
 
 /// The one span of `kind` from `service`; fails the test if there are none or several.
@@ -777,7 +786,7 @@ pub fn curl(args: &[&str]) -> String {
 
 /// Runs a client to completion and returns its stdout; fails the test if it cannot start or
 /// exits non-zero.
-fn run_ok(mut cmd: Command) -> Vec<u8> {
+pub fn run_ok(mut cmd: Command) -> Vec<u8> {
     let out = cmd
         .output()
         .unwrap_or_else(|e| panic!("{cmd:?} could not start (is it installed?): {e}"));

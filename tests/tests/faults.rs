@@ -220,7 +220,7 @@ fn a_hundred_thousand_short_connections_keep_memory_bounded() {
     let started = Instant::now();
     let peak = churn(&port, "/teapot", PER_CLIENT, || rss_kib(agent.proc.pid())).max(before);
     let elapsed = started.elapsed();
-    let requests = wait_metric(agent.metrics, "kspan_http_requests_total", |v| {
+    let requests = wait_metric(agent.metrics, "kspan_requests_total", |v| {
         v >= 2 * (CHURN_CLIENTS * PER_CLIENT) as u64
     });
     let unsampled = wait_metric(agent.metrics, "kspan_spans_unsampled_total", |v| {
@@ -302,8 +302,8 @@ for i in range(300):
     assert_eq!(server.attr("url.path").s(), "/teapot");
     // The noise was seen and judged: not-HTTP connections dropped in the kernel, or streams
     // that lost framing in userspace; nothing was exported for it.
-    let judged = metric(agent.metrics, "kspan_kernel_connections_not_http_total")
-        + metric(agent.metrics, "kspan_http_desyncs_total");
+    let judged = metric(agent.metrics, "kspan_kernel_connections_unrecognised_total")
+        + metric(agent.metrics, "kspan_stream_desyncs_total");
     assert!(judged > 0, "noise was counted");
     assert!(agent.terminate().success());
 }

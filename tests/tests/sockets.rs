@@ -378,7 +378,7 @@ fn a_hundred_thousand_forked_connections_leave_nothing_behind() {
     let started = std::time::Instant::now();
     let peak = churn(&port.to_string(), "/c.txt", PER_CLIENT, || rss_kib(pid)).max(before);
     let all = 2 * (CHURN_CLIENTS * PER_CLIENT) as u64;
-    let requests = wait_metric(rig.agent.metrics, "kspan_http_requests_total", |v| v >= all);
+    let requests = wait_metric(rig.agent.metrics, "kspan_requests_total", |v| v >= all);
     wait_metric(rig.agent.metrics, "kspan_spans_unsampled_total", |v| {
         v >= all
     });

@@ -610,7 +610,7 @@ impl Agent {
             spans_exported: metric(self.metrics, "kspan_spans_exported_total")?,
             spans_dropped: metric(self.metrics, "kspan_spans_queue_dropped_total")?
                 + metric(self.metrics, "kspan_spans_export_failed_total")?,
-            requests_seen: metric(self.metrics, "kspan_http_requests_total")?,
+            requests_seen: metric(self.metrics, "kspan_requests_total")?,
         };
         // SAFETY: plain syscall.
         unsafe { libc::kill(pid as i32, libc::SIGTERM) };

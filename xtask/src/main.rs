@@ -179,6 +179,11 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         // Servers that hand sockets between processes (tests/tests/sockets.rs).
         ("apache2", "/usr/sbin/apache2"),
         ("busybox-static", "/bin/busybox"),
+        // Data stores (tests/tests/datastores.rs), with redis-benchmark.
+        ("redis-server", "/usr/bin/redis-server"),
+        ("redis-tools", "/usr/bin/redis-benchmark"),
+        ("postgresql", "/usr/bin/pg_ctlcluster"),
+        ("mariadb-server", "/usr/sbin/mariadbd"),
     ]
     .iter()
     .chain(extra)
@@ -187,13 +192,21 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
     if !which("python3") {
         bail!("python3 is required for the integration tests");
     }
-    // The gRPC peers are python grpcio: a real HTTP/2 stack (grpc's C core).
-    if !Command::new("python3")
-        .args(["-c", "import grpc"])
-        .output()
-        .is_ok_and(|o| o.status.success())
-    {
-        run(Command::new("python3").args(["-m", "pip", "install", "--quiet", "grpcio"]))?;
+    // The gRPC peers are python grpcio (a real HTTP/2 stack: grpc's C core); the data-store
+    // clients are the common python drivers.
+    for (module, package) in [
+        ("grpc", "grpcio"),
+        ("redis", "redis"),
+        ("psycopg2", "psycopg2-binary"),
+        ("pymysql", "PyMySQL"),
+    ] {
+        if !Command::new("python3")
+            .args(["-c", &format!("import {module}")])
+            .output()
+            .is_ok_and(|o| o.status.success())
+        {
+            run(Command::new("python3").args(["-m", "pip", "install", "--quiet", package]))?;
+        }
     }
     apt_install(&peers)
 }

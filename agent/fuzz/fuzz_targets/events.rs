@@ -19,6 +19,7 @@ fuzz_target!(|data: &[u8]| {
             max_open_spans: 64,
             max_conns: 16,
             clock_offset_ns: 0,
+            db_server_spans: false,
             privacy: Default::default(),
             sampler: Default::default(),
         },

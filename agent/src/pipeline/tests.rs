@@ -42,6 +42,7 @@ impl Sim {
             max_open_spans: 1000,
             max_conns: 1000,
             clock_offset_ns: 0,
+            db_server_spans: false,
         };
         Self {
             p: Pipeline::new(opts, ProcessCache::new("/nonexistent")),

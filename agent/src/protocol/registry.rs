@@ -1,29 +1,105 @@
-//! Which decoder a connection gets, from the first bytes it carries.
-use super::{Decoder, http1, http2};
+//! Which decoder a connection gets: the protocol the kernel recognised (or, for a payload too
+//! short for the kernel to judge, the same sniff here), then the first bytes it carries.
+use kspan_common::{
+    proto, role as kernel_role,
+    sniff::{SNIFF_LEN, sniff},
+};
+
+use super::{Decoder, http1, http2, redis};
 use crate::{
     capture::event::{Direction, Role},
     conn::carries_requests,
     pipeline::PipelineStats,
 };
 
-/// A connection's side and decoder, once its first bytes show them.
-pub struct Joined {
-    /// `Role::Unknown` only for a decoder that learns the side itself (a late-joined HTTP/2
-    /// connection).
-    pub role: Role,
-    pub decoder: Box<dyn Decoder>,
+/// What decoders are configured with.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Settings {
+    /// Request headers to keep beyond those spans need.
+    pub captured: &'static [&'static str],
+    /// Keep literal values in data-store query text.
+    pub keep_db_literals: bool,
+    /// Decode the server side of data-store connections too (SERVER spans for redis-server,
+    /// postgres, …). Off by default: the client's view is the one wanted, at half the cost.
+    pub db_server_spans: bool,
 }
 
-/// The decoder for a connection whose first data event moved `first` in `dir`; `None` when
-/// decoding cannot start at this event (a socket found mid-life, mid-message).
-/// `captured`: request headers to keep beyond those spans need.
+/// How a connection's first data event is handled.
+pub enum Join {
+    Decode {
+        /// `Role::Unknown` only for a decoder that learns the side itself (a late-joined
+        /// HTTP/2 connection).
+        role: Role,
+        decoder: Box<dyn Decoder>,
+    },
+    /// Not decoded, by configuration (a data store's server side): the kernel may stop
+    /// reporting it.
+    Skip,
+    /// Decoding cannot start at this event (a socket found mid-life, mid-message).
+    Wait,
+}
+
+/// The first data event of a connection: `protocol` as the kernel recognised it, `first` the
+/// first bytes it moved in `dir`, `joined_late` for a socket older than the agent.
 pub fn join(
+    protocol: u8,
+    role: Role,
+    dir: Direction,
+    first: &[u8],
+    joined_late: bool,
+    settings: &Settings,
+    stats: &mut PipelineStats,
+) -> Join {
+    let protocol = match protocol {
+        proto::UNKNOWN => sniff_here(role, dir, first).unwrap_or(proto::HTTP1),
+        p => p,
+    };
+    match protocol {
+        proto::REDIS => {
+            // Commands come from the client, and the kernel only recognises commands.
+            let role = known_or(role, dir, Direction::Egress);
+            if role == Role::Server && !settings.db_server_spans {
+                return Join::Skip;
+            }
+            let decoder = Box::new(redis::Exchanges::new(
+                joined_late,
+                settings.keep_db_literals,
+            ));
+            Join::Decode { role, decoder }
+        }
+        _ => join_http(role, dir, first, settings.captured, stats),
+    }
+}
+
+/// The side of a socket found mid-life, from the direction of a message only `client_sends`.
+fn known_or(role: Role, dir: Direction, client_sends: Direction) -> Role {
+    match role {
+        Role::Unknown if dir == client_sends => Role::Client,
+        Role::Unknown => Role::Server,
+        role => role,
+    }
+}
+
+/// The kernel's sniff, for a first payload it passed on undecided.
+fn sniff_here(role: Role, dir: Direction, first: &[u8]) -> Option<u8> {
+    let mut head = [0u8; SNIFF_LEN];
+    let n = first.len().min(SNIFF_LEN);
+    head[..n].copy_from_slice(&first[..n]);
+    let role = match role {
+        Role::Client => kernel_role::CLIENT,
+        Role::Server => kernel_role::SERVER,
+        Role::Unknown => 0,
+    };
+    sniff(&head, first.len(), dir == Direction::Egress, role)
+}
+
+fn join_http(
     role: Role,
     dir: Direction,
     first: &[u8],
     captured: &'static [&'static str],
     stats: &mut PipelineStats,
-) -> Option<Joined> {
+) -> Join {
     let role = match role {
         Role::Unknown => match infer_http_role(dir, first) {
             Some(role) => role,
@@ -32,9 +108,9 @@ pub fn join(
             None if http2::frame_start(first) => {
                 stats.h2_joined_late += 1;
                 let decoder = Box::new(http2::exchanges::Exchanges::new(true, captured));
-                return Some(Joined { role, decoder });
+                return Join::Decode { role, decoder };
             }
-            None => return None,
+            None => return Join::Wait,
         },
         role => role,
     };
@@ -44,7 +120,7 @@ pub fn join(
     } else {
         Box::new(http1::exchanges::Exchanges::new(captured))
     };
-    Some(Joined { role, decoder })
+    Join::Decode { role, decoder }
 }
 
 /// Which side a socket found mid-life is on, from an HTTP/1 message start.
