@@ -50,7 +50,51 @@ pub fn sniff(head: &[u8; SNIFF_LEN], len: usize, egress: bool, role: u8) -> Opti
     if from_client != Some(true) && len >= 6 && mysql_handshake(p, len) {
         return Some(proto::MYSQL);
     }
+    // A socket found mid-life (a connection pool older than the agent) shows no opening:
+    // a client's request must do.
+    if role == 0 && egress && len >= 6 {
+        if postgres_request(p) {
+            return Some(proto::POSTGRES);
+        }
+        if mysql_command(p, len) {
+            return Some(proto::MYSQL);
+        }
+    }
     None
+}
+
+/// A PostgreSQL Query or Parse message shorter than 64 KiB, its text starting plausibly.
+#[inline(always)]
+fn postgres_request(p: &[u8; SNIFF_LEN]) -> bool {
+    let short = p[1] == 0 && p[2] == 0 && (p[3] != 0 || p[4] >= 5);
+    match p[0] {
+        b'Q' => short && statement_start(p[5]),
+        // Parse: a statement name (or none) first.
+        b'P' => short && (p[5] == 0 || p[5].is_ascii_graphic()),
+        _ => false,
+    }
+}
+
+/// A MySQL command packet that is the whole write: sequence 0, a query, prepare or execute.
+#[inline(always)]
+fn mysql_command(p: &[u8; SNIFF_LEN], len: usize) -> bool {
+    let body = p[0] as usize | (p[1] as usize) << 8 | (p[2] as usize) << 16;
+    let whole = body + 4 == len;
+    whole
+        && p[3] == 0
+        && match p[4] {
+            // COM_QUERY, COM_STMT_PREPARE: SQL text.
+            0x03 | 0x16 => statement_start(p[5]),
+            // COM_STMT_EXECUTE: statement id, flags, iteration count 1.
+            0x17 => body >= 10 && p[9] == 0 && p[10] == 1,
+            _ => false,
+        }
+}
+
+/// The first byte of SQL text: a keyword, a parenthesis, a comment or white space.
+#[inline(always)]
+fn statement_start(b: u8) -> bool {
+    b.is_ascii_alphabetic() || b == b'(' || b == b'/' || b == b'-' || b.is_ascii_whitespace()
 }
 
 /// An HTTP/2 server's preface is a SETTINGS frame, often sent before it reads the client's:
@@ -158,5 +202,19 @@ mod tests {
             assert_eq!(of(junk, true, role::CLIENT), None, "{junk:?}");
         }
         assert_eq!(of(b"GE", true, role::CLIENT), None, "too short to tell");
+    }
+
+    #[test]
+    fn pooled_connections_older_than_the_agent_show_a_request() {
+        let mut q = vec![b'Q', 0, 0, 0, 13];
+        q.extend_from_slice(b"SELECT 1\0");
+        assert_eq!(of(&q, true, 0), Some(proto::POSTGRES));
+        assert_eq!(of(&q, true, role::CLIENT), None, "a request is no opening");
+        assert_eq!(of(&q, false, 0), None);
+        let mut com_query = vec![9, 0, 0, 0, 0x03];
+        com_query.extend_from_slice(b"SELECT 1");
+        assert_eq!(of(&com_query, true, 0), Some(proto::MYSQL));
+        com_query.push(b' ');
+        assert_eq!(of(&com_query, true, 0), None, "length must match the write");
     }
 }

@@ -14,18 +14,39 @@ use kspan_tests::{
     run_ok, runtime, trace_id, wait_metric,
 };
 
-const REDIS_PASSWORD: &str = "kspan-redis-secret";
+const STORE_PASSWORD: &str = "kspan-store-secret";
 
-/// The service under test: `/redis` makes a fixed sequence of Redis calls, `/redis-light` three.
+/// The service under test. `/redis` makes a fixed sequence of Redis calls, `/redis-light` three;
+/// `/pg` a transaction, a query, a failing one and a prepared statement; `/pg-light` one
+/// query. Each store's pool is made on first use.
 const APP: &str = r#"
-import http.server, sys, redis
-PORT, REDIS = int(sys.argv[1]), int(sys.argv[2])
-pool = redis.ConnectionPool(host="127.0.0.1", port=REDIS, password=sys.argv[3], db=2, protocol=2)
+import http.server, os, sys, threading
+PORT = int(sys.argv[1])
+PASSWORD = os.environ["STORE_PASSWORD"]
+pools, lock = {}, threading.Lock()
+def pool(name, make):
+    with lock:
+        if name not in pools:
+            pools[name] = make()
+        return pools[name]
+def redis_client():
+    import redis
+    return redis.Redis(connection_pool=pool("redis", lambda: redis.ConnectionPool(
+        host="127.0.0.1", port=int(os.environ["REDIS_PORT"]), password=PASSWORD, db=2, protocol=2)))
+def pg():
+    import psycopg2.pool
+    return pool("pg", lambda: psycopg2.pool.ThreadedConnectionPool(1, 30, host="127.0.0.1",
+        port=int(os.environ["PG_PORT"]), user="shop", password=PASSWORD, dbname="shopdb"))
+def pg3():
+    import psycopg
+    return pool("pg3", lambda: psycopg.connect(host="127.0.0.1", port=int(os.environ["PG_PORT"]),
+        user="shop", password=PASSWORD, dbname="shopdb", autocommit=True))
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
-        r = redis.Redis(connection_pool=pool)
+        trace = self.headers.get("x-b3-traceid", "")
         if self.path == "/redis":
+            r = redis_client()
             r.set("cart:42", "secret-value")
             r.get("cart:42")
             p = r.pipeline(transaction=False)
@@ -35,14 +56,44 @@ class H(http.server.BaseHTTPRequestHandler):
             r.rpush("list", "a")
             try:
                 r.incr("list")
-            except redis.ResponseError:
+            except Exception:
                 pass
         elif self.path == "/redis-light":
-            r.set("k:" + self.headers["x-b3-traceid"], "v")
-            r.get("k:" + self.headers["x-b3-traceid"])
-            r.delete("k:" + self.headers["x-b3-traceid"])
-        else:
-            r.ping()
+            r = redis_client()
+            r.set("k:" + trace, "v")
+            r.get("k:" + trace)
+            r.delete("k:" + trace)
+        elif self.path == "/redis-warm":
+            redis_client().ping()
+        elif self.path in ("/pg", "/pg-light", "/pg-warm"):
+            conns = pg()
+            conn = conns.getconn()
+            try:
+                cur = conn.cursor()
+                if self.path == "/pg":
+                    cur.execute("INSERT INTO orders (id, item) VALUES (%s, %s)", (int(trace[-4:], 16), "secret-item"))
+                    cur.execute("UPDATE orders SET item = %s WHERE id = %s", ("book", int(trace[-4:], 16)))
+                    conn.commit()
+                    cur.execute("SELECT item FROM orders WHERE id = %s", (int(trace[-4:], 16),))
+                    cur.fetchall()
+                    conn.commit()
+                    try:
+                        cur.execute("SELECT * FROM no_such_table")
+                    except Exception:
+                        conn.rollback()
+                    with pg3().cursor() as c3:
+                        c3.execute("SELECT count(*) FROM orders WHERE item = %s", ("book",), prepare=True)
+                        c3.fetchall()
+                elif self.path == "/pg-light":
+                    cur.execute("SELECT item FROM orders WHERE item = %s", ("k" + trace,))
+                    cur.fetchall()
+                    conn.commit()
+                else:
+                    cur.execute("SELECT 1")
+                    conn.commit()
+                    pg3().execute("SELECT 1")
+            finally:
+                conns.putconn(conn)
         self.send_response(200)
         self.send_header("Content-Length", "3")
         self.end_headers()
@@ -51,64 +102,157 @@ class H(http.server.BaseHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", PORT), H).serve_forever()
 "#;
 
+/// A PostgreSQL server of its own (the server refuses to run as root: it runs as `postgres`),
+/// with user `shop` owning database `shopdb` and its table `orders`.
+fn postgres(port: u16) -> Proc {
+    let bin = std::fs::read_dir("/usr/lib/postgresql")
+        .expect("postgresql is installed (cargo xtask setup)")
+        .filter_map(|e| Some(e.ok()?.path().join("bin")))
+        .max()
+        .expect("a postgresql version");
+    let dir = std::env::temp_dir().join(format!("kspan-pg-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("pg dir");
+    let mut chown = Command::new("chown");
+    chown.args(["postgres:postgres", &dir.display().to_string()]);
+    run_ok(chown);
+    let data = dir.join("data").display().to_string();
+    let pwfile = dir.join("pw");
+    std::fs::write(&pwfile, STORE_PASSWORD).expect("pwfile");
+    let as_postgres = |program: &str| {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin.join(program));
+        c
+    };
+    let mut initdb = as_postgres("initdb");
+    initdb.args([
+        "-D",
+        &data,
+        "-U",
+        "postgres",
+        "--auth=scram-sha-256",
+        "--pwfile",
+    ]);
+    initdb.arg(&pwfile);
+    run_ok(initdb);
+    let mut server = as_postgres("postgres");
+    server.args([
+        "-D",
+        &data,
+        "-p",
+        &port.to_string(),
+        "-k",
+        &dir.display().to_string(),
+    ]);
+    server.args(["-c", "listen_addresses=127.0.0.1", "-c", "fsync=off"]);
+    let proc = Proc::listening("postgres", server, port);
+    psql(
+        port,
+        "postgres",
+        &format!("CREATE USER shop PASSWORD '{STORE_PASSWORD}'"),
+    );
+    psql(port, "postgres", "CREATE DATABASE shopdb OWNER shop");
+    psql(
+        port,
+        "shopdb",
+        "CREATE TABLE orders (id int PRIMARY KEY, item text); ALTER TABLE orders OWNER TO shop;",
+    );
+    proc
+}
+
+fn psql(port: u16, db: &str, sql: &str) {
+    let mut c = Command::new("psql");
+    c.args([
+        "-h",
+        "127.0.0.1",
+        "-p",
+        &port.to_string(),
+        "-U",
+        "postgres",
+        "-d",
+        db,
+    ]);
+    c.args(["-v", "ON_ERROR_STOP=1", "-q", "-c", sql]);
+    c.env("PGPASSWORD", STORE_PASSWORD);
+    run_ok(c);
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Store {
+    Redis,
+    Postgres,
+}
+
 struct Rig {
     _rt: tokio::runtime::Runtime,
     spans: Spans,
     agent: Agent,
     app: u16,
-    redis: u16,
+    store: u16,
     _procs: Vec<Proc>,
 }
 
 impl Rig {
-    fn start(name: &str) -> Self {
+    fn start(name: &str, store: Store) -> Self {
         assert_root();
-        let redis = free_port();
-        let mut server = Command::new("redis-server");
-        server.args([
-            "--port",
-            &redis.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-        ]);
-        server.args(["--appendonly", "no", "--requirepass", REDIS_PASSWORD]);
-        let redis_proc = Proc::listening("redis-server", server, redis);
+        let port = free_port();
+        let (server, env, warm) = match store {
+            Store::Redis => {
+                let mut server = Command::new("redis-server");
+                server.args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                ]);
+                server.args(["--appendonly", "no", "--requirepass", STORE_PASSWORD]);
+                (
+                    Proc::listening("redis-server", server, port),
+                    "REDIS_PORT",
+                    "/redis-warm",
+                )
+            }
+            Store::Postgres => (postgres(port), "PG_PORT", "/pg-warm"),
+        };
         let rt = runtime();
         let (collector, spans) = grpc_collector(&rt);
         let app = free_port();
-        let (app_arg, redis_arg) = (app.to_string(), redis.to_string());
+        let (app_arg, store_arg) = (app.to_string(), port.to_string());
         let args = [
             "--linger-ms",
             "50",
             "--port",
             &app_arg,
             "--port",
-            &redis_arg,
+            &store_arg,
         ];
         let agent = Agent::start(name, &args, &otlp_grpc(collector));
         let mut cmd = Command::new("python3");
-        cmd.args(["-c", APP, &app_arg, &redis_arg, REDIS_PASSWORD]);
+        cmd.args(["-c", APP, &app_arg]);
         cmd.env("OTEL_SERVICE_NAME", "shop");
+        cmd.env("STORE_PASSWORD", STORE_PASSWORD)
+            .env(env, &store_arg);
         let app_proc = Proc::listening("shop", cmd, app);
         let rig = Self {
             _rt: rt,
             spans,
             agent,
             app,
-            redis,
-            _procs: vec![redis_proc, app_proc],
+            store: port,
+            _procs: vec![server, app_proc],
         };
-        // The pool's connection is made (AUTH, SELECT, client info) outside the traces below.
-        rig.get("/warm", None);
+        // The pool's connection is made (authentication, SELECT, client info) outside the
+        // traces below.
+        rig.get(warm, None);
         rig
     }
 
     fn get(&self, path: &str, trace: Option<u128>) {
         let url = format!("http://127.0.0.1:{}{path}", self.app);
         let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--max-time", "10", &url]);
+        cmd.args(["-sS", "--fail", "--max-time", "10", &url]);
         if let Some(t) = trace {
             cmd.args(["-H", &format!("X-B3-TraceId: {t:032x}")]);
             cmd.args([
@@ -123,7 +267,7 @@ impl Rig {
 }
 
 /// The data-store spans of a trace, in call order.
-fn redis_spans(spans: &[Got]) -> Vec<&Got> {
+fn db_spans(spans: &[Got]) -> Vec<&Got> {
     let mut db: Vec<&Got> = spans
         .iter()
         .filter(|s| s.attrs.contains_key("db.system.name"))
@@ -134,7 +278,7 @@ fn redis_spans(spans: &[Got]) -> Vec<&Got> {
 
 #[test]
 fn redis_calls_are_children_of_the_request_that_made_them() {
-    let rig = Rig::start("agent-redis");
+    let rig = Rig::start("agent-redis", Store::Redis);
     let t = trace_id(0x4ed1);
     rig.get("/redis", Some(t));
     // curl's CLIENT, the SERVER, then SET, GET, 10 pipelined INCRBY, RPUSH and INCRBY (a type
@@ -142,7 +286,7 @@ fn redis_calls_are_children_of_the_request_that_made_them() {
     let spans = rig.spans.exactly(t, 16, 20, Duration::from_millis(500));
     let server = one(&spans, "SERVER", "shop");
     assert_eq!(server.parent, Some(one(&spans, "CLIENT", "curl").span_id));
-    let db = redis_spans(&spans);
+    let db = db_spans(&spans);
     assert_eq!(db.len(), 14);
     for s in &db {
         assert_eq!(s.parent, Some(server.span_id), "{s:#?}");
@@ -150,7 +294,7 @@ fn redis_calls_are_children_of_the_request_that_made_them() {
         assert_eq!(s.service(), "shop");
         assert_eq!(s.attr("db.system.name").s(), "redis");
         assert_eq!(s.attr("db.namespace").s(), "2", "SELECT 2 of the pool");
-        assert_eq!(s.attr("server.port").i(), rig.redis as i64);
+        assert_eq!(s.attr("server.port").i(), rig.store as i64);
         assert_eq!(s.attr("server.address").s(), "127.0.0.1");
     }
     let names: Vec<&str> = db.iter().map(|s| s.name.as_str()).collect();
@@ -173,7 +317,7 @@ fn redis_calls_are_children_of_the_request_that_made_them() {
 
     // The password crossed the wire when the pool connected, and appears in no span.
     let everything = format!("{:?}", rig.spans.all());
-    assert!(!everything.contains(REDIS_PASSWORD), "{everything}");
+    assert!(!everything.contains(STORE_PASSWORD), "{everything}");
     assert!(
         !everything.contains("secret-value"),
         "literals are sanitised"
@@ -195,7 +339,7 @@ fn redis_calls_are_children_of_the_request_that_made_them() {
 
 #[test]
 fn overlapping_requests_each_own_their_calls() {
-    let rig = Arc::new(Rig::start("agent-redis-concurrent"));
+    let rig = Arc::new(Rig::start("agent-redis-concurrent", Store::Redis));
     const N: u16 = 20;
     let barrier = Arc::new(Barrier::new(N as usize));
     let threads: Vec<_> = (0..N)
@@ -221,7 +365,7 @@ fn overlapping_requests_each_own_their_calls() {
             .filter(|s| s.trace_id == t)
             .collect();
         let server = one(&spans, "SERVER", "shop");
-        let db = redis_spans(&spans);
+        let db = db_spans(&spans);
         // The pool grows under the burst: a request that opens a connection also makes its
         // handshake calls, under that request.
         let names: Vec<&str> = db
@@ -247,11 +391,11 @@ fn overlapping_requests_each_own_their_calls() {
 
 #[test]
 fn redis_benchmark_calls_are_counted_exactly() {
-    let rig = Rig::start("agent-redis-benchmark");
+    let rig = Rig::start("agent-redis-benchmark", Store::Redis);
     const CALLS: u64 = 3000;
     for pipeline in ["1", "16"] {
         let mut bench = Command::new("redis-benchmark");
-        bench.args(["-p", &rig.redis.to_string(), "-a", REDIS_PASSWORD, "-q"]);
+        bench.args(["-p", &rig.store.to_string(), "-a", STORE_PASSWORD, "-q"]);
         bench.args([
             "-n",
             &CALLS.to_string(),
@@ -268,9 +412,9 @@ fn redis_benchmark_calls_are_counted_exactly() {
     let mut info = Command::new("redis-cli");
     info.args([
         "-p",
-        &rig.redis.to_string(),
+        &rig.store.to_string(),
         "-a",
-        REDIS_PASSWORD,
+        STORE_PASSWORD,
         "--no-auth-warning",
     ]);
     info.args(["INFO", "commandstats"]);
@@ -297,4 +441,119 @@ fn redis_benchmark_calls_are_counted_exactly() {
         metric(rig.agent.metrics, "kspan_kernel_lost_events_total"),
         0
     );
+}
+
+#[test]
+fn postgres_calls_are_children_of_the_request_that_made_them() {
+    let rig = Rig::start("agent-postgres", Store::Postgres);
+    let t = trace_id(0x9a01);
+    rig.get("/pg", Some(t));
+    rig.spans.wait_trace(t, 13, 20);
+    std::thread::sleep(Duration::from_millis(500));
+    let spans: Vec<Got> = rig
+        .spans
+        .all()
+        .into_iter()
+        .filter(|s| s.trace_id == t)
+        .collect();
+    let server = one(&spans, "SERVER", "shop");
+    let db = db_spans(&spans);
+    assert_eq!(
+        spans.len(),
+        2 + db.len(),
+        "curl, the server and the calls: {spans:#?}"
+    );
+    let names: Vec<&str> = db.iter().map(|s| s.name.as_str()).collect();
+    // psycopg2 opens each transaction with BEGIN; psycopg 3 runs the last one as a prepared
+    // statement (Parse, then Bind and Execute).
+    assert_eq!(
+        names,
+        [
+            "BEGIN",
+            "INSERT orders",
+            "UPDATE orders",
+            "COMMIT",
+            "BEGIN",
+            "SELECT orders",
+            "COMMIT",
+            "BEGIN",
+            "SELECT no_such_table",
+            "ROLLBACK",
+            "SELECT orders"
+        ]
+    );
+    for s in &db {
+        assert_eq!(s.parent, Some(server.span_id), "{s:#?}");
+        assert!(server.contains(s), "{s:#?} outside {server:#?}");
+        assert_eq!(s.attr("db.system.name").s(), "postgresql");
+        assert_eq!(s.attr("db.namespace").s(), "shopdb");
+        assert_eq!(s.attr("server.port").i(), rig.store as i64);
+    }
+    assert_eq!(
+        db[1].attr("db.query.text").s(),
+        "INSERT INTO orders (id, item) VALUES (?, ?)"
+    );
+    assert_eq!(db[1].attr("db.collection.name").s(), "orders");
+    assert_eq!(db[1].attr("db.operation.name").s(), "INSERT");
+    let failed = db[8];
+    assert_eq!(failed.status, 2, "{failed:#?}");
+    assert_eq!(failed.attr("db.response.status_code").s(), "42P01");
+    assert!(db.iter().filter(|s| s.status == 2).count() == 1);
+    assert_eq!(
+        db[10].attr("db.query.text").s(),
+        "SELECT count(*) FROM orders WHERE item = $1",
+        "the prepared statement's text, from its Parse"
+    );
+    let everything = format!("{:?}", rig.spans.all());
+    assert!(!everything.contains(STORE_PASSWORD), "{everything}");
+    assert!(
+        !everything.contains("secret-item"),
+        "literals are sanitised"
+    );
+    assert!(metric(rig.agent.metrics, "kspan_connections_db_server_total") >= 1);
+}
+
+#[test]
+fn pgbench_calls_are_counted_exactly() {
+    let rig = Rig::start("agent-pgbench", Store::Postgres);
+    let pgbench = |args: &[&str]| {
+        let mut c = Command::new("pgbench");
+        c.args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &rig.store.to_string(),
+            "-U",
+            "shop",
+        ]);
+        c.args(args).arg("shopdb").env("PGPASSWORD", STORE_PASSWORD);
+        run_ok(c);
+    };
+    pgbench(&["-i", "-q", "-s", "1"]);
+    const PER_CLIENT: u64 = 500;
+    for mode in ["simple", "extended", "prepared"] {
+        pgbench(&[
+            "-S",
+            "-n",
+            "-M",
+            mode,
+            "-c",
+            "2",
+            "-t",
+            &PER_CLIENT.to_string(),
+        ]);
+    }
+    let series = "db_client_operation_duration_seconds_count{service_name=\"pgbench\",\
+                  db_system_name=\"postgresql\",db_operation_name=\"SELECT\",\
+                  db_collection_name=\"pgbench_accounts\"}";
+    wait_metric(rig.agent.metrics, series, |v| v == 3 * 2 * PER_CLIENT);
+    // pgbench -i loads its 100,000 accounts with COPY: megabytes skipped by length, one call.
+    let copy = "db_client_operation_duration_seconds_count{service_name=\"pgbench\",\
+                db_system_name=\"postgresql\",db_operation_name=\"COPY\"}";
+    assert_eq!(metric(rig.agent.metrics, copy), 1);
+    assert_eq!(
+        metric(rig.agent.metrics, "kspan_kernel_lost_events_total"),
+        0
+    );
+    assert_eq!(metric(rig.agent.metrics, "kspan_stream_desyncs_total"), 0);
 }

@@ -198,6 +198,7 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         ("grpc", "grpcio"),
         ("redis", "redis"),
         ("psycopg2", "psycopg2-binary"),
+        ("psycopg", "psycopg[binary]"),
         ("pymysql", "PyMySQL"),
     ] {
         if !Command::new("python3")

@@ -5,7 +5,7 @@ use kspan_common::{
     sniff::{SNIFF_LEN, sniff},
 };
 
-use super::{Decoder, http1, http2, redis};
+use super::{Decoder, http1, http2, postgres, redis};
 use crate::{
     capture::event::{Direction, Role},
     conn::carries_requests,
@@ -66,6 +66,16 @@ pub fn join(
                 settings.keep_db_literals,
             ));
             Join::Decode { role, decoder }
+        }
+        proto::POSTGRES => {
+            let role = known_or(role, dir, Direction::Egress);
+            if role == Role::Server && !settings.db_server_spans {
+                return Join::Skip;
+            }
+            Join::Decode {
+                role,
+                decoder: Box::new(postgres::Exchanges::new(joined_late)),
+            }
         }
         _ => join_http(role, dir, first, settings.captured, stats),
     }
