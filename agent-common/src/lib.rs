@@ -89,7 +89,15 @@ pub mod event_flags {
     /// A framed record whose first byte starts an HTTP/2 frame header: where userspace can
     /// resume framing after lost records.
     pub const FRAME_START: u8 = 8;
+    /// A plain payload larger than the copy cap whose last [`super::TAIL_LEN`] bytes are the
+    /// syscall's last bytes, not the prefix's: a reply's end (PostgreSQL's ReadyForQuery,
+    /// MySQL's closing OK) shows even when its middle is skipped.
+    pub const TAIL: u8 = 16;
 }
+
+/// Bytes at the end of a large plain payload copied from the syscall's end
+/// ([`event_flags::TAIL`]).
+pub const TAIL_LEN: usize = 64;
 
 /// Size of a chunk header in a [`event_flags::FRAMED`] payload.
 pub const H2_CHUNK_HEADER: usize = 8;

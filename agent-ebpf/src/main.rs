@@ -43,7 +43,7 @@ use aya_ebpf::{
 };
 use kspan_common::{
     Config, ConnInfo, ConnKey, DISCOVERY_SNIFFS, DataEvent, EventHeader, KernelOffsets, MAX_IOV,
-    MAX_PAYLOAD, Tuple, direction, event_flags, kind, proto, role,
+    MAX_PAYLOAD, TAIL_LEN, Tuple, direction, event_flags, kind, proto, role,
     sniff::{SNIFF_LEN, sniff},
     stat,
 };
@@ -528,6 +528,19 @@ fn on_data<const BPF_LOOP: bool>(
     if total > captured && flags & event_flags::NO_PAYLOAD == 0 {
         bump(stat::TRUNCATED);
     }
+    // A reply's end shows where a protocol's next message starts when its middle is skipped.
+    let mut captured = captured;
+    if let h2::Source::Flat(buf) = src
+        && total > captured
+        && captured >= 2 * TAIL_LEN as u64
+    {
+        if copy_tail(ev, buf, total, captured) {
+            flags |= event_flags::TAIL;
+        } else {
+            // A failed read zeroed the end of the prefix.
+            captured -= TAIL_LEN as u64;
+        }
+    }
 
     if info.proto == proto::UNKNOWN {
         // A byte count alone tells nothing about the protocol: wait for real bytes. Fewer than
@@ -649,6 +662,28 @@ fn h2_walk<const BPF_LOOP: bool>(
         }
         None => false,
     }
+}
+
+/// Overwrites the last [`TAIL_LEN`] bytes of a `captured`-byte prefix with the last bytes of the
+/// `total`-byte buffer at `src`.
+#[inline(always)]
+fn copy_tail(ev: &mut DataEvent, src: u64, total: u64, captured: u64) -> bool {
+    let at = captured - TAIL_LEN as u64;
+    if at > (MAX_PAYLOAD - TAIL_LEN) as u64 {
+        return false;
+    }
+    // SAFETY: `at + TAIL_LEN` ≤ MAX_PAYLOAD, within the scratch payload; the helper checks src.
+    let r = unsafe {
+        probe_read_user_raw(
+            ev.payload.as_mut_ptr().add(at as usize) as *mut c_void,
+            TAIL_LEN as u32,
+            (src + total - TAIL_LEN as u64) as *const c_void,
+        )
+    };
+    if r != 0 {
+        bump(stat::READ_FAULTS);
+    }
+    r == 0
 }
 
 /// Copies `want` (≤ MAX_PAYLOAD) bytes from user memory; returns how many were copied.

@@ -120,6 +120,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                         framed: false,
                         frame_start: false,
                         gap: false,
+                        tail: false,
                     },
                 }));
             }

@@ -151,6 +151,7 @@ impl Pipeline {
                 framed,
                 frame_start,
                 gap,
+                tail,
             } => {
                 out.stats.bytes += total_len;
                 out.stats.gaps += gap as u64;
@@ -163,6 +164,7 @@ impl Pipeline {
                         framed,
                         frame_start,
                         gap,
+                        tail,
                         ts_ns: ev.ts_ns,
                     };
                     decoder.feed(&seg, &mut out);

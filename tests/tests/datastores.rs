@@ -65,7 +65,7 @@ class H(http.server.BaseHTTPRequestHandler):
             r.delete("k:" + trace)
         elif self.path == "/redis-warm":
             redis_client().ping()
-        elif self.path in ("/pg", "/pg-light", "/pg-warm"):
+        elif self.path in ("/pg", "/pg-light", "/pg-warm", "/pg-big"):
             conns = pg()
             conn = conns.getconn()
             try:
@@ -84,6 +84,10 @@ class H(http.server.BaseHTTPRequestHandler):
                     with pg3().cursor() as c3:
                         c3.execute("SELECT count(*) FROM orders WHERE item = %s", ("book",), prepare=True)
                         c3.fetchall()
+                elif self.path == "/pg-big":
+                    c3 = pg3()
+                    c3.execute("SELECT repeat('x', 200) FROM generate_series(1, 5000)").fetchall()
+                    c3.execute("SELECT 1").fetchall()
                 elif self.path == "/pg-light":
                     cur.execute("SELECT item FROM orders WHERE item = %s", ("k" + trace,))
                     cur.fetchall()
@@ -194,6 +198,11 @@ struct Rig {
 
 impl Rig {
     fn start(name: &str, store: Store) -> Self {
+        Self::start_with(name, store, &[])
+    }
+
+    /// `agent_args` are added to the agent's command line.
+    fn start_with(name: &str, store: Store, agent_args: &[&str]) -> Self {
         assert_root();
         let port = free_port();
         let (server, env, warm) = match store {
@@ -220,7 +229,7 @@ impl Rig {
         let (collector, spans) = grpc_collector(&rt);
         let app = free_port();
         let (app_arg, store_arg) = (app.to_string(), port.to_string());
-        let args = [
+        let mut args = vec![
             "--linger-ms",
             "50",
             "--port",
@@ -228,6 +237,7 @@ impl Rig {
             "--port",
             &store_arg,
         ];
+        args.extend(agent_args);
         let agent = Agent::start(name, &args, &otlp_grpc(collector));
         let mut cmd = Command::new("python3");
         cmd.args(["-c", APP, &app_arg]);
@@ -556,4 +566,28 @@ fn pgbench_calls_are_counted_exactly() {
         0
     );
     assert_eq!(metric(rig.agent.metrics, "kspan_stream_desyncs_total"), 0);
+}
+
+#[test]
+fn a_result_set_larger_than_the_capture_ends_at_its_last_byte() {
+    // Each read's first 256 bytes and last 64 are copied: the rows' headers are skipped.
+    let rig = Rig::start_with(
+        "agent-postgres-big",
+        Store::Postgres,
+        &["--payload-cap", "256"],
+    );
+    let t = trace_id(0x9b01);
+    rig.get("/pg-big", Some(t));
+    let spans = rig.spans.exactly(t, 4, 20, Duration::from_millis(300));
+    let server = one(&spans, "SERVER", "shop");
+    let db = db_spans(&spans);
+    let names: Vec<&str> = db.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, ["SELECT", "SELECT"]);
+    assert!(db[0].end <= db[1].start, "{db:#?}");
+    for s in &db {
+        assert_eq!(s.parent, Some(server.span_id));
+        assert_eq!(s.status, 0);
+    }
+    assert!(db[0].end - db[0].start > db[1].end - db[1].start, "{db:#?}");
+    assert_eq!(metric(rig.agent.metrics, "kspan_spans_abandoned_total"), 0);
 }

@@ -61,6 +61,7 @@ fuzz_target!(|data: &[u8]| {
                     framed: op & 0x20 != 0,
                     frame_start: op & 0x30 == 0x30,
                     gap: op & 0x40 != 0,
+                    tail: false,
                 }
             };
             pipeline.handle(Event {

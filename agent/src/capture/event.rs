@@ -1,7 +1,9 @@
 //! Decodes ring-buffer records into owned events. Pure: also used by replay.
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
-use kspan_common::{EventHeader, H2_CHUNK_HEADER, Tuple, direction, event_flags, kind, role};
+use kspan_common::{
+    EventHeader, H2_CHUNK_HEADER, TAIL_LEN, Tuple, direction, event_flags, kind, role,
+};
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum DecodeError {
@@ -68,6 +70,8 @@ pub enum EventKind<'a> {
         framed: bool,
         /// A framed record that starts with an HTTP/2 frame header (a resynchronisation point).
         frame_start: bool,
+        /// A plain payload whose last `TAIL_LEN` bytes are the syscall's last bytes.
+        tail: bool,
         /// Earlier events of this connection were lost.
         gap: bool,
     },
@@ -164,6 +168,10 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
                 payload,
                 framed,
                 frame_start: framed && h.flags & event_flags::FRAME_START != 0,
+                tail: !framed
+                    && h.flags & event_flags::TAIL != 0
+                    && payload.len() >= 2 * TAIL_LEN
+                    && h.total_len > payload.len() as u64,
                 gap: h.flags & event_flags::GAP != 0,
             }
         }
@@ -213,12 +221,14 @@ fn chunks_valid(mut bytes: &[u8], total_len: u64) -> bool {
 }
 
 /// The bytes of a data event as runs of copied bytes, each followed by how many bytes the
-/// stream continues with that were not copied. A plain prefix is one run; a framed payload
-/// one run per chunk. Bytes the record describes beyond its chunks follow the last run.
-pub fn pieces(payload: &[u8], framed: bool, total_len: u64) -> Pieces<'_> {
+/// stream continues with that were not copied. A plain prefix is one run (two with a `tail`:
+/// the prefix, then the syscall's last bytes); a framed payload one run per chunk. Bytes the
+/// record describes beyond its chunks follow the last run.
+pub fn pieces(payload: &[u8], framed: bool, tail: bool, total_len: u64) -> Pieces<'_> {
     Pieces {
         rest: payload,
         framed,
+        tail: tail && !framed && payload.len() >= TAIL_LEN,
         left: total_len,
         done: false,
     }
@@ -227,6 +237,8 @@ pub fn pieces(payload: &[u8], framed: bool, total_len: u64) -> Pieces<'_> {
 pub struct Pieces<'a> {
     rest: &'a [u8],
     framed: bool,
+    /// The last `TAIL_LEN` bytes of `rest` end the record.
+    tail: bool,
     /// Bytes of the record not yet yielded (copied or not).
     left: u64,
     done: bool,
@@ -245,6 +257,12 @@ impl<'a> Iterator for Pieces<'a> {
             let copied = &body[..copied.min(body.len())];
             self.rest = &body[copied.len()..];
             (copied, skipped)
+        } else if self.tail {
+            self.tail = false;
+            let (prefix, tail) = self.rest.split_at(self.rest.len() - TAIL_LEN);
+            self.rest = tail;
+            let skipped = self.left.saturating_sub((prefix.len() + TAIL_LEN) as u64);
+            (prefix, skipped)
         } else {
             (std::mem::take(&mut self.rest), 0)
         };
@@ -260,7 +278,9 @@ impl<'a> Iterator for Pieces<'a> {
 
 /// The first run of copied bytes: where a connection's first message shows its protocol.
 pub fn first_bytes(payload: &[u8], framed: bool) -> &[u8] {
-    pieces(payload, framed, 0).next().map_or(&[], |p| p.0)
+    pieces(payload, framed, false, 0)
+        .next()
+        .map_or(&[], |p| p.0)
 }
 
 /// Encodes an event back into the kernel's record layout (used by recording and tests).
@@ -303,6 +323,7 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
             framed,
             frame_start,
             gap,
+            tail,
         } => {
             h.kind = kind::DATA;
             h.direction = if *d == Direction::Egress {
@@ -320,6 +341,9 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
             }
             if *frame_start {
                 h.flags |= event_flags::FRAME_START;
+            }
+            if *tail {
+                h.flags |= event_flags::TAIL;
             }
             if payload.is_empty() && *total_len > 0 {
                 h.flags |= event_flags::NO_PAYLOAD;
@@ -370,6 +394,7 @@ mod tests {
                 framed: false,
                 frame_start: false,
                 gap: true,
+                tail: false,
             },
         }
     }
@@ -393,6 +418,31 @@ mod tests {
     }
 
     #[test]
+    fn a_tail_is_the_last_run_after_the_uncopied_middle() {
+        let payload: Vec<u8> = (0..200u8).collect();
+        let runs: Vec<_> = pieces(&payload, false, true, 1000).collect();
+        assert_eq!(runs, [(&payload[..136], 800), (&payload[136..], 0)]);
+        // Too short to carry a tail: decoded as a plain prefix.
+        let mut h = EventHeader {
+            kind: kind::DATA,
+            total_len: 1000,
+            captured_len: 100,
+            flags: event_flags::TAIL,
+            ..Default::default()
+        };
+        h.conn.tuple.family = 2;
+        let mut record = unsafe {
+            std::slice::from_raw_parts(&h as *const EventHeader as *const u8, HEADER_LEN)
+        }
+        .to_vec();
+        record.extend([b'x'; 100]);
+        let EventKind::Data { tail, .. } = decode(&record).unwrap().kind else {
+            panic!("data");
+        };
+        assert!(!tail);
+    }
+
+    #[test]
     fn framed_payloads_yield_runs_and_uncopied_counts() {
         let mut payload = chunk(b"abc", 100);
         payload.extend(chunk(b"de", 0));
@@ -404,17 +454,21 @@ mod tests {
                 framed: true,
                 frame_start: true,
                 gap: false,
+                tail: false,
             },
             ..sample()
         };
         assert_eq!(decode(&encode(&framed)).unwrap(), framed);
         // The 5 bytes the record describes beyond its chunks follow the last run.
-        let runs: Vec<_> = pieces(&payload, true, 110).collect();
+        let runs: Vec<_> = pieces(&payload, true, false, 110).collect();
         assert_eq!(runs, [(&b"abc"[..], 100), (&b"de"[..], 5)]);
         assert_eq!(first_bytes(&payload, true), b"abc");
-        let plain: Vec<_> = pieces(b"GET /", false, 9).collect();
+        let plain: Vec<_> = pieces(b"GET /", false, false, 9).collect();
         assert_eq!(plain, [(&b"GET /"[..], 4)]);
-        assert_eq!(pieces(b"", false, 7).collect::<Vec<_>>(), [(&b""[..], 7)]);
+        assert_eq!(
+            pieces(b"", false, false, 7).collect::<Vec<_>>(),
+            [(&b""[..], 7)]
+        );
     }
 
     #[test]
@@ -432,6 +486,7 @@ mod tests {
                     framed: true,
                     frame_start: false,
                     gap: false,
+                    tail: false,
                 },
                 ..sample()
             };

@@ -121,6 +121,7 @@ impl Sim {
                 framed: false,
                 frame_start: false,
                 gap: false,
+                tail: false,
             },
         });
     }
@@ -579,6 +580,7 @@ fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
                 framed: false,
                 frame_start: false,
                 gap: false,
+                tail: false,
             },
         });
     };
@@ -675,6 +677,7 @@ mod http2 {
                 framed: true,
                 frame_start: start,
                 gap,
+                tail: false,
             },
         });
     }
@@ -888,6 +891,7 @@ mod http2_late {
                     framed: false,
                     frame_start: false,
                     gap: false,
+                    tail: false,
                 },
             });
         };

@@ -32,7 +32,16 @@ pub struct Segment<'a> {
     pub frame_start: bool,
     /// Events of this connection were lost just before this one.
     pub gap: bool,
+    /// The payload ends with the syscall's last bytes (see `capture::event::pieces`).
+    pub tail: bool,
     pub ts_ns: u64,
+}
+
+impl<'a> Segment<'a> {
+    /// The payload as runs of copied bytes, each followed by the count of bytes not copied.
+    pub fn pieces(&self) -> crate::capture::event::Pieces<'a> {
+        crate::capture::event::pieces(self.payload, self.framed, self.tail, self.total_len)
+    }
 }
 
 /// What a request asked, as far as spans need it.

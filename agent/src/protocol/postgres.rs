@@ -7,7 +7,6 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap as HashMap;
 
 use super::{Call, DbCall, Decoder, Out, Outcome, Segment, Step};
-use crate::capture::event::pieces;
 
 /// Bytes kept of a message body (statement text beyond it is cut).
 const MAX_BODY: usize = 4096;
@@ -310,6 +309,7 @@ impl Exchanges {
         };
         match (front, kind) {
             (Owed::Query { error, .. }, b'E') => {
+                self.copy_in = false;
                 if error.is_none() {
                     *error = Some(error_outcome(&m.body));
                 }
@@ -321,12 +321,7 @@ impl Exchanges {
                 end(id, error, ts_ns, out);
             }
             (Owed::Query { .. }, b'G') => self.copy_in = true,
-            (Owed::Query { .. }, b'C' | b'E') if self.copy_in => {
-                self.copy_in = false;
-                if let (Some(Owed::Query { error, .. }), b'E') = (self.owed.front_mut(), kind) {
-                    error.get_or_insert_with(|| error_outcome(&m.body));
-                }
-            }
+            (Owed::Query { .. }, b'C') => self.copy_in = false,
             (Owed::Query { .. }, _) => {}
             (Owed::Execute { id }, b'C' | b's' | b'I') => {
                 let id = *id;
@@ -458,7 +453,7 @@ impl Decoder for Exchanges {
         if seg.gap {
             self.lose(out);
         }
-        for (i, (bytes, missing)) in pieces(seg.payload, seg.framed, seg.total_len).enumerate() {
+        for (i, (bytes, missing)) in seg.pieces().enumerate() {
             if seg.requests {
                 if self.client_lost {
                     if i > 0 || !starts_client_message(bytes) {

@@ -4,7 +4,6 @@
 use std::collections::VecDeque;
 
 use super::{Call, DbCall, Decoder, Out, Outcome, Segment, Step};
-use crate::capture::event::pieces;
 
 /// Arguments of a command kept for its text; the rest are counted.
 const MAX_ARGS: usize = 8;
@@ -365,13 +364,13 @@ impl Decoder for Exchanges {
         if self.lost {
             // A client writes whole commands: a write that starts with one resynchronises
             // both sides (replies to abandoned commands are then the only risk, and rare).
-            let first = pieces(seg.payload, seg.framed, seg.total_len).next();
-            if !seg.requests || !first.is_some_and(|(b, _)| b.first() == Some(&b'*')) {
+            let first = seg.pieces().next();
+            if !seg.requests || first.is_none_or(|(b, _)| b.first() != Some(&b'*')) {
                 return;
             }
             self.lost = false;
         }
-        for (bytes, missing) in pieces(seg.payload, seg.framed, seg.total_len) {
+        for (bytes, missing) in seg.pieces() {
             let reader = if seg.requests {
                 &mut self.requests
             } else {
@@ -429,6 +428,7 @@ mod tests {
                 framed: false,
                 frame_start: false,
                 gap: false,
+                tail: false,
                 ts_ns: ts,
             };
             let mut out = Out {

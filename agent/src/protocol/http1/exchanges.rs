@@ -1,10 +1,7 @@
 //! HTTP/1.x messages as exchanges: requests are answered in order, so an exchange's id is its
 //! request's position on the connection.
 use super::{Http1Conn, Message};
-use crate::{
-    capture::event::pieces,
-    protocol::{Call, Decoder, Out, Outcome, Segment, Step},
-};
+use crate::protocol::{Call, Decoder, Out, Outcome, Segment, Step};
 
 pub struct Exchanges {
     conn: Http1Conn,
@@ -108,7 +105,7 @@ impl Decoder for Exchanges {
         if seg.gap {
             self.restart(out);
         }
-        for (bytes, missing) in pieces(seg.payload, seg.framed, seg.total_len) {
+        for (bytes, missing) in seg.pieces() {
             self.conn
                 .feed(seg.requests, bytes, missing, seg.ts_ns, &mut self.messages);
             self.apply(seg.ts_ns, out);

@@ -4,7 +4,7 @@ use rustc_hash::FxHashMap as HashMap;
 
 use super::{Http2Conn, Message};
 use crate::{
-    capture::event::{Direction, Role, pieces},
+    capture::event::{Direction, Role},
     protocol::{
         Call, Decoder, Out, Outcome, Segment, Step,
         http1::{Headers, RequestHead},
@@ -292,7 +292,7 @@ impl Decoder for Exchanges {
                 return self.give_up(out);
             }
         }
-        for (i, (bytes, missing)) in pieces(seg.payload, seg.framed, seg.total_len).enumerate() {
+        for (i, (bytes, missing)) in seg.pieces().enumerate() {
             // A late-joined connection's frame decoders stay keyed by direction (egress stands
             // in for "client"); its messages are flipped once its side is known.
             let from_client = if self.frames.joined_late {

@@ -29,6 +29,7 @@ impl Run {
             framed: false,
             frame_start: false,
             gap: false,
+            tail: false,
             ts_ns: ts,
         };
         let mut out = Out {
@@ -68,11 +69,7 @@ fn ready() -> Vec<u8> {
 }
 
 fn error(code: &str, message: &str) -> Vec<u8> {
-    let mut body = cstrs(&[
-        &format!("SERROR"),
-        &format!("C{code}"),
-        &format!("M{message}"),
-    ]);
+    let mut body = cstrs(&["SERROR", &format!("C{code}"), &format!("M{message}")]);
     body.push(0);
     msg(b'E', &body)
 }
