@@ -50,6 +50,11 @@ pub fn sniff(head: &[u8; SNIFF_LEN], len: usize, egress: bool, role: u8) -> Opti
     if from_client != Some(true) && len >= 6 && mysql_handshake(p, len) {
         return Some(proto::MYSQL);
     }
+    // Clients that read a packet's header before its body (mysql-connector-python) show the
+    // greeting's header alone; the decoder gives the connection up if no greeting follows.
+    if from_client == Some(false) && len == 4 && mysql_greeting_header(p) {
+        return Some(proto::MYSQL);
+    }
     // A socket found mid-life (a connection pool older than the agent) shows no opening:
     // a client's request must do.
     if role == 0 && egress && len >= 6 {
@@ -61,6 +66,13 @@ pub fn sniff(head: &[u8; SNIFF_LEN], len: usize, egress: bool, role: u8) -> Opti
         }
     }
     None
+}
+
+/// A packet header alone: sequence 0 and the length of a plausible greeting.
+#[inline(always)]
+fn mysql_greeting_header(p: &[u8; SNIFF_LEN]) -> bool {
+    let body = p[0] as usize | (p[1] as usize) << 8;
+    p[2] == 0 && p[3] == 0 && (20..1024).contains(&body)
 }
 
 /// A PostgreSQL Query or Parse message shorter than 64 KiB, its text starting plausibly.
@@ -184,6 +196,12 @@ mod tests {
         greeting.resize(0x4a + 4, 0);
         assert_eq!(of(&greeting, false, client), Some(proto::MYSQL));
         assert_eq!(of(&greeting, true, role::SERVER), Some(proto::MYSQL));
+        assert_eq!(
+            of(&greeting[..4], false, client),
+            Some(proto::MYSQL),
+            "its header alone"
+        );
+        assert_eq!(of(&greeting[..4], true, client), None);
     }
 
     #[test]

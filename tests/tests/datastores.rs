@@ -23,7 +23,7 @@ const APP: &str = r#"
 import http.server, os, sys, threading
 PORT = int(sys.argv[1])
 PASSWORD = os.environ["STORE_PASSWORD"]
-pools, lock = {}, threading.Lock()
+pools, lock = {}, threading.RLock()
 def pool(name, make):
     with lock:
         if name not in pools:
@@ -41,6 +41,15 @@ def pg3():
     import psycopg
     return pool("pg3", lambda: psycopg.connect(host="127.0.0.1", port=int(os.environ["PG_PORT"]),
         user="shop", password=PASSWORD, dbname="shopdb", autocommit=True))
+def my():
+    import pymysql
+    return pool("my", lambda: pymysql.connect(host="127.0.0.1", port=int(os.environ["MY_PORT"]),
+        user="shop", password=PASSWORD, database="shopdb"))
+def my_prepared():
+    import mysql.connector
+    return pool("myc", lambda: mysql.connector.connect(host="127.0.0.1",
+        port=int(os.environ["MY_PORT"]), user="shop", password=PASSWORD, database="shopdb",
+        use_pure=True, ssl_disabled=True, autocommit=True))
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
@@ -98,6 +107,30 @@ class H(http.server.BaseHTTPRequestHandler):
                     pg3().execute("SELECT 1")
             finally:
                 conns.putconn(conn)
+        elif self.path in ("/my", "/my-warm"):
+            with lock:
+                conn = my()
+                cur = conn.cursor()
+                if self.path == "/my":
+                    cur.execute("INSERT INTO orders (id, item) VALUES (%s, %s)", (int(trace[-4:], 16), "secret-item"))
+                    cur.execute("SELECT item FROM orders WHERE id = %s", (int(trace[-4:], 16),))
+                    cur.fetchall()
+                    conn.commit()
+                    try:
+                        cur.execute("SELECT * FROM no_such_table")
+                    except Exception:
+                        conn.rollback()
+                    c = my_prepared().cursor(prepared=True)
+                    c.execute("SELECT item FROM orders WHERE id = %s", (int(trace[-4:], 16),))
+                    c.fetchall()
+                    c.close()
+                else:
+                    cur.execute("SELECT 1")
+                    cur.fetchall()
+                    c = my_prepared().cursor(buffered=True)
+                    c.execute("SELECT 1")
+                    c.fetchall()
+                    c.close()
         self.send_response(200)
         self.send_header("Content-Length", "3")
         self.end_headers()
@@ -164,6 +197,71 @@ fn postgres(port: u16) -> Proc {
     proc
 }
 
+/// A MariaDB server of its own, running as `mysql`, with user `shop` owning database `shopdb`
+/// and its table `orders`.
+fn mariadb(port: u16) -> Proc {
+    let dir = std::env::temp_dir().join(format!("kspan-my-{}-{port}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("mariadb dir");
+    let mut chown = Command::new("chown");
+    chown.args(["mysql:mysql", &dir.display().to_string()]);
+    run_ok(chown);
+    let data = format!("--datadir={}", dir.join("data").display());
+    let socket = format!("--socket={}", dir.join("sock").display());
+    let mut install = Command::new("mariadb-install-db");
+    install.args([
+        "--no-defaults",
+        &data,
+        "--user=mysql",
+        "--auth-root-authentication-method=socket",
+    ]);
+    run_ok(install);
+    let mut server = Command::new("mariadbd");
+    server.args([
+        "--no-defaults",
+        &data,
+        &socket,
+        "--user=mysql",
+        "--bind-address=127.0.0.1",
+    ]);
+    server.args([
+        &format!("--port={port}"),
+        "--skip-log-bin",
+        "--innodb-buffer-pool-size=16M",
+    ]);
+    let proc = Proc::listening("mariadbd", server, port);
+    let setup = format!(
+        "CREATE DATABASE shopdb; CREATE USER 'shop'@'127.0.0.1' IDENTIFIED BY '{STORE_PASSWORD}'; \
+         GRANT ALL ON shopdb.* TO 'shop'@'127.0.0.1'; \
+         CREATE TABLE shopdb.orders (id int PRIMARY KEY, item text);"
+    );
+    let mut client = Command::new("mariadb");
+    client.args(["--no-defaults", &socket, "-u", "root", "-e", &setup]);
+    run_ok(client);
+    proc
+}
+
+/// A MariaDB global status counter (`Com_select`, …).
+fn mariadb_status(port: u16, name: &str) -> u64 {
+    let mut c = Command::new("mariadb");
+    c.args([
+        "--no-defaults",
+        "-h",
+        "127.0.0.1",
+        "-P",
+        &port.to_string(),
+        "-u",
+        "shop",
+    ]);
+    c.args([&format!("-p{STORE_PASSWORD}"), "-N", "-B", "-e"]);
+    c.arg(format!("SHOW GLOBAL STATUS LIKE '{name}'"));
+    let out = String::from_utf8_lossy(&run_ok(c)).into_owned();
+    out.split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in {out:?}"))
+}
+
 fn psql(port: u16, db: &str, sql: &str) {
     let mut c = Command::new("psql");
     c.args([
@@ -185,6 +283,7 @@ fn psql(port: u16, db: &str, sql: &str) {
 enum Store {
     Redis,
     Postgres,
+    MariaDb,
 }
 
 struct Rig {
@@ -224,6 +323,7 @@ impl Rig {
                 )
             }
             Store::Postgres => (postgres(port), "PG_PORT", "/pg-warm"),
+            Store::MariaDb => (mariadb(port), "MY_PORT", "/my-warm"),
         };
         let rt = runtime();
         let (collector, spans) = grpc_collector(&rt);
@@ -590,4 +690,99 @@ fn a_result_set_larger_than_the_capture_ends_at_its_last_byte() {
     }
     assert!(db[0].end - db[0].start > db[1].end - db[1].start, "{db:#?}");
     assert_eq!(metric(rig.agent.metrics, "kspan_spans_abandoned_total"), 0);
+}
+
+#[test]
+fn mariadb_calls_are_children_of_the_request_that_made_them() {
+    let rig = Rig::start("agent-mariadb", Store::MariaDb);
+    let t = trace_id(0x3a01);
+    rig.get("/my", Some(t));
+    rig.spans.wait_trace(t, 8, 20);
+    std::thread::sleep(Duration::from_millis(500));
+    let spans: Vec<Got> = rig
+        .spans
+        .all()
+        .into_iter()
+        .filter(|s| s.trace_id == t)
+        .collect();
+    let server = one(&spans, "SERVER", "shop");
+    let db = db_spans(&spans);
+    assert_eq!(
+        spans.len(),
+        2 + db.len(),
+        "curl, the server and the calls: {spans:#?}"
+    );
+    let names: Vec<&str> = db.iter().map(|s| s.name.as_str()).collect();
+    // PyMySQL's queries, then mysql-connector's prepared statement (COM_STMT_PREPARE makes no
+    // span; its COM_STMT_EXECUTE does, under the statement's text).
+    assert_eq!(
+        names,
+        [
+            "INSERT orders",
+            "SELECT orders",
+            "COMMIT",
+            "SELECT no_such_table",
+            "ROLLBACK",
+            "SELECT orders"
+        ]
+    );
+    for s in &db {
+        assert_eq!(s.parent, Some(server.span_id), "{s:#?}");
+        assert!(server.contains(s), "{s:#?} outside {server:#?}");
+        assert_eq!(s.attr("db.system.name").s(), "mysql");
+        assert_eq!(s.attr("db.namespace").s(), "shopdb");
+        assert_eq!(s.attr("server.port").i(), rig.store as i64);
+    }
+    assert_eq!(
+        db[0].attr("db.query.text").s(),
+        "INSERT INTO orders (id, item) VALUES (?, ?)"
+    );
+    let failed = db[3];
+    assert_eq!(failed.status, 2, "{failed:#?}");
+    assert_eq!(failed.attr("db.response.status_code").s(), "1146");
+    assert_eq!(db.iter().filter(|s| s.status == 2).count(), 1);
+    assert_eq!(
+        db[5].attr("db.query.text").s(),
+        "SELECT item FROM orders WHERE id = ?"
+    );
+    let everything = format!("{:?}", rig.spans.all());
+    assert!(!everything.contains(STORE_PASSWORD), "{everything}");
+    assert!(
+        !everything.contains("secret-item"),
+        "literals are sanitised"
+    );
+}
+
+#[test]
+fn mariadb_slap_calls_are_counted_exactly() {
+    let rig = Rig::start("agent-mariadb-slap", Store::MariaDb);
+    let before = mariadb_status(rig.store, "Com_select");
+    let mut slap = Command::new("mariadb-slap");
+    slap.args([
+        "--no-defaults",
+        "-h",
+        "127.0.0.1",
+        "-P",
+        &rig.store.to_string(),
+        "-u",
+        "shop",
+    ]);
+    slap.args([&format!("-p{STORE_PASSWORD}"), "--create-schema=shopdb"]);
+    slap.args([
+        "--query=SELECT id FROM orders WHERE id = 1",
+        "--concurrency=2",
+    ]);
+    slap.args(["--number-of-queries=2000", "--iterations=1"]);
+    run_ok(slap);
+    let served = mariadb_status(rig.store, "Com_select") - before;
+    assert!(served >= 2000, "{served}");
+    let series = "db_client_operation_duration_seconds_count{service_name=\"mariadb-slap\",\
+                  db_system_name=\"mysql\",db_operation_name=\"SELECT\",\
+                  db_collection_name=\"orders\"}";
+    wait_metric(rig.agent.metrics, series, |v| v == served);
+    assert_eq!(
+        metric(rig.agent.metrics, "kspan_kernel_lost_events_total"),
+        0
+    );
+    assert_eq!(metric(rig.agent.metrics, "kspan_stream_desyncs_total"), 0);
 }

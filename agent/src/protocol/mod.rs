@@ -8,6 +8,7 @@
 pub mod hpack;
 pub mod http1;
 pub mod http2;
+pub mod mysql;
 pub mod postgres;
 pub mod redis;
 pub mod registry;

@@ -5,7 +5,7 @@ use kspan_common::{
     sniff::{SNIFF_LEN, sniff},
 };
 
-use super::{Decoder, http1, http2, postgres, redis};
+use super::{Decoder, http1, http2, mysql, postgres, redis};
 use crate::{
     capture::event::{Direction, Role},
     conn::carries_requests,
@@ -77,14 +77,32 @@ pub fn join(
                 decoder: Box::new(postgres::Exchanges::new(joined_late)),
             }
         }
+        proto::MYSQL => {
+            // The server speaks first (its greeting); on a socket found mid-life the kernel
+            // recognised a client's command.
+            let greeting = first.get(4) == Some(&10);
+            let as_client = if greeting {
+                Direction::Ingress
+            } else {
+                Direction::Egress
+            };
+            let role = known_or(role, dir, as_client);
+            if role == Role::Server && !settings.db_server_spans {
+                return Join::Skip;
+            }
+            Join::Decode {
+                role,
+                decoder: Box::new(mysql::Exchanges::new(joined_late)),
+            }
+        }
         _ => join_http(role, dir, first, settings.captured, stats),
     }
 }
 
-/// The side of a socket found mid-life, from the direction of a message only `client_sends`.
-fn known_or(role: Role, dir: Direction, client_sends: Direction) -> Role {
+/// The side of a socket found mid-life: the client's when its first bytes moved `as_client`.
+fn known_or(role: Role, dir: Direction, as_client: Direction) -> Role {
     match role {
-        Role::Unknown if dir == client_sends => Role::Client,
+        Role::Unknown if dir == as_client => Role::Client,
         Role::Unknown => Role::Server,
         role => role,
     }
