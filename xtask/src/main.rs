@@ -270,7 +270,7 @@ fn fuzz() -> anyhow::Result<()> {
     if !which("cargo-fuzz") {
         run(Command::new("cargo").args(["+nightly", "install", "cargo-fuzz", "--locked"]))?;
     }
-    for target in ["http1", "http2", "events"] {
+    for target in ["http1", "http2", "events", "redis", "postgres", "mysql"] {
         run(Command::new("cargo")
             .args(["+nightly", "fuzz", "run", target, "--"])
             .arg(format!("-max_total_time={FUZZ_SECONDS}"))

@@ -319,7 +319,7 @@ impl Exchanges {
         };
         let rest = &rest[user_end + 1..];
         let auth_len = if caps & CLIENT_PLUGIN_AUTH_LENENC_CLIENT_DATA != 0 {
-            lenenc(rest).map(|(n, used)| n as usize + used)
+            lenenc(rest).and_then(|(n, used)| usize::try_from(n).ok()?.checked_add(used))
         } else if caps & CLIENT_SECURE_CONNECTION != 0 {
             rest.first().map(|&n| n as usize + 1)
         } else {
@@ -378,7 +378,7 @@ impl Exchanges {
                     }
                 };
                 if !(eof && p.len == 5) {
-                    return self.server_packet(p, ts_ns, out);
+                    self.server_packet(p, ts_ns, out);
                 }
             }
             Reply::Defs { left, then } => {
