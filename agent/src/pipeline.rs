@@ -1,5 +1,7 @@
 //! The userspace pipeline: decoded kernel events in, finished spans out. Synchronous and free
 //! of I/O except procfs reads, so live capture, replay, tests and benchmarks share it.
+use std::{net::SocketAddr, sync::Arc};
+
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
@@ -7,7 +9,7 @@ use crate::{
     config::Filter,
     conn::{Conn, carries_requests},
     metrics::red::Red,
-    process::ProcessCache,
+    process::{ProcessCache, ProcessInfo},
     protocol::{
         Call, Out, Segment, Step,
         registry::{self, Join},
@@ -67,6 +69,9 @@ pub struct Pipeline {
     steps: Vec<Step>,
     /// RED metrics and service-graph edges of every finished request.
     pub red: Red,
+    /// Data-store servers by listening address, learnt from the server side of connections
+    /// that are not decoded: a client's calls to one are an edge to its service.
+    db_servers: HashMap<ServerKey, Arc<ProcessInfo>>,
     /// Connections userspace wants the kernel to stop reporting.
     pub to_ignore: Vec<ConnId>,
     pub stats: PipelineStats,
@@ -74,6 +79,22 @@ pub struct Pipeline {
 
 /// Connections silent for this long are forgotten (their close was never seen).
 const IDLE_NS: u64 = 300_000_000_000;
+/// Data-store server addresses remembered (forgotten all at once beyond).
+const MAX_DB_SERVERS: usize = 4096;
+
+/// A server's address; loopback addresses repeat in every network namespace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct ServerKey {
+    addr: SocketAddr,
+    netns: u32,
+}
+
+impl ServerKey {
+    fn new(addr: SocketAddr, netns: u32) -> Self {
+        let netns = if addr.ip().is_loopback() { netns } else { 0 };
+        Self { addr, netns }
+    }
+}
 
 impl Pipeline {
     pub fn new(opts: PipelineOptions, procs: ProcessCache) -> Self {
@@ -97,6 +118,7 @@ impl Pipeline {
             max_conns: opts.max_conns,
             steps: Vec::new(),
             red: Red::default(),
+            db_servers: HashMap::default(),
             to_ignore: Vec::new(),
             stats: PipelineStats::default(),
         }
@@ -176,6 +198,7 @@ impl Pipeline {
             tracer: &mut self.tracer,
             stats: &mut self.stats,
             to_ignore: &mut self.to_ignore,
+            db_servers: &self.db_servers,
         };
         sink.apply(conn, ev.conn, &mut self.steps, ev.tid);
         if closed {
@@ -219,6 +242,13 @@ impl Pipeline {
             Join::Decode { role, decoder } => (role, decoder),
             Join::Skip => {
                 self.stats.conns_db_server += 1;
+                if let Some(e) = ev.endpoints {
+                    if self.db_servers.len() >= MAX_DB_SERVERS {
+                        self.db_servers.clear();
+                    }
+                    self.db_servers
+                        .insert(ServerKey::new(e.local, e.netns), process);
+                }
                 self.excluded.insert(ev.conn, ev.ts_ns);
                 self.to_ignore.push(ev.conn);
                 return false;
@@ -288,6 +318,7 @@ struct Sink<'a> {
     tracer: &'a mut Tracer,
     stats: &'a mut PipelineStats,
     to_ignore: &'a mut Vec<ConnId>,
+    db_servers: &'a HashMap<ServerKey, Arc<ProcessInfo>>,
 }
 
 impl Sink<'_> {
@@ -325,6 +356,15 @@ impl Sink<'_> {
                     error,
                 } => {
                     if let Some(Some(span)) = conn.open.remove(&id) {
+                        // Looked up at the end: a server reads a connection's first call
+                        // after its client sent it.
+                        if let Some(server) = (!self.db_servers.is_empty())
+                            .then_some(conn.endpoints)
+                            .flatten()
+                            .and_then(|e| self.db_servers.get(&ServerKey::new(e.peer, e.netns)))
+                        {
+                            self.tracer.peer_process(span, server);
+                        }
                         self.tracer.finished(span, end_ns, body, error.as_deref());
                     }
                 }

@@ -292,7 +292,8 @@ struct Rig {
     agent: Agent,
     app: u16,
     store: u16,
-    _procs: Vec<Proc>,
+    /// The store's server, then the service.
+    procs: Vec<Proc>,
 }
 
 impl Rig {
@@ -351,7 +352,7 @@ impl Rig {
             agent,
             app,
             store: port,
-            _procs: vec![server, app_proc],
+            procs: vec![server, app_proc],
         };
         // The pool's connection is made (authentication, SELECT, client info) outside the
         // traces below.
@@ -445,6 +446,19 @@ fn redis_calls_are_children_of_the_request_that_made_them() {
             .all(|s| s.kind != "SERVER" || s.service() == "shop")
     );
     assert!(metric(rig.agent.metrics, "kspan_connections_db_server_total") >= 1);
+    // The service graph: an edge from the service to the store's own process, named like any
+    // process by its executable (Debian's redis-server is a link to redis-check-rdb).
+    let exe = std::fs::read_link(format!("/proc/{}/exe", rig.procs[0].pid())).expect("exe");
+    let store = exe
+        .file_name()
+        .expect("name")
+        .to_string_lossy()
+        .into_owned();
+    let edge = format!(
+        "traces_service_graph_request_total{{client=\"shop\",server=\"{store}\",\
+         connection_type=\"database\"}}"
+    );
+    wait_metric(rig.agent.metrics, &edge, |v| v >= 14);
 }
 
 #[test]

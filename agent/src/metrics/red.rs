@@ -244,7 +244,10 @@ impl Red {
             }
         }
         // Edges: a linked pair is counted once, at its server; a client whose server this agent
-        // did not see is an edge to a virtual node named by address.
+        // did not see is an edge to a virtual node named by address. A data-store call is
+        // counted at its client (the store makes no spans), to the store's service when this
+        // agent saw the store's process, else to its address.
+        let database = o.db.is_some();
         match (o.kind, &o.peer_process) {
             (SpanKind::Server, Some(client)) => self.add(
                 Family::GraphServer,
@@ -254,7 +257,11 @@ impl Red {
             ),
             (SpanKind::Client, Some(server)) => self.add(
                 Family::GraphClient,
-                [service, &server.service_name, ""],
+                [
+                    service,
+                    &server.service_name,
+                    if database { "database" } else { "" },
+                ],
                 seconds,
                 o.failed,
             ),
@@ -263,9 +270,10 @@ impl Red {
                     .server
                     .as_ref()
                     .map_or_else(String::new, |(a, p)| format!("{a}:{p}"));
+                let kind = if database { "database" } else { "virtual_node" };
                 self.add(
                     Family::GraphClient,
-                    [service, &peer, "virtual_node"],
+                    [service, &peer, kind],
                     seconds,
                     o.failed,
                 );
@@ -348,11 +356,13 @@ impl Red {
             }
         }
         // The graph's request and failure counters: once per request, at the server for a
-        // linked pair, at the client for a virtual node.
+        // linked pair, at the client for a virtual node or a data store.
         let mut edges: Vec<(&[String], u64, u64)> = all
             .iter()
             .filter(|(f, v, _)| {
-                *f == Family::GraphServer || (*f == Family::GraphClient && v[2] == "virtual_node")
+                *f == Family::GraphServer
+                    || (*f == Family::GraphClient
+                        && matches!(v[2].as_str(), "virtual_node" | "database"))
             })
             .map(|(_, v, h)| (&v[..], h.count, h.failed))
             .collect();
@@ -484,7 +494,8 @@ mod tests {
             text.contains(r#"db_client_operation_duration_seconds_count{service_name="shop",db_system_name="redis",db_operation_name="GET",error_type="WRONGTYPE"} 1"#),
             "{text}"
         );
-        assert!(text.contains(r#"traces_service_graph_request_client_seconds_count{client="shop",server="127.0.0.1:6379",connection_type="virtual_node"} 1"#), "{text}");
+        assert!(text.contains(r#"traces_service_graph_request_client_seconds_count{client="shop",server="127.0.0.1:6379",connection_type="database"} 1"#), "{text}");
+        assert!(text.contains(r#"traces_service_graph_request_total{client="shop",server="127.0.0.1:6379",connection_type="database"} 1"#), "{text}");
         assert!(!text.contains("http_client_request"), "{text}");
     }
 

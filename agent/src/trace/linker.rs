@@ -389,6 +389,14 @@ impl Tracer {
         }
     }
 
+    /// The process at the other end, when known otherwise than by linking (a data store's
+    /// server, which makes no spans).
+    pub fn peer_process(&mut self, id: u64, process: &Arc<ProcessInfo>) {
+        if let Some(s) = self.spans.get_mut(&id) {
+            s.peer_process.get_or_insert_with(|| process.clone());
+        }
+    }
+
     /// Part of the exchange could not be decoded; the span says so instead of guessing.
     pub fn mark_partial(&mut self, id: u64) {
         if let Some(s) = self.spans.get_mut(&id) {
