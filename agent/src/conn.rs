@@ -20,9 +20,10 @@ pub struct Conn {
     pub decoder: Option<Box<dyn Decoder>>,
     /// Span of each exchange in flight, by the decoder's exchange id (`None`: not traced).
     pub open: HashMap<u64, Option<u64>>,
-    /// Opened before the agent started: exchanges before the first one seen are unknown, so
-    /// exchange ids cannot pair it with its other end.
-    pub discovered: bool,
+    /// Exchange ids pair with the other end's: false for a connection opened before the agent
+    /// started (exchanges before the first one seen are unknown), and for one whose other end
+    /// is not decoded (a data store's server side).
+    pub pairs: bool,
     pub last_seen_ns: u64,
 }
 
@@ -42,7 +43,7 @@ impl Conn {
             process,
             decoder: Some(decoder),
             open: HashMap::default(),
-            discovered: false,
+            pairs: false,
             last_seen_ns: ts_ns,
         }
     }

@@ -230,7 +230,7 @@ impl Pipeline {
             return false;
         }
         let first = first_bytes(payload, framed);
-        let (role, decoder) = match registry::join(
+        let (role, decoder, both_ends) = match registry::join(
             ev.protocol,
             ev.role,
             direction,
@@ -239,7 +239,11 @@ impl Pipeline {
             &self.decoders,
             &mut self.stats,
         ) {
-            Join::Decode { role, decoder } => (role, decoder),
+            Join::Decode {
+                role,
+                decoder,
+                both_ends,
+            } => (role, decoder, both_ends),
             Join::Skip => {
                 self.stats.conns_db_server += 1;
                 if let Some(e) = ev.endpoints {
@@ -260,7 +264,7 @@ impl Pipeline {
         }
         self.stats.conns_opened += 1;
         let mut conn = Conn::new(role, ev.endpoints, ev.tgid, process, decoder, ev.ts_ns);
-        conn.discovered = ev.discovered;
+        conn.pairs = !ev.discovered && both_ends;
         self.conns.insert(ev.conn, conn);
         true
     }
@@ -403,7 +407,7 @@ impl Sink<'_> {
                 SpanKind::Client
             },
             endpoints: conn.endpoints,
-            seq: (!conn.discovered).then_some(id),
+            seq: conn.pairs.then_some(id),
             process: conn.process.clone(),
             call,
         })

@@ -14,6 +14,8 @@ use std::{
 
 use anyhow::{Context as _, bail};
 
+mod stores;
+
 #[derive(clap::Args)]
 pub struct BenchArgs {
     /// A/B pairs per scenario.
@@ -39,12 +41,24 @@ pub struct BenchArgs {
     agent_args: Vec<String>,
 }
 
+/// What drives a scenario.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Load {
+    /// wrk against nginx.
+    Http,
+    /// h2load against nghttpd.
+    H2,
+    /// redis-benchmark's SET and GET, this many commands per write.
+    Redis { pipeline: u32 },
+    /// pgbench's select-only transactions with prepared statements.
+    Pgbench,
+}
+
 struct Scenario {
     name: &'static str,
     path: &'static str,
     keep_alive: bool,
-    /// HTTP/2: h2load against nghttpd instead of wrk against nginx.
-    h2: bool,
+    load: Load,
     /// Spans each request produces (CLIENT + SERVER, twice when proxied).
     spans_per_request: u64,
     /// kspan flags for this scenario's B runs (before any `--agent-arg`).
@@ -59,7 +73,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "static, keep-alive",
         path: "/static",
         keep_alive: true,
-        h2: false,
+        load: Load::Http,
         spans_per_request: 2,
         agent_args: &[],
         think_ms: 0,
@@ -68,7 +82,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "static, new connection per request",
         path: "/static",
         keep_alive: false,
-        h2: false,
+        load: Load::Http,
         spans_per_request: 2,
         agent_args: &[],
         think_ms: 0,
@@ -77,7 +91,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "proxied upstream, keep-alive",
         path: "/proxy",
         keep_alive: true,
-        h2: false,
+        load: Load::Http,
         spans_per_request: 4,
         agent_args: &[],
         think_ms: 0,
@@ -86,7 +100,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "HTTP/2 (h2load → nghttpd, h2c, 10 streams per connection)",
         path: "/hello",
         keep_alive: true,
-        h2: true,
+        load: Load::H2,
         spans_per_request: 2,
         agent_args: &[],
         think_ms: 0,
@@ -97,7 +111,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "static, keep-alive, 10% of traces sampled",
         path: "/static",
         keep_alive: true,
-        h2: false,
+        load: Load::Http,
         spans_per_request: 2,
         agent_args: &[
             "--traces-sampler=parentbased_traceidratio",
@@ -112,7 +126,7 @@ const SCENARIOS: &[Scenario] = &[
         name: "static, keep-alive, probes only (`--port 1`: every connection filtered)",
         path: "/static",
         keep_alive: true,
-        h2: false,
+        load: Load::Http,
         spans_per_request: 0,
         agent_args: &["--port", "1"],
         think_ms: 0,
@@ -120,11 +134,39 @@ const SCENARIOS: &[Scenario] = &[
     // Below saturation, as services mostly run: each of the 32 connections waits 1 ms between
     // requests, so the offered load is the same with and without the agent and the latency
     // columns show what tracing adds to a request rather than the queueing of a full machine.
+    // Data-store calls: one CLIENT span each (the stores' side is not decoded by default).
+    Scenario {
+        name: "Redis SET/GET (redis-benchmark, 1 command per write)",
+        path: "",
+        keep_alive: true,
+        load: Load::Redis { pipeline: 1 },
+        spans_per_request: 1,
+        agent_args: &[],
+        think_ms: 0,
+    },
+    Scenario {
+        name: "Redis SET/GET pipelined (redis-benchmark -P 16)",
+        path: "",
+        keep_alive: true,
+        load: Load::Redis { pipeline: 16 },
+        spans_per_request: 1,
+        agent_args: &[],
+        think_ms: 0,
+    },
+    Scenario {
+        name: "PostgreSQL SELECT (pgbench -S -M prepared, 8 clients)",
+        path: "",
+        keep_alive: true,
+        load: Load::Pgbench,
+        spans_per_request: 1,
+        agent_args: &[],
+        think_ms: 0,
+    },
     Scenario {
         name: "static, keep-alive, fixed load (1 ms think time per connection)",
         path: "/static",
         keep_alive: true,
-        h2: false,
+        load: Load::Http,
         spans_per_request: 2,
         agent_args: &[],
         think_ms: 1,
@@ -167,30 +209,45 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
 
     let mut report = String::new();
     let mut rows = Vec::new();
-    let chosen = SCENARIOS.iter().filter(|sc| {
-        args.only
-            .as_ref()
-            .is_none_or(|o| sc.name.contains(o.as_str()))
-    });
+    let chosen: Vec<&Scenario> = SCENARIOS
+        .iter()
+        .filter(|sc| {
+            args.only
+                .as_ref()
+                .is_none_or(|o| sc.name.contains(o.as_str()))
+        })
+        .collect();
+    let wants = |f: fn(Load) -> bool| chosen.iter().any(|sc| f(sc.load));
+    let redis = wants(|l| matches!(l, Load::Redis { .. }))
+        .then(stores::Redis::start)
+        .transpose()?;
+    let postgres = wants(|l| l == Load::Pgbench)
+        .then(|| stores::Postgres::start(&dir))
+        .transpose()?;
     for sc in chosen {
         let url = format!(
             "http://127.0.0.1:{}{}",
-            if sc.h2 { h2_port } else { front },
+            if sc.load == Load::H2 { h2_port } else { front },
             sc.path
         );
-        let load = |url: &str| {
-            if sc.h2 {
-                h2load(url, secs, args.connections)
-            } else {
-                wrk(
-                    url,
-                    sc.keep_alive,
-                    secs,
-                    args.connections,
-                    sc.think_ms,
-                    &dir,
-                )
-            }
+        let load = |url: &str| match sc.load {
+            Load::Http => wrk(
+                url,
+                sc.keep_alive,
+                secs,
+                args.connections,
+                sc.think_ms,
+                &dir,
+            ),
+            Load::H2 => h2load(url, secs, args.connections),
+            // About `secs` of work at this machine's rates.
+            Load::Redis { pipeline } => stores::redis_benchmark(
+                redis.as_ref().context("redis-server")?.port,
+                secs * if pipeline > 1 { 400_000 } else { 40_000 },
+                args.connections,
+                pipeline,
+            ),
+            Load::Pgbench => stores::pgbench(postgres.as_ref().context("postgres")?.port, secs, 8),
         };
         let mut a_runs = Vec::new();
         let mut b_runs = Vec::new();
@@ -220,14 +277,15 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     let _ = writeln!(report, "# Benchmarks\n");
     let _ = writeln!(
         report,
-        "Produced by `cargo xtask bench{}` ({pairs} A/B pairs per scenario, {secs} s per wrk run, wrk -t1 -c{}, nginx 1 worker, agent exporting OTLP/HTTP to a local sink).\n",
+        "Produced by `cargo xtask bench{}` ({pairs} A/B pairs per scenario, {secs} s per wrk run, wrk -t1 -c{}, nginx 1 worker; redis-benchmark -c{} and pgbench -c8 -j2 against local redis-server and PostgreSQL; agent exporting OTLP/HTTP to a local sink). For the data stores a request is one call.\n",
         if args.smoke { " --smoke" } else { "" },
+        args.connections,
         args.connections
     );
     let _ = writeln!(report, "Machine: {machine}\n");
     let _ = writeln!(
         report,
-        "A = without kspan, B = with kspan; values are medians over the pairs.\n"
+        "A = without kspan, B = with kspan; values are medians over the pairs. kspan's CPU is counted from the moment it is ready (its start-up, parsing BTF and loading the programs, is left out).\n"
     );
     let _ = writeln!(
         report,
@@ -538,6 +596,8 @@ fn serve_sink(conn: TcpStream) {
 struct Agent {
     child: Killed,
     metrics: u16,
+    /// CPU seconds spent getting ready (BTF, loading the programs), left out of the run's.
+    cpu_at_ready: f64,
 }
 
 impl Agent {
@@ -566,7 +626,12 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        Ok(Self { child, metrics })
+        let cpu_at_ready = cpu_secs(child.0.id())?;
+        Ok(Self {
+            child,
+            metrics,
+            cpu_at_ready,
+        })
     }
 
     /// Lets the last spans leave, then reads the agent's counters and resource use.
@@ -582,21 +647,7 @@ impl Agent {
             }
             last = now;
         }
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
-        let fields: Vec<&str> = stat
-            .rsplit_once(')')
-            .map(|(_, r)| r.split_whitespace().collect())
-            .unwrap_or_default();
-        let ticks: f64 = 100.0;
-        let cpu = (fields
-            .get(11)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-            + fields
-                .get(12)
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0))
-            / ticks;
+        let cpu = cpu_secs(pid)? - self.cpu_at_ready;
         let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
         let hwm = status
             .lines()
@@ -626,6 +677,23 @@ impl Agent {
         drop(child);
         Ok(run)
     }
+}
+
+/// User and system CPU seconds a process has used.
+fn cpu_secs(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r.split_whitespace().collect())
+        .unwrap_or_default();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, in clock ticks of 1/100 s.
+    Ok((ticks(11) + ticks(12)) / 100.0)
 }
 
 fn get(port: u16, path: &str) -> std::io::Result<String> {

@@ -184,6 +184,7 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         ("redis-tools", "/usr/bin/redis-benchmark"),
         ("postgresql", "/usr/bin/pg_ctlcluster"),
         ("mariadb-server", "/usr/sbin/mariadbd"),
+        ("mariadb-client", "/usr/bin/mariadb-slap"),
     ]
     .iter()
     .chain(extra)
@@ -200,6 +201,7 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         ("psycopg2", "psycopg2-binary"),
         ("psycopg", "psycopg[binary]"),
         ("pymysql", "PyMySQL"),
+        ("mysql.connector", "mysql-connector-python"),
     ] {
         if !Command::new("python3")
             .args(["-c", &format!("import {module}")])

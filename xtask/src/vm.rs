@@ -1,6 +1,7 @@
 //! `cargo xtask vm`: the kernel matrix. Debian's own kernels boot under qemu (TCG: KVM hangs at
 //! early boot on nested hosts) with a small initramfs holding busybox, the release agent, the
-//! guest program (`tests/src/bin/kspan-vm-guest/`) and its peers (nginx, curl, nghttp2, wrk)
+//! guest program (`tests/src/bin/kspan-vm-guest/`) and its peers (nginx, curl, nghttp2, wrk,
+//! redis)
 //! with the libraries they link. Its smoke set runs inside each guest, then on the host kernel;
 //! `--bench` runs its benchmark in each guest instead and writes a table per kernel into
 //! BENCHMARKS.md. Kernels are fetched once into `target/vm/`.
@@ -46,12 +47,14 @@ const MATRIX: [Kernel; 3] = [
 const GUEST_BOUND: Duration = Duration::from_secs(15 * 60);
 const VM_DIR: &str = "target/vm";
 /// Executables the smoke set runs in the guest, at the paths it expects them.
-const PEERS: [&str; 5] = [
+const PEERS: [&str; 7] = [
     "/usr/sbin/nginx",
     "/usr/bin/curl",
     "/usr/bin/nghttp",
     "/usr/sbin/nghttpd",
     "/usr/bin/wrk",
+    "/usr/bin/redis-server",
+    "/usr/bin/redis-benchmark",
 ];
 /// Where `--bench` puts its tables in BENCHMARKS.md (inside the hand-written notes, which
 /// `cargo xtask bench` keeps).

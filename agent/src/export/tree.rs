@@ -64,13 +64,22 @@ fn describe(s: &SpanRecord) -> String {
             .unwrap_or_default()
             .to_string()
     };
-    let target = match s.kind {
-        SpanKind::Server => str_attr("url.path"),
-        SpanKind::Client => str_attr("url.full"),
-    };
-    let status = match s.attr("http.response.status_code") {
-        Some(AttrValue::Int(c)) => c.to_string(),
-        _ => "-".into(),
+    let system = str_attr("db.system.name");
+    let (target, status) = if system.is_empty() {
+        let target = match s.kind {
+            SpanKind::Server => str_attr("url.path"),
+            SpanKind::Client => str_attr("url.full"),
+        };
+        let status = match s.attr("http.response.status_code") {
+            Some(AttrValue::Int(c)) => c.to_string(),
+            _ => "-".into(),
+        };
+        (target, status)
+    } else {
+        // A data-store call: the store and its (sanitised) statement.
+        let code = str_attr("db.response.status_code");
+        let status = if code.is_empty() { "ok".into() } else { code };
+        (format!("{system}: {}", str_attr("db.query.text")), status)
     };
     let kind = match s.kind {
         SpanKind::Server => "SERVER",

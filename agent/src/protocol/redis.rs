@@ -537,6 +537,22 @@ mod tests {
     }
 
     #[test]
+    fn transactions_end_each_command_at_its_own_reply() {
+        let mut r = Run::new();
+        let mut write = cmd(&["MULTI"]);
+        write.extend(cmd(&["INCR", "a"]));
+        write.extend(cmd(&["INCR", "b"]));
+        write.extend(cmd(&["EXEC"]));
+        r.feed(true, &write, 0, 1);
+        r.feed(false, b"+OK\r\n+QUEUED\r\n+QUEUED\r\n", 0, 2);
+        r.feed(false, b"*2\r\n:1\r\n:1\r\n", 0, 3);
+        let steps = r.take();
+        let names: Vec<String> = begun(&steps).into_iter().map(|b| b.1).collect();
+        assert_eq!(names, ["MULTI", "INCR a", "INCR b", "EXEC"]);
+        assert_eq!(ended(&steps), vec![(0, 2), (1, 2), (2, 2), (3, 3)]);
+    }
+
+    #[test]
     fn resp3_pushes_attributes_and_maps() {
         let mut r = Run::new();
         r.feed(true, &cmd(&["HELLO", "3", "AUTH", "u", "p"]), 0, 1);

@@ -31,6 +31,9 @@ pub enum Join {
         /// HTTP/2 connection).
         role: Role,
         decoder: Box<dyn Decoder>,
+        /// The other end of the connection is decoded too when this agent sees it (not a
+        /// data store's server side unless `db_server_spans`): exchanges may pair with it.
+        both_ends: bool,
     },
     /// Not decoded, by configuration (a data store's server side): the kernel may stop
     /// reporting it.
@@ -55,47 +58,49 @@ pub fn join(
         p => p,
     };
     match protocol {
-        proto::REDIS => {
-            // Commands come from the client, and the kernel only recognises commands.
-            let role = known_or(role, dir, Direction::Egress);
-            if role == Role::Server && !settings.db_server_spans {
-                return Join::Skip;
-            }
-            let decoder = Box::new(redis::Exchanges::new(
+        // Commands come from the client, and the kernel only recognises commands.
+        proto::REDIS => data_store(role, dir, Direction::Egress, settings, || {
+            Box::new(redis::Exchanges::new(
                 joined_late,
                 settings.keep_db_literals,
-            ));
-            Join::Decode { role, decoder }
-        }
-        proto::POSTGRES => {
-            let role = known_or(role, dir, Direction::Egress);
-            if role == Role::Server && !settings.db_server_spans {
-                return Join::Skip;
-            }
-            Join::Decode {
-                role,
-                decoder: Box::new(postgres::Exchanges::new(joined_late)),
-            }
-        }
+            ))
+        }),
+        proto::POSTGRES => data_store(role, dir, Direction::Egress, settings, || {
+            Box::new(postgres::Exchanges::new(joined_late))
+        }),
+        // The server speaks first (its greeting); on a socket found mid-life the kernel
+        // recognised a client's command.
         proto::MYSQL => {
-            // The server speaks first (its greeting); on a socket found mid-life the kernel
-            // recognised a client's command.
-            let greeting = first.get(4) == Some(&10);
-            let as_client = if greeting {
+            let as_client = if first.get(4) == Some(&10) {
                 Direction::Ingress
             } else {
                 Direction::Egress
             };
-            let role = known_or(role, dir, as_client);
-            if role == Role::Server && !settings.db_server_spans {
-                return Join::Skip;
-            }
-            Join::Decode {
-                role,
-                decoder: Box::new(mysql::Exchanges::new(joined_late)),
-            }
+            data_store(role, dir, as_client, settings, || {
+                Box::new(mysql::Exchanges::new(joined_late))
+            })
         }
         _ => join_http(role, dir, first, settings.captured, stats),
+    }
+}
+
+/// A data-store connection: the client's side is decoded; the server's only when configured
+/// (`db_server_spans`), and only then can both ends pair.
+fn data_store(
+    role: Role,
+    dir: Direction,
+    as_client: Direction,
+    settings: &Settings,
+    decoder: impl FnOnce() -> Box<dyn Decoder>,
+) -> Join {
+    let role = known_or(role, dir, as_client);
+    if role == Role::Server && !settings.db_server_spans {
+        return Join::Skip;
+    }
+    Join::Decode {
+        role,
+        decoder: decoder(),
+        both_ends: settings.db_server_spans,
     }
 }
 
@@ -136,7 +141,11 @@ fn join_http(
             None if http2::frame_start(first) => {
                 stats.h2_joined_late += 1;
                 let decoder = Box::new(http2::exchanges::Exchanges::new(true, captured));
-                return Join::Decode { role, decoder };
+                return Join::Decode {
+                    role,
+                    decoder,
+                    both_ends: true,
+                };
             }
             None => return Join::Wait,
         },
@@ -148,7 +157,11 @@ fn join_http(
     } else {
         Box::new(http1::exchanges::Exchanges::new(captured))
     };
-    Join::Decode { role, decoder }
+    Join::Decode {
+        role,
+        decoder,
+        both_ends: true,
+    }
 }
 
 /// Which side a socket found mid-life is on, from an HTTP/1 message start.

@@ -118,6 +118,8 @@ pub struct Tracer {
     clients_by_key: HashMap<LinkKey, (u64, u64)>,
     waiting_servers: HashMap<LinkKey, (u64, u64)>,
     lingering: VecDeque<(u64, u64)>,
+    /// When the link tables are next swept of entries whose other end never came.
+    next_link_sweep_ns: u64,
     linger_ns: u64,
     max_open: usize,
     /// Monotonic → Unix epoch offset.
@@ -130,6 +132,7 @@ pub struct Tracer {
 }
 
 const LINK_TTL_NS: u64 = 10_000_000_000;
+const LINK_SWEEP_NS: u64 = 1_000_000_000;
 const MAX_LINK_ENTRIES: usize = 65_536;
 /// An exchange with no response after this long is given up.
 const OPEN_TTL_NS: u64 = 600_000_000_000;
@@ -166,6 +169,7 @@ impl Tracer {
             clients_by_key: HashMap::default(),
             waiting_servers: HashMap::default(),
             lingering: VecDeque::new(),
+            next_link_sweep_ns: 0,
             linger_ns,
             max_open,
             clock_offset_ns,
@@ -482,9 +486,13 @@ impl Tracer {
                 out.push(rec);
             }
         }
-        let cutoff = now_ns.saturating_sub(LINK_TTL_NS);
-        self.clients_by_key.retain(|_, (_, ts)| *ts >= cutoff);
-        self.waiting_servers.retain(|_, (_, ts)| *ts >= cutoff);
+        // A scan of up to MAX_LINK_ENTRIES: once a second is enough for a 10 s lifetime.
+        if now_ns >= self.next_link_sweep_ns {
+            self.next_link_sweep_ns = now_ns.saturating_add(LINK_SWEEP_NS);
+            let cutoff = now_ns.saturating_sub(LINK_TTL_NS);
+            self.clients_by_key.retain(|_, (_, ts)| *ts >= cutoff);
+            self.waiting_servers.retain(|_, (_, ts)| *ts >= cutoff);
+        }
     }
 
     /// Gives up on exchanges open longer than the limit (call rarely: it scans).

@@ -4,8 +4,9 @@
 //! bpf_loop one (older kernels with fexit, 5.15-class, run that pair). With each: the probes
 //! load and attach, an nginx proxy chain carrying B3 gives
 //! its exact 4-span tree, an h2c call its 2 linked spans, busybox httpd (a child forked per
-//! connection serves it through stdin and stdout) its 2 linked spans, no kernel event or span
-//! is lost, and the agent exits cleanly on SIGTERM.
+//! connection serves it through stdin and stdout) its 2 linked spans, redis-benchmark's calls
+//! (pipelined, with replies larger than the copy cap) are counted exactly, no kernel event or
+//! span is lost, and the agent exits cleanly on SIGTERM.
 //!
 //! It prints `kspan-vm: …` lines (xtask reads them off the serial console) and exits 1 if any
 //! check failed.
@@ -14,9 +15,11 @@ use std::{
     time::Duration,
 };
 
+use std::process::Command;
+
 use kspan_tests::{
-    Agent, Got, Nginx, Spans, busybox_httpd, curl, grpc_collector, metric, nghttp_get, nghttpd,
-    one, otlp_grpc, runtime, trace_id,
+    Agent, Got, Nginx, Spans, busybox_httpd, curl, free_port, grpc_collector, metric, nghttp_get,
+    nghttpd, one, otlp_grpc, runtime, trace_id, wait_metric,
 };
 
 use crate::{HOOKS, LOAD_BOUND, hook_words, kernel_release, panic_text, probes_line, say};
@@ -38,6 +41,8 @@ struct Servers {
     _h2_server: kspan_tests::Proc,
     forking_port: u16,
     _forking_server: kspan_tests::Proc,
+    redis_port: u16,
+    _redis: kspan_tests::Proc,
 }
 
 impl Servers {
@@ -49,6 +54,11 @@ impl Servers {
         std::fs::write(dir.join("page.txt"), vec![b'k'; 3000]).expect("h2 page");
         let (h2_port, h2_server) = nghttpd(&dir);
         let (forking_port, forking_server) = busybox_httpd(&dir);
+        let redis_port = free_port();
+        let mut redis = Command::new("redis-server");
+        redis.args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"]);
+        redis.args(["--save", "", "--appendonly", "no"]);
+        let redis = kspan_tests::Proc::listening("redis-server", redis, redis_port);
         Self {
             front,
             back,
@@ -56,6 +66,8 @@ impl Servers {
             _h2_server: h2_server,
             forking_port,
             _forking_server: forking_server,
+            redis_port,
+            _redis: redis,
         }
     }
 }
@@ -141,6 +153,9 @@ fn with_hook(
     });
     results.run(hook, "forked-busybox", &agent, || {
         forked_call(peers, &servers, tag + 3)
+    });
+    results.run(hook, "redis-benchmark", &agent, || {
+        redis_calls(&agent, &servers)
     });
     results.run(hook, "no-losses", &agent, || {
         for m in [
@@ -239,6 +254,35 @@ fn forked_call(peers: &Peers, servers: &Servers, tag: u16) {
         "{client:#?} must cover {server:#?}"
     );
     assert_eq!(server.attr("http.response.status_code").i(), 200);
+}
+
+/// redis-benchmark's SETs and GETs of 20 kB values (replies larger than the copy cap), 10 per
+/// write, in whole batches: each call decoded once.
+fn redis_calls(agent: &Agent, servers: &Servers) {
+    const CALLS: u64 = 200;
+    let series = |op: &str| {
+        format!(
+            "db_client_operation_duration_seconds_count{{service_name=\"redis-benchmark\",\
+             db_system_name=\"redis\",db_operation_name=\"{op}\"}}"
+        )
+    };
+    let mut bench = Command::new("redis-benchmark");
+    bench.args(["-p", &servers.redis_port.to_string(), "-q", "-t", "set,get"]);
+    bench.args([
+        "-n",
+        &CALLS.to_string(),
+        "-c",
+        "2",
+        "-P",
+        "10",
+        "-d",
+        "20000",
+    ]);
+    let out = bench.output().expect("redis-benchmark runs");
+    assert!(out.status.success(), "redis-benchmark: {out:?}");
+    for op in ["SET", "GET"] {
+        wait_metric(agent.metrics, &series(op), |v| v == CALLS);
+    }
 }
 
 /// The spans of trace `t`, which must be exactly `n` (a late extra span fails too).
