@@ -19,6 +19,11 @@ use crate::{
     pipeline::PipelineStats,
 };
 
+/// Requests awaiting their replies on one connection. Beyond it (a client streaming commands
+/// whose replies were lost, say) the connection's exchanges are abandoned, counted, and
+/// decoding resynchronises: memory stays bounded.
+pub const MAX_IN_FLIGHT: usize = 4096;
+
 /// One data event of a connection, as a decoder sees it.
 #[derive(Clone, Copy, Debug)]
 pub struct Segment<'a> {

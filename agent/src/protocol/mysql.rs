@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap as HashMap;
 
-use super::{Call, DbCall, Decoder, Out, Outcome, Segment, Step};
+use super::{Call, DbCall, Decoder, MAX_IN_FLIGHT, Out, Outcome, Segment, Step};
 
 /// Bytes kept of a client packet (statement text beyond it is cut).
 const MAX_CLIENT_BODY: usize = 4096;
@@ -228,6 +228,9 @@ impl Exchanges {
         }
         if p.continued {
             return;
+        }
+        if self.owed.len() >= MAX_IN_FLIGHT {
+            return self.lose(out);
         }
         let Some((&command, rest)) = p.body.split_first() else {
             return;

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 
 use rustc_hash::FxHashMap as HashMap;
 
-use super::{Call, DbCall, Decoder, Out, Outcome, Segment, Step};
+use super::{Call, DbCall, Decoder, MAX_IN_FLIGHT, Out, Outcome, Segment, Step};
 
 /// Bytes kept of a message body (statement text beyond it is cut).
 const MAX_BODY: usize = 4096;
@@ -216,6 +216,9 @@ impl Exchanges {
     }
 
     fn client_message(&mut self, m: Message, ts_ns: u64, out: &mut Out<'_>) {
+        if self.owed.len() >= MAX_IN_FLIGHT {
+            return self.lose(out);
+        }
         let mut fields = m.body.split(|&b| b == 0);
         let mut cstr = || fields.next().unwrap_or_default().to_vec();
         match m.kind {

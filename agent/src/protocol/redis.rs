@@ -3,7 +3,7 @@
 //! replies of any size cost nothing but their headers.
 use std::collections::VecDeque;
 
-use super::{Call, DbCall, Decoder, Out, Outcome, Segment, Step};
+use super::{Call, DbCall, Decoder, MAX_IN_FLIGHT, Out, Outcome, Segment, Step};
 
 /// Arguments of a command kept for its text; the rest are counted.
 const MAX_ARGS: usize = 8;
@@ -256,6 +256,10 @@ impl Exchanges {
     }
 
     fn commands(&mut self, start_ns: u64, out: &mut Out<'_>) {
+        if self.pending.len() + self.values.len() > MAX_IN_FLIGHT {
+            self.values.clear();
+            return self.lose(out);
+        }
         let batch = self.values.len() as u32;
         for v in self.values.drain(..) {
             let Some(name) = v.args.first() else { continue };
@@ -382,7 +386,7 @@ impl Decoder for Exchanges {
             } else {
                 self.replies(seg.ts_ns, out);
             }
-            if self.gone {
+            if self.gone || self.lost {
                 return;
             }
             if !ok {
@@ -534,6 +538,18 @@ mod tests {
                 message: "WRONGTYPE Operation against a key holding the wrong kind of value".into()
             }
         }));
+    }
+
+    #[test]
+    fn commands_without_replies_are_bounded() {
+        let mut r = Run::new();
+        let write: Vec<u8> = (0..100).flat_map(|_| cmd(&["PING"])).collect();
+        for ts in 0..(MAX_IN_FLIGHT / 100 + 1) as u64 {
+            r.feed(true, &write, 0, ts);
+        }
+        assert!(r.d.pending.len() <= MAX_IN_FLIGHT);
+        assert_eq!(r.stats.desyncs, 1);
+        assert!(r.take().contains(&Step::AbandonAll));
     }
 
     #[test]

@@ -256,8 +256,8 @@ fn forked_call(peers: &Peers, servers: &Servers, tag: u16) {
     assert_eq!(server.attr("http.response.status_code").i(), 200);
 }
 
-/// redis-benchmark's SETs and GETs of 20 kB values (replies larger than the copy cap), 10 per
-/// write, in whole batches: each call decoded once.
+/// redis-benchmark's SETs and GETs of 20 kB values (commands and replies larger than the copy
+/// cap, skipped by length): each call decoded once.
 fn redis_calls(agent: &Agent, servers: &Servers) {
     const CALLS: u64 = 200;
     let series = |op: &str| {
