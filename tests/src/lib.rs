@@ -752,7 +752,8 @@ pub fn metric(agent: SocketAddr, name: &str) -> u64 {
     series(&body, name).unwrap_or_else(|| panic!("no metric {name} in:\n{body}"))
 }
 
-fn metric_or_zero(agent: SocketAddr, name: &str) -> u64 {
+/// A metric, 0 while its series does not exist yet.
+pub fn metric_or_zero(agent: SocketAddr, name: &str) -> u64 {
     let body = http_get(agent, "/metrics").expect("metrics endpoint");
     series(&body, name).unwrap_or(0)
 }

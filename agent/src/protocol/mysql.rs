@@ -527,7 +527,7 @@ fn more_results(body: &[u8]) -> bool {
         // EOF: warnings, then status.
         Some(0xfe) if body.len() == 5 => body.get(3..5),
         _ => {
-            let Some((_, a)) = lenenc(&body[1..]) else {
+            let Some((_, a)) = body.get(1..).and_then(lenenc) else {
                 return false;
             };
             let Some((_, b)) = body.get(1 + a..).and_then(lenenc) else {

@@ -19,7 +19,7 @@ use std::process::Command;
 
 use kspan_tests::{
     Agent, Got, Nginx, Spans, busybox_httpd, curl, free_port, grpc_collector, metric, nghttp_get,
-    nghttpd, one, otlp_grpc, runtime, trace_id, wait_metric,
+    nghttpd, one, otlp_grpc, runtime, trace_id,
 };
 
 use crate::{HOOKS, LOAD_BOUND, hook_words, kernel_release, panic_text, probes_line, say};
@@ -268,20 +268,28 @@ fn redis_calls(agent: &Agent, servers: &Servers) {
     };
     let mut bench = Command::new("redis-benchmark");
     bench.args(["-p", &servers.redis_port.to_string(), "-q", "-t", "set,get"]);
-    bench.args([
-        "-n",
-        &CALLS.to_string(),
-        "-c",
-        "2",
-        "-P",
-        "10",
-        "-d",
-        "20000",
-    ]);
+    bench.args(["-n", &CALLS.to_string(), "-c", "2", "-d", "20000"]);
     let out = bench.output().expect("redis-benchmark runs");
     assert!(out.status.success(), "redis-benchmark: {out:?}");
-    for op in ["SET", "GET"] {
-        wait_metric(agent.metrics, &series(op), |v| v == CALLS);
+    let calls = |op: &str| kspan_tests::metric_or_zero(agent.metrics, &series(op));
+    let deadline = std::time::Instant::now() + Duration::from_secs(SPAN_WAIT_SECS);
+    while (calls("SET"), calls("GET")) != (CALLS, CALLS) {
+        if std::time::Instant::now() > deadline {
+            let all = kspan_tests::http_get(agent.metrics, "/metrics").unwrap_or_default();
+            let related: Vec<&str> = all
+                .lines()
+                .filter(|l| {
+                    l.starts_with("db_client_operation_duration_seconds_count")
+                        || (l.starts_with("kspan_") && !l.ends_with(" 0"))
+                })
+                .collect();
+            panic!(
+                "SET/GET calls {:?}, want {CALLS} each:\n{}",
+                (calls("SET"), calls("GET")),
+                related.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 
