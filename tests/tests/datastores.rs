@@ -17,8 +17,9 @@ use kspan_tests::{
 const STORE_PASSWORD: &str = "kspan-store-secret";
 
 /// The service under test. `/redis` makes a fixed sequence of Redis calls, `/redis-light` three;
-/// `/pg` a transaction, a query, a failing one and a prepared statement; `/pg-light` one
-/// query. Each store's pool is made on first use.
+/// `/pg` and `/my` a transaction, a query, a failing one and a prepared statement; `/pg-light`
+/// and `/my-light` one query; `/pg-big` a megabyte result. Each store's pool is made on first
+/// use (`…-warm`).
 const APP: &str = r#"
 import http.server, os, sys, threading
 PORT = int(sys.argv[1])
@@ -107,7 +108,7 @@ class H(http.server.BaseHTTPRequestHandler):
                     pg3().execute("SELECT 1")
             finally:
                 conns.putconn(conn)
-        elif self.path in ("/my", "/my-warm"):
+        elif self.path in ("/my", "/my-warm", "/my-light"):
             with lock:
                 conn = my()
                 cur = conn.cursor()
@@ -124,6 +125,10 @@ class H(http.server.BaseHTTPRequestHandler):
                     c.execute("SELECT item FROM orders WHERE id = %s", (int(trace[-4:], 16),))
                     c.fetchall()
                     c.close()
+                elif self.path == "/my-light":
+                    cur.execute("SELECT item FROM orders WHERE id = %s", (int(trace[-4:], 16),))
+                    cur.fetchall()
+                    conn.commit()
                 else:
                     cur.execute("SELECT 1")
                     cur.fetchall()
@@ -298,30 +303,22 @@ struct Rig {
 
 impl Rig {
     fn start(name: &str, store: Store) -> Self {
-        Self::start_with(name, store, &[])
+        Self::start_with(name, store, &[], false)
     }
 
-    /// `agent_args` are added to the agent's command line.
-    fn start_with(name: &str, store: Store, agent_args: &[&str]) -> Self {
+    /// `agent_args` are added to the agent's command line. `pool_first`: the service connects
+    /// its pool before the agent starts (the agent finds those connections mid-life).
+    fn start_with(name: &str, store: Store, agent_args: &[&str], pool_first: bool) -> Self {
         assert_root();
         let port = free_port();
         let (server, env, warm) = match store {
             Store::Redis => {
                 let mut server = Command::new("redis-server");
-                server.args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                ]);
-                server.args(["--appendonly", "no", "--requirepass", STORE_PASSWORD]);
-                (
-                    Proc::listening("redis-server", server, port),
-                    "REDIS_PORT",
-                    "/redis-warm",
-                )
+                server.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+                server.args(["--save", "", "--appendonly", "no"]);
+                server.args(["--requirepass", STORE_PASSWORD]);
+                let server = Proc::listening("redis-server", server, port);
+                (server, "REDIS_PORT", "/redis-warm")
             }
             Store::Postgres => (postgres(port), "PG_PORT", "/pg-warm"),
             Store::MariaDb => (mariadb(port), "MY_PORT", "/my-warm"),
@@ -330,6 +327,19 @@ impl Rig {
         let (collector, spans) = grpc_collector(&rt);
         let app = free_port();
         let (app_arg, store_arg) = (app.to_string(), port.to_string());
+        let start_app = || {
+            let mut cmd = Command::new("python3");
+            cmd.args(["-c", APP, &app_arg]);
+            cmd.env("OTEL_SERVICE_NAME", "shop");
+            cmd.env("STORE_PASSWORD", STORE_PASSWORD)
+                .env(env, &store_arg);
+            let app_proc = Proc::listening("shop", cmd, app);
+            // The pool's connection is made (authentication, SELECT, client info) outside
+            // the traces of the test.
+            get(app, warm, None);
+            app_proc
+        };
+        let early = pool_first.then(start_app);
         let mut args = vec![
             "--linger-ms",
             "50",
@@ -340,41 +350,37 @@ impl Rig {
         ];
         args.extend(agent_args);
         let agent = Agent::start(name, &args, &otlp_grpc(collector));
-        let mut cmd = Command::new("python3");
-        cmd.args(["-c", APP, &app_arg]);
-        cmd.env("OTEL_SERVICE_NAME", "shop");
-        cmd.env("STORE_PASSWORD", STORE_PASSWORD)
-            .env(env, &store_arg);
-        let app_proc = Proc::listening("shop", cmd, app);
-        let rig = Self {
+        let app_proc = early.unwrap_or_else(start_app);
+        Self {
             _rt: rt,
             spans,
             agent,
             app,
             store: port,
             procs: vec![server, app_proc],
-        };
-        // The pool's connection is made (authentication, SELECT, client info) outside the
-        // traces below.
-        rig.get(warm, None);
-        rig
+        }
     }
 
     fn get(&self, path: &str, trace: Option<u128>) {
-        let url = format!("http://127.0.0.1:{}{path}", self.app);
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "--fail", "--max-time", "10", &url]);
-        if let Some(t) = trace {
-            cmd.args(["-H", &format!("X-B3-TraceId: {t:032x}")]);
-            cmd.args([
-                "-H",
-                "X-B3-SpanId: 00000000000000aa",
-                "-H",
-                "X-B3-Sampled: 1",
-            ]);
-        }
-        run_ok(cmd);
+        get(self.app, path, trace);
     }
+}
+
+/// A request to the service on `app`, with B3 headers naming `trace`.
+fn get(app: u16, path: &str, trace: Option<u128>) {
+    let url = format!("http://127.0.0.1:{}{path}", app);
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "--fail", "--max-time", "10", &url]);
+    if let Some(t) = trace {
+        cmd.args(["-H", &format!("X-B3-TraceId: {t:032x}")]);
+        cmd.args([
+            "-H",
+            "X-B3-SpanId: 00000000000000aa",
+            "-H",
+            "X-B3-Sampled: 1",
+        ]);
+    }
+    run_ok(cmd);
 }
 
 /// The data-store spans of a trace, in call order.
@@ -715,6 +721,7 @@ fn a_result_set_larger_than_the_capture_ends_at_its_last_byte() {
         "agent-postgres-big",
         Store::Postgres,
         &["--payload-cap", "256"],
+        false,
     );
     let t = trace_id(0x9b01);
     rig.get("/pg-big", Some(t));
@@ -825,4 +832,37 @@ fn mariadb_slap_calls_are_counted_exactly() {
         0
     );
     assert_eq!(metric(rig.agent.metrics, "kspan_stream_desyncs_total"), 0);
+}
+
+/// A pool connected before the agent started: each store's connection is recognised at its
+/// next request and its calls are traced under their request (the database a connection
+/// chose before the agent started is unknown, and left out).
+#[test]
+fn pools_older_than_the_agent_are_picked_up() {
+    for (store, path, calls) in [
+        (Store::Redis, "/redis-light", &["SET", "GET", "DEL"][..]),
+        (
+            Store::Postgres,
+            "/pg-light",
+            &["BEGIN", "SELECT orders", "COMMIT"],
+        ),
+        (Store::MariaDb, "/my-light", &["SELECT orders", "COMMIT"]),
+    ] {
+        let rig = Rig::start_with("agent-old-pool", store, &[], true);
+        let t = trace_id(0x7a00 + store as u16);
+        rig.get(path, Some(t));
+        let spans = rig
+            .spans
+            .exactly(t, 2 + calls.len(), 20, Duration::from_millis(300));
+        let server = one(&spans, "SERVER", "shop");
+        let db = db_spans(&spans);
+        let names: Vec<&str> = db.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, calls);
+        for s in &db {
+            assert_eq!(s.parent, Some(server.span_id), "{s:#?}");
+            assert!(!s.attrs.contains_key("db.namespace"), "{s:#?}");
+        }
+        let discovered = "kspan_kernel_connections_discovered_total";
+        wait_metric(rig.agent.metrics, discovered, |v| v >= 1);
+    }
 }
