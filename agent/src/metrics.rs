@@ -69,7 +69,7 @@ metrics! {
     spans_exported: "counter", "kspan_spans_exported_total", "Spans delivered to the exporter's destination.";
     spans_export_failed: "counter", "kspan_spans_export_failed_total", "Spans in export batches the destination rejected or did not receive.";
     bad_context: "counter", "kspan_trace_context_invalid_total", "Requests whose B3/traceparent headers were malformed (treated as absent).";
-    spans_partial: "counter", "kspan_spans_partial_total", "Spans marked kspan.partial=true (HTTP/2 joined mid-connection or a header block not captured).";
+    spans_partial: "counter", "kspan_spans_partial_total", "Spans marked kspan.partial=true (HTTP/2 joined mid-connection or a header block not captured, or a data-store reply followed past skipped bytes).";
     h2_resyncs: "counter", "kspan_http2_resyncs_total", "HTTP/2 connection directions that resumed decoding at a frame start after lost events.";
     h2_headers_lost: "counter", "kspan_http2_headers_lost_total", "HTTP/2 request header blocks not captured in full (no span possible).";
     links_same_agent: "counter", "kspan_links_same_agent_total", "SERVER spans parented to a CLIENT span seen by this agent.";
