@@ -202,7 +202,7 @@ impl Pipeline {
         };
         sink.apply(conn, ev.conn, &mut self.steps, ev.tid);
         if closed {
-            for span in conn.open.drain().filter_map(|(_, s)| s) {
+            for span in conn.open.drain() {
                 let why = Some("connection closed before the response completed");
                 sink.tracer.finished(span, ev.ts_ns, 0, why);
             }
@@ -285,7 +285,7 @@ impl Pipeline {
     fn drop_conn(&mut self, id: ConnId) {
         if let Some(mut c) = self.conns.remove(&id) {
             self.stats.conns_evicted += 1;
-            for span in c.open.drain().filter_map(|(_, s)| s) {
+            for span in c.open.drain() {
                 self.tracer.abandon(span);
             }
         }
@@ -329,7 +329,7 @@ impl Sink<'_> {
     /// Applies what a connection's decoder found to the tracer.
     fn apply(&mut self, conn: &mut Conn, id: ConnId, steps: &mut Vec<Step>, tid: u32) {
         for step in steps.drain(..) {
-            let span = |conn: &Conn, id: u64| conn.open.get(&id).copied().flatten();
+            let span = |conn: &Conn, id: u64| conn.open.get(id).flatten();
             match step {
                 Step::Begin { id, call, partial } => {
                     let span = self.start(conn, tid, id, call);
@@ -359,7 +359,7 @@ impl Sink<'_> {
                     body,
                     error,
                 } => {
-                    if let Some(Some(span)) = conn.open.remove(&id) {
+                    if let Some(Some(span)) = conn.open.remove(id) {
                         // Looked up at the end: a server reads a connection's first call
                         // after its client sent it.
                         if let Some(server) = (!self.db_servers.is_empty())
@@ -373,12 +373,12 @@ impl Sink<'_> {
                     }
                 }
                 Step::Abandon { id } => {
-                    if let Some(Some(span)) = conn.open.remove(&id) {
+                    if let Some(Some(span)) = conn.open.remove(id) {
                         self.tracer.abandon(span);
                     }
                 }
                 Step::AbandonAll => {
-                    for span in conn.open.drain().filter_map(|(_, s)| s) {
+                    for span in conn.open.drain() {
                         self.tracer.abandon(span);
                     }
                 }
