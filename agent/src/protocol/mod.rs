@@ -13,6 +13,8 @@ pub mod postgres;
 pub mod redis;
 pub mod registry;
 pub mod sql;
+#[cfg(test)]
+pub mod testing;
 
 use crate::{
     capture::event::{Direction, Role},
@@ -44,6 +46,27 @@ pub struct Segment<'a> {
 }
 
 impl<'a> Segment<'a> {
+    /// A plain payload followed by `missing` bytes that were not copied, on a connection
+    /// whose process is the client (requests are its writes): what decoder tests and fuzz
+    /// targets feed.
+    pub fn plain(requests: bool, payload: &'a [u8], missing: u64, ts_ns: u64) -> Self {
+        Self {
+            direction: if requests {
+                Direction::Egress
+            } else {
+                Direction::Ingress
+            },
+            requests,
+            payload,
+            total_len: payload.len() as u64 + missing,
+            framed: false,
+            frame_start: false,
+            gap: false,
+            tail: false,
+            ts_ns,
+        }
+    }
+
     /// The payload as runs of copied bytes, each followed by the count of bytes not copied.
     pub fn pieces(&self) -> crate::capture::event::Pieces<'a> {
         crate::capture::event::pieces(self.payload, self.framed, self.tail, self.total_len)

@@ -620,9 +620,12 @@ impl Decoder for Exchanges {
                 let ok = self
                     .client
                     .feed(bytes, missing, client_keeps, &mut self.packets);
-                for p in std::mem::take(&mut self.packets) {
+                // Drained, not dropped: the buffer's allocation serves every segment.
+                let mut packets = std::mem::take(&mut self.packets);
+                for p in packets.drain(..) {
                     self.client_packet(p, seg.ts_ns, out);
                 }
+                self.packets = packets;
                 if !ok {
                     self.lose(out);
                 }
@@ -634,12 +637,14 @@ impl Decoder for Exchanges {
                 let ok = self
                     .server
                     .feed(bytes, missing, server_keeps, &mut self.packets);
-                for p in std::mem::take(&mut self.packets) {
+                let mut packets = std::mem::take(&mut self.packets);
+                for p in packets.drain(..) {
                     self.server_packet(p, seg.ts_ns, out);
                     if self.gone || self.server_lost {
                         break;
                     }
                 }
+                self.packets = packets;
                 if self.gone {
                     return;
                 }

@@ -469,9 +469,12 @@ impl Decoder for Exchanges {
                 let ok = self
                     .client
                     .feed(bytes, missing, client_keeps, &mut self.messages);
-                for m in std::mem::take(&mut self.messages) {
+                // Drained, not dropped: the buffer's allocation serves every segment.
+                let mut messages = std::mem::take(&mut self.messages);
+                for m in messages.drain(..) {
                     self.client_message(m, seg.ts_ns, out);
                 }
+                self.messages = messages;
                 if !ok && self.copy_in {
                     self.client_lost = true;
                 } else if !ok {
@@ -485,12 +488,14 @@ impl Decoder for Exchanges {
                 let ok = self
                     .server
                     .feed(bytes, missing, server_keeps, &mut self.messages);
-                for m in std::mem::take(&mut self.messages) {
+                let mut messages = std::mem::take(&mut self.messages);
+                for m in messages.drain(..) {
                     self.server_message(m, seg.ts_ns, out);
                     if self.gone || self.server_lost {
                         break;
                     }
                 }
+                self.messages = messages;
                 if self.gone {
                     return;
                 }

@@ -402,49 +402,12 @@ impl Decoder for Exchanges {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{capture::event::Direction, pipeline::PipelineStats};
+    use crate::protocol::testing::{self, ended};
 
-    struct Run {
-        d: Exchanges,
-        steps: Vec<Step>,
-        stats: PipelineStats,
-    }
+    type Run = testing::Run<Exchanges>;
 
-    impl Run {
-        fn new() -> Self {
-            Self {
-                d: Exchanges::new(false, false),
-                steps: Vec::new(),
-                stats: PipelineStats::default(),
-            }
-        }
-
-        fn feed(&mut self, requests: bool, bytes: &[u8], missing: u64, ts: u64) {
-            let seg = Segment {
-                direction: if requests {
-                    Direction::Egress
-                } else {
-                    Direction::Ingress
-                },
-                requests,
-                payload: bytes,
-                total_len: bytes.len() as u64 + missing,
-                framed: false,
-                frame_start: false,
-                gap: false,
-                tail: false,
-                ts_ns: ts,
-            };
-            let mut out = Out {
-                steps: &mut self.steps,
-                stats: &mut self.stats,
-            };
-            self.d.feed(&seg, &mut out);
-        }
-
-        fn take(&mut self) -> Vec<Step> {
-            std::mem::take(&mut self.steps)
-        }
+    fn run() -> Run {
+        Run::new(Exchanges::new(false, false))
     }
 
     fn cmd(args: &[&str]) -> Vec<u8> {
@@ -456,32 +419,15 @@ mod tests {
     }
 
     fn begun(steps: &[Step]) -> Vec<(u64, String, u32)> {
-        steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::Begin {
-                    id,
-                    call: Call::Db(c),
-                    ..
-                } => Some((*id, c.text.clone(), c.batch)),
-                _ => None,
-            })
-            .collect()
-    }
-
-    fn ended(steps: &[Step]) -> Vec<(u64, u64)> {
-        steps
-            .iter()
-            .filter_map(|s| match s {
-                Step::End { id, end_ns, .. } => Some((*id, *end_ns)),
-                _ => None,
-            })
+        testing::calls(steps)
+            .into_iter()
+            .map(|(id, c)| (id, c.text.clone(), c.batch))
             .collect()
     }
 
     #[test]
     fn pipelined_commands_end_at_their_own_replies() {
-        let mut r = Run::new();
+        let mut r = run();
         let mut write = cmd(&["SET", "cart:42", "secret-value"]);
         write.extend(cmd(&["GET", "cart:42"]));
         write.extend(cmd(&["LRANGE", "list", "0", "-1"]));
@@ -506,7 +452,7 @@ mod tests {
 
     #[test]
     fn errors_select_and_credentials() {
-        let mut r = Run::new();
+        let mut r = run();
         r.feed(true, &cmd(&["AUTH", "default", "hunter2"]), 0, 1);
         r.feed(false, b"+OK\r\n", 0, 2);
         r.feed(true, &cmd(&["SELECT", "3"]), 0, 3);
@@ -542,7 +488,7 @@ mod tests {
 
     #[test]
     fn commands_without_replies_are_bounded() {
-        let mut r = Run::new();
+        let mut r = run();
         let write: Vec<u8> = (0..100).flat_map(|_| cmd(&["PING"])).collect();
         for ts in 0..(MAX_IN_FLIGHT / 100 + 1) as u64 {
             r.feed(true, &write, 0, ts);
@@ -554,7 +500,7 @@ mod tests {
 
     #[test]
     fn transactions_end_each_command_at_its_own_reply() {
-        let mut r = Run::new();
+        let mut r = run();
         let mut write = cmd(&["MULTI"]);
         write.extend(cmd(&["INCR", "a"]));
         write.extend(cmd(&["INCR", "b"]));
@@ -570,7 +516,7 @@ mod tests {
 
     #[test]
     fn resp3_pushes_attributes_and_maps() {
-        let mut r = Run::new();
+        let mut r = run();
         r.feed(true, &cmd(&["HELLO", "3", "AUTH", "u", "p"]), 0, 1);
         r.feed(false, b"%2\r\n+server\r\n+redis\r\n+proto\r\n:3\r\n", 0, 2);
         r.feed(true, &cmd(&["GET", "k"]), 0, 3);
@@ -588,7 +534,7 @@ mod tests {
 
     #[test]
     fn subscribe_stops_spans_and_lost_bytes_resync() {
-        let mut r = Run::new();
+        let mut r = run();
         r.feed(true, &cmd(&["SUBSCRIBE", "news"]), 0, 1);
         r.feed(
             false,
@@ -607,7 +553,7 @@ mod tests {
         );
         assert!(r.take().is_empty(), "messages make no spans");
 
-        let mut r = Run::new();
+        let mut r = run();
         r.feed(true, &cmd(&["GET", "a"]), 0, 1);
         assert_eq!(begun(&r.take()).len(), 1);
         // A reply header lost in uncaptured bytes: nothing can be paired until a new command.

@@ -2,7 +2,6 @@
 //! directions, with uncaptured bytes, tails and lost events: it may desync, never panic or
 //! grow without bound.
 use kspan::{
-    capture::event::Direction,
     pipeline::PipelineStats,
     protocol::{Decoder, Out, Segment, Step},
 };
@@ -23,21 +22,10 @@ pub fn drive(mut decoder: impl Decoder, data: &[u8]) {
             0
         };
         ts += 1;
-        let requests = control & 1 == 0;
         let seg = Segment {
-            direction: if requests {
-                Direction::Egress
-            } else {
-                Direction::Ingress
-            },
-            requests,
-            payload,
-            total_len: payload.len() as u64 + missing,
-            framed: false,
-            frame_start: false,
             gap: control & 0x40 != 0,
             tail: control & 0x20 != 0 && missing > 0,
-            ts_ns: ts,
+            ..Segment::plain(control & 1 == 0, payload, missing, ts)
         };
         decoder.feed(
             &seg,

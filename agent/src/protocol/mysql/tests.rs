@@ -1,40 +1,7 @@
 use super::*;
-use crate::{capture::event::Direction, pipeline::PipelineStats};
+use crate::protocol::testing::{self, codes, ended};
 
-struct Run {
-    d: Exchanges,
-    steps: Vec<Step>,
-    stats: PipelineStats,
-}
-
-impl Run {
-    fn feed(&mut self, requests: bool, bytes: &[u8], missing: u64, ts: u64) {
-        let seg = Segment {
-            direction: if requests {
-                Direction::Egress
-            } else {
-                Direction::Ingress
-            },
-            requests,
-            payload: bytes,
-            total_len: bytes.len() as u64 + missing,
-            framed: false,
-            frame_start: false,
-            gap: false,
-            tail: false,
-            ts_ns: ts,
-        };
-        let mut out = Out {
-            steps: &mut self.steps,
-            stats: &mut self.stats,
-        };
-        self.d.feed(&seg, &mut out);
-    }
-
-    fn take(&mut self) -> Vec<Step> {
-        std::mem::take(&mut self.steps)
-    }
-}
+type Run = testing::Run<Exchanges>;
 
 fn packet(seq: u8, body: &[u8]) -> Vec<u8> {
     let mut v = (body.len() as u32).to_le_bytes()[..3].to_vec();
@@ -81,11 +48,7 @@ fn command(cmd: u8, rest: &[u8]) -> Vec<u8> {
 
 /// Greeting, a handshake response naming database `shop`, authentication.
 fn connected() -> Run {
-    let mut r = Run {
-        d: Exchanges::new(false),
-        steps: Vec::new(),
-        stats: PipelineStats::default(),
-    };
+    let mut r = Run::new(Exchanges::new(false));
     let mut greeting = vec![10];
     greeting.extend(b"11.8.3-MariaDB\0");
     greeting.resize(70, 1);
@@ -104,41 +67,11 @@ fn connected() -> Run {
 }
 
 fn begun(steps: &[Step]) -> Vec<(u64, String)> {
-    steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Begin {
-                id,
-                call: Call::Db(c),
-                ..
-            } => {
-                assert_eq!(c.namespace.as_deref(), Some("shop"));
-                Some((*id, c.text.clone()))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-fn ended(steps: &[Step]) -> Vec<(u64, u64)> {
-    steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::End { id, end_ns, .. } => Some((*id, *end_ns)),
-            _ => None,
-        })
-        .collect()
-}
-
-fn codes(steps: &[Step]) -> Vec<(u64, String)> {
-    steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Outcome {
-                id,
-                outcome: Outcome::DbError { code, .. },
-            } => Some((*id, code.clone())),
-            _ => None,
+    testing::calls(steps)
+        .into_iter()
+        .map(|(id, c)| {
+            assert_eq!(c.namespace.as_deref(), Some("shop"));
+            (id, c.text.clone())
         })
         .collect()
 }
@@ -248,11 +181,7 @@ fn several_result_sets_and_tls() {
     r.feed(false, &ok(6), 0, 30);
     assert_eq!(ended(&r.take()), vec![(0, 30)]);
 
-    let mut r = Run {
-        d: Exchanges::new(false),
-        steps: Vec::new(),
-        stats: PipelineStats::default(),
-    };
+    let mut r = Run::new(Exchanges::new(false));
     r.feed(false, &packet(0, b"\x0a8.0.36\0"), 0, 1);
     let mut ssl = (CLIENT_SSL | CLIENT_SECURE_CONNECTION)
         .to_le_bytes()

@@ -1,48 +1,7 @@
 use super::*;
-use crate::{capture::event::Direction, pipeline::PipelineStats};
+use crate::protocol::testing::{self, codes, ended};
 
-struct Run {
-    d: Exchanges,
-    steps: Vec<Step>,
-    stats: PipelineStats,
-}
-
-impl Run {
-    fn new() -> Self {
-        Self {
-            d: Exchanges::new(false),
-            steps: Vec::new(),
-            stats: PipelineStats::default(),
-        }
-    }
-
-    fn feed(&mut self, requests: bool, bytes: &[u8], missing: u64, ts: u64) {
-        let seg = Segment {
-            direction: if requests {
-                Direction::Egress
-            } else {
-                Direction::Ingress
-            },
-            requests,
-            payload: bytes,
-            total_len: bytes.len() as u64 + missing,
-            framed: false,
-            frame_start: false,
-            gap: false,
-            tail: false,
-            ts_ns: ts,
-        };
-        let mut out = Out {
-            steps: &mut self.steps,
-            stats: &mut self.stats,
-        };
-        self.d.feed(&seg, &mut out);
-    }
-
-    fn take(&mut self) -> Vec<Step> {
-        std::mem::take(&mut self.steps)
-    }
-}
+type Run = testing::Run<Exchanges>;
 
 fn msg(kind: u8, body: &[u8]) -> Vec<u8> {
     let mut v = vec![kind];
@@ -76,7 +35,7 @@ fn error(code: &str, message: &str) -> Vec<u8> {
 
 /// The connection after startup and authentication (the password never leaves the decoder).
 fn connected() -> Run {
-    let mut r = Run::new();
+    let mut r = Run::new(Exchanges::new(false));
     r.feed(true, &startup(&["user", "app", "database", "shop"]), 0, 1);
     r.feed(false, &msg(b'R', &[0, 0, 0, 10]), 0, 2);
     r.feed(true, &msg(b'p', b"SCRAM-SHA-256\0secret-password"), 0, 3);
@@ -90,41 +49,11 @@ fn connected() -> Run {
 }
 
 fn begun(steps: &[Step]) -> Vec<(u64, String)> {
-    steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Begin {
-                id,
-                call: Call::Db(c),
-                ..
-            } => {
-                assert_eq!(c.namespace.as_deref(), Some("shop"));
-                Some((*id, c.text.clone()))
-            }
-            _ => None,
-        })
-        .collect()
-}
-
-fn ended(steps: &[Step]) -> Vec<(u64, u64)> {
-    steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::End { id, end_ns, .. } => Some((*id, *end_ns)),
-            _ => None,
-        })
-        .collect()
-}
-
-fn codes(steps: &[Step]) -> Vec<(u64, String)> {
-    steps
-        .iter()
-        .filter_map(|s| match s {
-            Step::Outcome {
-                id,
-                outcome: Outcome::DbError { code, .. },
-            } => Some((*id, code.clone())),
-            _ => None,
+    testing::calls(steps)
+        .into_iter()
+        .map(|(id, c)| {
+            assert_eq!(c.namespace.as_deref(), Some("shop"));
+            (id, c.text.clone())
         })
         .collect()
 }
@@ -257,12 +186,12 @@ fn an_error_fails_the_rest_of_its_batch() {
 #[test]
 fn tls_is_given_up_and_plaintext_continues() {
     let ssl = [0, 0, 0, 8, 0x04, 0xd2, 0x16, 0x2f];
-    let mut r = Run::new();
+    let mut r = Run::new(Exchanges::new(false));
     r.feed(true, &ssl, 0, 1);
     r.feed(false, b"S", 0, 2);
     assert_eq!(r.take(), vec![Step::GiveUp { ignore: true }]);
 
-    let mut r = Run::new();
+    let mut r = Run::new(Exchanges::new(false));
     r.feed(true, &ssl, 0, 1);
     r.feed(false, b"N", 0, 2);
     r.feed(true, &startup(&["user", "shop"]), 0, 3);
