@@ -364,6 +364,32 @@ impl Rig {
     fn get(&self, path: &str, trace: Option<u128>) {
         get(self.app, path, trace);
     }
+
+    /// The data-store calls of one request, in order, each checked to be the child of the
+    /// request's SERVER span and within it, made by the service to this rig's store (of
+    /// `system`), in `namespace`.
+    fn calls_of<'a>(&self, spans: &'a [Got], system: &str, namespace: &str) -> Vec<&'a Got> {
+        let server = one(spans, "SERVER", "shop");
+        let db = db_spans(spans);
+        for s in &db {
+            assert_eq!(s.parent, Some(server.span_id), "{s:#?}");
+            assert!(server.contains(s), "{s:#?} outside {server:#?}");
+            assert_eq!(s.service(), "shop");
+            assert_eq!(s.attr("db.system.name").s(), system);
+            assert_eq!(s.attr("db.namespace").s(), namespace);
+            assert_eq!(s.attr("server.port").i(), self.store as i64);
+            assert_eq!(s.attr("server.address").s(), "127.0.0.1");
+        }
+        db
+    }
+
+    /// The password crossed the wire when the pool connected, and `literal` in a statement:
+    /// neither appears in any span.
+    fn assert_no_secrets(&self, literal: &str) {
+        let everything = format!("{:?}", self.spans.all());
+        assert!(!everything.contains(STORE_PASSWORD), "{everything}");
+        assert!(!everything.contains(literal), "literals are sanitised");
+    }
 }
 
 /// A request to the service on `app`, with B3 headers naming `trace`.
@@ -403,17 +429,9 @@ fn redis_calls_are_children_of_the_request_that_made_them() {
     let spans = rig.spans.exactly(t, 16, 20, Duration::from_millis(500));
     let server = one(&spans, "SERVER", "shop");
     assert_eq!(server.parent, Some(one(&spans, "CLIENT", "curl").span_id));
-    let db = db_spans(&spans);
+    // "2": the pool's SELECT 2.
+    let db = rig.calls_of(&spans, "redis", "2");
     assert_eq!(db.len(), 14);
-    for s in &db {
-        assert_eq!(s.parent, Some(server.span_id), "{s:#?}");
-        assert!(server.contains(s), "{s:#?} outside {server:#?}");
-        assert_eq!(s.service(), "shop");
-        assert_eq!(s.attr("db.system.name").s(), "redis");
-        assert_eq!(s.attr("db.namespace").s(), "2", "SELECT 2 of the pool");
-        assert_eq!(s.attr("server.port").i(), rig.store as i64);
-        assert_eq!(s.attr("server.address").s(), "127.0.0.1");
-    }
     let names: Vec<&str> = db.iter().map(|s| s.name.as_str()).collect();
     let mut want = vec!["SET", "GET"];
     want.extend(["INCRBY"; 10]);
@@ -432,13 +450,7 @@ fn redis_calls_are_children_of_the_request_that_made_them() {
     assert_eq!(failed.attr("db.response.status_code").s(), "WRONGTYPE");
     assert_eq!(failed.attr("error.type").s(), "WRONGTYPE");
 
-    // The password crossed the wire when the pool connected, and appears in no span.
-    let everything = format!("{:?}", rig.spans.all());
-    assert!(!everything.contains(STORE_PASSWORD), "{everything}");
-    assert!(
-        !everything.contains("secret-value"),
-        "literals are sanitised"
-    );
+    rig.assert_no_secrets("secret-value");
     let auth = rig.spans.all().into_iter().find(|s| s.name == "AUTH");
     assert_eq!(
         auth.expect("the pool's AUTH").attr("db.query.text").s(),
@@ -604,21 +616,8 @@ fn postgres_calls_are_children_of_the_request_that_made_them() {
     let rig = Rig::start("agent-postgres", Store::Postgres);
     let t = trace_id(0x9a01);
     rig.get("/pg", Some(t));
-    rig.spans.wait_trace(t, 13, 20);
-    std::thread::sleep(Duration::from_millis(500));
-    let spans: Vec<Got> = rig
-        .spans
-        .all()
-        .into_iter()
-        .filter(|s| s.trace_id == t)
-        .collect();
-    let server = one(&spans, "SERVER", "shop");
-    let db = db_spans(&spans);
-    assert_eq!(
-        spans.len(),
-        2 + db.len(),
-        "curl, the server and the calls: {spans:#?}"
-    );
+    let spans = rig.spans.exactly(t, 13, 20, Duration::from_millis(500));
+    let db = rig.calls_of(&spans, "postgresql", "shopdb");
     let names: Vec<&str> = db.iter().map(|s| s.name.as_str()).collect();
     // psycopg2 opens each transaction with BEGIN; psycopg 3 runs the last one as a prepared
     // statement (Parse, then Bind and Execute).
@@ -638,13 +637,6 @@ fn postgres_calls_are_children_of_the_request_that_made_them() {
             "SELECT orders"
         ]
     );
-    for s in &db {
-        assert_eq!(s.parent, Some(server.span_id), "{s:#?}");
-        assert!(server.contains(s), "{s:#?} outside {server:#?}");
-        assert_eq!(s.attr("db.system.name").s(), "postgresql");
-        assert_eq!(s.attr("db.namespace").s(), "shopdb");
-        assert_eq!(s.attr("server.port").i(), rig.store as i64);
-    }
     assert_eq!(
         db[1].attr("db.query.text").s(),
         "INSERT INTO orders (id, item) VALUES (?, ?)"
@@ -660,12 +652,7 @@ fn postgres_calls_are_children_of_the_request_that_made_them() {
         "SELECT count(*) FROM orders WHERE item = $1",
         "the prepared statement's text, from its Parse"
     );
-    let everything = format!("{:?}", rig.spans.all());
-    assert!(!everything.contains(STORE_PASSWORD), "{everything}");
-    assert!(
-        !everything.contains("secret-item"),
-        "literals are sanitised"
-    );
+    rig.assert_no_secrets("secret-item");
     assert!(metric(rig.agent.metrics, "kspan_connections_db_server_total") >= 1);
 }
 
@@ -744,21 +731,8 @@ fn mariadb_calls_are_children_of_the_request_that_made_them() {
     let rig = Rig::start("agent-mariadb", Store::MariaDb);
     let t = trace_id(0x3a01);
     rig.get("/my", Some(t));
-    rig.spans.wait_trace(t, 8, 20);
-    std::thread::sleep(Duration::from_millis(500));
-    let spans: Vec<Got> = rig
-        .spans
-        .all()
-        .into_iter()
-        .filter(|s| s.trace_id == t)
-        .collect();
-    let server = one(&spans, "SERVER", "shop");
-    let db = db_spans(&spans);
-    assert_eq!(
-        spans.len(),
-        2 + db.len(),
-        "curl, the server and the calls: {spans:#?}"
-    );
+    let spans = rig.spans.exactly(t, 8, 20, Duration::from_millis(500));
+    let db = rig.calls_of(&spans, "mysql", "shopdb");
     let names: Vec<&str> = db.iter().map(|s| s.name.as_str()).collect();
     // PyMySQL's queries, then mysql-connector's prepared statement (COM_STMT_PREPARE makes no
     // span; its COM_STMT_EXECUTE does, under the statement's text).
@@ -773,13 +747,6 @@ fn mariadb_calls_are_children_of_the_request_that_made_them() {
             "SELECT orders"
         ]
     );
-    for s in &db {
-        assert_eq!(s.parent, Some(server.span_id), "{s:#?}");
-        assert!(server.contains(s), "{s:#?} outside {server:#?}");
-        assert_eq!(s.attr("db.system.name").s(), "mysql");
-        assert_eq!(s.attr("db.namespace").s(), "shopdb");
-        assert_eq!(s.attr("server.port").i(), rig.store as i64);
-    }
     assert_eq!(
         db[0].attr("db.query.text").s(),
         "INSERT INTO orders (id, item) VALUES (?, ?)"
@@ -792,12 +759,7 @@ fn mariadb_calls_are_children_of_the_request_that_made_them() {
         db[5].attr("db.query.text").s(),
         "SELECT item FROM orders WHERE id = ?"
     );
-    let everything = format!("{:?}", rig.spans.all());
-    assert!(!everything.contains(STORE_PASSWORD), "{everything}");
-    assert!(
-        !everything.contains("secret-item"),
-        "literals are sanitised"
-    );
+    rig.assert_no_secrets("secret-item");
 }
 
 #[test]
