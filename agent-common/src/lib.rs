@@ -61,6 +61,9 @@ pub mod proto {
     pub const REDIS: u8 = 5;
     pub const POSTGRES: u8 = 6;
     pub const MYSQL: u8 = 7;
+    /// TLS records: the kernel never passes the ciphertext on. The plaintext, read at the TLS
+    /// library (uprobes), is recognised on its own ([`super::ConnInfo::inner`]).
+    pub const TLS: u8 = 8;
 }
 
 pub mod direction {
@@ -74,6 +77,8 @@ pub mod kind {
     pub const DATA: u32 = 1;
     /// The socket was released (its last fd closed and TCP done with it), not one fd closed.
     pub const CLOSE: u32 = 2;
+    /// A process exec'ed (`tgid` is it): the TLS library it loads may be new to the agent.
+    pub const EXEC: u32 = 3;
 }
 
 pub mod event_flags {
@@ -93,6 +98,9 @@ pub mod event_flags {
     /// syscall's last bytes, not the prefix's: a reply's end (PostgreSQL's ReadyForQuery,
     /// MySQL's closing OK) shows even when its middle is skipped.
     pub const TAIL: u8 = 16;
+    /// Plaintext read at a TLS library's boundary (`SSL_read`/`SSL_write`), not at the socket.
+    /// With [`NO_PAYLOAD`] and protocol `TLS`: the notice that a connection speaks TLS.
+    pub const TLS: u8 = 32;
 }
 
 /// Bytes at the end of a large plain payload copied from the syscall's end
@@ -123,7 +131,12 @@ pub mod stat {
     pub const CONN_INSERT_FAILED: u32 = 6;
     /// Sockets found already open (opened before the agent started) and now tracked.
     pub const CONNS_DISCOVERED: u32 = 7;
-    pub const COUNT: u32 = 8;
+    /// TLS library calls whose connection could not be told (no socket syscall inside the
+    /// call, and the session never seen on one): their plaintext was dropped.
+    pub const TLS_UNBOUND: u32 = 8;
+    /// TLS library calls that found their per-thread slot taken or the table full.
+    pub const TLS_CALLS_DROPPED: u32 = 9;
+    pub const COUNT: u32 = 10;
 }
 
 /// One fd number in one process: the key of the table of fds known not to be TCP sockets.
@@ -171,7 +184,11 @@ pub struct ConnInfo {
     /// Discovered sockets get a few payloads to show an HTTP message start before the kernel
     /// gives up on them.
     pub sniff_left: u8,
-    pub _pad: [u8; 3],
+    /// For a `proto::TLS` connection: the protocol its plaintext speaks, recognised at the TLS
+    /// library's boundary (`proto::UNKNOWN` until then). Records of that plaintext carry it as
+    /// their protocol.
+    pub inner: u8,
+    pub _pad: [u8; 2],
     /// The opening thread's `comm`: names the process even when it exits before userspace
     /// can read its /proc entry (short-lived clients such as curl).
     pub comm: [u8; 16],

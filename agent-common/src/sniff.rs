@@ -18,6 +18,9 @@ pub fn sniff(head: &[u8; SNIFF_LEN], len: usize, egress: bool, role: u8) -> Opti
         return None;
     }
     let p = head;
+    if tls_record(p, role) {
+        return Some(proto::TLS);
+    }
     // Who sent these bytes, when the socket's side is known.
     let from_client = match role {
         role::CLIENT => Some(egress),
@@ -66,6 +69,16 @@ pub fn sniff(head: &[u8; SNIFF_LEN], len: usize, egress: bool, role: u8) -> Opti
         }
     }
     None
+}
+
+/// A TLS record header: a handshake record (ClientHello, ServerHello) of TLS 1.0–1.3, or, on a
+/// socket found mid-life, an application-data record. OpenSSL reads a record's 5-byte header
+/// on its own, so that is all there may be.
+#[inline(always)]
+fn tls_record(p: &[u8; SNIFF_LEN], role: u8) -> bool {
+    let length = (p[3] as usize) << 8 | p[4] as usize;
+    let kind = p[0] == 0x16 || (role == 0 && p[0] == 0x17);
+    kind && p[1] == 3 && p[2] <= 4 && (1..=18_432).contains(&length)
 }
 
 /// A packet header alone: sequence 0 and the length of a plausible greeting.
@@ -205,6 +218,25 @@ mod tests {
     }
 
     #[test]
+    fn tls_records_from_their_five_byte_header() {
+        let client_hello = b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03";
+        assert_eq!(of(client_hello, true, role::CLIENT), Some(proto::TLS));
+        assert_eq!(
+            of(&client_hello[..5], false, role::SERVER),
+            Some(proto::TLS)
+        );
+        // Application data only where the handshake may have come before the agent.
+        let app_data = b"\x17\x03\x03\x00\x40";
+        assert_eq!(of(app_data, true, 0), Some(proto::TLS));
+        assert_eq!(of(app_data, true, role::CLIENT), None);
+        assert_eq!(
+            of(b"\x16\x03\x01\x00\x00", true, role::CLIENT),
+            None,
+            "empty"
+        );
+    }
+
+    #[test]
     fn direction_rules_out_impostors() {
         // A client-first opening sent by the server, and a greeting sent by the client.
         assert_eq!(of(b"*1\r\n$4\r\nPING\r\n", true, role::SERVER), None);
@@ -214,7 +246,8 @@ mod tests {
         for junk in [
             &b"SSH-2.0-OpenSSH"[..],
             b"*abc\r\n",
-            b"\x16\x03\x01\x02\x00",
+            b"\x16\x03\x09\x02\x00",
+            b"\x17\x03\x03\x02\x00",
             b"+OK\r\n",
         ] {
             assert_eq!(of(junk, true, role::CLIENT), None, "{junk:?}");

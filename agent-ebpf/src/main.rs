@@ -28,6 +28,7 @@
 mod arch;
 mod h2;
 mod looping;
+mod tls;
 
 use core::{ffi::c_void, mem::size_of};
 
@@ -222,6 +223,42 @@ pub fn kspan_sock_destroy_raw(ctx: RawTracePointContext) -> i32 {
     0
 }
 
+/// A process exec'ed: userspace looks for a TLS library in it (an executable with OpenSSL
+/// inside, a container's own libssl) before its first connection. Attached like the
+/// destruction hook.
+#[btf_tracepoint(function = "sched_process_exec")]
+pub fn kspan_exec(_ctx: BtfTracePointContext) -> i32 {
+    on_exec();
+    0
+}
+
+#[raw_tracepoint(tracepoint = "sched_process_exec")]
+pub fn kspan_exec_raw(_ctx: RawTracePointContext) -> i32 {
+    on_exec();
+    0
+}
+
+#[inline(always)]
+fn on_exec() {
+    let (tgid, tid) = tgid_tid();
+    let header = EventHeader {
+        kind: kind::EXEC,
+        tgid,
+        tid,
+        // SAFETY: helper without preconditions.
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+        ..EventHeader::default()
+    };
+    if EVENTS
+        .output::<EventHeader>(&header, wakeup_flags())
+        .is_ok()
+    {
+        bump(stat::EVENTS);
+    } else {
+        bump(stat::LOST_RINGBUF);
+    }
+}
+
 /// The syscall's saved registers (`struct pt_regs *`), read at the offsets in `arch`.
 trait Regs: core::marker::Copy {
     fn get<T>(self, offset: usize) -> Result<T, i32>;
@@ -331,6 +368,8 @@ struct Origin {
     sock: u64,
     fd: u32,
     tid: u32,
+    /// Plaintext read at the TLS library, not bytes at the socket.
+    tls: bool,
 }
 
 #[inline(never)]
@@ -383,6 +422,7 @@ fn new_conn(sk: u64, role: u8) -> Option<&'static ConnInfo> {
     info.gap_pending = 0;
     info.discovered = (role == 0) as u8;
     info.sniff_left = if role == 0 { DISCOVERY_SNIFFS } else { 0 };
+    info.inner = proto::UNKNOWN;
     info.comm = bpf_get_current_comm().unwrap_or([0; 16]);
     info.opener_tgid = tgid_tid().0;
     info.opener_parent_tgid = parent_tgid();
@@ -416,7 +456,7 @@ fn on_destroy(sk: u64) {
     // SAFETY: pointer from a successful lookup, copied before the entry is removed.
     let conn = unsafe { *info };
     let _ = CONNS.remove(&sk);
-    if conn.proto == proto::HTTP2 {
+    if conn.proto == proto::HTTP2 || conn.inner == proto::HTTP2 {
         h2::forget(sk);
     }
     // Userspace holds state for every recognised protocol (and remembers the connections it
@@ -470,7 +510,6 @@ fn on_data<const BPF_LOOP: bool>(
         let _ = NOT_SOCKETS.insert(&key, &0, 0);
         return Ok(());
     }
-    let at = Origin { sock: sk, fd, tid };
     let info = match CONNS.get_ptr_mut(&sk) {
         Some(info) => info,
         None => match discover(&key, socket, sk) {
@@ -480,18 +519,14 @@ fn on_data<const BPF_LOOP: bool>(
     };
     // SAFETY: pointer from a successful lookup; the LRU map keeps it valid for this program run.
     let info = unsafe { &mut *info };
-    if info.proto == proto::OTHER || info.proto == proto::IGNORED {
-        return Ok(());
-    }
-    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
-        return Ok(());
-    };
-    // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
-    let ev = unsafe { &mut *ev };
-
-    let mut cap = global!(CONFIG.payload_cap) as u64;
-    if cap > MAX_PAYLOAD as u64 {
-        cap = MAX_PAYLOAD as u64;
+    match info.proto {
+        proto::OTHER | proto::IGNORED => return Ok(()),
+        // Ciphertext: its plaintext comes from the TLS library's probes.
+        proto::TLS => {
+            tls::ciphertext(sk, fd);
+            return Ok(());
+        }
+        _ => {}
     }
     let buf: u64 = regs.get(REG_ARG1)?;
     let src = match copy {
@@ -509,10 +544,58 @@ fn on_data<const BPF_LOOP: bool>(
         }
         Copy::None => h2::Source::Unreadable,
     };
+    let at = Origin {
+        sock: sk,
+        fd,
+        tid,
+        tls: false,
+    };
+    capture::<BPF_LOOP>(info, &at, total, dir, src);
+    Ok(())
+}
+
+/// The protocol of the bytes a record of `at` carries: the socket's, or for plaintext from a
+/// TLS library the one recognised in it.
+#[inline(always)]
+fn carried(info: &ConnInfo, at: &Origin) -> u8 {
+    if at.tls { info.inner } else { info.proto }
+}
+
+#[inline(always)]
+fn set_carried(info: &mut ConnInfo, at: &Origin, p: u8) {
+    if at.tls {
+        info.inner = p;
+    } else {
+        info.proto = p;
+    }
+}
+
+/// Copies `total` bytes moved on a tracked connection from `src` into a record and outputs
+/// it: the HTTP/2 frame walk where the bytes are HTTP/2, else a prefix (and tail). The first
+/// bytes of a connection decide its protocol.
+#[inline(always)]
+fn capture<const BPF_LOOP: bool>(
+    info: &mut ConnInfo,
+    at: &Origin,
+    total: u64,
+    dir: u8,
+    src: h2::Source,
+) {
+    let Some(ev) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch slot, exclusively ours for this program run.
+    let ev = unsafe { &mut *ev };
+
+    let mut cap = global!(CONFIG.payload_cap) as u64;
+    if cap > MAX_PAYLOAD as u64 {
+        cap = MAX_PAYLOAD as u64;
+    }
 
     // HTTP/2 framing must survive reads of any size: follow the frames instead of a prefix.
-    if info.proto == proto::HTTP2 && h2_walk::<BPF_LOOP>(ev, info, &at, total, dir, &src, cap) {
-        return Ok(());
+    if carried(info, at) == proto::HTTP2 && h2_walk::<BPF_LOOP>(ev, info, at, total, dir, &src, cap)
+    {
+        return;
     }
 
     let want = if total < cap { total } else { cap };
@@ -542,37 +625,17 @@ fn on_data<const BPF_LOOP: bool>(
         }
     }
 
-    if info.proto == proto::UNKNOWN {
-        // A byte count alone tells nothing about the protocol: wait for real bytes. Fewer than
-        // four are passed on undecided and userspace judges them.
-        if captured == 0 {
-            return Ok(());
-        }
-        // SAFETY: the payload array is far longer than the sniffed head.
-        let head = unsafe { &*(ev.payload.as_ptr() as *const [u8; SNIFF_LEN]) };
-        match if captured < 4 {
-            Some(proto::UNKNOWN)
-        } else {
-            sniff(head, captured as usize, dir == direction::EGRESS, info.role)
-        } {
-            Some(p) => info.proto = p,
-            // A socket found mid-life may already speak HTTP/2 past its preface: a payload
-            // that starts with a plausible frame header is passed on for userspace to judge.
-            None if info.discovered != 0 && captured >= 9 && h2_frame_start(&ev.payload) => {
-                info.proto = proto::HTTP2
-            }
-            // A socket found mid-life may be mid-message: give it a few more payloads.
-            None if info.sniff_left > 0 => {
-                info.sniff_left -= 1;
-                return Ok(());
-            }
-            None => {
-                info.proto = proto::OTHER;
-                bump(stat::CONNS_NOT_HTTP);
-                return Ok(());
+    if carried(info, at) == proto::UNKNOWN {
+        match first_bytes(ev, info, at, captured, dir) {
+            First::Decided => {}
+            First::Wait => return,
+            First::Tls => {
+                tls::ciphertext(at.sock, at.fd);
+                flags = event_flags::NO_PAYLOAD | event_flags::TLS;
+                captured = 0;
             }
         }
-        if info.proto == proto::HTTP2 {
+        if carried(info, at) == proto::HTTP2 {
             // The direction that opens with the client preface; a connection found mid-life
             // starts at a frame boundary on both sides.
             let preface = if info.discovered != 0 {
@@ -582,14 +645,88 @@ fn on_data<const BPF_LOOP: bool>(
             } else {
                 Some(dir ^ 1)
             };
-            h2::start(sk, info.generation, preface);
-            if h2_walk::<BPF_LOOP>(ev, info, &at, total, dir, &src, cap) {
-                return Ok(());
+            h2::start(at.sock, info.generation, preface);
+            if h2_walk::<BPF_LOOP>(ev, info, at, total, dir, &src, cap) {
+                return;
             }
         }
     }
+    fill_header(ev, info, at, total, dir, flags);
+    output(ev, info, captured);
+}
 
-    fill_header(ev, info, &at, total, dir, flags);
+enum First {
+    /// The connection's protocol is now known (or left for userspace to judge).
+    Decided,
+    /// Not yet: wait for more bytes.
+    Wait,
+    /// The connection speaks TLS: only a notice of it is output.
+    Tls,
+}
+
+/// Judges the first payload of a connection (or of its TLS plaintext).
+#[inline(always)]
+fn first_bytes(ev: &DataEvent, info: &mut ConnInfo, at: &Origin, captured: u64, dir: u8) -> First {
+    // A byte count alone tells nothing about the protocol: wait for real bytes. Fewer than
+    // four are passed on undecided and userspace judges them.
+    if captured == 0 {
+        return First::Wait;
+    }
+    // SAFETY: the payload array is far longer than the sniffed head.
+    let head = unsafe { &*(ev.payload.as_ptr() as *const [u8; SNIFF_LEN]) };
+    let sniffed = if captured < 4 {
+        // A TLS record's first byte alone (nginx peeks at one to tell TLS from plaintext):
+        // the record header comes next.
+        if head[0] == 0x16 && !at.tls {
+            return First::Wait;
+        }
+        Some(proto::UNKNOWN)
+    } else {
+        sniff(head, captured as usize, dir == direction::EGRESS, info.role)
+    };
+    match sniffed {
+        // TLS inside TLS is no plaintext kspan reads.
+        Some(proto::TLS) if at.tls => {}
+        Some(proto::TLS) => {
+            info.proto = proto::TLS;
+            return First::Tls;
+        }
+        Some(p) => {
+            set_carried(info, at, p);
+            return First::Decided;
+        }
+        // Bytes moved inside a TLS library call are ciphertext, whatever they look like (a
+        // socket found mid-record).
+        None if !at.tls && tls::in_call() => {
+            info.proto = proto::TLS;
+            return First::Tls;
+        }
+        // A socket found mid-life may already speak HTTP/2 past its preface: a payload
+        // that starts with a plausible frame header is passed on for userspace to judge.
+        None if info.discovered != 0 && captured >= 9 && h2_frame_start(&ev.payload) => {
+            set_carried(info, at, proto::HTTP2);
+            return First::Decided;
+        }
+        // A socket found mid-life may be mid-message: give it a few more payloads.
+        None if info.discovered != 0 && info.sniff_left > 0 => {
+            info.sniff_left -= 1;
+            return First::Wait;
+        }
+        None => {}
+    }
+    if at.tls {
+        // The socket stays TLS; only its plaintext is of no protocol kspan decodes.
+        info.inner = proto::OTHER;
+    } else {
+        info.proto = proto::OTHER;
+    }
+    bump(stat::CONNS_NOT_HTTP);
+    First::Wait
+}
+
+/// Outputs the scratch record with `captured` payload bytes.
+#[inline(always)]
+fn output(ev: &mut DataEvent, info: &mut ConnInfo, captured: u64) {
     ev.header.captured_len = captured as u32;
     let mut len = HEADER_LEN as u64 + captured;
     if len > (HEADER_LEN + MAX_PAYLOAD) as u64 {
@@ -605,7 +742,6 @@ fn on_data<const BPF_LOOP: bool>(
         info.gap_pending = 1;
         bump(stat::LOST_RINGBUF);
     }
-    Ok(())
 }
 
 /// The record header of a data event (`captured_len` is set by whoever fills the payload).
@@ -631,6 +767,10 @@ fn fill_header(ev: &mut DataEvent, info: &ConnInfo, at: &Origin, total: u64, dir
         flags,
         _pad: [0; 2],
     };
+    if at.tls {
+        ev.header.conn.proto = info.inner;
+        ev.header.flags |= event_flags::TLS;
+    }
     // The process moving the bytes may not be the one that opened the socket (a forked child,
     // an exec'ed inetd service): its own name stands in for it if it exits before /proc is read.
     // The opener's name is already in the entry, so the common case needs no helper call.
@@ -668,7 +808,11 @@ fn h2_walk<const BPF_LOOP: bool>(
 /// `total`-byte buffer at `src`.
 #[inline(always)]
 fn copy_tail(ev: &mut DataEvent, src: u64, total: u64, captured: u64) -> bool {
-    let at = captured - TAIL_LEN as u64;
+    let at = captured.wrapping_sub(TAIL_LEN as u64);
+    // Read back opaquely: the compiler knows the caller's bounds and would drop this check,
+    // but the verifier may not have followed them to this register.
+    // SAFETY: read of a local.
+    let at = unsafe { core::ptr::read_volatile(&at) };
     if at > (MAX_PAYLOAD - TAIL_LEN) as u64 {
         return false;
     }

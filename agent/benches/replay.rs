@@ -113,6 +113,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                     discovered: false,
                     opener: Default::default(),
                     protocol: 0,
+                    tls: false,
                     kind: EventKind::Data {
                         direction: dir,
                         total_len: bytes.len() as u64,

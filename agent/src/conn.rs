@@ -22,6 +22,8 @@ pub struct Conn {
     /// started (exchanges before the first one seen are unknown), and for one whose other end
     /// is not decoded (a data store's server side).
     pub pairs: bool,
+    /// Its bytes are TLS plaintext read at the library (the socket carries ciphertext).
+    pub tls: bool,
     pub last_seen_ns: u64,
 }
 
@@ -42,6 +44,7 @@ impl Conn {
             decoder: Some(decoder),
             open: InFlight::default(),
             pairs: false,
+            tls: false,
             last_seen_ns: ts_ns,
         }
     }

@@ -12,4 +12,5 @@ pub mod metrics;
 pub mod pipeline;
 pub mod process;
 pub mod protocol;
+pub mod tls;
 pub mod trace;

@@ -13,13 +13,14 @@ use std::{
 
 use anyhow::Context as _;
 use kspan::{
-    capture::{Capture, CaptureOptions, event, replay},
+    capture::{Capture, CaptureOptions, event, replay, uprobes::TlsLink},
     config::{self, Args, Filter},
     export::{self, Sinks, SpanQueue, otlp::OtlpSink, tree::TreePrinter},
     k8s,
     metrics::{self, Metrics},
     pipeline::{Pipeline, PipelineOptions},
     process::ProcessCache,
+    tls::{Coverage, Uncovered, attach::Attacher},
     trace::privacy::Privacy,
 };
 
@@ -100,12 +101,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         Some(path) => Source::Replay(replay::Player::new(BufReader::new(
             File::open(path).with_context(|| format!("opening recording {}", path.display()))?,
         ))?),
-        None => Source::Kernel(Capture::load(CaptureOptions {
-            payload_cap: args.payload_cap,
-            ring_buffer_mb: args.ring_buffer_mb,
-            hook: args.hook,
-            loops: args.kernel_loops,
-        })?),
+        None => {
+            let mut cap = Capture::load(CaptureOptions {
+                payload_cap: args.payload_cap,
+                ring_buffer_mb: args.ring_buffer_mb,
+                hook: args.hook,
+                loops: args.kernel_loops,
+            })?;
+            let mut tls = Attacher::new(&args.proc_root);
+            tls.start(&mut cap);
+            Source::Kernel(cap, tls)
+        }
     };
     let mut recorder = match &args.record {
         Some(path) => Some(replay::Recorder::new(BufWriter::new(
@@ -191,7 +197,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         procs,
     );
     metrics.ready.store(true, Relaxed);
-    if let Source::Kernel(cap) = &source {
+    if let Source::Kernel(cap, _) = &source {
         eprintln!(
             "kspan: probes attached ({}, {}); tracing HTTP/1.x, HTTP/2, gRPC and Redis (metrics on http://{}/metrics)",
             cap.hook.describe(),
@@ -284,7 +290,7 @@ fn start_pod_watch(
 // One value per run; the size difference between variants does not matter.
 #[allow(clippy::large_enum_variant)]
 enum Source {
-    Kernel(Capture),
+    Kernel(Capture, Attacher<TlsLink>),
     Replay(replay::Player<BufReader<File>>),
 }
 
@@ -297,6 +303,9 @@ const SHUTDOWN_LIMIT: Duration = Duration::from_secs(20);
 /// (2 ms was tried under load for shorter slices of work: no change in the served processes'
 /// p99 at saturation, and more wakeups.)
 const POLL_MS: i32 = 10;
+
+/// How often TLS library files no process maps any more are unprobed.
+const TLS_SWEEP: Duration = Duration::from_secs(60);
 
 /// Most records handled before the loop attends to timers again.
 const DRAIN_BUDGET: usize = 8192;
@@ -313,13 +322,14 @@ fn run_loop(
     let mut out = Vec::new();
     let mut last_publish = Instant::now();
     let mut last_expire = Instant::now();
+    let mut last_sweep = Instant::now();
     let mut record_err = None;
     loop {
         if stop.load(Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
             return Ok(());
         }
         let now_ns = match source {
-            Source::Kernel(cap) => {
+            Source::Kernel(cap, tls) => {
                 let mut pfd = libc::pollfd {
                     fd: cap.ring_fd(),
                     events: libc::POLLIN,
@@ -345,6 +355,24 @@ fn run_loop(
                 });
                 for c in pipeline.to_ignore.drain(..) {
                     cap.ignore(c.sock, c.generation);
+                }
+                let now = Instant::now();
+                for pid in pipeline.execs.drain(..) {
+                    tls.exec(pid, now);
+                }
+                for pid in tls.due(cap, now) {
+                    pipeline.set_tls_coverage(pid, Coverage::Hooked);
+                }
+                let mut seen = std::mem::take(&mut pipeline.tls_seen);
+                seen.sort_unstable();
+                seen.dedup();
+                for tgid in seen.drain(..) {
+                    pipeline.set_tls_coverage(tgid, tls.process(cap, tgid));
+                }
+                pipeline.tls_seen = seen;
+                if last_sweep.elapsed() >= TLS_SWEEP {
+                    tls.sweep(cap);
+                    last_sweep = Instant::now();
                 }
                 clock_ns(libc::CLOCK_MONOTONIC)
             }
@@ -402,6 +430,7 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.conns_filtered, p.conns_filtered),
         (&m.conns_unsupported, p.conns_unsupported),
         (&m.conns_db_server, p.conns_db_server),
+        (&m.conns_tls, p.conns_tls),
         (&m.conns_evicted, p.conns_evicted),
         (&m.spans_finished, t.spans_finished),
         (&m.spans_unsampled, t.spans_unsampled),
@@ -417,10 +446,17 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.metric_series_dropped, pipeline.red.dropped),
         (&m.metric_series, pipeline.red.series() as u64),
     ]);
+    for why in Uncovered::ALL {
+        m.tls_unsupported[why.index()].store(p.conns_tls_unsupported[why.index()], Relaxed);
+    }
     let mut red = String::new();
     pipeline.red.render(&mut red);
     *m.red.lock().unwrap_or_else(|e| e.into_inner()) = red;
-    if let Source::Kernel(cap) = source {
+    if let Source::Kernel(cap, tls) = source {
+        store(&[
+            (&m.tls_libraries, tls.attached() as u64),
+            (&m.tls_probe_errors, tls.attach_errors),
+        ]);
         match cap.stats() {
             Ok(k) => store(&[
                 (&m.kernel_events, k.events),
@@ -431,6 +467,8 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
                 (&m.kernel_conns_not_http, k.conns_not_http),
                 (&m.kernel_conn_insert_failed, k.conn_insert_failed),
                 (&m.kernel_conns_discovered, k.conns_discovered),
+                (&m.kernel_tls_unbound, k.tls_unbound),
+                (&m.kernel_tls_calls_dropped, k.tls_calls_dropped),
                 (&m.kernel_program_runs, k.program_runs),
                 (&m.kernel_program_run_ns, k.program_run_ns),
             ]),

@@ -11,6 +11,7 @@ use std::{
     },
 };
 
+use crate::tls::Uncovered;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpListener,
@@ -26,6 +27,8 @@ macro_rules! metrics {
             pub ready: AtomicBool,
             /// RED and service-graph series, rendered by the pipeline thread.
             pub red: Mutex<String>,
+            /// TLS connections whose plaintext was not read, by why.
+            pub tls_unsupported: [AtomicU64; Uncovered::COUNT],
         }
 
         impl Metrics {
@@ -34,11 +37,26 @@ macro_rules! metrics {
                 $(
                     let _ = writeln!(out, "# HELP {} {}\n# TYPE {} {}\n{} {}", $name, $help, $name, $kind, $name, self.$field.load(Relaxed));
                 )*
+                self.render_tls_unsupported(&mut out);
                 out.push_str(&self.red.lock().unwrap_or_else(|e| e.into_inner()));
                 out
             }
         }
     };
+}
+
+impl Metrics {
+    fn render_tls_unsupported(&self, out: &mut String) {
+        const NAME: &str = "kspan_connections_tls_unsupported_total";
+        let _ = writeln!(
+            out,
+            "# HELP {NAME} TLS connections whose plaintext was not read, by reason (a library kspan does not hook, or none seen).\n# TYPE {NAME} counter"
+        );
+        for why in Uncovered::ALL {
+            let n = self.tls_unsupported[why.index()].load(Relaxed);
+            let _ = writeln!(out, "{NAME}{{reason=\"{}\"}} {n}", why.label());
+        }
+    }
 }
 
 metrics! {
@@ -59,6 +77,11 @@ metrics! {
     gaps: "counter", "kspan_stream_gaps_total", "Events seen after kernel-side losses on the same connection.";
     conns_filtered: "counter", "kspan_connections_filtered_total", "Connections excluded by --pid/--port/--exe.";
     conns_unsupported: "counter", "kspan_connections_unsupported_total", "Connections no longer decoded: upgraded to another protocol (e.g. WebSocket), HTTP/2 framing lost for good, or a Redis connection turned subscriber.";
+    kernel_tls_unbound: "counter", "kspan_kernel_tls_calls_unbound_total", "TLS library calls whose connection could not be told (no socket syscall inside, session never seen on one): plaintext dropped.";
+    kernel_tls_calls_dropped: "counter", "kspan_kernel_tls_calls_dropped_total", "TLS library calls not followed (per-thread call table full).";
+    conns_tls: "counter", "kspan_connections_tls_total", "Connections that spoke TLS (their plaintext is read at the TLS library where it is hooked).";
+    tls_libraries: "gauge", "kspan_tls_libraries_probed", "TLS library files (or executables with OpenSSL inside) carrying kspan's probes.";
+    tls_probe_errors: "counter", "kspan_tls_probe_errors_total", "TLS library files whose probes could not be attached.";
     conns_db_server: "counter", "kspan_connections_db_server_total", "Data-store connections seen from the server's side and not decoded (--db-server-spans decodes them).";
     conns_evicted: "counter", "kspan_connections_evicted_total", "Connections forgotten while idle or at the table limit.";
     spans_finished: "counter", "kspan_spans_finished_total", "Spans completed by the linker.";

@@ -2,6 +2,7 @@
 //! of I/O except procfs reads, so live capture, replay, tests and benchmarks share it.
 use std::{net::SocketAddr, sync::Arc};
 
+use kspan_common::proto;
 use rustc_hash::FxHashMap as HashMap;
 
 use crate::{
@@ -14,6 +15,7 @@ use crate::{
         Call, Out, Segment, Step,
         registry::{self, Join},
     },
+    tls::{Coverage, Uncovered},
     trace::{
         linker::{RequestStart, Tracer},
         privacy::Privacy,
@@ -42,6 +44,11 @@ pub struct PipelineStats {
     pub h2_resyncs: u64,
     /// Data-store connections seen from the server's side, not decoded by configuration.
     pub conns_db_server: u64,
+    /// Connections that spoke TLS.
+    pub conns_tls: u64,
+    /// TLS connections that ended without any plaintext seen, by why
+    /// ([`Uncovered::index`]).
+    pub conns_tls_unsupported: [u64; Uncovered::COUNT],
 }
 
 pub struct PipelineOptions {
@@ -74,6 +81,14 @@ pub struct Pipeline {
     db_servers: HashMap<ServerKey, Arc<ProcessInfo>>,
     /// Connections userspace wants the kernel to stop reporting.
     pub to_ignore: Vec<ConnId>,
+    /// TLS connections whose plaintext has not shown yet, with the process that opened them.
+    tls_waiting: HashMap<ConnId, (u32, u64)>,
+    /// Whether each process's TLS library is hooked, as the capture's attacher found.
+    tls_coverage: HashMap<u32, Coverage>,
+    /// Processes seen speaking TLS since the last drain: where the attacher looks for libraries.
+    pub tls_seen: Vec<u32>,
+    /// Processes that exec'ed since the last drain: the attacher looks at what they load.
+    pub execs: Vec<u32>,
     pub stats: PipelineStats,
 }
 
@@ -81,6 +96,12 @@ pub struct Pipeline {
 const IDLE_NS: u64 = 300_000_000_000;
 /// Data-store server addresses remembered (forgotten all at once beyond).
 const MAX_DB_SERVERS: usize = 4096;
+/// TLS connections awaiting plaintext, and processes' TLS coverage, remembered (forgotten all
+/// at once beyond: the cost is a miscounted reason, never a span).
+const MAX_TLS_WAITING: usize = 65_536;
+const MAX_TLS_PROCESSES: usize = 4096;
+/// Processes the capture is asked to look at between two drains.
+const MAX_PENDING_PROCESSES: usize = 4096;
 
 /// A server's address; loopback addresses repeat in every network namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -120,6 +141,10 @@ impl Pipeline {
             red: Red::default(),
             db_servers: HashMap::default(),
             to_ignore: Vec::new(),
+            tls_waiting: HashMap::default(),
+            tls_coverage: HashMap::default(),
+            tls_seen: Vec::new(),
+            execs: Vec::new(),
             stats: PipelineStats::default(),
         }
     }
@@ -138,6 +163,20 @@ impl Pipeline {
 
     pub fn handle(&mut self, ev: Event<'_>) {
         self.stats.events += 1;
+        let tls_socket = match ev.kind {
+            EventKind::Close => !self.tls_waiting.is_empty(),
+            EventKind::Data { .. } => ev.protocol == proto::TLS,
+            EventKind::Exec => {
+                // Bounded for drivers that never drain it (replay).
+                if self.execs.len() < MAX_PENDING_PROCESSES {
+                    self.execs.push(ev.tgid);
+                }
+                return;
+            }
+        };
+        if tls_socket && self.tls_ciphertext(&ev) {
+            return;
+        }
         if self.excluded.contains_key(&ev.conn) {
             if ev.kind == EventKind::Close {
                 self.excluded.remove(&ev.conn);
@@ -160,6 +199,8 @@ impl Pipeline {
             stats: &mut self.stats,
         };
         let closed = match ev.kind {
+            // Handled on entry.
+            EventKind::Exec => return,
             EventKind::Close => {
                 if let Some(d) = conn.decoder.as_mut() {
                     d.close(ev.ts_ns, &mut out);
@@ -265,8 +306,61 @@ impl Pipeline {
         self.stats.conns_opened += 1;
         let mut conn = Conn::new(role, ev.endpoints, ev.tgid, process, decoder, ev.ts_ns);
         conn.pairs = !ev.discovered && both_ends;
+        conn.tls = ev.tls;
+        if ev.tls {
+            self.tls_waiting.remove(&ev.conn);
+        }
         self.conns.insert(ev.conn, conn);
         true
+    }
+
+    /// What the kernel says of a TLS socket itself (not its plaintext): that it speaks TLS, or
+    /// that it closed. True when that is all there is to do.
+    fn tls_ciphertext(&mut self, ev: &Event<'_>) -> bool {
+        match ev.kind {
+            EventKind::Data { .. } => {
+                if self.conns.contains_key(&ev.conn) || self.excluded.contains_key(&ev.conn) {
+                    return true;
+                }
+                let process = self.procs.get(ev.tgid, &ev.comm, ev.opener);
+                if !self.filter.admits(&process, ev.endpoints.as_ref()) {
+                    self.stats.conns_filtered += 1;
+                    self.excluded.insert(ev.conn, ev.ts_ns);
+                    self.to_ignore.push(ev.conn);
+                    return true;
+                }
+                self.stats.conns_tls += 1;
+                if self.tls_waiting.len() >= MAX_TLS_WAITING {
+                    self.tls_waiting.clear();
+                }
+                self.tls_waiting.insert(ev.conn, (ev.tgid, ev.ts_ns));
+                if self.tls_seen.len() < MAX_PENDING_PROCESSES {
+                    self.tls_seen.push(ev.tgid);
+                }
+                true
+            }
+            EventKind::Exec => false,
+            EventKind::Close => match self.tls_waiting.remove(&ev.conn) {
+                Some((tgid, _)) => {
+                    let why = match self.tls_coverage.get(&tgid) {
+                        Some(Coverage::Hooked) => Uncovered::NoPlaintext,
+                        Some(Coverage::Not(why)) => *why,
+                        None => Uncovered::Unclassified,
+                    };
+                    self.stats.conns_tls_unsupported[why.index()] += 1;
+                    true
+                }
+                None => false,
+            },
+        }
+    }
+
+    /// Records whether process `tgid`'s TLS library is hooked (from the capture's attacher).
+    pub fn set_tls_coverage(&mut self, tgid: u32, coverage: Coverage) {
+        if self.tls_coverage.len() >= MAX_TLS_PROCESSES {
+            self.tls_coverage.clear();
+        }
+        self.tls_coverage.insert(tgid, coverage);
     }
 
     fn evict_oldest(&mut self) {
@@ -312,6 +406,7 @@ impl Pipeline {
             self.drop_conn(id);
         }
         self.excluded.retain(|_, ts| *ts >= cutoff);
+        self.tls_waiting.retain(|_, (_, ts)| *ts >= cutoff);
         self.tracer.expire(now_ns);
     }
 }
@@ -410,6 +505,7 @@ impl Sink<'_> {
             seq: conn.pairs.then_some(id),
             process: conn.process.clone(),
             call,
+            tls: conn.tls,
         })
     }
 }

@@ -7,7 +7,7 @@ use std::{
     collections::HashMap,
     io::{Read, Write},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::PathBuf,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
@@ -335,7 +335,26 @@ impl Nginx {
         Self::with_locations("", "location / { return 200 \"leaf\\n\"; }")
     }
 
+    /// nginx serving HTTPS with `cert`/`key` (PEM files) and proxying `/` to the HTTPS
+    /// `upstream` over keep-alive connections.
+    pub fn https(upstream: u16, cert: &Path, key: &Path) -> Self {
+        Self::with_listen(
+            " ssl",
+            &format!("upstream app {{ server 127.0.0.1:{upstream}; keepalive 4; }}\n"),
+            &format!(
+                "ssl_certificate {}; ssl_certificate_key {};\n\
+                 location / {{ proxy_pass https://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; proxy_ssl_session_reuse on; }}",
+                cert.display(),
+                key.display()
+            ),
+        )
+    }
+
     fn with_locations(http: &str, locations: &str) -> Self {
+        Self::with_listen("", http, locations)
+    }
+
+    fn with_listen(listen: &str, http: &str, locations: &str) -> Self {
         let port = free_port();
         let dir = std::env::temp_dir().join(format!("kspan-nginx-{port}"));
         std::fs::create_dir_all(dir.join("logs")).unwrap();
@@ -343,7 +362,7 @@ impl Nginx {
             "worker_processes 1;\nerror_log {d}/logs/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 64; }}\n\
              http {{\n access_log off;\n client_body_temp_path {d}/body; proxy_temp_path {d}/proxy;\n fastcgi_temp_path {d}/fcgi; uwsgi_temp_path {d}/uwsgi; scgi_temp_path {d}/scgi;\n\
              {http}\
-             server {{\n  listen 127.0.0.1:{port};\n  location /teapot {{ return 418 \"short and stout\\n\"; }}\n\
+             server {{\n  listen 127.0.0.1:{port}{listen};\n  location /teapot {{ return 418 \"short and stout\\n\"; }}\n\
                {locations}\n }}\n}}\n",
             d = dir.display()
         );
@@ -1005,4 +1024,24 @@ for _ in range(n):
         }
     }
     peak
+}
+
+/// A CA, and a certificate it signed for localhost and 127.0.0.1: (CA PEM, cert PEM, key PEM).
+pub fn certificates() -> (String, String, String) {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca = CertificateParams::default();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "kspan test CA");
+    let ca_cert = ca.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let mut leaf = CertificateParams::default();
+    leaf.subject_alt_names = vec![
+        SanType::DnsName("localhost".try_into().unwrap()),
+        SanType::IpAddress("127.0.0.1".parse().unwrap()),
+    ];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    (ca_cert.pem(), cert.pem(), key.serialize_pem())
 }

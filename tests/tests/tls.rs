@@ -3,29 +3,9 @@
 use std::net::SocketAddr;
 
 use kspan_tests::{
-    Agent, PyService, Spans, assert_root, curl, grpc_collector_with, http_collector_with, runtime,
-    trace_id,
+    Agent, PyService, Spans, assert_root, certificates, curl, grpc_collector_with,
+    http_collector_with, runtime, trace_id,
 };
-
-/// A CA, and a certificate it signed for localhost and 127.0.0.1: (CA PEM, cert PEM, key PEM).
-fn certificates() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType};
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::default();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "kspan test CA");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let mut leaf = CertificateParams::default();
-    leaf.subject_alt_names = vec![
-        SanType::DnsName("localhost".try_into().unwrap()),
-        SanType::IpAddress("127.0.0.1".parse().unwrap()),
-    ];
-    let cert = leaf.signed_by(&key, &issuer).unwrap();
-    (ca_cert.pem(), cert.pem(), key.serialize_pem())
-}
 
 fn exported_over(
     protocol: &str,

@@ -185,6 +185,10 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         ("postgresql", "/usr/bin/pg_ctlcluster"),
         ("mariadb-server", "/usr/sbin/mariadbd"),
         ("mariadb-client", "/usr/bin/mariadb-slap"),
+        // TLS peers (tests/tests/https.rs): Node.js's own OpenSSL, and wget's GnuTLS, which
+        // kspan does not hook.
+        ("nodejs", "/usr/bin/node"),
+        ("wget", "/usr/bin/wget"),
     ]
     .iter()
     .chain(extra)

@@ -86,6 +86,7 @@ fuzz_target!(|data: &[u8]| {
                 discovered: op & 0x30 == 0,
                 opener: Default::default(),
                 protocol: 0,
+                tls: false,
                 kind,
             });
         }

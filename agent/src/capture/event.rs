@@ -76,6 +76,8 @@ pub enum EventKind<'a> {
         gap: bool,
     },
     Close,
+    /// Process `tgid` exec'ed (no connection: `conn` is zero).
+    Exec,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,8 +96,11 @@ pub struct Event<'a> {
     pub discovered: bool,
     pub opener: Opener,
     /// The protocol the kernel recognised (`kspan_common::proto`); `UNKNOWN` when the first
-    /// payload was too short to tell.
+    /// payload was too short to tell. For TLS plaintext, the plaintext's protocol; `TLS` on
+    /// the notice that a connection speaks TLS, and on the close of one.
     pub protocol: u8,
+    /// The payload is TLS plaintext read at the library's boundary.
+    pub tls: bool,
     pub kind: EventKind<'a>,
 }
 
@@ -176,6 +181,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             }
         }
         kind::CLOSE => EventKind::Close,
+        kind::EXEC => EventKind::Exec,
         other => return Err(DecodeError::Kind(other)),
     };
     Ok(Event {
@@ -192,6 +198,7 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
             parent: h.conn.opener_parent_tgid,
         },
         protocol: h.conn.proto,
+        tls: h.flags & event_flags::TLS != 0,
         kind,
     })
 }
@@ -354,7 +361,14 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
             h.kind = kind::CLOSE;
             &[]
         }
+        EventKind::Exec => {
+            h.kind = kind::EXEC;
+            &[]
+        }
     };
+    if ev.tls {
+        h.flags |= event_flags::TLS;
+    }
     let mut out = Vec::with_capacity(HEADER_LEN + payload.len());
     // SAFETY: EventHeader is plain old data without implicit padding.
     out.extend_from_slice(unsafe {
@@ -387,6 +401,7 @@ mod tests {
             discovered: true,
             opener: Opener { tgid: 6, parent: 1 },
             protocol: 0,
+            tls: false,
             kind: EventKind::Data {
                 direction: Direction::Ingress,
                 total_len: 10_000,

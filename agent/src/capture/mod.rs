@@ -3,6 +3,7 @@
 pub mod btf;
 pub mod event;
 pub mod replay;
+pub mod uprobes;
 
 use std::{
     io,
@@ -149,6 +150,8 @@ pub struct KernelStats {
     pub read_faults: u64,
     pub conn_insert_failed: u64,
     pub conns_discovered: u64,
+    pub tls_unbound: u64,
+    pub tls_calls_dropped: u64,
     /// Runs of the attached programs and their total time, from the kernel's own accounting:
     /// they only move while the sysctl `kernel.bpf_stats_enabled` is 1.
     pub program_runs: u64,
@@ -164,6 +167,8 @@ pub struct Capture {
     /// The hook and loops in use (`Auto` resolved).
     pub hook: Hook,
     pub loops: Loops,
+    /// Why the TLS probes did not load, when they did not.
+    pub tls_unavailable: Option<String>,
 }
 
 /// The kernel function behind syscall `name`.
@@ -227,12 +232,18 @@ fn unload_all(ebpf: &mut Ebpf) {
 
 const DESTROY: &str = "tcp_destroy_sock";
 
-/// The socket-destruction hook that ends connections, BTF-typed (with fexit and tp_btf).
+const EXEC: &str = "sched_process_exec";
+
+/// The socket-destruction hook that ends connections and the exec hook, BTF-typed (with
+/// fexit and tp_btf).
 fn attach_destroy_btf(ebpf: &mut Ebpf, btf: &aya::Btf) -> Result<(), CaptureError> {
-    let prog: &mut BtfTracePoint = program(ebpf, "kspan_sock_destroy", DESTROY)?;
-    prog.load(DESTROY, btf)
-        .and_then(|()| prog.attach().map(drop))
-        .map_err(|e| CaptureError::Attach(DESTROY, e))
+    for (name, hook) in [("kspan_sock_destroy", DESTROY), ("kspan_exec", EXEC)] {
+        let prog: &mut BtfTracePoint = program(ebpf, name, hook)?;
+        prog.load(hook, btf)
+            .and_then(|()| prog.attach().map(drop))
+            .map_err(|e| CaptureError::Attach(hook, e))?;
+    }
+    Ok(())
 }
 
 fn attach_btf(ebpf: &mut Ebpf, btf: &aya::Btf, loops: Loops) -> Result<Hook, CaptureError> {
@@ -251,10 +262,15 @@ fn attach_raw(ebpf: &mut Ebpf, loops: Loops) -> Result<Hook, CaptureError> {
     prog.load()
         .and_then(|()| prog.attach("sys_exit").map(drop))
         .map_err(|e| CaptureError::Attach(HOOK, e))?;
-    let prog: &mut RawTracePoint = program(ebpf, "kspan_sock_destroy_raw", DESTROY)?;
-    prog.load()
-        .and_then(|()| prog.attach(DESTROY).map(drop))
-        .map_err(|e| CaptureError::Attach(DESTROY, e))?;
+    for (name, hook) in [
+        ("kspan_sock_destroy_raw", DESTROY),
+        ("kspan_exec_raw", EXEC),
+    ] {
+        let prog: &mut RawTracePoint = program(ebpf, name, hook)?;
+        prog.load()
+            .and_then(|()| prog.attach(hook).map(drop))
+            .map_err(|e| CaptureError::Attach(hook, e))?;
+    }
     Ok(Hook::RawTracepoint)
 }
 
@@ -358,6 +374,10 @@ impl Capture {
             .map_err(CaptureError::Load)?;
         let loops = opts.loops.resolve();
         let hook = attach(&mut ebpf, &raw_btf, opts.hook, loops)?;
+        let tls_unavailable = uprobes::load(&mut ebpf, loops).err();
+        if let Some(e) = &tls_unavailable {
+            log::warn!("TLS plaintext will not be read: {e}");
+        }
 
         let ring = RingBuf::try_from(
             ebpf.take_map("EVENTS")
@@ -378,6 +398,7 @@ impl Capture {
             conns,
             hook,
             loops,
+            tls_unavailable,
         })
     }
 
@@ -416,6 +437,8 @@ impl Capture {
             read_faults: sum(stat::READ_FAULTS)?,
             conn_insert_failed: sum(stat::CONN_INSERT_FAILED)?,
             conns_discovered: sum(stat::CONNS_DISCOVERED)?,
+            tls_unbound: sum(stat::TLS_UNBOUND)?,
+            tls_calls_dropped: sum(stat::TLS_CALLS_DROPPED)?,
         })
     }
 

@@ -11,6 +11,8 @@ struct Sim {
     p: Pipeline,
     ts: u64,
     gens: u64,
+    /// Events carry TLS plaintext.
+    tls: bool,
 }
 
 /// One TCP connection as both processes see it.
@@ -48,6 +50,7 @@ impl Sim {
             p: Pipeline::new(opts, ProcessCache::new("/nonexistent")),
             ts: 1_000,
             gens: 0,
+            tls: false,
         }
     }
 
@@ -114,6 +117,7 @@ impl Sim {
             discovered: false,
             opener: Default::default(),
             protocol: 0,
+            tls: self.tls,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
@@ -158,7 +162,35 @@ impl Sim {
             discovered: false,
             opener: Default::default(),
             protocol: 0,
+            tls: false,
             kind: EventKind::Close,
+        });
+    }
+
+    /// The kernel's notice that a socket speaks TLS (its ciphertext is not passed on).
+    fn tls_notice(&mut self, conn: ConnId, pid: u32, role: Role) {
+        self.ts += 10;
+        self.p.handle(Event {
+            conn,
+            tgid: pid,
+            tid: pid,
+            ts_ns: self.ts,
+            role,
+            endpoints: None,
+            comm: [0; 16],
+            discovered: false,
+            opener: Default::default(),
+            protocol: proto::TLS,
+            tls: false,
+            kind: EventKind::Data {
+                direction: Direction::Egress,
+                total_len: 517,
+                payload: &[],
+                framed: false,
+                frame_start: false,
+                gap: false,
+                tail: false,
+            },
         });
     }
 
@@ -573,6 +605,7 @@ fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
             discovered: true,
             opener: Default::default(),
             protocol: 0,
+            tls: false,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
@@ -670,6 +703,7 @@ mod http2 {
             discovered: false,
             opener: Default::default(),
             protocol: 0,
+            tls: false,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64 + skipped as u64,
@@ -884,6 +918,7 @@ mod http2_late {
                 discovered: true,
                 opener: Default::default(),
                 protocol: 0,
+                tls: false,
                 kind: EventKind::Data {
                     direction: dir,
                     total_len: bytes.len() as u64,
@@ -928,4 +963,50 @@ mod http2_late {
         assert_eq!(s.p.stats.h2_joined_late, 1);
         assert_eq!(s.p.tracer_stats().spans_partial, 1);
     }
+}
+
+#[test]
+fn https_is_traced_like_http_and_unread_tls_is_counted_by_why() {
+    use crate::tls::{Coverage, Uncovered};
+    let mut s = Sim::new(Filter::default());
+    let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:443");
+    s.tls_notice(a.client, 1, Role::Client);
+    s.tls_notice(a.server, 2, Role::Server);
+    assert_eq!(
+        s.p.tls_seen,
+        vec![1, 2],
+        "the attacher looks at both processes"
+    );
+    s.tls = true;
+    s.send_request(a, b"GET /pay?card=1 HTTP/1.1\r\nHost: shop\r\n\r\n", false);
+    s.send_response(a, OK);
+    let spans = s.spans();
+    let client = find(&spans, SpanKind::Client, 1);
+    let server = find(&spans, SpanKind::Server, 2);
+    assert_eq!(
+        str_attr(client, "url.full"),
+        "https://shop/pay?card=REDACTED"
+    );
+    assert_eq!(str_attr(server, "url.scheme"), "https");
+    assert_eq!(server.parent_span_id, Some(client.span_id));
+
+    // Plaintext never shows: counted at the close, with the reason the attacher gave.
+    s.tls = false;
+    let b = s.connect(3, 4, "127.0.0.1:40001", "127.0.0.1:8443");
+    s.tls_notice(b.client, 3, Role::Client);
+    s.p.set_tls_coverage(3, Coverage::Not(Uncovered::Go));
+    s.destroy(b.client);
+    let c = s.connect(5, 4, "127.0.0.1:40002", "127.0.0.1:8443");
+    s.tls_notice(c.client, 5, Role::Client);
+    s.destroy(c.client);
+    s.destroy(a.client);
+    let counted = s.p.stats.conns_tls_unsupported;
+    assert_eq!(counted[Uncovered::Go.index()], 1);
+    assert_eq!(counted[Uncovered::Unclassified.index()], 1);
+    assert_eq!(
+        counted.iter().sum::<u64>(),
+        2,
+        "the read connection is not counted"
+    );
+    assert_eq!(s.p.stats.conns_tls, 4);
 }

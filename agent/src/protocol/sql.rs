@@ -10,6 +10,8 @@ pub fn sanitize(sql: &str) -> String {
     // Start of the run of bytes copied as they are.
     let mut kept = 0;
     let literal = |out: &mut String, from: usize, to: usize, kept: &mut usize| {
+        // A prefix letter may already belong to the literal before (`1e'x'`).
+        let from = from.max(*kept);
         out.push_str(&sql[*kept..from]);
         out.push('?');
         *kept = to;
@@ -232,6 +234,8 @@ mod tests {
                 "UPDATE `t` SET v = ? WHERE id = ?",
             ),
             ("SELECT 'unterminated", "SELECT ?"),
+            // Found by the postgres fuzz target: the exponent ate the prefix letter.
+            ("SELECT 1.e'x'", "SELECT ??"),
         ];
         for (sql, want) in cases {
             assert_eq!(sanitize(sql), want, "{sql}");

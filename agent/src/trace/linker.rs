@@ -110,6 +110,8 @@ pub struct RequestStart {
     pub seq: Option<u64>,
     pub process: Arc<ProcessInfo>,
     pub call: Call,
+    /// The connection's bytes were read at a TLS library.
+    pub tls: bool,
 }
 
 pub struct Tracer {
@@ -214,6 +216,7 @@ impl Tracer {
                     method: head.method,
                     target: head.target,
                     version: head.version,
+                    tls: r.tls,
                     ..Default::default()
                 };
                 (ctx, head.start_ns, Exchange::Http(exchange))

@@ -228,6 +228,8 @@ pub struct HttpExchange {
     pub partial: bool,
     /// Request headers the configuration asked for (see [`Privacy`]), in arrival order.
     pub captured_headers: Vec<(&'static str, String)>,
+    /// Read at a TLS library: the exchange was HTTPS.
+    pub tls: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -280,10 +282,22 @@ impl HttpExchange {
     /// The server as a client addressed it: the Host header, else the peer address.
     pub fn server_endpoint(&self) -> (String, u16) {
         match (self.host.as_deref().map(split_host), self.peer) {
-            (Some((h, p)), peer) => (h.to_string(), p.or(peer.map(|x| x.port())).unwrap_or(80)),
+            (Some((h, p)), peer) => (
+                h.to_string(),
+                p.or(peer.map(|x| x.port())).unwrap_or(self.default_port()),
+            ),
             (None, Some(peer)) => (ip_string(peer.ip()), peer.port()),
-            (None, None) => (String::new(), 80),
+            (None, None) => (String::new(), self.default_port()),
         }
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls { "https" } else { "http" }
+    }
+
+    /// The port a URL of this exchange's scheme leaves out.
+    fn default_port(&self) -> u16 {
+        if self.tls { 443 } else { 80 }
     }
 
     pub fn path(&self) -> &str {
@@ -315,7 +329,7 @@ impl HttpExchange {
                 if let Some(q) = query {
                     a.push(("url.query", privacy.query(q).into()));
                 }
-                a.push(("url.scheme", AttrValue::Static("http")));
+                a.push(("url.scheme", AttrValue::Static(self.scheme())));
                 if let Some((h, p)) = host {
                     a.push(("server.address", h.into()));
                     if let Some(p) = p.or(self.local.map(|l| l.port())) {
@@ -340,8 +354,10 @@ impl HttpExchange {
                     a.push(("url.full", without_credentials(&target).into()));
                 } else if !target.is_empty() {
                     let mut url = String::with_capacity(16 + h.len() + target.len());
-                    url.push_str("http://");
-                    let bracket = h.contains(':') && port != 80;
+                    url.push_str(self.scheme());
+                    url.push_str("://");
+                    let default_port = self.default_port();
+                    let bracket = h.contains(':') && port != default_port;
                     if bracket {
                         url.push('[');
                     }
@@ -349,7 +365,7 @@ impl HttpExchange {
                     if bracket {
                         url.push(']');
                     }
-                    if port != 80 {
+                    if port != default_port {
                         url.push(':');
                         url.push_str(itoa::Buffer::new().format(port));
                     }
@@ -493,6 +509,7 @@ mod tests {
             grpc: None,
             partial: false,
             captured_headers: Vec::new(),
+            tls: false,
         }
     }
 

@@ -1,0 +1,254 @@
+//! The TLS libraries a process maps, and where their functions sit in the file.
+use std::{
+    fs::File,
+    path::{Path, PathBuf},
+};
+
+use object::{Object, ObjectSection, ObjectSymbol, ReadCache};
+
+use super::Uncovered;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LibraryError {
+    #[error("{0}: {1}")]
+    Open(PathBuf, #[source] std::io::Error),
+    #[error("{0} is not an ELF file kspan can read: {1}")]
+    Elf(PathBuf, #[source] object::Error),
+    #[error("the memory maps of process {0} could not be read: {1}")]
+    Maps(u32, #[source] procfs::ProcError),
+}
+
+/// A file as the kernel knows it: uprobes live on the inode, so two paths to one file (a
+/// container's view and the host's) are one library.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FileId {
+    pub dev: (i32, i32),
+    pub inode: u64,
+}
+
+/// A file a process maps, with a path to it that works from the agent's mount namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mapped {
+    pub id: FileId,
+    /// As the process sees it.
+    pub path: PathBuf,
+    /// Through `/proc/<pid>/root`: reaches a container's files.
+    pub reachable: PathBuf,
+}
+
+/// File offsets of the functions kspan hooks. OpenSSL 1.1.1+ and 3.x have all of them;
+/// BoringSSL lacks the `_ex` forms.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Symbols {
+    pub read: u64,
+    pub write: u64,
+    pub read_ex: Option<u64>,
+    pub write_ex: Option<u64>,
+    pub free: Option<u64>,
+}
+
+/// Where OpenSSL's (or BoringSSL's, same names) API sits in `path`; `None` when the file does
+/// not export it. Reads only the headers and the dynamic symbol table: executables with
+/// OpenSSL inside (Node.js) are large.
+pub fn symbols(path: &Path) -> Result<Option<Symbols>, LibraryError> {
+    let file = File::open(path).map_err(|e| LibraryError::Open(path.to_path_buf(), e))?;
+    let map = Mapping::new(&file).map_err(|e| LibraryError::Open(path.to_path_buf(), e))?;
+    let elf =
+        object::File::parse(map.bytes()).map_err(|e| LibraryError::Elf(path.to_path_buf(), e))?;
+    let mut found: [Option<u64>; 5] = [None; 5];
+    const NAMES: [&str; 5] = [
+        "SSL_read",
+        "SSL_write",
+        "SSL_read_ex",
+        "SSL_write_ex",
+        "SSL_free",
+    ];
+    for sym in elf.dynamic_symbols() {
+        if sym.is_undefined() || !sym.is_definition() {
+            continue;
+        }
+        let Ok(name) = sym.name() else { continue };
+        let Some(slot) = NAMES.iter().position(|n| *n == name) else {
+            continue;
+        };
+        let Some(section) = sym
+            .section_index()
+            .and_then(|i| elf.section_by_index(i).ok())
+        else {
+            continue;
+        };
+        let Some((offset, _)) = section.file_range() else {
+            continue;
+        };
+        found[slot] = sym
+            .address()
+            .checked_sub(section.address())
+            .map(|rel| rel + offset);
+    }
+    Ok(match found {
+        [Some(read), Some(write), read_ex, write_ex, free] => Some(Symbols {
+            read,
+            write,
+            read_ex,
+            write_ex,
+            free,
+        }),
+        _ => None,
+    })
+}
+
+/// A file mapped read-only: only the pages parsing touches are read. (Reading symbol names
+/// through `read` calls took 350 ms for Node.js's 75,000 exported symbols.)
+struct Mapping {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+impl Mapping {
+    fn new(file: &File) -> std::io::Result<Self> {
+        use std::os::fd::AsRawFd;
+        let len = file.metadata()?.len() as usize;
+        if len == 0 {
+            return Err(std::io::Error::other("empty file"));
+        }
+        // SAFETY: a private read-only mapping of an open file; checked for failure.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(Self { ptr, len })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: the mapping is `len` readable bytes and lives as long as `self`. A file
+        // truncated meanwhile would fault; libraries and executables in use are not rewritten
+        // in place (package managers replace them).
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly what `new` mapped.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
+}
+
+/// Whether a file name is one of the libraries probed by name: OpenSSL's and BoringSSL's
+/// `libssl.so[.N]` (not NSS's `libssl3.so`).
+pub fn is_libssl(name: &str) -> bool {
+    name == "libssl.so" || name.starts_with("libssl.so.")
+}
+
+/// The files process `pid` maps, once each, read under `proc_root` (normally `/proc`).
+pub fn mapped(proc_root: &Path, pid: u32) -> Result<Vec<Mapped>, LibraryError> {
+    let dir = proc_root.join(pid.to_string());
+    let maps = procfs::process::Process::new_with_root(dir.clone())
+        .and_then(|p| p.maps())
+        .map_err(|e| LibraryError::Maps(pid, e))?;
+    let mut out: Vec<Mapped> = Vec::new();
+    for m in maps {
+        let procfs::process::MMapPath::Path(path) = m.pathname else {
+            continue;
+        };
+        let id = FileId {
+            dev: m.dev,
+            inode: m.inode,
+        };
+        if m.inode == 0 || out.iter().any(|o| o.id == id) {
+            continue;
+        }
+        let reachable = dir
+            .join("root")
+            .join(path.strip_prefix("/").unwrap_or(&path));
+        out.push(Mapped {
+            id,
+            path,
+            reachable,
+        });
+    }
+    Ok(out)
+}
+
+/// Why a process that speaks TLS but maps no hookable library cannot be read, from the files
+/// it maps (its executable first).
+pub fn uncovered(files: &[Mapped]) -> Uncovered {
+    let name = |m: &Mapped| {
+        m.path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    };
+    let names: Vec<String> = files.iter().map(name).collect();
+    let has = |prefix: &str| names.iter().any(|n| n.starts_with(prefix));
+    if has("libjvm.so") {
+        Uncovered::Java
+    } else if has("libgnutls.so") {
+        Uncovered::GnuTls
+    } else if has("libnss3.so") || has("libssl3.so") {
+        Uncovered::Nss
+    } else if files.first().is_some_and(|exe| is_go(&exe.reachable)) {
+        Uncovered::Go
+    } else {
+        Uncovered::Unrecognised
+    }
+}
+
+/// Go executables carry their build information in a section of their own.
+fn is_go(path: &Path) -> bool {
+    let Ok(file) = File::open(path) else {
+        return false;
+    };
+    let cache = ReadCache::new(file);
+    object::File::parse(&cache)
+        .map(|elf| elf.section_by_name(".go.buildinfo").is_some())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn libssl_by_name_not_nss() {
+        for yes in ["libssl.so.3", "libssl.so.1.1", "libssl.so"] {
+            assert!(is_libssl(yes), "{yes}");
+        }
+        for no in ["libssl3.so", "libsslx.so.3", "libcrypto.so.3"] {
+            assert!(!is_libssl(no), "{no}");
+        }
+    }
+
+    #[test]
+    fn symbols_of_this_systems_openssl() {
+        // The test machines install OpenSSL 3 (curl, nginx and Python link it).
+        let lib = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
+        if cfg!(not(target_arch = "x86_64")) {
+            return;
+        }
+        let syms = symbols(lib).expect("readable").expect("exports SSL_read");
+        assert!(syms.read_ex.is_some() && syms.write_ex.is_some() && syms.free.is_some());
+        assert_ne!(syms.read, syms.write);
+        // libcrypto exports none of them.
+        let crypto = Path::new("/usr/lib/x86_64-linux-gnu/libcrypto.so.3");
+        assert_eq!(symbols(crypto).expect("readable"), None);
+    }
+
+    #[test]
+    fn this_process_maps_its_own_executable_first() {
+        let files = mapped(Path::new("/proc"), std::process::id()).expect("own maps");
+        let exe = std::fs::read_link("/proc/self/exe").expect("exe");
+        assert_eq!(files.first().map(|m| &m.path), Some(&exe));
+        assert!(files.first().is_some_and(|m| m.reachable.exists()));
+        assert_eq!(uncovered(&files[..1]), Uncovered::Unrecognised, "not Go");
+    }
+}
