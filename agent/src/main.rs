@@ -197,9 +197,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         procs,
     );
     metrics.ready.store(true, Relaxed);
-    if let Source::Kernel(cap, _) = &source {
+    if let Source::Kernel(cap, tls) = &source {
+        let tls = match &cap.tls_unavailable {
+            Some(e) => format!("TLS plaintext not read ({e})"),
+            None => format!("TLS plaintext from {} library files", tls.attached()),
+        };
         eprintln!(
-            "kspan: probes attached ({}, {}); tracing HTTP/1.x, HTTP/2, gRPC and Redis (metrics on http://{}/metrics)",
+            "kspan: probes attached ({}, {}); tracing HTTP/1.x, HTTP/2, gRPC, Redis, PostgreSQL and MySQL; {tls} (metrics on http://{}/metrics)",
             cap.hook.describe(),
             cap.loops.describe(),
             args.metrics_addr

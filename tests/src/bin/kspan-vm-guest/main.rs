@@ -9,7 +9,7 @@ use std::time::Duration;
 /// Cheapest first, as the agent tries them.
 const HOOKS: [&str; 3] = ["fexit", "btf-tracepoint", "raw-tracepoint"];
 /// Loading can take many seconds in an emulated guest (the verifier is slow there).
-const LOAD_BOUND: Duration = Duration::from_secs(180);
+const LOAD_BOUND: Duration = Duration::from_secs(480);
 
 fn main() {
     // Failures are reported by the code that catches them.
