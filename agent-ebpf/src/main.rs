@@ -572,7 +572,9 @@ fn set_carried(info: &mut ConnInfo, at: &Origin, p: u8) {
 
 /// Copies `total` bytes moved on a tracked connection from `src` into a record and outputs
 /// it: the HTTP/2 frame walk where the bytes are HTTP/2, else a prefix (and tail). The first
-/// bytes of a connection decide its protocol.
+/// bytes of a connection decide its protocol, from a peek at their head, so that the frame
+/// walk and the prefix copy each have one call site: every inlined copy is verified anew, and
+/// a second walk took the bounded build past 5.10's 1M-instruction limit.
 #[inline(always)]
 fn capture<const BPF_LOOP: bool>(
     info: &mut ConnInfo,
@@ -592,47 +594,23 @@ fn capture<const BPF_LOOP: bool>(
         cap = MAX_PAYLOAD as u64;
     }
 
-    // HTTP/2 framing must survive reads of any size: follow the frames instead of a prefix.
-    if carried(info, at) == proto::HTTP2 && h2_walk::<BPF_LOOP>(ev, info, at, total, dir, &src, cap)
-    {
-        return;
-    }
-
-    let want = if total < cap { total } else { cap };
-    let mut flags = 0u8;
-    let captured = match src {
-        h2::Source::Flat(buf) => copy_flat(ev, buf as *const u8, want),
-        h2::Source::Iov { iov, count } => copy_iov::<BPF_LOOP>(iov as *const u8, count, want),
-        h2::Source::Unreadable => {
-            flags |= event_flags::NO_PAYLOAD;
-            0
-        }
-    };
-    if total > captured && flags & event_flags::NO_PAYLOAD == 0 {
-        bump(stat::TRUNCATED);
-    }
-    // A reply's end shows where a protocol's next message starts when its middle is skipped.
-    let mut captured = captured;
-    if let h2::Source::Flat(buf) = src
-        && total > captured
-        && captured >= 2 * TAIL_LEN as u64
-    {
-        if copy_tail(ev, buf, total, captured) {
-            flags |= event_flags::TAIL;
-        } else {
-            // A failed read zeroed the end of the prefix.
-            captured -= TAIL_LEN as u64;
-        }
-    }
-
     if carried(info, at) == proto::UNKNOWN {
-        match first_bytes(ev, info, at, captured, dir) {
+        let len = peek_head(ev, &src, if total < cap { total } else { cap });
+        match first_bytes(ev, info, at, len, dir) {
             First::Decided => {}
             First::Wait => return,
             First::Tls => {
                 tls::ciphertext(at.sock, at.fd);
-                flags = event_flags::NO_PAYLOAD | event_flags::TLS;
-                captured = 0;
+                fill_header(
+                    ev,
+                    info,
+                    at,
+                    total,
+                    dir,
+                    event_flags::NO_PAYLOAD | event_flags::TLS,
+                );
+                output(ev, info, 0);
+                return;
             }
         }
         if carried(info, at) == proto::HTTP2 {
@@ -646,13 +624,89 @@ fn capture<const BPF_LOOP: bool>(
                 Some(dir ^ 1)
             };
             h2::start(at.sock, info.generation, preface);
-            if h2_walk::<BPF_LOOP>(ev, info, at, total, dir, &src, cap) {
-                return;
-            }
         }
     }
+    // HTTP/2 framing must survive reads of any size: follow the frames instead of a prefix.
+    if carried(info, at) == proto::HTTP2 && h2_walk::<BPF_LOOP>(ev, info, at, total, dir, &src, cap)
+    {
+        return;
+    }
+    let (captured, flags) = copy_prefix::<BPF_LOOP>(ev, total, &src, cap);
     fill_header(ev, info, at, total, dir, flags);
     output(ev, info, captured);
+}
+
+/// Copies the head of the bytes at `src` (up to [`SNIFF_LEN`], from the first iovec segment
+/// only) for the sniff, zeroing the rest of it; returns `len`, the bytes a prefix copy would
+/// hold, or 0 when nothing could be read.
+#[inline(always)]
+fn peek_head(ev: &mut DataEvent, src: &h2::Source, len: u64) -> u64 {
+    ev.payload[..SNIFF_LEN].fill(0);
+    let (base, seg) = match *src {
+        h2::Source::Flat(buf) => (buf, len),
+        h2::Source::Iov { iov, count } if count > 0 => match iovec_entry(iov, 0) {
+            Some(e) => e,
+            None => return 0,
+        },
+        _ => return 0,
+    };
+    let mut n = if seg < len { seg } else { len };
+    if n > SNIFF_LEN as u64 {
+        n = SNIFF_LEN as u64;
+    }
+    if n == 0 {
+        return 0;
+    }
+    // SAFETY: n ≤ SNIFF_LEN, within the payload; the helper checks the user source.
+    let r = unsafe {
+        probe_read_user_raw(
+            ev.payload.as_mut_ptr() as *mut c_void,
+            n as u32,
+            base as *const c_void,
+        )
+    };
+    if r != 0 {
+        bump(stat::READ_FAULTS);
+        return 0;
+    }
+    len
+}
+
+/// Copies the first bytes of `total` (at most `cap`), and of a large flat buffer its last
+/// bytes too: (bytes in the record, flags).
+#[inline(always)]
+fn copy_prefix<const BPF_LOOP: bool>(
+    ev: &mut DataEvent,
+    total: u64,
+    src: &h2::Source,
+    cap: u64,
+) -> (u64, u8) {
+    let want = if total < cap { total } else { cap };
+    let mut flags = 0u8;
+    let mut captured = match *src {
+        h2::Source::Flat(buf) => copy_flat(ev, buf as *const u8, want),
+        h2::Source::Iov { iov, count } => copy_iov::<BPF_LOOP>(iov as *const u8, count, want),
+        h2::Source::Unreadable => {
+            flags |= event_flags::NO_PAYLOAD;
+            0
+        }
+    };
+    if total > captured && flags & event_flags::NO_PAYLOAD == 0 {
+        bump(stat::TRUNCATED);
+    }
+    // A reply's end shows where a protocol's next message starts when its middle is skipped.
+    if let h2::Source::Flat(buf) = *src
+        && total > captured
+        && captured >= 2 * TAIL_LEN as u64
+    {
+        if copy_tail(ev, buf, total, captured) {
+            flags |= event_flags::TAIL;
+        } else {
+            // A failed read zeroed the end of the prefix.
+            captured -= TAIL_LEN as u64;
+        }
+    }
+    (captured, flags)
 }
 
 enum First {

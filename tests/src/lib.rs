@@ -350,6 +350,19 @@ impl Nginx {
         )
     }
 
+    /// nginx answering every path itself over HTTPS (`cert`/`key`: PEM files).
+    pub fn https_leaf(cert: &Path, key: &Path) -> Self {
+        Self::with_listen(
+            " ssl",
+            "",
+            &format!(
+                "ssl_certificate {}; ssl_certificate_key {};\nlocation / {{ return 200 \"leaf\\n\"; }}",
+                cert.display(),
+                key.display()
+            ),
+        )
+    }
+
     fn with_locations(http: &str, locations: &str) -> Self {
         Self::with_listen("", http, locations)
     }

@@ -46,6 +46,8 @@ pub struct BenchArgs {
 enum Load {
     /// wrk against nginx.
     Http,
+    /// wrk against nginx over HTTPS (both ends OpenSSL: read at the library).
+    Https,
     /// h2load against nghttpd.
     H2,
     /// redis-benchmark's SET and GET, this many commands per write.
@@ -74,6 +76,15 @@ const SCENARIOS: &[Scenario] = &[
         path: "/static",
         keep_alive: true,
         load: Load::Http,
+        spans_per_request: 2,
+        agent_args: &[],
+        think_ms: 0,
+    },
+    Scenario {
+        name: "static over HTTPS (TLS plaintext read at OpenSSL), keep-alive",
+        path: "/static",
+        keep_alive: true,
+        load: Load::Https,
         spans_per_request: 2,
         agent_args: &[],
         think_ms: 0,
@@ -202,7 +213,8 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let front = free_port()?;
     let upstream = free_port()?;
-    let _nginx = start_nginx(&dir, front, upstream)?;
+    let tls = free_port()?;
+    let _nginx = start_nginx(&dir, front, upstream, tls)?;
     let h2_port = free_port()?;
     let _nghttpd = start_nghttpd(&dir, h2_port)?;
     let sink = Sink::start()?;
@@ -225,13 +237,13 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
         .then(|| stores::Postgres::start(&dir))
         .transpose()?;
     for sc in chosen {
-        let url = format!(
-            "http://127.0.0.1:{}{}",
-            if sc.load == Load::H2 { h2_port } else { front },
-            sc.path
-        );
+        let url = match sc.load {
+            Load::H2 => format!("http://127.0.0.1:{h2_port}{}", sc.path),
+            Load::Https => format!("https://127.0.0.1:{tls}{}", sc.path),
+            _ => format!("http://127.0.0.1:{front}{}", sc.path),
+        };
         let load = |url: &str| match sc.load {
-            Load::Http => wrk(
+            Load::Http | Load::Https => wrk(
                 url,
                 sc.keep_alive,
                 secs,
@@ -388,8 +400,29 @@ impl Drop for Killed {
     }
 }
 
-fn start_nginx(dir: &Path, front: u16, upstream: u16) -> anyhow::Result<Killed> {
+fn start_nginx(dir: &Path, front: u16, upstream: u16, tls: u16) -> anyhow::Result<Killed> {
     let d = dir.display();
+    // A throwaway certificate for the HTTPS row (wrk does not verify it).
+    crate::run(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+            ])
+            .arg(dir.join("key.pem"))
+            .arg("-out")
+            .arg(dir.join("cert.pem"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    )?;
     let conf = format!(
         "worker_processes 1;\nerror_log {d}/error.log;\npid {d}/nginx.pid;\nevents {{ worker_connections 4096; }}\n\
          http {{\n access_log off;\n client_body_temp_path {d}/b; proxy_temp_path {d}/p; fastcgi_temp_path {d}/f; uwsgi_temp_path {d}/u; scgi_temp_path {d}/s;\n\
@@ -397,7 +430,9 @@ fn start_nginx(dir: &Path, front: u16, upstream: u16) -> anyhow::Result<Killed> 
          server {{ listen 127.0.0.1:{front} backlog=4096; keepalive_requests 1000000;\n\
            location /static {{ return 200 \"hello from kspan bench\\n\"; }}\n\
            location /proxy {{ proxy_pass http://app; proxy_http_version 1.1; proxy_set_header Connection \"\"; }} }}\n\
-         server {{ listen 127.0.0.1:{upstream} backlog=4096; keepalive_requests 1000000; location / {{ return 200 \"hello from upstream\\n\"; }} }}\n}}\n"
+         server {{ listen 127.0.0.1:{upstream} backlog=4096; keepalive_requests 1000000; location / {{ return 200 \"hello from upstream\\n\"; }} }}\n\
+         server {{ listen 127.0.0.1:{tls} ssl backlog=4096; keepalive_requests 1000000; ssl_certificate {d}/cert.pem; ssl_certificate_key {d}/key.pem;\n\
+           location /static {{ return 200 \"hello from kspan bench\\n\"; }} }}\n}}\n"
     );
     std::fs::write(dir.join("nginx.conf"), conf)?;
     let mut cmd = Command::new("nginx");
@@ -412,6 +447,7 @@ fn start_nginx(dir: &Path, front: u16, upstream: u16) -> anyhow::Result<Killed> 
     let child = Killed(cmd.spawn().context("starting nginx")?);
     wait_port(front)?;
     wait_port(upstream)?;
+    wait_port(tls)?;
     Ok(child)
 }
 

@@ -189,6 +189,8 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         // kspan does not hook.
         ("nodejs", "/usr/bin/node"),
         ("wget", "/usr/bin/wget"),
+        // Certificates for the benchmark's HTTPS row.
+        ("openssl", "/usr/bin/openssl"),
     ]
     .iter()
     .chain(extra)

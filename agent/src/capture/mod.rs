@@ -375,6 +375,15 @@ impl Capture {
         let loops = opts.loops.resolve();
         let hook = attach(&mut ebpf, &raw_btf, opts.hook, loops)?;
         let tls_unavailable = uprobes::load(&mut ebpf, loops).err();
+        for (name, prog) in ebpf.programs() {
+            if let Some(n) = prog
+                .info()
+                .ok()
+                .and_then(|i| i.verified_instruction_count())
+            {
+                log::debug!("{name}: the verifier went through {n} instructions");
+            }
+        }
         if let Some(e) = &tls_unavailable {
             log::warn!("TLS plaintext will not be read: {e}");
         }

@@ -5,8 +5,9 @@
 //! load and attach, an nginx proxy chain carrying B3 gives
 //! its exact 4-span tree, an h2c call its 2 linked spans, busybox httpd (a child forked per
 //! connection serves it through stdin and stdout) its 2 linked spans, redis-benchmark's calls
-//! (pipelined, with replies larger than the copy cap) are counted exactly, no kernel event or
-//! span is lost, and the agent exits cleanly on SIGTERM.
+//! (pipelined, with replies larger than the copy cap) are counted exactly, curl → nginx over
+//! HTTPS gives its 2 linked spans (the TLS uprobes on OpenSSL load and read the plaintext), no
+//! kernel event or span is lost, and the agent exits cleanly on SIGTERM.
 //!
 //! It prints `kspan-vm: …` lines (xtask reads them off the serial console) and exits 1 if any
 //! check failed.
@@ -43,6 +44,8 @@ struct Servers {
     _forking_server: kspan_tests::Proc,
     redis_port: u16,
     _redis: kspan_tests::Proc,
+    https: Nginx,
+    ca: std::path::PathBuf,
 }
 
 impl Servers {
@@ -59,7 +62,14 @@ impl Servers {
         redis.args(["--port", &redis_port.to_string(), "--bind", "127.0.0.1"]);
         redis.args(["--save", "", "--appendonly", "no"]);
         let redis = kspan_tests::Proc::listening("redis-server", redis, redis_port);
+        let (ca, cert, key) = kspan_tests::certificates();
+        for (name, pem) in [("ca.pem", ca), ("cert.pem", cert), ("key.pem", key)] {
+            std::fs::write(dir.join(name), pem).expect("certificates");
+        }
+        let https = Nginx::https_leaf(&dir.join("cert.pem"), &dir.join("key.pem"));
         Self {
+            https,
+            ca: dir.join("ca.pem"),
             front,
             back,
             h2_port,
@@ -157,6 +167,9 @@ fn with_hook(
     results.run(hook, "redis-benchmark", &agent, || {
         redis_calls(&agent, &servers)
     });
+    results.run(hook, "https-curl", &agent, || {
+        https_call(peers, &servers, tag + 4)
+    });
     results.run(hook, "no-losses", &agent, || {
         for m in [
             "kspan_kernel_lost_events_total",
@@ -215,6 +228,26 @@ fn http1_chain(peers: &Peers, servers: &Servers, tag: u16) {
         assert_eq!(s.attr("http.response.status_code").i(), 200, "{s:#?}");
     }
     assert_eq!(back_server.attr("url.path").s(), "/chain");
+}
+
+/// curl → nginx over HTTPS, B3 from curl: both spans read at OpenSSL, linked.
+fn https_call(peers: &Peers, servers: &Servers, tag: u16) {
+    let t = trace_id(tag);
+    let body = curl(&[
+        "--cacert",
+        servers.ca.to_str().expect("path"),
+        "-H",
+        &format!("b3: {t:032x}-0000000000000e01-1"),
+        &format!("https://127.0.0.1:{}/tls", servers.https.port),
+    ]);
+    assert_eq!(body, "leaf\n");
+    let got = exactly(&peers.spans, t, 2);
+    let client = one(&got, "CLIENT", "curl");
+    let server = one(&got, "SERVER", "nginx");
+    assert_eq!(client.parent, Some(0xe01));
+    assert_eq!(server.parent, Some(client.span_id));
+    assert_eq!(server.attr("url.scheme").s(), "https");
+    assert_eq!(server.attr("url.path").s(), "/tls");
 }
 
 /// nghttp → nghttpd over h2c prior knowledge, B3 from the client.
