@@ -84,13 +84,53 @@ pub fn forget(sock: u64) {
 }
 
 /// Where the syscall's bytes are.
-pub enum Source {
+///
+/// A struct whose fields are all always written, not an enum: 5.10's verifier rejects reading
+/// a stack slot no path wrote, and the compiler copies an enum whole, unused fields included.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Source {
+    pub kind: u64,
+    /// The buffer (`FLAT`) or the iovec array (`IOV`).
+    pub addr: u64,
+    /// iovec entries (`IOV`).
+    pub count: u64,
+}
+
+impl Source {
     /// One buffer.
-    Flat(u64),
+    pub const FLAT: u64 = 0;
     /// An iovec array of `count` entries.
-    Iov { iov: u64, count: u64 },
+    pub const IOV: u64 = 1;
     /// Moved inside the kernel (sendfile): only the count is known.
-    Unreadable,
+    pub const UNREADABLE: u64 = 2;
+
+    #[inline(always)]
+    pub fn flat(buf: u64) -> Self {
+        Self {
+            kind: Self::FLAT,
+            addr: buf,
+            count: 0,
+        }
+    }
+
+    #[inline(always)]
+    pub fn iov(iov: u64, count: u64) -> Self {
+        Self {
+            kind: Self::IOV,
+            addr: iov,
+            count,
+        }
+    }
+
+    #[inline(always)]
+    pub fn unreadable() -> Self {
+        Self {
+            kind: Self::UNREADABLE,
+            addr: 0,
+            count: 0,
+        }
+    }
 }
 
 /// Walk state shared with [`step`] across `bpf_loop` iterations.
@@ -142,10 +182,10 @@ pub fn walk<const BPF_LOOP: bool>(
     if f.generation != generation || f.sides[d].lost != 0 {
         return None;
     }
-    let (seg_base, seg_left, iov, iov_count, readable) = match *src {
-        Source::Flat(buf) => (buf, total, 0, 0, 1),
-        Source::Iov { iov, count } => (0, 0, iov, count, 1),
-        Source::Unreadable => (0, total, 0, 0, 0),
+    let (seg_base, seg_left, iov, iov_count, readable) = match src.kind {
+        Source::FLAT => (src.addr, total, 0, 0, 1),
+        Source::IOV => (0, 0, src.addr, src.count, 1),
+        _ => (0, total, 0, 0, 0),
     };
     let w = WALK.get_ptr_mut(0)?;
     // SAFETY: per-CPU slot, exclusively ours for this program run.

@@ -530,19 +530,16 @@ fn on_data<const BPF_LOOP: bool>(
     }
     let buf: u64 = regs.get(REG_ARG1)?;
     let src = match copy {
-        Copy::Flat => h2::Source::Flat(buf),
-        Copy::Iov => h2::Source::Iov {
-            iov: buf,
-            count: regs.get(REG_ARG2)?,
-        },
+        Copy::Flat => h2::Source::flat(buf),
+        Copy::Iov => h2::Source::iov(buf, regs.get(REG_ARG2)?),
         Copy::Msg => {
             let msg = buf as *const u8;
             // SAFETY: user pointers read through the fault-tolerant helper.
             let iov: u64 = unsafe { bpf_probe_read_user(msg.add(MSGHDR_IOV) as *const u64) }?;
             let count: u64 = unsafe { bpf_probe_read_user(msg.add(MSGHDR_IOVLEN) as *const u64) }?;
-            h2::Source::Iov { iov, count }
+            h2::Source::iov(iov, count)
         }
-        Copy::None => h2::Source::Unreadable,
+        Copy::None => h2::Source::unreadable(),
     };
     let at = Origin {
         sock: sk,
@@ -642,9 +639,9 @@ fn capture<const BPF_LOOP: bool>(
 #[inline(always)]
 fn peek_head(ev: &mut DataEvent, src: &h2::Source, len: u64) -> u64 {
     ev.payload[..SNIFF_LEN].fill(0);
-    let (base, seg) = match *src {
-        h2::Source::Flat(buf) => (buf, len),
-        h2::Source::Iov { iov, count } if count > 0 => match iovec_entry(iov, 0) {
+    let (base, seg) = match src.kind {
+        h2::Source::FLAT => (src.addr, len),
+        h2::Source::IOV if src.count > 0 => match iovec_entry(src.addr, 0) {
             Some(e) => e,
             None => return 0,
         },
@@ -683,10 +680,10 @@ fn copy_prefix<const BPF_LOOP: bool>(
 ) -> (u64, u8) {
     let want = if total < cap { total } else { cap };
     let mut flags = 0u8;
-    let mut captured = match *src {
-        h2::Source::Flat(buf) => copy_flat(ev, buf as *const u8, want),
-        h2::Source::Iov { iov, count } => copy_iov::<BPF_LOOP>(iov as *const u8, count, want),
-        h2::Source::Unreadable => {
+    let mut captured = match src.kind {
+        h2::Source::FLAT => copy_flat(ev, src.addr as *const u8, want),
+        h2::Source::IOV => copy_iov::<BPF_LOOP>(src.addr as *const u8, src.count, want),
+        _ => {
             flags |= event_flags::NO_PAYLOAD;
             0
         }
@@ -695,11 +692,8 @@ fn copy_prefix<const BPF_LOOP: bool>(
         bump(stat::TRUNCATED);
     }
     // A reply's end shows where a protocol's next message starts when its middle is skipped.
-    if let h2::Source::Flat(buf) = *src
-        && total > captured
-        && captured >= 2 * TAIL_LEN as u64
-    {
-        if copy_tail(ev, buf, total, captured) {
+    if src.kind == h2::Source::FLAT && total > captured && captured >= 2 * TAIL_LEN as u64 {
+        if copy_tail(ev, src.addr, total, captured) {
             flags |= event_flags::TAIL;
         } else {
             // A failed read zeroed the end of the prefix.
@@ -862,18 +856,20 @@ fn h2_walk<const BPF_LOOP: bool>(
 /// `total`-byte buffer at `src`.
 #[inline(always)]
 fn copy_tail(ev: &mut DataEvent, src: u64, total: u64, captured: u64) -> bool {
-    let at = captured.wrapping_sub(TAIL_LEN as u64);
-    // Read back opaquely: the compiler knows the caller's bounds and would drop this check,
-    // but the verifier may not have followed them to this register.
-    // SAFETY: read of a local.
-    let at = unsafe { core::ptr::read_volatile(&at) };
-    if at > (MAX_PAYLOAD - TAIL_LEN) as u64 {
+    if captured < TAIL_LEN as u64 || captured > MAX_PAYLOAD as u64 {
         return false;
     }
+    let at = captured - TAIL_LEN as u64;
+    // The mask proves to every verifier of the matrix that the write stays in the 2x payload
+    // (a range check alone was dropped by the compiler, which knew the caller's bounds, or not
+    // followed to the pointer by 5.10). Read back opaquely so the mask is not dropped either;
+    // it never changes `at`, which is below MAX_PAYLOAD.
+    // SAFETY: read of a local.
+    let at = unsafe { core::ptr::read_volatile(&at) } as usize & (MAX_PAYLOAD - 1);
     // SAFETY: `at + TAIL_LEN` ≤ MAX_PAYLOAD, within the scratch payload; the helper checks src.
     let r = unsafe {
         probe_read_user_raw(
-            ev.payload.as_mut_ptr().add(at as usize) as *mut c_void,
+            ev.payload.as_mut_ptr().add(at) as *mut c_void,
             TAIL_LEN as u32,
             (src + total - TAIL_LEN as u64) as *const c_void,
         )

@@ -207,7 +207,7 @@ fn on_return<const BPF_LOOP: bool>(ret: i32) {
         tid: id as u32,
         tls: true,
     };
-    capture::<BPF_LOOP>(info, &at, total, call.dir, h2::Source::Flat(call.buf));
+    capture::<BPF_LOOP>(info, &at, total, call.dir, h2::Source::flat(call.buf));
 }
 
 /// The connection of a returning call, remembered for the session's later calls.

@@ -152,8 +152,11 @@ fn with_hook(
             return None;
         }
     };
-    let probes = probes_line(&agent.proc.log());
+    let log = agent.proc.log();
+    let probes = probes_line(&log);
     results.pass(hook, "load", &probes);
+    // Why a cheaper hook was refused: the verifier's last words.
+    say_record(&log, "tp_btf unavailable");
     let servers = Servers::start();
     results.run(hook, "http1-nginx-chain", &agent, || {
         http1_chain(peers, &servers, tag + 1)
@@ -168,7 +171,7 @@ fn with_hook(
         redis_calls(&agent, &servers)
     });
     results.run(hook, "https-curl", &agent, || {
-        https_call(peers, &servers, tag + 4)
+        https_call(peers, &servers, &agent, tag + 4)
     });
     results.run(hook, "no-losses", &agent, || {
         for m in [
@@ -231,7 +234,10 @@ fn http1_chain(peers: &Peers, servers: &Servers, tag: u16) {
 }
 
 /// curl → nginx over HTTPS, B3 from curl: both spans read at OpenSSL, linked.
-fn https_call(peers: &Peers, servers: &Servers, tag: u16) {
+fn https_call(peers: &Peers, servers: &Servers, agent: &Agent, tag: u16) {
+    // What the agent said of TLS, for a failure here.
+    let log = agent.proc.log();
+    say_record(&log, "TLS plaintext will not be read");
     let t = trace_id(tag);
     let body = curl(&[
         "--cacert",
@@ -385,5 +391,19 @@ impl Results {
         if self.failed > 0 || self.passed == 0 {
             std::process::exit(1);
         }
+    }
+}
+
+/// Says the agent's log record whose first line contains `marker`: that line and the last
+/// lines of the record (a verifier log ends with the reason).
+fn say_record(log: &str, marker: &str) {
+    let lines: Vec<&str> = log.lines().collect();
+    if let Some(at) = lines.iter().position(|l| l.contains(marker)) {
+        let end = lines[at + 1..]
+            .iter()
+            .position(|l| l.starts_with('['))
+            .map_or(lines.len(), |e| at + 1 + e);
+        let tail = &lines[end.saturating_sub(12).max(at + 1)..end];
+        say(&format!("agent said: {}\n{}", lines[at], tail.join("\n")));
     }
 }
