@@ -330,12 +330,24 @@ mod tests {
     fn a_process_without_tls_library_is_uncovered_and_remembered() {
         let mut fake = Fake::default();
         let mut attacher = Attacher::new("/proc");
-        let me = std::process::id();
-        // The test binary links no OpenSSL.
-        assert_eq!(
-            attacher.process(&mut fake, me),
-            Coverage::Not(Uncovered::Unrecognised)
-        );
+        // `sleep` links no TLS library (this test binary may: features unify in a workspace).
+        let mut sleep = std::process::Command::new("sleep")
+            .arg("10")
+            .spawn()
+            .expect("sleep");
+        let maps = format!("/proc/{}/maps", sleep.id());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !std::fs::read_to_string(&maps).is_ok_and(|m| m.contains("libc.so")) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "sleep never mapped libc"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        let coverage = attacher.process(&mut fake, sleep.id());
+        let _ = sleep.kill();
+        let _ = sleep.wait();
+        assert_eq!(coverage, Coverage::Not(Uncovered::Unrecognised));
         assert!(fake.attached.is_empty());
         assert_eq!(
             attacher.process(&mut fake, u32::MAX),
