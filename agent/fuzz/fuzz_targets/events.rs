@@ -1,5 +1,5 @@
 //! Kernel events through the whole pipeline (connections, HTTP/1, HTTP/2, chunked HTTP/2
-//! records, linking, metrics). Raw records exercise the decoder, which must turn malformed
+//! records, TLS notices and plaintext, linking, metrics). Raw records exercise the decoder, which must turn malformed
 //! ones into errors; structured events built from the input reach deep into the pipeline.
 //! Nothing may panic.
 #![no_main]
@@ -85,8 +85,14 @@ fuzz_target!(|data: &[u8]| {
                 comm: *b"fuzz\0\0\0\0\0\0\0\0\0\0\0\0",
                 discovered: op & 0x30 == 0,
                 opener: Default::default(),
-                protocol: 0,
-                tls: false,
+                // An empty record with this bit is a TLS socket's notice (or its close); a
+                // payload whose first byte has its high bit set is TLS plaintext.
+                protocol: if bytes.is_empty() && op & 0x10 != 0 {
+                    kspan_common::proto::TLS
+                } else {
+                    0
+                },
+                tls: bytes.first().is_some_and(|b| b & 0x80 != 0),
                 kind,
             });
         }
