@@ -651,19 +651,7 @@ fn peek_head(ev: &mut DataEvent, src: &h2::Source, len: u64) -> u64 {
     if n > SNIFF_LEN as u64 {
         n = SNIFF_LEN as u64;
     }
-    if n == 0 {
-        return 0;
-    }
-    // SAFETY: n ≤ SNIFF_LEN, within the payload; the helper checks the user source.
-    let r = unsafe {
-        probe_read_user_raw(
-            ev.payload.as_mut_ptr() as *mut c_void,
-            n as u32,
-            base as *const c_void,
-        )
-    };
-    if r != 0 {
-        bump(stat::READ_FAULTS);
+    if copy_flat(ev, base as *const u8, n) == 0 {
         return 0;
     }
     len

@@ -263,13 +263,9 @@ impl Pipeline {
         else {
             return false;
         };
-        let process = self.procs.get(ev.tgid, &ev.comm, ev.opener);
-        if !self.filter.admits(&process, ev.endpoints.as_ref()) {
-            self.stats.conns_filtered += 1;
-            self.excluded.insert(ev.conn, ev.ts_ns);
-            self.to_ignore.push(ev.conn);
+        let Some(process) = self.admitted(ev) else {
             return false;
-        }
+        };
         let first = first_bytes(payload, framed);
         let (role, decoder, both_ends) = match registry::join(
             ev.protocol,
@@ -294,8 +290,7 @@ impl Pipeline {
                     self.db_servers
                         .insert(ServerKey::new(e.local, e.netns), process);
                 }
-                self.excluded.insert(ev.conn, ev.ts_ns);
-                self.to_ignore.push(ev.conn);
+                self.exclude(ev.conn, ev.ts_ns);
                 return false;
             }
             Join::Wait => return false,
@@ -314,6 +309,24 @@ impl Pipeline {
         true
     }
 
+    /// The process of a connection's first event, when the filters admit the connection;
+    /// otherwise the connection is excluded (counted, and the kernel told to drop it).
+    fn admitted(&mut self, ev: &Event<'_>) -> Option<Arc<ProcessInfo>> {
+        let process = self.procs.get(ev.tgid, &ev.comm, ev.opener);
+        if self.filter.admits(&process, ev.endpoints.as_ref()) {
+            return Some(process);
+        }
+        self.stats.conns_filtered += 1;
+        self.exclude(ev.conn, ev.ts_ns);
+        None
+    }
+
+    /// Drops a connection for good: its later events are ignored here and in the kernel.
+    fn exclude(&mut self, conn: ConnId, ts_ns: u64) {
+        self.excluded.insert(conn, ts_ns);
+        self.to_ignore.push(conn);
+    }
+
     /// What the kernel says of a TLS socket itself (not its plaintext): that it speaks TLS, or
     /// that it closed. True when that is all there is to do.
     fn tls_ciphertext(&mut self, ev: &Event<'_>) -> bool {
@@ -322,11 +335,7 @@ impl Pipeline {
                 if self.conns.contains_key(&ev.conn) || self.excluded.contains_key(&ev.conn) {
                     return true;
                 }
-                let process = self.procs.get(ev.tgid, &ev.comm, ev.opener);
-                if !self.filter.admits(&process, ev.endpoints.as_ref()) {
-                    self.stats.conns_filtered += 1;
-                    self.excluded.insert(ev.conn, ev.ts_ns);
-                    self.to_ignore.push(ev.conn);
+                if self.admitted(ev).is_none() {
                     return true;
                 }
                 self.stats.conns_tls += 1;
