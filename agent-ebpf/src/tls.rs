@@ -1,5 +1,6 @@
 //! Plaintext at the TLS library's boundary: uprobes on OpenSSL's (and BoringSSL's, which
-//! exports the same names) `SSL_read`, `SSL_write` and their `_ex` forms.
+//! exports the same names) `SSL_read`, `SSL_write` and their `_ex` forms, or on the internal
+//! function they share (userspace chooses: `agent/src/tls/placement.rs`).
 //!
 //! The entry probe stashes the call's arguments by thread; the return probe reads how many
 //! bytes moved and copies them from the caller's buffer, through the same capture path as
@@ -108,6 +109,14 @@ pub fn kspan_ssl_write(ctx: ProbeContext) -> u32 {
 #[uprobe]
 pub fn kspan_ssl_write_ex(ctx: ProbeContext) -> u32 {
     begin(arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 3), direction::EGRESS);
+    0
+}
+
+/// OpenSSL ≥ 3.3's `ssl_write_internal`, which takes a flags argument before the count
+/// pointer.
+#[uprobe]
+pub fn kspan_ssl_write_ex2(ctx: ProbeContext) -> u32 {
+    begin(arg(&ctx, 0), arg(&ctx, 1), arg(&ctx, 4), direction::EGRESS);
     0
 }
 

@@ -557,6 +557,7 @@ mod tests {
             service_name: "nginx".into(),
             cgroup: Default::default(),
             k8s: None,
+            runtime: Default::default(),
         };
         let e = Endpoints {
             local: "127.0.0.1:80".parse().unwrap(),

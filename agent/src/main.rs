@@ -442,6 +442,7 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.spans_overflow, t.spans_dropped_overflow),
         (&m.bad_context, t.bad_context),
         (&m.links_same_agent, t.links_same_agent),
+        (&m.links_ambiguous, t.links_ambiguous),
         (&m.spans_partial, t.spans_partial),
         (&m.h2_headers_lost, p.h2_headers_lost),
         (&m.h2_resyncs, p.h2_resyncs),

@@ -96,6 +96,7 @@ metrics! {
     h2_resyncs: "counter", "kspan_http2_resyncs_total", "HTTP/2 connection directions that resumed decoding at a frame start after lost events.";
     h2_headers_lost: "counter", "kspan_http2_headers_lost_total", "HTTP/2 request header blocks not captured in full (no span possible).";
     links_same_agent: "counter", "kspan_links_same_agent_total", "SERVER spans parented to a CLIENT span seen by this agent.";
+    links_ambiguous: "counter", "kspan_links_ambiguous_total", "CLIENT spans given no parent because several open requests of their process could have made them (marked kspan.link=ambiguous).";
     metric_series_dropped: "counter", "kspan_metric_series_dropped_total", "Request observations left out of RED and service-graph metrics because a series cap was reached.";
     metric_series: "gauge", "kspan_metric_series", "RED and service-graph series currently exported.";
     k8s_pods: "gauge", "kspan_k8s_pods", "Pods of this node known from the Kubernetes API.";

@@ -27,9 +27,59 @@ pub struct ProcessInfo {
     pub cgroup: cgroup::Cgroup,
     /// The pod, when Kubernetes metadata is on and the pod is known.
     pub k8s: Option<Arc<PodMeta>>,
+    /// Whether it is a Go program, found out when first asked (see [`ProcessInfo::go`]).
+    pub runtime: Runtime,
+}
+
+/// What the executable's runtime is, read from the file when first needed: only linking asks,
+/// and only when several requests of the process are open at once.
+#[derive(Clone, Debug, Default)]
+pub struct Runtime {
+    /// The executable through `/proc/<pid>/exe` (a container's file too); `None` when unknown.
+    exe: Option<PathBuf>,
+    go: std::sync::OnceLock<bool>,
+}
+
+impl Runtime {
+    pub fn of(exe: PathBuf) -> Self {
+        Self {
+            exe: Some(exe),
+            go: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// A runtime known without reading a file (tests).
+    pub fn known(go: bool) -> Self {
+        Self {
+            exe: None,
+            go: std::sync::OnceLock::from(go),
+        }
+    }
+}
+
+// Metadata identity: the runtime follows from the executable.
+impl PartialEq for Runtime {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+impl Eq for Runtime {}
+impl std::hash::Hash for Runtime {
+    fn hash<H: std::hash::Hasher>(&self, _: &mut H) {}
 }
 
 impl ProcessInfo {
+    /// A Go program: its goroutines move between OS threads, so the thread that makes a call
+    /// says nothing about the request it serves. Reads the executable's section headers once.
+    pub fn go(&self) -> bool {
+        *self.runtime.go.get_or_init(|| {
+            self.runtime
+                .exe
+                .as_deref()
+                .is_some_and(crate::tls::library::is_go)
+        })
+    }
+
     pub fn exe_name(&self) -> &str {
         self.exe.rsplit('/').next().unwrap_or(&self.exe)
     }
@@ -115,6 +165,7 @@ pub fn read(root: &Path, pid: u32, comm: &[u8], pods: Option<&PodIndex>) -> Proc
         service_name,
         cgroup,
         k8s,
+        runtime: Runtime::of(root.join(pid.to_string()).join("exe")),
     }
 }
 

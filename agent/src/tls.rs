@@ -3,6 +3,7 @@
 //! (`kspan-ebpf/src/tls.rs`); `capture` attaches them where [`attach::Attacher`] says.
 pub mod attach;
 pub mod library;
+pub mod placement;
 
 /// Whether a process's TLS is read at its library.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -75,9 +75,13 @@ struct TlsService {
 
 impl TlsService {
     fn start(name: &str, next: Option<u16>) -> Self {
+        Self::start_with(name, next, Command::new("python3"))
+    }
+
+    /// The service run by `python` (a command that runs Python given its arguments).
+    fn start_with(name: &str, next: Option<u16>, mut cmd: Command) -> Self {
         let c = certs();
         let port = free_port();
-        let mut cmd = Command::new("python3");
         cmd.arg("-c").arg(APP).arg(port.to_string());
         cmd.args([c.ca(), c.cert(), c.key()]);
         if let Some(n) = next {
@@ -318,4 +322,101 @@ fn node_https_server_and_client() {
         );
         assert_eq!(client.service(), "node");
     }
+}
+
+/// Debian's other OpenSSL builds, fetched by `cargo xtask test` (`vm::tls_libraries`).
+fn tls_libs() -> PathBuf {
+    PathBuf::from(std::env::var_os("KSPAN_TLS_LIBS").expect(
+        "KSPAN_TLS_LIBS: run through `cargo xtask test`, which fetches OpenSSL 1.1.1 and 3.5",
+    ))
+}
+
+/// Python run against trixie's OpenSSL 3.5 and C library, through that library's loader.
+fn python_with_openssl_3_5() -> Command {
+    let libs = tls_libs();
+    let libc = libs.join("libc6/usr/lib/x86_64-linux-gnu");
+    let ssl = libs.join("libssl3t64/usr/lib/x86_64-linux-gnu");
+    let mut cmd = Command::new(libc.join("ld-linux-x86-64.so.2"));
+    cmd.arg("--library-path")
+        .arg(format!("{}:{}", libc.display(), ssl.display()))
+        .arg("/usr/bin/python3");
+    cmd
+}
+
+/// Every OpenSSL build at hand is probed on instructions the kernel emulates: a
+/// single-stepped probe costs tens of µs per call under a hypervisor (see
+/// `agent/src/tls/placement.rs`). OpenSSL's wrappers open with a stack adjustment, so their
+/// shared internal function is hooked; Node's exported functions open with a push.
+/// The shared agent has its probes on the host's files meanwhile: the plan must be made from
+/// the bytes on disk, not from a mapping that shows the breakpoints.
+#[test]
+fn openssl_builds_are_probed_without_single_steps() {
+    use kspan::tls::placement::Abi::{Read, ReadEx, Write, WriteEx, WriteEx2};
+    let libs = tls_libs();
+    for (file, abis) in [
+        (
+            PathBuf::from("/usr/lib/x86_64-linux-gnu/libssl.so.3"),
+            vec![ReadEx, WriteEx],
+        ),
+        (
+            libs.join("libssl1.1/usr/lib/x86_64-linux-gnu/libssl.so.1.1"),
+            vec![ReadEx, WriteEx],
+        ),
+        // 3.5's `ssl_write_internal` takes flags before the count pointer.
+        (
+            libs.join("libssl3t64/usr/lib/x86_64-linux-gnu/libssl.so.3"),
+            vec![ReadEx, WriteEx2],
+        ),
+        (
+            PathBuf::from("/usr/bin/node"),
+            vec![Read, ReadEx, Write, WriteEx],
+        ),
+    ] {
+        let plan = kspan::tls::library::symbols(&file)
+            .expect("readable")
+            .unwrap_or_else(|| panic!("{} exports OpenSSL", file.display()));
+        assert_eq!(plan.stepped(), 0, "{}: {plan:?}", file.display());
+        let got: Vec<_> = plan.calls.iter().map(|h| h.abi).collect();
+        assert_eq!(got, abis, "{}", file.display());
+        assert!(plan.free.is_some(), "{}", file.display());
+    }
+}
+
+/// A service on OpenSSL 3.5 (a library file the host does not have, loaded when Python
+/// imports `ssl`, as in a container), whose `SSL_write_ex` reaches the hooked internal
+/// function through `SSL_write_ex2`: its SERVER and CLIENT spans are exact, in the tree of
+/// curl → it → a service on the host's OpenSSL 3.0.
+#[test]
+fn a_service_on_openssl_3_5() {
+    let e = env();
+    let back = TlsService::start("tls35-back", None);
+    let front = TlsService::start_with("tls35-front", Some(back.port), python_with_openssl_3_5());
+    let url = |path: &str| format!("https://127.0.0.1:{}{path}", front.port);
+    // The file is probed at the process's first TLS handshake; the exchange on that
+    // connection may run before the probes are in (README, "Which library").
+    https_curl(&[&url("/warm-up")]);
+    let t = trace_id(126);
+    let path = unique_path("tls35");
+    let out = https_curl(&[
+        "-H",
+        &format!("b3: {t:032x}-0000000000000c35-1"),
+        &url(&path),
+    ]);
+    assert_eq!(out, "leaf\n");
+    let spans = e.trace(t, 4);
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let curl = one(&spans, "CLIENT", "curl");
+    let fs = one(&spans, "SERVER", "tls35-front");
+    let fc = one(&spans, "CLIENT", "tls35-front");
+    let bs = one(&spans, "SERVER", "tls35-back");
+    assert_eq!(fs.parent, Some(curl.span_id));
+    assert_eq!(fc.parent, Some(fs.span_id));
+    assert_eq!(bs.parent, Some(fc.span_id));
+    assert_eq!(fs.attr("url.path").s(), path);
+    assert_eq!(
+        fc.attr("url.full").s(),
+        format!("https://127.0.0.1:{}{path}", back.port)
+    );
+    assert_eq!(fc.attr("http.response.status_code").i(), 200);
+    assert_eq!(fs.attr("http.response.status_code").i(), 200);
 }

@@ -142,6 +142,17 @@ const SCENARIOS: &[Scenario] = &[
         agent_args: &["--port", "1"],
         think_ms: 0,
     },
+    // The TLS probes' own cost: they still run on every `SSL_read`/`SSL_write` of both wrk
+    // and nginx, and drop the call once they find its connection filtered.
+    Scenario {
+        name: "static over HTTPS, probes only (`--port 1`)",
+        path: "/static",
+        keep_alive: true,
+        load: Load::Https,
+        spans_per_request: 0,
+        agent_args: &["--port", "1"],
+        think_ms: 0,
+    },
     // Below saturation, as services mostly run: each of the 32 connections waits 1 ms between
     // requests, so the offered load is the same with and without the agent and the latency
     // columns show what tracing adds to a request rather than the queueing of a full machine.

@@ -45,7 +45,8 @@ fn main() -> anyhow::Result<()> {
     match Cmd::parse() {
         Cmd::Setup => {
             setup_toolchain()?;
-            setup_test_peers(&[("wrk", "/usr/bin/wrk")])
+            setup_test_peers(&[("wrk", "/usr/bin/wrk")])?;
+            vm::tls_libraries().map(|_| ())
         }
         Cmd::Build { debug } => {
             setup_toolchain()?;
@@ -191,6 +192,8 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         ("wget", "/usr/bin/wget"),
         // Certificates for the benchmark's HTTPS row.
         ("openssl", "/usr/bin/openssl"),
+        // A Go gateway (tests/tests/linking.rs), built offline from the standard library.
+        ("golang-go", "/usr/bin/go"),
     ]
     .iter()
     .chain(extra)
@@ -308,9 +311,11 @@ fn test() -> anyhow::Result<()> {
     fuzz()?;
     // The integration tests share one agent and start real servers: one at a time.
     let bin = build(true)?;
+    let tls_libs = vm::tls_libraries()?;
     run(Command::new("cargo")
         .args(["test", "--package", "kspan-tests", "--", "--test-threads=1"])
-        .env("KSPAN_BIN", bin))?;
+        .env("KSPAN_BIN", bin)
+        .env("KSPAN_TLS_LIBS", tls_libs))?;
     vm_matrix(&vm::VmArgs::default())
 }
 

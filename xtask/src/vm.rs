@@ -242,6 +242,49 @@ fn apt_update(dir: &Path) -> anyhow::Result<()> {
     crate::run(apt(dir, "apt-get").arg("update"))
 }
 
+/// Other distributions' OpenSSL builds, unpacked once under `target/vm/tls-libs/<package>`,
+/// for the TLS probe tests: 1.1.1 (bullseye), and 3.5 (trixie, whose `SSL_write_ex` goes
+/// through `SSL_write_ex2`) with the C library it needs, run through that library's loader.
+pub fn tls_libraries() -> anyhow::Result<PathBuf> {
+    const PACKAGES: [(&str, &str); 3] = [
+        ("libssl1.1", "bullseye"),
+        ("libssl3t64", "trixie"),
+        ("libc6", "trixie"),
+    ];
+    std::fs::create_dir_all(VM_DIR)?;
+    let dir = PathBuf::from(VM_DIR).canonicalize()?;
+    let out = dir.join("tls-libs");
+    for (package, suite) in PACKAGES {
+        let unpacked = out.join(package);
+        if unpacked.exists() {
+            continue;
+        }
+        if !dir.join("apt/lists").exists() {
+            apt_update(&dir)?;
+        }
+        let work = out.join(format!("{package}.download"));
+        std::fs::create_dir_all(&work)?;
+        crate::run(
+            apt(&dir, "apt-get")
+                .args(["download", &format!("{package}/{suite}")])
+                .current_dir(&work),
+        )?;
+        let deb = std::fs::read_dir(&work)?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .find(|p| p.extension().is_some_and(|x| x == "deb"))
+            .context("apt-get download left no .deb")?;
+        crate::run(
+            Command::new("dpkg-deb")
+                .arg("-x")
+                .arg(&deb)
+                .arg(&work.join("root")),
+        )?;
+        std::fs::rename(work.join("root"), &unpacked)?;
+        std::fs::remove_dir_all(&work)?;
+    }
+    Ok(out)
+}
+
 /// The kernel image of `k`, downloaded and unpacked once.
 fn fetch_kernel(dir: &Path, k: &Kernel) -> anyhow::Result<PathBuf> {
     let kdir = dir.join(format!("kernel-{}", k.name));

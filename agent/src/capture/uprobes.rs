@@ -11,16 +11,32 @@ use aya::{
 };
 
 use super::{Capture, Loops};
-use crate::tls::{attach::Probes, library::Symbols};
+use crate::tls::{
+    attach::Probes,
+    placement::{Abi, Plan},
+};
 
-/// Entry probes by the function they go on; one return probe serves all four calls.
-const ENTRY: [&str; 5] = [
+/// Entry probes; one return probe serves every call.
+const ENTRY: [&str; 6] = [
     "kspan_ssl_read",
     "kspan_ssl_read_ex",
     "kspan_ssl_write",
     "kspan_ssl_write_ex",
-    "kspan_ssl_free",
+    "kspan_ssl_write_ex2",
+    FREE,
 ];
+const FREE: &str = "kspan_ssl_free";
+
+/// The entry program that reads a hooked function's arguments.
+fn entry(abi: Abi) -> &'static str {
+    match abi {
+        Abi::Read => ENTRY[0],
+        Abi::ReadEx => ENTRY[1],
+        Abi::Write => ENTRY[2],
+        Abi::WriteEx => ENTRY[3],
+        Abi::WriteEx2 => ENTRY[4],
+    }
+}
 const RETURN: &str = "kspan_ssl_ret";
 
 /// The probes of one library file.
@@ -30,8 +46,15 @@ pub struct TlsLink(Vec<(String, UProbeLinkId)>);
 pub enum TlsProbeError {
     #[error("the TLS probes did not load on this kernel: {0}")]
     Unavailable(String),
-    #[error("attaching {0}: {1}")]
-    Attach(String, #[source] ProgramError),
+    /// The cause is in the message: the error is logged, not walked.
+    #[error("attaching {0}: {1}{cause}", cause = cause(.1))]
+    Attach(String, ProgramError),
+}
+
+fn cause(e: &ProgramError) -> String {
+    std::error::Error::source(e)
+        .map(|s| format!(": {s}"))
+        .unwrap_or_default()
 }
 
 /// Loads the TLS programs; the reason when the kernel refuses them (TLS plaintext is then
@@ -50,29 +73,21 @@ pub(super) fn load(ebpf: &mut Ebpf, loops: Loops) -> Result<(), String> {
 }
 
 impl Capture {
-    fn tls_attach(&mut self, path: &Path, symbols: &Symbols) -> Result<TlsLink, TlsProbeError> {
+    fn tls_attach(&mut self, path: &Path, plan: &Plan) -> Result<TlsLink, TlsProbeError> {
         if let Some(e) = &self.tls_unavailable {
             return Err(TlsProbeError::Unavailable(e.clone()));
         }
         let ret = self.loops.program(RETURN);
-        let calls = [
-            (ENTRY[0], Some(symbols.read)),
-            (ENTRY[1], symbols.read_ex),
-            (ENTRY[2], Some(symbols.write)),
-            (ENTRY[3], symbols.write_ex),
-        ];
-        let mut plan: Vec<(&str, u64)> = Vec::new();
-        for (entry, offset) in calls {
-            if let Some(offset) = offset {
-                plan.push((entry, offset));
-                plan.push((ret.as_str(), offset));
-            }
+        let mut probes: Vec<(&str, u64)> = Vec::new();
+        for hook in &plan.calls {
+            probes.push((entry(hook.abi), hook.offset));
+            probes.push((ret.as_str(), hook.offset));
         }
-        if let Some(free) = symbols.free {
-            plan.push((ENTRY[4], free));
+        if let Some(free) = plan.free {
+            probes.push((FREE, free.offset));
         }
-        let mut link = TlsLink(Vec::with_capacity(plan.len()));
-        for (name, offset) in plan {
+        let mut link = TlsLink(Vec::with_capacity(probes.len()));
+        for (name, offset) in probes {
             match self.uprobe(name).and_then(|p| {
                 p.attach(
                     UProbeAttachLocation::AbsoluteOffset(offset),
@@ -111,8 +126,8 @@ impl Probes for Capture {
     type Link = TlsLink;
     type Error = TlsProbeError;
 
-    fn attach(&mut self, path: &Path, symbols: &Symbols) -> Result<TlsLink, TlsProbeError> {
-        self.tls_attach(path, symbols)
+    fn attach(&mut self, path: &Path, plan: &Plan) -> Result<TlsLink, TlsProbeError> {
+        self.tls_attach(path, plan)
     }
 
     fn detach(&mut self, link: TlsLink) {

@@ -182,6 +182,7 @@ mod tests {
                 service_name: service.into(),
                 cgroup: Default::default(),
                 k8s: None,
+                runtime: Default::default(),
             }),
         }
     }

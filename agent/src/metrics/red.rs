@@ -456,6 +456,7 @@ mod tests {
             service_name: name.into(),
             cgroup: Default::default(),
             k8s: None,
+            runtime: Default::default(),
         })
     }
 

@@ -14,14 +14,15 @@ use std::{
 
 use super::{
     Coverage, Uncovered,
-    library::{self, FileId, Mapped, Symbols},
+    library::{self, FileId, Mapped},
+    placement::Plan,
 };
 
 /// What attaches the probes: the kernel capture, or a test double.
 pub trait Probes {
     type Link;
     type Error: std::fmt::Display;
-    fn attach(&mut self, path: &Path, symbols: &Symbols) -> Result<Self::Link, Self::Error>;
+    fn attach(&mut self, path: &Path, plan: &Plan) -> Result<Self::Link, Self::Error>;
     fn detach(&mut self, link: Self::Link);
 }
 
@@ -57,7 +58,7 @@ const LIBRARY_DIRS: [&str; 7] = [
 pub struct Attacher<L> {
     proc_root: PathBuf,
     /// The TLS API of each file looked at (`None`: it has none).
-    files: HashMap<FileId, Option<Symbols>>,
+    files: HashMap<FileId, Option<Plan>>,
     attached: HashMap<FileId, Attached<L>>,
     processes: HashMap<u32, Coverage>,
     /// Exec'ed processes to look at, and when.
@@ -202,21 +203,18 @@ impl<L> Attacher<L> {
             self.files.clear();
         }
         let started = Instant::now();
-        let symbols = *self.files.entry(id).or_insert_with(|| {
-            library::symbols(path).unwrap_or_else(|e| {
-                log::debug!("TLS library lookup: {e}");
-                None
-            })
-        });
-        let Some(symbols) = symbols else {
+        let Some(plan) = self.plan(id, path) else {
             return Ok(false);
         };
-        match probes.attach(path, &symbols) {
+        match probes.attach(path, &plan) {
             Ok(link) => {
                 log::info!(
-                    "reading TLS plaintext at {} (probed in {:?})",
+                    "reading TLS plaintext at {} (probed in {:?}; {} of {} probes single-step, \
+                     which costs tens of µs per call under a hypervisor)",
                     path.display(),
-                    started.elapsed()
+                    started.elapsed(),
+                    plan.stepped(),
+                    plan.calls.len() + usize::from(plan.free.is_some()),
                 );
                 self.attached.insert(
                     id,
@@ -228,6 +226,12 @@ impl<L> Attacher<L> {
                 );
                 Ok(true)
             }
+            Err(e) if !path.exists() => {
+                // The process exited while being probed, taking its `/proc/<pid>/root` view
+                // of the file: the next process that maps it probes it.
+                log::debug!("TLS library {} went with its process: {e}", path.display());
+                Ok(false)
+            }
             Err(e) => {
                 self.attach_errors += 1;
                 // Not retried: the same file would fail the same way.
@@ -236,6 +240,22 @@ impl<L> Attacher<L> {
                 Err(())
             }
         }
+    }
+
+    /// Where file `id`'s probes go, remembered per file; `None` when it exports no TLS API.
+    fn plan(&mut self, id: FileId, path: &Path) -> Option<Plan> {
+        if let Some(plan) = self.files.get(&id) {
+            return plan.clone();
+        }
+        let plan = library::symbols(path).unwrap_or_else(|e| {
+            log::debug!("TLS library lookup: {e}");
+            None
+        });
+        // A path gone with its process says nothing about the file.
+        if plan.is_some() || path.exists() {
+            self.files.insert(id, plan.clone());
+        }
+        plan
     }
 
     /// Unprobes library files that no process maps any more (pinned host files stay), and
@@ -294,12 +314,18 @@ mod tests {
         attached: Vec<PathBuf>,
         detached: usize,
         fail: bool,
+        /// The file disappears during the attach, as when its process exits.
+        vanish: bool,
     }
 
     impl Probes for Fake {
         type Link = PathBuf;
         type Error = &'static str;
-        fn attach(&mut self, path: &Path, _: &Symbols) -> Result<PathBuf, &'static str> {
+        fn attach(&mut self, path: &Path, _: &Plan) -> Result<PathBuf, &'static str> {
+            if self.vanish {
+                std::fs::remove_file(path).map_err(|_| "could not remove")?;
+                return Err("no such file");
+            }
             if self.fail {
                 return Err("refused");
             }
@@ -367,5 +393,36 @@ mod tests {
         assert_eq!(attacher.attach_errors, 1);
         attacher.start(&mut fake);
         assert_eq!(attacher.attach_errors, 1, "not retried");
+    }
+
+    #[test]
+    fn a_library_gone_with_its_process_is_neither_failed_nor_forgotten() {
+        let dir = std::env::temp_dir().join(format!("kspan-vanish-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let copy = dir.join("libssl.so.3");
+        std::fs::copy("/usr/lib/x86_64-linux-gnu/libssl.so.3", &copy).expect("copy libssl");
+        let id = FileId {
+            dev: (0, 0),
+            inode: 1,
+        };
+        let mut fake = Fake {
+            vanish: true,
+            ..Fake::default()
+        };
+        let mut attacher: Attacher<PathBuf> = Attacher::new("/proc");
+        assert_eq!(attacher.probe(&mut fake, id, &copy), Ok(false));
+        assert_eq!(attacher.attach_errors, 0);
+        assert!(
+            attacher.files.get(&id).is_some_and(|p| p.is_some()),
+            "plan kept"
+        );
+        // Looked up through a path already gone: nothing is remembered for the file.
+        let other = FileId {
+            dev: (0, 0),
+            inode: 2,
+        };
+        assert_eq!(attacher.probe(&mut fake, other, &copy), Ok(false));
+        assert!(!attacher.files.contains_key(&other));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

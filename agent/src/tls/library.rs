@@ -6,7 +6,10 @@ use std::{
 
 use object::{Object, ObjectSection, ObjectSymbol, ReadCache};
 
-use super::Uncovered;
+use super::{
+    Uncovered,
+    placement::{self, Exports, Func, Plan},
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibraryError {
@@ -36,40 +39,27 @@ pub struct Mapped {
     pub reachable: PathBuf,
 }
 
-/// File offsets of the functions kspan hooks. OpenSSL 1.1.1+ and 3.x have all of them;
-/// BoringSSL lacks the `_ex` forms.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Symbols {
-    pub read: u64,
-    pub write: u64,
-    pub read_ex: Option<u64>,
-    pub write_ex: Option<u64>,
-    pub free: Option<u64>,
-}
-
-/// Where OpenSSL's (or BoringSSL's, same names) API sits in `path`; `None` when the file does
-/// not export it. Reads only the headers and the dynamic symbol table: executables with
-/// OpenSSL inside (Node.js) are large.
-pub fn symbols(path: &Path) -> Result<Option<Symbols>, LibraryError> {
+/// Where kspan's probes go in a file that exports OpenSSL's (or BoringSSL's, same names) API;
+/// `None` when it does not. Reads the headers, the dynamic symbol table and the first
+/// instructions of the functions: executables with OpenSSL inside (Node.js) are large.
+pub fn symbols(path: &Path) -> Result<Option<Plan>, LibraryError> {
     let file = File::open(path).map_err(|e| LibraryError::Open(path.to_path_buf(), e))?;
     let map = Mapping::new(&file).map_err(|e| LibraryError::Open(path.to_path_buf(), e))?;
     let elf =
         object::File::parse(map.bytes()).map_err(|e| LibraryError::Elf(path.to_path_buf(), e))?;
-    let mut found: [Option<u64>; 5] = [None; 5];
-    const NAMES: [&str; 5] = [
-        "SSL_read",
-        "SSL_write",
-        "SSL_read_ex",
-        "SSL_write_ex",
-        "SSL_free",
-    ];
+    let mut e = Exports::default();
     for sym in elf.dynamic_symbols() {
         if sym.is_undefined() || !sym.is_definition() {
             continue;
         }
-        let Ok(name) = sym.name() else { continue };
-        let Some(slot) = NAMES.iter().position(|n| *n == name) else {
-            continue;
+        let slot = match sym.name() {
+            Ok("SSL_read") => &mut e.read,
+            Ok("SSL_write") => &mut e.write,
+            Ok("SSL_read_ex") => &mut e.read_ex,
+            Ok("SSL_write_ex") => &mut e.write_ex,
+            Ok("SSL_write_ex2") => &mut e.write_ex2,
+            Ok("SSL_free") => &mut e.free,
+            _ => continue,
         };
         let Some(section) = sym
             .section_index()
@@ -80,21 +70,15 @@ pub fn symbols(path: &Path) -> Result<Option<Symbols>, LibraryError> {
         let Some((offset, _)) = section.file_range() else {
             continue;
         };
-        found[slot] = sym
+        *slot = sym
             .address()
             .checked_sub(section.address())
-            .map(|rel| rel + offset);
+            .map(|rel| Func {
+                at: rel + offset,
+                size: sym.size(),
+            });
     }
-    Ok(match found {
-        [Some(read), Some(write), read_ex, write_ex, free] => Some(Symbols {
-            read,
-            write,
-            read_ex,
-            write_ex,
-            free,
-        }),
-        _ => None,
-    })
+    Ok(placement::plan(&file, &e))
 }
 
 /// A file mapped read-only: only the pages parsing touches are read. (Reading symbol names
@@ -204,14 +188,25 @@ pub fn uncovered(files: &[Mapped]) -> Uncovered {
 }
 
 /// Go executables carry their build information in a section of their own.
-fn is_go(path: &Path) -> bool {
+pub fn is_go(path: &Path) -> bool {
     let Ok(file) = File::open(path) else {
         return false;
     };
+    // The section headers alone: a full parse reads the symbol tables too (55 ms for Node's).
+    use object::read::elf::{FileHeader, SectionTable};
     let cache = ReadCache::new(file);
-    object::File::parse(&cache)
-        .map(|elf| elf.section_by_name(".go.buildinfo").is_some())
-        .unwrap_or(false)
+    let Ok(header) = object::elf::FileHeader64::<object::Endianness>::parse(&cache) else {
+        return false;
+    };
+    let sections: Option<SectionTable<'_, object::elf::FileHeader64<object::Endianness>, _>> =
+        header
+            .endian()
+            .ok()
+            .and_then(|e| header.sections(e, &cache).ok());
+    match (header.endian(), sections) {
+        (Ok(e), Some(table)) => table.section_by_name(e, b".go.buildinfo").is_some(),
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -235,9 +230,9 @@ mod tests {
         if cfg!(not(target_arch = "x86_64")) {
             return;
         }
-        let syms = symbols(lib).expect("readable").expect("exports SSL_read");
-        assert!(syms.read_ex.is_some() && syms.write_ex.is_some() && syms.free.is_some());
-        assert_ne!(syms.read, syms.write);
+        let plan = symbols(lib).expect("readable").expect("exports SSL_read");
+        assert!(plan.free.is_some());
+        assert_ne!(plan.calls[0].offset, plan.calls[1].offset);
         // libcrypto exports none of them.
         let crypto = Path::new("/usr/lib/x86_64-linux-gnu/libcrypto.so.3");
         assert_eq!(symbols(crypto).expect("readable"), None);

@@ -18,14 +18,16 @@
 //! before export, and a CLIENT span is stretched to cover its linked SERVER child.
 use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
 
-use rustc_hash::FxHashMap as HashMap;
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::{
     context::{self, Sampling},
     db::DbExchange,
     privacy::Privacy,
     sampler::Sampler,
-    span::{DbObservation, Exchange, Grpc, HttpExchange, Observation, SpanKind, SpanRecord},
+    span::{
+        AttrValue, DbObservation, Exchange, Grpc, HttpExchange, Observation, SpanKind, SpanRecord,
+    },
 };
 use crate::{
     capture::event::Endpoints,
@@ -67,6 +69,9 @@ pub struct TracerStats {
     pub bad_context: u64,
     /// Parent links made through rule 3.
     pub links_same_agent: u64,
+    /// CLIENT spans left without a parent because several requests of their process could
+    /// have made them and nothing told which (rule 2 does not guess).
+    pub links_ambiguous: u64,
     /// Spans exported with `kspan.partial=true`.
     pub spans_partial: u64,
 }
@@ -96,6 +101,17 @@ struct Open {
     cover_end_ns: u64,
     /// The process at the other end of the connection, when rule 3 linked both ends.
     peer_process: Option<Arc<ProcessInfo>>,
+    /// CLIENT: several open requests of its process could have made it; no parent was guessed.
+    ambiguous: bool,
+}
+
+/// Which open SERVER span made an outgoing call (rule 2).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Pick {
+    Server(u64),
+    /// Several could have, and nothing tells which.
+    Ambiguous,
+    None,
 }
 
 /// What the connection layer knows when a request begins.
@@ -117,6 +133,10 @@ pub struct RequestStart {
 pub struct Tracer {
     spans: HashMap<u64, Open>,
     open_servers: HashMap<u32, Vec<u64>>,
+    /// Processes whose threads do not each serve one request at a time: a thread was seen
+    /// starting a request while its previous one was open (an event loop, a work-stealing
+    /// scheduler), so which thread makes a call does not tell which request it serves.
+    multiplexed: HashSet<u32>,
     clients_by_key: HashMap<LinkKey, (u64, u64)>,
     waiting_servers: HashMap<LinkKey, (u64, u64)>,
     lingering: VecDeque<(u64, u64)>,
@@ -168,6 +188,7 @@ impl Tracer {
         Self {
             spans: HashMap::default(),
             open_servers: HashMap::default(),
+            multiplexed: HashSet::default(),
             clients_by_key: HashMap::default(),
             waiting_servers: HashMap::default(),
             lingering: VecDeque::new(),
@@ -252,6 +273,7 @@ impl Tracer {
             linked_server: None,
             cover_end_ns: 0,
             peer_process: None,
+            ambiguous: false,
         };
         match r.kind {
             SpanKind::Server => {
@@ -263,6 +285,7 @@ impl Tracer {
                     }
                     None => span.trace_id = new_trace_id(),
                 }
+                self.note_threading(r.tgid, r.tid);
                 self.spans.insert(id, span);
                 self.open_servers.entry(r.tgid).or_default().push(id);
                 if let (Some(e), Some(seq)) = (r.endpoints, r.seq) {
@@ -274,7 +297,15 @@ impl Tracer {
                 }
             }
             SpanKind::Client => {
-                let server = self.pick_server(r.tgid, r.tid, ids.map(|i| i.trace_id));
+                let pick = self.pick_server(r.tgid, r.tid, ids.map(|i| i.trace_id));
+                if pick == Pick::Ambiguous {
+                    self.stats.links_ambiguous += 1;
+                    span.ambiguous = true;
+                }
+                let server = match pick {
+                    Pick::Server(s) => Some(s),
+                    Pick::Ambiguous | Pick::None => None,
+                };
                 match (ids, server) {
                     (Some(ids), Some(s)) => {
                         span.trace_id = ids.trace_id;
@@ -330,23 +361,51 @@ impl Tracer {
         }
     }
 
-    /// The open SERVER span of `tgid` to parent an outgoing request, if any.
-    fn pick_server(&self, tgid: u32, tid: u32, trace_id: Option<u128>) -> Option<u64> {
-        let candidates = self.open_servers.get(&tgid)?;
-        let mut best: Option<(bool, u64, u64)> = None;
-        for &id in candidates {
-            let Some(s) = self.spans.get(&id) else {
-                continue;
-            };
-            if trace_id.is_some_and(|t| t != s.trace_id) {
-                continue;
-            }
-            let rank = (s.tid == tid, s.start_ns, id);
-            if best.is_none_or(|b| (rank.0, rank.1) > (b.0, b.1)) {
-                best = Some(rank);
-            }
+    /// The open SERVER span of `tgid` that made an outgoing request. With a trace id, the
+    /// open span of that trace (the trace is right whichever is chosen; the same thread, then
+    /// the most recent). Without one: the only open span of the process, else the only one
+    /// started on the calling thread, when the process's threads serve one request at a time
+    /// and it is not a Go program; else nobody knows, and no parent is guessed.
+    fn pick_server(&self, tgid: u32, tid: u32, trace_id: Option<u128>) -> Pick {
+        let Some(candidates) = self.open_servers.get(&tgid) else {
+            return Pick::None;
+        };
+        let open = candidates
+            .iter()
+            .filter_map(|&id| self.spans.get(&id).map(|s| (id, s)));
+        if let Some(t) = trace_id {
+            return open
+                .filter(|(_, s)| s.trace_id == t)
+                .max_by_key(|(id, s)| (s.tid == tid, s.start_ns, *id))
+                .map_or(Pick::None, |(id, _)| Pick::Server(id));
         }
-        best.map(|b| b.2)
+        let open: Vec<(u64, &Open)> = open.collect();
+        match open.as_slice() {
+            [] => return Pick::None,
+            [(id, _)] => return Pick::Server(*id),
+            _ => {}
+        }
+        let threads_tell = !self.multiplexed.contains(&tgid) && !open[0].1.process.go();
+        let mut same_thread = open.iter().filter(|(_, s)| s.tid == tid);
+        match (threads_tell, same_thread.next(), same_thread.next()) {
+            (true, Some((id, _)), None) => Pick::Server(*id),
+            _ => Pick::Ambiguous,
+        }
+    }
+
+    /// A request starting on a thread whose previous request is still open shows that the
+    /// process's threads do not each serve one request.
+    fn note_threading(&mut self, tgid: u32, tid: u32) {
+        let busy = self.open_servers.get(&tgid).is_some_and(|ids| {
+            ids.iter()
+                .any(|id| self.spans.get(id).is_some_and(|s| s.tid == tid))
+        });
+        if busy {
+            if self.multiplexed.len() >= MAX_LINK_ENTRIES {
+                self.multiplexed.clear();
+            }
+            self.multiplexed.insert(tgid);
+        }
     }
 
     /// Rule 3: `server` is the far end of `client`.
@@ -552,7 +611,13 @@ impl Tracer {
                 name: s.exchange.span_name(),
                 start_unix_ns: to_unix(start),
                 end_unix_ns: to_unix(end),
-                attributes: s.exchange.attributes(s.kind, &self.privacy),
+                attributes: {
+                    let mut a = s.exchange.attributes(s.kind, &self.privacy);
+                    if s.ambiguous {
+                        a.push(("kspan.link", AttrValue::Static("ambiguous")));
+                    }
+                    a
+                },
                 error,
                 process: s.process.clone(),
             }
@@ -596,5 +661,146 @@ impl Tracer {
         }
         self.observations.push(o);
         record
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::http1::{Headers, RequestHead};
+
+    fn tracer() -> Tracer {
+        Tracer::new(0, 1024, 0, Privacy::default(), Sampler::default())
+    }
+
+    fn process(go: bool) -> Arc<ProcessInfo> {
+        Arc::new(ProcessInfo {
+            pid: 7,
+            comm: "svc".into(),
+            exe: "/usr/bin/svc".into(),
+            command_line: String::new(),
+            service_name: "svc".into(),
+            cgroup: Default::default(),
+            k8s: None,
+            runtime: crate::process::Runtime::known(go),
+        })
+    }
+
+    fn start(t: &mut Tracer, kind: SpanKind, tid: u32, go: bool, b3: Option<&str>, at: u64) -> u64 {
+        let mut headers = Headers::default();
+        if let Some(b3) = b3 {
+            headers.insert("b3", b3);
+        }
+        t.request_started(RequestStart {
+            tgid: 7,
+            tid,
+            kind,
+            endpoints: None,
+            seq: None,
+            process: process(go),
+            call: Call::Http(RequestHead {
+                method: "GET".into(),
+                target: "/".into(),
+                version: 1,
+                headers,
+                start_ns: at,
+            }),
+            tls: false,
+        })
+        .expect("room")
+    }
+
+    fn parent(t: &Tracer, id: u64) -> Option<u64> {
+        t.spans.get(&id).and_then(|s| s.parent)
+    }
+
+    #[test]
+    fn one_request_per_thread_parents_by_thread() {
+        let mut t = tracer();
+        let a = start(&mut t, SpanKind::Server, 1, false, None, 1);
+        let b = start(&mut t, SpanKind::Server, 2, false, None, 2);
+        let from_a = start(&mut t, SpanKind::Client, 1, false, None, 3);
+        let from_b = start(&mut t, SpanKind::Client, 2, false, None, 4);
+        assert_eq!(parent(&t, from_a), Some(a));
+        assert_eq!(parent(&t, from_b), Some(b));
+        assert_eq!(t.stats.links_ambiguous, 0);
+    }
+
+    #[test]
+    fn an_event_loop_with_two_open_requests_gets_no_guessed_parent() {
+        let mut t = tracer();
+        let a = start(&mut t, SpanKind::Server, 1, false, None, 1);
+        start(&mut t, SpanKind::Server, 1, false, None, 2);
+        let call = start(&mut t, SpanKind::Client, 1, false, None, 3);
+        assert_eq!(parent(&t, call), None);
+        assert_eq!(t.stats.links_ambiguous, 1);
+        // Its trace is its own, not the most recent request's.
+        let traces: Vec<u128> = [a, call].iter().map(|i| t.spans[i].trace_id).collect();
+        assert_ne!(traces[0], traces[1]);
+        // Marked on export.
+        t.finished(call, 5, 0, None);
+        let mut out = Vec::new();
+        t.flush(u64::MAX, &mut out);
+        let rec = out.iter().find(|r| r.span_id == call).expect("exported");
+        assert_eq!(
+            rec.attr("kspan.link"),
+            Some(&AttrValue::Static("ambiguous"))
+        );
+    }
+
+    #[test]
+    fn once_a_thread_serves_two_requests_threads_tell_nothing() {
+        let mut t = tracer();
+        start(&mut t, SpanKind::Server, 1, false, None, 1);
+        start(&mut t, SpanKind::Server, 1, false, None, 2);
+        let b = start(&mut t, SpanKind::Server, 2, false, None, 3);
+        // Thread 2 has one open request, but work moves between this process's threads.
+        let call = start(&mut t, SpanKind::Client, 2, false, None, 4);
+        assert_eq!(parent(&t, call), None);
+        assert_ne!(parent(&t, call), Some(b));
+    }
+
+    #[test]
+    fn go_threads_never_tell_but_the_only_open_request_does() {
+        let mut t = tracer();
+        let a = start(&mut t, SpanKind::Server, 1, true, None, 1);
+        let alone = start(&mut t, SpanKind::Client, 5, true, None, 2);
+        assert_eq!(parent(&t, alone), Some(a), "one open request made it");
+        start(&mut t, SpanKind::Server, 2, true, None, 3);
+        let call = start(&mut t, SpanKind::Client, 1, true, None, 4);
+        assert_eq!(parent(&t, call), None, "goroutines move between threads");
+        assert_eq!(t.stats.links_ambiguous, 1);
+    }
+
+    #[test]
+    fn a_forwarded_trace_id_picks_its_request_on_an_event_loop() {
+        let mut t = tracer();
+        let tid_a = "0af7651916cd43dd8448eb211c80319c";
+        let a = start(
+            &mut t,
+            SpanKind::Server,
+            1,
+            false,
+            Some(&format!("{tid_a}-00000000000000a1-1")),
+            1,
+        );
+        start(
+            &mut t,
+            SpanKind::Server,
+            1,
+            false,
+            Some("1af7651916cd43dd8448eb211c80319c-00000000000000b1-1"),
+            2,
+        );
+        let call = start(
+            &mut t,
+            SpanKind::Client,
+            1,
+            false,
+            Some(&format!("{tid_a}-00000000000000a1-1")),
+            3,
+        );
+        assert_eq!(parent(&t, call), Some(a));
+        assert_eq!(t.stats.links_ambiguous, 0);
     }
 }
