@@ -150,16 +150,15 @@ fn direction<T: Text + ?Sized>(
     if cheap.len() == public.len() {
         return cheap;
     }
-    if let Some((via, abi)) = via {
-        if let Some(offset) = shared_callee(text, plain.0, via)
+    if let Some((via, abi)) = via
+        && let Some(offset) = shared_callee(text, plain.0, via)
             .and_then(|callee| emulated_from(text, callee, abi.reads(), true))
-        {
-            return vec![Hook {
-                offset,
-                abi,
-                stepped: false,
-            }];
-        }
+    {
+        return vec![Hook {
+            offset,
+            abi,
+            stepped: false,
+        }];
     }
     public
         .iter()
