@@ -17,9 +17,8 @@ use aya_ebpf::{
 use kspan_common::{EventHeader, H2_CHUNK_HEADER, MAX_PAYLOAD, event_flags, stat};
 
 use crate::{
-    EVENTS, SCRATCH, bump, iovec_entry,
+    SCRATCH, bump, emit, iovec_entry,
     looping::{BOUNDED_H2_STEPS, repeat},
-    wakeup_flags,
 };
 
 /// The HTTP/2 client connection preface, walked as if it were one frame's payload.
@@ -439,14 +438,12 @@ fn flush(w: &mut Walk) {
         // SAFETY: `len` is bounded by the size of the scratch record.
         let bytes =
             unsafe { core::slice::from_raw_parts(ev as *const _ as *const u8, len as usize) };
-        if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
+        if emit(bytes) {
             ev.header.flags &= !event_flags::GAP;
             w.gap = 0;
-            bump(stat::EVENTS);
         } else {
             ev.header.flags |= event_flags::GAP;
             w.gap = 1;
-            bump(stat::LOST_RINGBUF);
         }
     }
     w.covered = 0;

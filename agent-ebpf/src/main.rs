@@ -249,14 +249,7 @@ fn on_exec() {
         ts_ns: unsafe { bpf_ktime_get_ns() },
         ..EventHeader::default()
     };
-    if EVENTS
-        .output::<EventHeader>(&header, wakeup_flags())
-        .is_ok()
-    {
-        bump(stat::EVENTS);
-    } else {
-        bump(stat::LOST_RINGBUF);
-    }
+    emit(&header);
 }
 
 /// The syscall's saved registers (`struct pt_regs *`), read at the offsets in `arch`.
@@ -353,6 +346,18 @@ fn tgid_tid() -> (u32, u32) {
 #[inline(always)]
 fn is_self() -> bool {
     tgid_tid().0 == global!(CONFIG.self_tgid)
+}
+
+/// Sends a record to userspace, counted as sent or as lost (ring buffer full).
+#[inline(always)]
+fn emit<T: ?Sized>(record: &T) -> bool {
+    let sent = EVENTS.output::<T>(record, wakeup_flags()).is_ok();
+    bump(if sent {
+        stat::EVENTS
+    } else {
+        stat::LOST_RINGBUF
+    });
+    sent
 }
 
 #[inline(always)]
@@ -481,14 +486,7 @@ fn on_destroy(sk: u64) {
         flags: 0,
         _pad: [0; 2],
     };
-    if EVENTS
-        .output::<EventHeader>(&header, wakeup_flags())
-        .is_ok()
-    {
-        bump(stat::EVENTS);
-    } else {
-        bump(stat::LOST_RINGBUF);
-    }
+    emit(&header);
 }
 
 #[inline(always)]
@@ -771,13 +769,7 @@ fn output(ev: &mut DataEvent, info: &mut ConnInfo, captured: u64) {
     // SAFETY: `len` is bounded by the size of the scratch record.
     let bytes =
         unsafe { core::slice::from_raw_parts(ev as *const DataEvent as *const u8, len as usize) };
-    if EVENTS.output::<[u8]>(bytes, wakeup_flags()).is_ok() {
-        info.gap_pending = 0;
-        bump(stat::EVENTS);
-    } else {
-        info.gap_pending = 1;
-        bump(stat::LOST_RINGBUF);
-    }
+    info.gap_pending = u8::from(!emit(bytes));
 }
 
 /// The record header of a data event (`captured_len` is set by whoever fills the payload).
