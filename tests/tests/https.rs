@@ -372,7 +372,7 @@ fn openssl_builds_are_probed_without_single_steps() {
             vec![Read, ReadEx, Write, WriteEx],
         ),
     ] {
-        let plan = kspan::tls::library::symbols(&file)
+        let plan = kspan::tls::library::plan(&file)
             .expect("readable")
             .unwrap_or_else(|| panic!("{} exports OpenSSL", file.display()));
         assert_eq!(plan.stepped(), 0, "{}: {plan:?}", file.display());

@@ -214,7 +214,7 @@ impl<L> Attacher<L> {
                     path.display(),
                     started.elapsed(),
                     plan.stepped(),
-                    plan.calls.len() + usize::from(plan.free.is_some()),
+                    plan.probes(),
                 );
                 self.attached.insert(
                     id,
@@ -247,7 +247,7 @@ impl<L> Attacher<L> {
         if let Some(plan) = self.files.get(&id) {
             return plan.clone();
         }
-        let plan = library::symbols(path).unwrap_or_else(|e| {
+        let plan = library::plan(path).unwrap_or_else(|e| {
             log::debug!("TLS library lookup: {e}");
             None
         });

@@ -42,7 +42,7 @@ pub struct Mapped {
 /// Where kspan's probes go in a file that exports OpenSSL's (or BoringSSL's, same names) API;
 /// `None` when it does not. Reads the headers, the dynamic symbol table and the first
 /// instructions of the functions: executables with OpenSSL inside (Node.js) are large.
-pub fn symbols(path: &Path) -> Result<Option<Plan>, LibraryError> {
+pub fn plan(path: &Path) -> Result<Option<Plan>, LibraryError> {
     let file = File::open(path).map_err(|e| LibraryError::Open(path.to_path_buf(), e))?;
     let map = Mapping::new(&file).map_err(|e| LibraryError::Open(path.to_path_buf(), e))?;
     let elf =
@@ -193,20 +193,17 @@ pub fn is_go(path: &Path) -> bool {
         return false;
     };
     // The section headers alone: a full parse reads the symbol tables too (55 ms for Node's).
-    use object::read::elf::{FileHeader, SectionTable};
+    use object::{Endianness, elf::FileHeader64, read::elf::FileHeader};
     let cache = ReadCache::new(file);
-    let Ok(header) = object::elf::FileHeader64::<object::Endianness>::parse(&cache) else {
+    let Ok(header) = FileHeader64::<Endianness>::parse(&cache) else {
         return false;
     };
-    let sections: Option<SectionTable<'_, object::elf::FileHeader64<object::Endianness>, _>> =
-        header
-            .endian()
-            .ok()
-            .and_then(|e| header.sections(e, &cache).ok());
-    match (header.endian(), sections) {
-        (Ok(e), Some(table)) => table.section_by_name(e, b".go.buildinfo").is_some(),
-        _ => false,
-    }
+    let Ok(endian) = header.endian() else {
+        return false;
+    };
+    header
+        .sections(endian, &cache)
+        .is_ok_and(|table| table.section_by_name(endian, b".go.buildinfo").is_some())
 }
 
 #[cfg(test)]
@@ -224,18 +221,18 @@ mod tests {
     }
 
     #[test]
-    fn symbols_of_this_systems_openssl() {
+    fn plan_of_this_systems_openssl() {
         // The test machines install OpenSSL 3 (curl, nginx and Python link it).
         let lib = Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
         if cfg!(not(target_arch = "x86_64")) {
             return;
         }
-        let plan = symbols(lib).expect("readable").expect("exports SSL_read");
-        assert!(plan.free.is_some());
-        assert_ne!(plan.calls[0].offset, plan.calls[1].offset);
+        let ssl = plan(lib).expect("readable").expect("exports SSL_read");
+        assert!(ssl.free.is_some());
+        assert_ne!(ssl.calls[0].offset, ssl.calls[1].offset);
         // libcrypto exports none of them.
         let crypto = Path::new("/usr/lib/x86_64-linux-gnu/libcrypto.so.3");
-        assert_eq!(symbols(crypto).expect("readable"), None);
+        assert_eq!(plan(crypto).expect("readable"), None);
     }
 
     #[test]

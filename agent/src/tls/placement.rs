@@ -85,6 +85,11 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// Probes in the plan, return probes left out.
+    pub fn probes(&self) -> usize {
+        self.calls.len() + usize::from(self.free.is_some())
+    }
+
     /// Probes whose instruction is single-stepped.
     pub fn stepped(&self) -> usize {
         let calls = self.calls.iter().filter(|h| h.stepped).count();
@@ -112,18 +117,7 @@ pub fn plan<T: Text + ?Sized>(text: &T, e: &Exports) -> Option<Plan> {
         e.write_ex.map(|f| (f, Abi::WriteEx)),
         via,
     ));
-    let free = e.free.map(
-        |f| match emulated_from(text, f.at, &[Register::RDI], false) {
-            Some(offset) => Point {
-                offset,
-                stepped: false,
-            },
-            None => Point {
-                offset: f.at,
-                stepped: true,
-            },
-        },
-    );
+    let free = e.free.map(|f| point(text, f.at, &[Register::RDI], false));
     Some(Plan { calls, free })
 }
 
@@ -135,22 +129,13 @@ fn direction<T: Text + ?Sized>(
     ex: Option<(Func, Abi)>,
     via: Option<(Func, Abi)>,
 ) -> Vec<Hook> {
-    let public: Vec<(Func, Abi)> = [Some(plain), ex].into_iter().flatten().collect();
-    let cheap: Vec<Hook> = public
-        .iter()
-        .filter_map(|&(f, abi)| {
-            let offset = emulated_from(text, f.at, abi.reads(), true)?;
-            Some(Hook {
-                offset,
-                abi,
-                stepped: false,
-            })
-        })
+    let public: Vec<Hook> = [Some(plain), ex]
+        .into_iter()
+        .flatten()
+        .map(|(f, abi)| Hook::at(point(text, f.at, abi.reads(), true), abi))
         .collect();
-    if cheap.len() == public.len() {
-        return cheap;
-    }
-    if let Some((via, abi)) = via
+    if public.iter().any(|h| h.stepped)
+        && let Some((via, abi)) = via
         && let Some(offset) = shared_callee(text, plain.0, via)
             .and_then(|callee| emulated_from(text, callee, abi.reads(), true))
     {
@@ -161,22 +146,30 @@ fn direction<T: Text + ?Sized>(
         }];
     }
     public
-        .iter()
-        .map(
-            |&(f, abi)| match emulated_from(text, f.at, abi.reads(), true) {
-                Some(offset) => Hook {
-                    offset,
-                    abi,
-                    stepped: false,
-                },
-                None => Hook {
-                    offset: f.at,
-                    abi,
-                    stepped: true,
-                },
-            },
-        )
-        .collect()
+}
+
+/// The emulated instruction [`emulated_from`] finds, else the entry, single-stepped.
+fn point<T: Text + ?Sized>(text: &T, at: u64, reads: &[Register], frame: bool) -> Point {
+    match emulated_from(text, at, reads, frame) {
+        Some(offset) => Point {
+            offset,
+            stepped: false,
+        },
+        None => Point {
+            offset: at,
+            stepped: true,
+        },
+    }
+}
+
+impl Hook {
+    fn at(p: Point, abi: Abi) -> Self {
+        Self {
+            offset: p.offset,
+            abi,
+            stepped: p.stepped,
+        }
+    }
 }
 
 /// The instruction within [`REACH`] instructions of `at` the kernel emulates, reached without a
@@ -467,7 +460,7 @@ mod tests {
     #[test]
     fn this_systems_openssl_needs_no_single_step() {
         let lib = std::path::Path::new("/usr/lib/x86_64-linux-gnu/libssl.so.3");
-        let plan = crate::tls::library::symbols(lib)
+        let plan = crate::tls::library::plan(lib)
             .expect("readable")
             .expect("OpenSSL");
         assert_eq!(plan.stepped(), 0, "{plan:?}");
