@@ -259,30 +259,35 @@ pub fn tls_libraries() -> anyhow::Result<PathBuf> {
         if unpacked.exists() {
             continue;
         }
-        if !dir.join("apt/lists").exists() {
-            apt_update(&dir)?;
-        }
         let work = out.join(format!("{package}.download"));
-        std::fs::create_dir_all(&work)?;
-        crate::run(
-            apt(&dir, "apt-get")
-                .args(["download", &format!("{package}/{suite}")])
-                .current_dir(&work),
-        )?;
-        let deb = std::fs::read_dir(&work)?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .find(|p| p.extension().is_some_and(|x| x == "deb"))
-            .context("apt-get download left no .deb")?;
+        let deb = download(&dir, &format!("{package}/{suite}"), &work)?;
         crate::run(
             Command::new("dpkg-deb")
                 .arg("-x")
                 .arg(&deb)
-                .arg(&work.join("root")),
+                .arg(work.join("root")),
         )?;
         std::fs::rename(work.join("root"), &unpacked)?;
         std::fs::remove_dir_all(&work)?;
     }
     Ok(out)
+}
+
+/// Downloads package `spec` (`name` or `name/suite`) into `work`; the `.deb`'s path.
+fn download(dir: &Path, spec: &str, work: &Path) -> anyhow::Result<PathBuf> {
+    if !dir.join("apt/lists").exists() {
+        apt_update(dir)?;
+    }
+    std::fs::create_dir_all(work)?;
+    crate::run(
+        apt(dir, "apt-get")
+            .args(["download", spec])
+            .current_dir(work),
+    )?;
+    std::fs::read_dir(work)?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .find(|p| p.extension().is_some_and(|x| x == "deb"))
+        .context("apt-get download left no .deb")
 }
 
 /// The kernel image of `k`, downloaded and unpacked once.
@@ -309,16 +314,7 @@ fn fetch_kernel(dir: &Path, k: &Kernel) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("no kernel package behind linux-image-amd64/{}", k.suite))?
         .to_string();
     let work = kdir.join("download");
-    std::fs::create_dir_all(&work)?;
-    crate::run(
-        apt(dir, "apt-get")
-            .args(["download", &package])
-            .current_dir(&work),
-    )?;
-    let deb = std::fs::read_dir(&work)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .find(|p| p.extension().is_some_and(|x| x == "deb"))
-        .context("apt-get download left no .deb")?;
+    let deb = download(dir, &package, &work)?;
     crate::run(Command::new("sh").arg("-c").arg(format!(
         "dpkg-deb --fsys-tarfile '{}' | tar -x -C '{}' --wildcards './boot/vmlinuz-*'",
         deb.display(),
