@@ -297,14 +297,14 @@ impl Tracer {
                 }
             }
             SpanKind::Client => {
-                let pick = self.pick_server(r.tgid, r.tid, ids.map(|i| i.trace_id));
-                if pick == Pick::Ambiguous {
-                    self.stats.links_ambiguous += 1;
-                    span.ambiguous = true;
-                }
-                let server = match pick {
+                let server = match self.pick_server(r.tgid, r.tid, ids.map(|i| i.trace_id)) {
                     Pick::Server(s) => Some(s),
-                    Pick::Ambiguous | Pick::None => None,
+                    Pick::Ambiguous => {
+                        self.stats.links_ambiguous += 1;
+                        span.ambiguous = true;
+                        None
+                    }
+                    Pick::None => None,
                 };
                 match (ids, server) {
                     (Some(ids), Some(s)) => {
@@ -379,16 +379,21 @@ impl Tracer {
                 .max_by_key(|(id, s)| (s.tid == tid, s.start_ns, *id))
                 .map_or(Pick::None, |(id, _)| Pick::Server(id));
         }
-        let open: Vec<(u64, &Open)> = open.collect();
-        match open.as_slice() {
-            [] => return Pick::None,
-            [(id, _)] => return Pick::Server(*id),
-            _ => {}
+        // One pass, no allocation: this runs for every outgoing call.
+        let (mut count, mut last, mut on_thread) = (0, None, (0, 0));
+        for (id, s) in open {
+            count += 1;
+            last = Some((id, s));
+            if s.tid == tid {
+                on_thread = (on_thread.0 + 1, id);
+            }
         }
-        let threads_tell = !self.multiplexed.contains(&tgid) && !open[0].1.process.go();
-        let mut same_thread = open.iter().filter(|(_, s)| s.tid == tid);
-        match (threads_tell, same_thread.next(), same_thread.next()) {
-            (true, Some((id, _)), None) => Pick::Server(*id),
+        match (count, last, on_thread) {
+            (_, None, _) => Pick::None,
+            (1, Some((id, _)), _) => Pick::Server(id),
+            (_, Some((_, s)), (1, id)) if !self.multiplexed.contains(&tgid) && !s.process.go() => {
+                Pick::Server(id)
+            }
             _ => Pick::Ambiguous,
         }
     }
@@ -396,6 +401,9 @@ impl Tracer {
     /// A request starting on a thread whose previous request is still open shows that the
     /// process's threads do not each serve one request.
     fn note_threading(&mut self, tgid: u32, tid: u32) {
+        if self.multiplexed.contains(&tgid) {
+            return;
+        }
         let busy = self.open_servers.get(&tgid).is_some_and(|ids| {
             ids.iter()
                 .any(|id| self.spans.get(id).is_some_and(|s| s.tid == tid))
