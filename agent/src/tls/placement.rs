@@ -274,6 +274,8 @@ pub trait Text {
     fn bytes(&self, at: u64, len: usize) -> Vec<u8>;
 }
 
+/// Synthetic code in the tests.
+#[cfg(test)]
 impl Text for [u8] {
     fn bytes(&self, at: u64, len: usize) -> Vec<u8> {
         let start = usize::try_from(at).unwrap_or(usize::MAX).min(self.len());
