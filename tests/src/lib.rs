@@ -262,10 +262,14 @@ impl Proc {
 
 /// An uninstrumented Python HTTP/1.1 service. It forwards trace headers to `next`, the way
 /// applications using a B3 propagation library without a tracer do. `/status/N` answers N.
+/// With `TLS_CERT`, `TLS_KEY` and `TLS_CA` (PEM files) in its environment it serves HTTPS and
+/// trusts that CA for `next` (the `ssl` module: OpenSSL's `SSL_read_ex` and `SSL_write_ex`).
 const APP: &str = r#"
-import http.server, sys, urllib.request, urllib.error
+import http.server, os, ssl, sys, urllib.request, urllib.error
 PORT = int(sys.argv[1]); NEXT = sys.argv[2] if len(sys.argv) > 2 and sys.argv[2] else None
 FWD = ("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "x-b3-flags", "b3", "traceparent")
+CA, CERT, KEY = (os.environ.get(k) for k in ("TLS_CA", "TLS_CERT", "TLS_KEY"))
+client = ssl.create_default_context(cafile=CA) if CA else None
 class H(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     def do_GET(self):
@@ -275,7 +279,7 @@ class H(http.server.BaseHTTPRequestHandler):
         elif NEXT:
             req = urllib.request.Request(NEXT + self.path, headers={k: v for k, v in self.headers.items() if k.lower() in FWD})
             try:
-                body = urllib.request.urlopen(req, timeout=10).read()
+                body = urllib.request.urlopen(req, timeout=10, context=client).read()
             except urllib.error.HTTPError as e:
                 code, body = e.code, e.read()
         self.send_response(code)
@@ -283,7 +287,12 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
-http.server.ThreadingHTTPServer(("127.0.0.1", PORT), H).serve_forever()
+server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), H)
+if CERT:
+    tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    tls.load_cert_chain(CERT, KEY)
+    server.socket = tls.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
 "#;
 
 pub struct PyService {
@@ -298,13 +307,21 @@ impl PyService {
 
     /// `otel_service_name: None` leaves the process to be named by the agent.
     pub fn start_with(name: &str, otel_service_name: Option<&str>, next: Option<u16>) -> Self {
+        let next = next.map(|n| format!("http://127.0.0.1:{n}"));
+        Self::run(name, otel_service_name, next, Command::new("python3"))
+    }
+
+    /// The service run by `python` (a command that runs Python given its arguments, with the
+    /// environment the service should see), calling `next` (a base URL).
+    pub fn run(
+        name: &str,
+        otel_service_name: Option<&str>,
+        next: Option<String>,
+        mut cmd: Command,
+    ) -> Self {
         let port = free_port();
-        let mut cmd = Command::new("python3");
         cmd.arg("-c").arg(APP).arg(port.to_string());
-        cmd.arg(
-            next.map(|n| format!("http://127.0.0.1:{n}"))
-                .unwrap_or_default(),
-        );
+        cmd.arg(next.unwrap_or_default());
         cmd.env_remove("OTEL_SERVICE_NAME");
         if let Some(n) = otel_service_name {
             cmd.env("OTEL_SERVICE_NAME", n);

@@ -5,7 +5,8 @@
 use std::{path::PathBuf, process::Command, sync::OnceLock};
 
 use kspan_tests::{
-    Got, Nginx, Proc, certificates, curl, env, free_port, one, run_ok, trace_id, unique_path,
+    Got, Nginx, Proc, PyService, certificates, curl, env, free_port, one, run_ok, trace_id,
+    unique_path,
 };
 
 /// A private CA and a certificate it signed for 127.0.0.1, as files shared by every test.
@@ -38,39 +39,11 @@ fn certs() -> &'static Certs {
     })
 }
 
-/// An uninstrumented Python HTTPS service (the `ssl` module: OpenSSL's `SSL_read_ex` and
-/// `SSL_write_ex`) that forwards trace headers to the HTTPS service `next` with urllib.
-const APP: &str = r#"
-import http.server, ssl, sys, urllib.request, urllib.error
-PORT, CA, CERT, KEY = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
-NEXT = sys.argv[5] if len(sys.argv) > 5 else None
-FWD = ("x-b3-traceid", "x-b3-spanid", "x-b3-parentspanid", "x-b3-sampled", "b3", "traceparent")
-client = ssl.create_default_context(cafile=CA)
-class H(http.server.BaseHTTPRequestHandler):
-    protocol_version = "HTTP/1.1"
-    def do_GET(self):
-        code, body = 200, b"leaf\n"
-        if NEXT:
-            req = urllib.request.Request(NEXT + self.path, headers={k: v for k, v in self.headers.items() if k.lower() in FWD})
-            try:
-                body = urllib.request.urlopen(req, timeout=10, context=client).read()
-            except urllib.error.HTTPError as e:
-                code, body = e.code, e.read()
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-    def log_message(self, *a): pass
-server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), H)
-ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-ctx.load_cert_chain(CERT, KEY)
-server.socket = ctx.wrap_socket(server.socket, server_side=True)
-server.serve_forever()
-"#;
-
+/// The test suite's Python service over HTTPS (`PyService`'s `TLS_*` variables), calling the
+/// HTTPS service `next`.
 struct TlsService {
     port: u16,
-    _proc: Proc,
+    _service: PyService,
 }
 
 impl TlsService {
@@ -79,17 +52,18 @@ impl TlsService {
     }
 
     /// The service run by `python` (a command that runs Python given its arguments).
-    fn start_with(name: &str, next: Option<u16>, mut cmd: Command) -> Self {
+    fn start_with(name: &str, next: Option<u16>, mut python: Command) -> Self {
         let c = certs();
-        let port = free_port();
-        cmd.arg("-c").arg(APP).arg(port.to_string());
-        cmd.args([c.ca(), c.cert(), c.key()]);
-        if let Some(n) = next {
-            cmd.arg(format!("https://127.0.0.1:{n}"));
+        python
+            .env("TLS_CA", c.ca())
+            .env("TLS_CERT", c.cert())
+            .env("TLS_KEY", c.key());
+        let next = next.map(|n| format!("https://127.0.0.1:{n}"));
+        let service = PyService::run(name, Some(name), next, python);
+        Self {
+            port: service.port,
+            _service: service,
         }
-        cmd.env("OTEL_SERVICE_NAME", name);
-        let proc = Proc::listening(name, cmd, port);
-        Self { port, _proc: proc }
     }
 }
 
@@ -98,6 +72,21 @@ fn https_curl(args: &[&str]) -> String {
     let mut all = vec!["--cacert", ca.to_str().unwrap()];
     all.extend_from_slice(args);
     curl(&all)
+}
+
+/// The four spans of curl → `front` → `back`, each the parent of the next.
+fn chain<'a>(spans: &'a [Got], front: &str, back: &str) -> [&'a Got; 4] {
+    assert_eq!(spans.len(), 4, "{spans:#?}");
+    let tree = [
+        one(spans, "CLIENT", "curl"),
+        one(spans, "SERVER", front),
+        one(spans, "CLIENT", front),
+        one(spans, "SERVER", back),
+    ];
+    for pair in tree.windows(2) {
+        assert_eq!(pair[1].parent, Some(pair[0].span_id), "{spans:#?}");
+    }
+    tree
 }
 
 /// No attribute of any span carries `secret`.
@@ -132,15 +121,8 @@ fn curl_through_two_tls_hops() {
     ]);
     assert_eq!(out, "leaf\n");
     let spans = e.trace(t, 4);
-    assert_eq!(spans.len(), 4, "{spans:#?}");
-    let curl = one(&spans, "CLIENT", "curl");
-    let fs = one(&spans, "SERVER", "tls-front");
-    let fc = one(&spans, "CLIENT", "tls-front");
-    let bs = one(&spans, "SERVER", "tls-back");
+    let [curl, fs, fc, bs] = chain(&spans, "tls-front", "tls-back");
     assert_eq!(curl.parent, Some(0xc01));
-    assert_eq!(fs.parent, Some(curl.span_id));
-    assert_eq!(fc.parent, Some(fs.span_id));
-    assert_eq!(bs.parent, Some(fc.span_id));
     for (p, c) in [(curl, fs), (fs, fc), (fc, bs)] {
         assert!(p.contains(c), "parent must cover child:\n{p:#?}\n{c:#?}");
     }
@@ -187,14 +169,7 @@ fn nginx_https_to_an_https_upstream() {
             &format!("https://127.0.0.1:{}{path}", nginx.port),
         ]);
         let spans = e.trace(t, 4);
-        assert_eq!(spans.len(), 4, "{spans:#?}");
-        let curl = one(&spans, "CLIENT", "curl");
-        let ns = one(&spans, "SERVER", "nginx");
-        let nc = one(&spans, "CLIENT", "nginx");
-        let bs = one(&spans, "SERVER", "tls-upstream");
-        assert_eq!(ns.parent, Some(curl.span_id));
-        assert_eq!(nc.parent, Some(ns.span_id));
-        assert_eq!(bs.parent, Some(nc.span_id));
+        let [_, ns, nc, bs] = chain(&spans, "nginx", "tls-upstream");
         assert_eq!(ns.attr("url.scheme").s(), "https");
         assert_eq!(bs.attr("url.path").s(), path);
         assert!(nc.attr("url.full").s().starts_with("https://"), "{nc:#?}");
@@ -404,14 +379,7 @@ fn a_service_on_openssl_3_5() {
     ]);
     assert_eq!(out, "leaf\n");
     let spans = e.trace(t, 4);
-    assert_eq!(spans.len(), 4, "{spans:#?}");
-    let curl = one(&spans, "CLIENT", "curl");
-    let fs = one(&spans, "SERVER", "tls35-front");
-    let fc = one(&spans, "CLIENT", "tls35-front");
-    let bs = one(&spans, "SERVER", "tls35-back");
-    assert_eq!(fs.parent, Some(curl.span_id));
-    assert_eq!(fc.parent, Some(fs.span_id));
-    assert_eq!(bs.parent, Some(fc.span_id));
+    let [_, fs, fc, _] = chain(&spans, "tls35-front", "tls35-back");
     assert_eq!(fs.attr("url.path").s(), path);
     assert_eq!(
         fc.attr("url.full").s(),
