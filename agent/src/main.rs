@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Context as _;
 use kspan::{
-    capture::{Capture, CaptureOptions, event, replay, uprobes::TlsLink},
+    capture::{Capture, CaptureOptions, LossWatch, event, replay, uprobes::TlsLink},
     config::{self, Args, Filter},
     export::{self, Sinks, SpanQueue, otlp::OtlpSink, tree::TreePrinter},
     k8s,
@@ -311,6 +311,10 @@ const POLL_MS: i32 = 10;
 /// How often TLS library files no process maps any more are unprobed.
 const TLS_SWEEP: Duration = Duration::from_secs(60);
 
+/// How long a connection must have been quiet before a missing kernel entry means its close
+/// was lost (the entry leaves just before the close record is written).
+const RECONCILE_QUIET_NS: u64 = 1_000_000_000;
+
 /// Most records handled before the loop attends to timers again.
 const DRAIN_BUDGET: usize = 8192;
 
@@ -327,6 +331,8 @@ fn run_loop(
     let mut last_publish = Instant::now();
     let mut last_expire = Instant::now();
     let mut last_sweep = Instant::now();
+    let mut last_reconcile = Instant::now();
+    let mut losses = LossWatch::default();
     let mut record_err = None;
     loop {
         if stop.load(Relaxed) || deadline.is_some_and(|d| Instant::now() >= d) {
@@ -343,7 +349,7 @@ fn run_loop(
                 // what normally paces the loop, bounding how long an event waits.
                 // SAFETY: one valid pollfd.
                 unsafe { libc::poll(&mut pfd, 1, POLL_MS) };
-                cap.drain(DRAIN_BUDGET, |bytes| {
+                let drained = cap.drain(DRAIN_BUDGET, |bytes| {
                     if let Some(r) = recorder.as_deref_mut()
                         && let Err(e) = r.record(bytes)
                     {
@@ -378,7 +384,19 @@ fn run_loop(
                     tls.sweep(cap);
                     last_sweep = Instant::now();
                 }
-                clock_ns(libc::CLOCK_MONOTONIC)
+                let now_ns = clock_ns(libc::CLOCK_MONOTONIC);
+                // Only with the ring buffer emptied: a close still waiting in it is not lost.
+                if drained < DRAIN_BUDGET && last_reconcile.elapsed() >= Duration::from_secs(1) {
+                    last_reconcile = Instant::now();
+                    if cap
+                        .lost()
+                        .is_ok_and(|lost| losses.due(lost, last_reconcile))
+                    {
+                        let quiet_since = now_ns.saturating_sub(RECONCILE_QUIET_NS);
+                        pipeline.reconcile(quiet_since, |id| cap.tracks(id));
+                    }
+                }
+                now_ns
             }
             Source::Replay(player) => {
                 let mut last_ts = 0;
@@ -436,6 +454,7 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.conns_db_server, p.conns_db_server),
         (&m.conns_tls, p.conns_tls),
         (&m.conns_evicted, p.conns_evicted),
+        (&m.conns_close_lost, p.conns_close_lost),
         (&m.spans_finished, t.spans_finished),
         (&m.spans_unsampled, t.spans_unsampled),
         (&m.spans_abandoned, t.spans_abandoned),

@@ -84,6 +84,7 @@ metrics! {
     tls_probe_errors: "counter", "kspan_tls_probe_errors_total", "TLS library files whose probes could not be attached.";
     conns_db_server: "counter", "kspan_connections_db_server_total", "Data-store connections seen from the server's side and not decoded (--db-server-spans decodes them).";
     conns_evicted: "counter", "kspan_connections_evicted_total", "Connections forgotten while idle or at the table limit.";
+    conns_close_lost: "counter", "kspan_connections_close_lost_total", "Connections whose close was lost with ring-buffer records, forgotten once the kernel no longer tracked their socket.";
     spans_finished: "counter", "kspan_spans_finished_total", "Spans completed by the linker.";
     spans_unsampled: "counter", "kspan_spans_unsampled_total", "Spans not exported because B3/traceparent said not sampled.";
     spans_abandoned: "counter", "kspan_spans_abandoned_total", "Exchanges given up (lost framing, or no response in time).";

@@ -32,6 +32,9 @@ pub struct PipelineStats {
     pub conns_filtered: u64,
     pub conns_unsupported: u64,
     pub conns_evicted: u64,
+    /// Connections whose close was lost with ring-buffer records, dropped once the kernel no
+    /// longer tracked their socket.
+    pub conns_close_lost: u64,
     pub desyncs: u64,
     /// Events of connections whose kernel events were partly lost.
     pub gaps: u64,
@@ -386,10 +389,35 @@ impl Pipeline {
     }
 
     fn drop_conn(&mut self, id: ConnId) {
-        if let Some(mut c) = self.conns.remove(&id) {
+        if self.forget(id) {
             self.stats.conns_evicted += 1;
-            for span in c.open.drain() {
-                self.tracer.abandon(span);
+        }
+    }
+
+    /// Removes a connection without its close: whatever it had open is abandoned.
+    fn forget(&mut self, id: ConnId) -> bool {
+        let Some(mut c) = self.conns.remove(&id) else {
+            return false;
+        };
+        for span in c.open.drain() {
+            self.tracer.abandon(span);
+        }
+        true
+    }
+
+    /// After ring-buffer losses: drops the connections quiet since `quiet_since_ns` whose
+    /// socket the kernel no longer tracks (`tracked`), since their close went with the lost
+    /// records; left to the idle timeout they (and their open spans) would stay for minutes.
+    pub fn reconcile(&mut self, quiet_since_ns: u64, mut tracked: impl FnMut(ConnId) -> bool) {
+        let gone: Vec<ConnId> = self
+            .conns
+            .iter()
+            .filter(|(id, c)| c.last_seen_ns < quiet_since_ns && !tracked(**id))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            if self.forget(id) {
+                self.stats.conns_close_lost += 1;
             }
         }
     }

@@ -791,7 +791,17 @@ pub fn wait_metric(agent: SocketAddr, name: &str, pred: impl Fn(u64) -> bool) ->
         if pred(v) {
             return v;
         }
-        assert!(Instant::now() < deadline, "metric {name} stuck at {v}");
+        if Instant::now() >= deadline {
+            let body = http_get(agent, "/metrics").unwrap_or_default();
+            let counters: Vec<&str> = body
+                .lines()
+                .filter(|l| l.starts_with("kspan_") && !l.ends_with(" 0"))
+                .collect();
+            panic!(
+                "metric {name} stuck at {v}; the agent's other series:\n{}",
+                counters.join("\n")
+            );
+        }
         std::thread::sleep(Duration::from_millis(100));
     }
 }

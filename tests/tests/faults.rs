@@ -121,7 +121,8 @@ fn collector_down_for_a_minute_then_back() {
 }
 
 /// The agent is frozen (SIGSTOP) under load, so the kernel cannot hand events over: the ring
-/// buffer overflows, the losses are counted, and after it resumes the agent is healthy and
+/// buffer overflows, the losses are counted, and after it resumes the agent is healthy, forgets
+/// the connections whose close was lost (their state would otherwise stay for minutes) and
 /// traces new requests exactly.
 #[test]
 fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
@@ -149,9 +150,16 @@ fn ring_buffer_overflow_is_counted_and_the_agent_recovers() {
     );
     let lost = wait_metric(agent.metrics, "kspan_kernel_lost_events_total", |v| v > 0);
     assert!(http_ready(agent.metrics), "agent ready after the overflow");
+    let close_lost = wait_metric(agent.metrics, "kspan_connections_close_lost_total", |v| {
+        v > 0
+    });
+    wait_metric(agent.metrics, "kspan_open_connections", |v| v == 0);
+    wait_metric(agent.metrics, "kspan_open_spans", |v| v == 0);
     // Connections that lost events resynchronise; new ones are exact.
     traced_teapot(&spans, &port, trace_id(42), 0xe0e);
-    println!("ring buffer overflow: {lost} events lost and counted");
+    println!(
+        "ring buffer overflow: {lost} events lost and counted, {close_lost} connections whose close was lost forgotten"
+    );
     assert!(agent.terminate().success());
 }
 
@@ -205,7 +213,9 @@ fn agent_restart_picks_up_open_connections() {
 }
 
 /// 100,000 short connections: per-connection state is evicted as they close, so the agent's
-/// memory stays bounded and its connection table returns to idle.
+/// memory stays bounded and its connection table returns to idle. Every request is decoded or
+/// covered by a counted kernel loss (a slow agent, e.g. a debug build on two cores, may lose
+/// some records at this rate: each lost record hides at most one request).
 #[test]
 fn a_hundred_thousand_short_connections_keep_memory_bounded() {
     const PER_CLIENT: usize = 100_000 / CHURN_CLIENTS;
@@ -220,18 +230,30 @@ fn a_hundred_thousand_short_connections_keep_memory_bounded() {
     let started = Instant::now();
     let peak = churn(&port, "/teapot", PER_CLIENT, || rss_kib(agent.proc.pid())).max(before);
     let elapsed = started.elapsed();
+    let sent = 2 * (CHURN_CLIENTS * PER_CLIENT) as u64;
+    let lost = || metric(agent.metrics, "kspan_kernel_lost_events_total");
     let requests = wait_metric(agent.metrics, "kspan_requests_total", |v| {
-        v >= 2 * (CHURN_CLIENTS * PER_CLIENT) as u64
-    });
-    let unsampled = wait_metric(agent.metrics, "kspan_spans_unsampled_total", |v| {
-        v >= 2 * (CHURN_CLIENTS * PER_CLIENT) as u64
+        v + lost() >= sent
     });
     // Every socket was destroyed: nothing is left open.
     wait_metric(agent.metrics, "kspan_open_connections", |v| v == 0);
     wait_metric(agent.metrics, "kspan_open_spans", |v| v == 0);
+    let lost = lost();
+    let events = metric(agent.metrics, "kspan_kernel_events_total");
+    let unsampled = metric(agent.metrics, "kspan_spans_unsampled_total");
+    let abandoned = metric(agent.metrics, "kspan_spans_abandoned_total");
     let after = rss_kib(agent.proc.pid());
     println!(
-        "100k short connections in {elapsed:?}: {requests} requests decoded, {unsampled} spans finished (unsampled), RSS {before} KiB before, peak {peak} KiB, {after} KiB after"
+        "100k short connections in {elapsed:?}: {requests} requests decoded, {lost} records lost (of {events}), {unsampled} spans finished (unsampled), {abandoned} abandoned, RSS {before} KiB before, peak {peak} KiB, {after} KiB after"
+    );
+    assert_eq!(
+        unsampled + abandoned,
+        requests,
+        "every decoded request ends once"
+    );
+    assert!(
+        lost * 4 < events,
+        "the agent keeps up with most of it: {lost} of {events} lost"
     );
     assert!(peak < 256 * 1024, "peak RSS {peak} KiB");
     assert!(

@@ -8,6 +8,7 @@ pub mod uprobes;
 use std::{
     io,
     os::fd::{AsRawFd, RawFd},
+    time::{Duration, Instant},
 };
 
 use aya::{
@@ -17,6 +18,8 @@ use aya::{
     sys::{BpfHelper, is_helper_supported},
 };
 use kspan_common::{Config, ConnInfo, MAX_PAYLOAD, SOCKET_SYSCALLS, proto, stat};
+
+use self::event::ConnId;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/kspan-ebpf"));
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -451,6 +454,21 @@ impl Capture {
         })
     }
 
+    /// Records the kernel could not hand over (ring buffer full) since the agent started.
+    pub fn lost(&self) -> Result<u64, CaptureError> {
+        Ok(self.stats.get(&stat::LOST_RINGBUF, 0)?.iter().sum())
+    }
+
+    /// Whether the kernel still tracks connection `id`'s socket. Errors other than "gone"
+    /// answer yes: a connection is only forgotten on the kernel's word.
+    pub fn tracks(&self, id: ConnId) -> bool {
+        match self.conns.get(&id.sock, 0) {
+            Ok(info) => info.generation == id.generation,
+            Err(aya::maps::MapError::KeyNotFound) => false,
+            Err(_) => true,
+        }
+    }
+
     /// Tells the kernel to stop copying payload for a connection the filters exclude.
     pub fn ignore(&mut self, sock: u64, generation: u64) {
         if let Ok(mut info) = self.conns.get(&sock, 0) {
@@ -463,9 +481,47 @@ impl Capture {
     }
 }
 
+/// Watches the kernel's count of lost records: a lost close leaves a connection (and its open
+/// spans) in userspace until the idle timeout, so for a while after each loss the connections
+/// are checked against the kernel's table ([`Capture::tracks`]).
+#[derive(Debug, Default)]
+pub struct LossWatch {
+    seen: u64,
+    until: Option<Instant>,
+}
+
+impl LossWatch {
+    /// How long after the last loss connections are checked: longer than any record waits in
+    /// the ring buffer, so a connection whose close was lost has gone quiet by then.
+    pub const WINDOW: Duration = Duration::from_secs(10);
+
+    /// Given the lost-record total now, whether to check the connections.
+    pub fn due(&mut self, lost: u64, now: Instant) -> bool {
+        if lost > self.seen {
+            self.seen = lost;
+            self.until = Some(now + Self::WINDOW);
+        }
+        self.until.is_some_and(|u| now < u)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connections_are_checked_for_a_while_after_each_loss() {
+        let mut w = LossWatch::default();
+        let t0 = Instant::now();
+        assert!(!w.due(0, t0), "no loss, no check");
+        assert!(w.due(3, t0));
+        assert!(w.due(3, t0 + LossWatch::WINDOW / 2));
+        assert!(!w.due(3, t0 + LossWatch::WINDOW));
+        assert!(
+            w.due(4, t0 + LossWatch::WINDOW * 2),
+            "a new loss opens a new window"
+        );
+    }
 
     #[test]
     fn kernels_below_the_tested_minimum_are_named() {

@@ -544,6 +544,31 @@ fn close_without_response_is_an_error_span() {
     assert_eq!(s.p.conns(), 1, "client side still open");
 }
 
+/// Closes lost with ring-buffer records: connections the kernel no longer tracks are forgotten
+/// once quiet, their open spans abandoned; tracked or recently active ones stay.
+#[test]
+fn connections_whose_close_was_lost_are_reconciled_with_the_kernel() {
+    let mut s = Sim::new(Filter::default());
+    let a = s.connect(1, 2, "127.0.0.1:40000", "127.0.0.1:8080");
+    s.send_request(a, b"GET /a HTTP/1.1\r\n\r\n", false);
+    let quiet_since = s.ts + 1;
+    let b = s.connect(3, 4, "127.0.0.1:40001", "127.0.0.1:8080");
+    s.send_request(b, b"GET /b HTTP/1.1\r\n\r\n", false);
+    assert_eq!((s.p.conns(), s.p.open_spans()), (4, 4));
+    // The kernel still tracks a's client end; nothing of b is old enough to judge.
+    s.p.reconcile(quiet_since, |id| id == a.client);
+    assert_eq!(s.p.conns(), 3, "a's server end is gone");
+    assert_eq!(s.p.stats.conns_close_lost, 1);
+    assert_eq!(s.p.tracer_stats().spans_abandoned, 1);
+    s.p.reconcile(u64::MAX, |_| false);
+    assert_eq!((s.p.conns(), s.p.open_spans()), (0, 0));
+    assert_eq!(s.p.stats.conns_close_lost, 4);
+    assert!(
+        s.spans().is_empty(),
+        "nothing guessed about the unanswered requests"
+    );
+}
+
 #[test]
 fn gaps_and_garbage_are_counted_not_guessed() {
     let mut s = Sim::new(Filter::default());
