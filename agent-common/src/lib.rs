@@ -79,6 +79,26 @@ pub mod kind {
     pub const CLOSE: u32 = 2;
     /// A process exec'ed (`tgid` is it): the TLS library it loads may be new to the agent.
     pub const EXEC: u32 = 3;
+    /// A Go goroutine was created ([`GoRecord`]: `goroutine` the new one, `related` its
+    /// creator).
+    pub const GO_SPAWN: u32 = 4;
+    /// A goroutine hands a request to an HTTP/1 client connection (`related`: net/http's
+    /// `*persistConn`), whose own writer goroutine will send it.
+    pub const GO_CALL: u32 = 5;
+    /// A goroutine starts writing for an HTTP/1 client connection (`related`: `*persistConn`).
+    pub const GO_WRITER: u32 = 6;
+}
+
+/// Record of the Go runtime probes (kinds `GO_*`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct GoRecord {
+    pub kind: u32,
+    pub tgid: u32,
+    pub ts_ns: u64,
+    /// The goroutine's `g` address (unique among live goroutines of the process).
+    pub goroutine: u64,
+    pub related: u64,
 }
 
 pub mod event_flags {
@@ -220,6 +240,9 @@ pub struct EventHeader {
     pub direction: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
+    /// The register Go keeps the running goroutine in (r14 on amd64, x28 on arm64) when the
+    /// syscall was made: the goroutine's `g` in a Go process, meaningless elsewhere.
+    pub goroutine: u64,
 }
 
 /// Scratch layout used by the kernel to assemble a record before output.
@@ -294,7 +317,8 @@ mod tests {
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<Tuple>(), 2 * 4 + 32 + 8);
         assert_eq!(size_of::<ConnInfo>(), 8 + size_of::<Tuple>() + 8 + 16 + 8);
-        assert_eq!(size_of::<EventHeader>(), 32 + size_of::<ConnInfo>() + 16);
+        assert_eq!(size_of::<EventHeader>(), 32 + size_of::<ConnInfo>() + 24);
         assert_eq!(size_of::<EventHeader>() % 8, 0);
+        assert_eq!(size_of::<GoRecord>(), 32);
     }
 }

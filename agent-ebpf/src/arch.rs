@@ -26,6 +26,11 @@ mod imp {
     pub const REG_ARG0: usize = 112; // di
     pub const REG_ARG1: usize = 104; // si
     pub const REG_ARG2: usize = 96; // dx
+
+    /// Go's register ABI (Go ≥ 1.17): the running goroutine, and the first two arguments.
+    pub const REG_GO_G: usize = 8; // r14
+    pub const REG_GO_ARG0: usize = 80; // ax
+    pub const REG_GO_ARG1: usize = 40; // bx
 }
 
 #[cfg(bpf_target_arch = "aarch64")]
@@ -54,6 +59,12 @@ mod imp {
     pub const REG_ARG0: usize = 272;
     pub const REG_ARG1: usize = 8; // regs[1]
     pub const REG_ARG2: usize = 16; // regs[2]
+
+    /// Go's register ABI (Go ≥ 1.18 on arm64): the running goroutine, and the first two
+    /// arguments.
+    pub const REG_GO_G: usize = 224; // regs[28]
+    pub const REG_GO_ARG0: usize = 0;
+    pub const REG_GO_ARG1: usize = 8;
 }
 
 pub use imp::*;

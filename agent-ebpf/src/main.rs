@@ -26,6 +26,7 @@
 #![no_main]
 
 mod arch;
+mod go;
 mod h2;
 mod looping;
 mod tls;
@@ -375,6 +376,8 @@ struct Origin {
     tid: u32,
     /// Plaintext read at the TLS library, not bytes at the socket.
     tls: bool,
+    /// Go's goroutine register at the syscall (see `EventHeader::goroutine`).
+    goroutine: u64,
 }
 
 #[inline(never)]
@@ -485,6 +488,7 @@ fn on_destroy(sk: u64) {
         direction: 0,
         flags: 0,
         _pad: [0; 2],
+        goroutine: 0,
     };
     emit(&header);
 }
@@ -544,6 +548,7 @@ fn on_data<const BPF_LOOP: bool>(
         fd,
         tid,
         tls: false,
+        goroutine: regs.get(REG_GO_G).unwrap_or(0),
     };
     capture::<BPF_LOOP>(info, &at, total, dir, src);
     Ok(())
@@ -794,6 +799,7 @@ fn fill_header(ev: &mut DataEvent, info: &ConnInfo, at: &Origin, total: u64, dir
         direction: dir,
         flags,
         _pad: [0; 2],
+        goroutine: at.goroutine,
     };
     if at.tls {
         ev.header.conn.proto = info.inner;

@@ -215,6 +215,7 @@ fn on_return<const BPF_LOOP: bool>(ret: i32) {
         fd: bound.fd,
         tid: id as u32,
         tls: true,
+        goroutine: 0,
     };
     capture::<BPF_LOOP>(info, &at, total, call.dir, h2::Source::flat(call.buf));
 }

@@ -114,6 +114,7 @@ fn synthesise() -> Vec<Vec<u8>> {
                     opener: Default::default(),
                     protocol: 0,
                     tls: false,
+                    goroutine: 0,
                     kind: EventKind::Data {
                         direction: dir,
                         total_len: bytes.len() as u64,

@@ -7,6 +7,7 @@ pub mod capture;
 pub mod config;
 pub mod conn;
 pub mod export;
+pub mod golang;
 pub mod k8s;
 pub mod metrics;
 pub mod pipeline;

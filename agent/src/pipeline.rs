@@ -174,6 +174,12 @@ impl Pipeline {
                 if self.execs.len() < MAX_PENDING_PROCESSES {
                     self.execs.push(ev.tgid);
                 }
+                self.tracer.process_exec(ev.tgid);
+                return;
+            }
+            EventKind::Go(go) => {
+                self.tracer
+                    .goroutine_event(ev.tgid, ev.goroutine, go, ev.ts_ns);
                 return;
             }
         };
@@ -203,7 +209,7 @@ impl Pipeline {
         };
         let closed = match ev.kind {
             // Handled on entry.
-            EventKind::Exec => return,
+            EventKind::Exec | EventKind::Go(_) => return,
             EventKind::Close => {
                 if let Some(d) = conn.decoder.as_mut() {
                     d.close(ev.ts_ns, &mut out);
@@ -244,7 +250,11 @@ impl Pipeline {
             to_ignore: &mut self.to_ignore,
             db_servers: &self.db_servers,
         };
-        sink.apply(conn, ev.conn, &mut self.steps, ev.tid);
+        let actor = Actor {
+            tid: ev.tid,
+            goroutine: ev.goroutine,
+        };
+        sink.apply(conn, ev.conn, &mut self.steps, actor);
         if closed {
             for span in conn.open.drain() {
                 let why = Some("connection closed before the response completed");
@@ -351,7 +361,7 @@ impl Pipeline {
                 }
                 true
             }
-            EventKind::Exec => false,
+            EventKind::Exec | EventKind::Go(_) => false,
             EventKind::Close => match self.tls_waiting.remove(&ev.conn) {
                 Some((tgid, _)) => {
                     let why = match self.tls_coverage.get(&tgid) {
@@ -448,6 +458,13 @@ impl Pipeline {
     }
 }
 
+/// Who moved an event's bytes: the thread, and in a Go process the goroutine.
+#[derive(Clone, Copy)]
+struct Actor {
+    tid: u32,
+    goroutine: u64,
+}
+
 /// The parts of the pipeline that decoded exchanges act on, borrowed apart from the connection
 /// table so a connection can be updated in place.
 struct Sink<'a> {
@@ -459,12 +476,12 @@ struct Sink<'a> {
 
 impl Sink<'_> {
     /// Applies what a connection's decoder found to the tracer.
-    fn apply(&mut self, conn: &mut Conn, id: ConnId, steps: &mut Vec<Step>, tid: u32) {
+    fn apply(&mut self, conn: &mut Conn, id: ConnId, steps: &mut Vec<Step>, actor: Actor) {
         for step in steps.drain(..) {
             let span = |conn: &Conn, id: u64| conn.open.get(id).flatten();
             match step {
                 Step::Begin { id, call, partial } => {
-                    let span = self.start(conn, tid, id, call);
+                    let span = self.start(conn, actor, id, call);
                     if let (true, Some(span)) = (partial, span) {
                         self.tracer.mark_partial(span);
                     }
@@ -528,11 +545,12 @@ impl Sink<'_> {
 
     /// Starts the span of an exchange; `id` pairs it with the other end of the connection
     /// unless earlier traffic was missed.
-    fn start(&mut self, conn: &Conn, tid: u32, id: u64, call: Call) -> Option<u64> {
+    fn start(&mut self, conn: &Conn, actor: Actor, id: u64, call: Call) -> Option<u64> {
         self.stats.requests += 1;
         self.tracer.request_started(RequestStart {
             tgid: conn.tgid,
-            tid,
+            tid: actor.tid,
+            goroutine: actor.goroutine,
             kind: if conn.role == Role::Server {
                 SpanKind::Server
             } else {

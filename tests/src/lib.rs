@@ -569,7 +569,6 @@ impl Spans {
         self.0.0.lock().unwrap().clone()
     }
 
-    /// The spans of trace `t`, once at least `n` arrived (fails after `secs`).
     /// The spans of trace `t` once `n` arrived within `secs`, after `settle` more, which must
     /// still be exactly `n` (a late extra span fails too).
     pub fn exactly(&self, t: u128, n: usize, secs: u64, settle: Duration) -> Vec<Got> {
@@ -578,6 +577,19 @@ impl Spans {
         let got: Vec<Got> = self.all().into_iter().filter(|g| g.trace_id == t).collect();
         assert_eq!(got.len(), n, "{got:#?}");
         got
+    }
+
+    /// All spans received, once `pred` holds over them (fails after `secs`).
+    pub fn wait_for(&self, what: &str, secs: u64, pred: impl Fn(&[Got]) -> bool) -> Vec<Got> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        loop {
+            let got = self.all();
+            if pred(&got) {
+                return got;
+            }
+            assert!(Instant::now() < deadline, "{what}: {got:#?}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 
     pub fn wait_trace(&self, t: u128, n: usize, secs: u64) -> Vec<Got> {

@@ -1,9 +1,10 @@
 //! Zero-code linking (README rule 2) is right or silent: a gateway that forwards no headers,
 //! serving 40 overlapping requests, each calling a slow backend. Where the runtime's threads
-//! say which request made a call (Python, one thread per request) every call is under its own
-//! request; where they do not (Go's goroutines move between threads, Node.js serves every
-//! request on one event loop) no call is put under another request: it is left without a
-//! parent, marked `kspan.link=ambiguous` and counted. With B3 forwarded, all three are exact.
+//! say which request made a call (Python, one thread per request), or its goroutines do (Go,
+//! followed through the runtime probes), every call is under its own request; where nothing
+//! does (Node.js serves every request on one event loop) no call is put under another
+//! request: it is left without a parent, marked `kspan.link=ambiguous` and counted. With B3
+//! forwarded, all three are exact.
 use std::{collections::HashMap, path::PathBuf, process::Command};
 
 use kspan_tests::{Got, Proc, PyService, env, free_port, run_ok, unique_path};
@@ -45,40 +46,9 @@ sys.exit(1 if failed else 0)
 "#;
 
 /// net/http with the default client: the handler's goroutine hands the request to the
-/// transport's own goroutines, which move between OS threads.
-const GO_GATEWAY: &str = r#"
-package main
-
-import (
-	"io"
-	"net/http"
-	"os"
-	"strings"
-)
-
-func main() {
-	port, next, forward := os.Args[1], os.Args[2], os.Args[3] == "1"
-	http.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		req, _ := http.NewRequest("GET", next+r.URL.Path, nil)
-		if forward {
-			for k, v := range r.Header {
-				if l := strings.ToLower(k); l == "b3" || strings.HasPrefix(l, "x-b3-") {
-					req.Header[k] = v
-				}
-			}
-		}
-		resp, err := http.DefaultClient.Do(req)
-		if err != nil {
-			http.Error(w, err.Error(), http.StatusBadGateway)
-			return
-		}
-		defer resp.Body.Close()
-		body, _ := io.ReadAll(resp.Body)
-		w.Write(body)
-	})
-	http.ListenAndServe("127.0.0.1:"+port, nil)
-}
-"#;
+/// transport's own goroutines, which move between OS threads. With `fanout`, each request
+/// calls the backend twice at once, from two goroutines of its own (`?a` and `?b`).
+const GO_GATEWAY: &str = include_str!("../go/gateway.go");
 
 const NODE_GATEWAY: &str = r#"
 const http = require("http");
@@ -131,6 +101,7 @@ fn gateway(
     name: &str,
     backend: u16,
     forward: bool,
+    fanout: bool,
 ) -> (u16, Option<Proc>, Option<PyService>) {
     let next = format!("http://127.0.0.1:{backend}");
     let port = free_port();
@@ -141,7 +112,12 @@ fn gateway(
         Runtime::Python => return (0, None, Some(PyService::start(name, Some(backend)))),
         Runtime::Go => {
             let mut c = Command::new(go_gateway_binary());
-            c.args([&port.to_string(), &next, fwd]);
+            c.args([
+                port.to_string(),
+                next,
+                fwd.into(),
+                u8::from(fanout).to_string(),
+            ]);
             c
         }
         Runtime::Node => {
@@ -166,13 +142,18 @@ struct Tally {
 /// Sends the overlapping requests through `runtime`'s gateway and classifies the parent of
 /// each of its CLIENT spans.
 fn overlapping(runtime: Runtime, name: &str, forward: bool) -> Tally {
+    overlapping_calls(runtime, name, forward, 1)
+}
+
+/// As [`overlapping`], with `calls` backend calls per request (2: the Go gateway fans out).
+fn overlapping_calls(runtime: Runtime, name: &str, forward: bool, calls: usize) -> Tally {
     let e = env();
     let backend_port = free_port();
     let mut cmd = Command::new("python3");
     cmd.arg("-c").arg(SLOW).arg(backend_port.to_string());
     cmd.env("OTEL_SERVICE_NAME", format!("{name}-backend"));
     let _backend = Proc::listening(&format!("{name}-backend"), cmd, backend_port);
-    let (port, _proc, py) = gateway(&runtime, name, backend_port, forward);
+    let (port, _proc, py) = gateway(&runtime, name, backend_port, forward, calls > 1);
     let port = py.as_ref().map_or(port, |p| p.port);
     let prefix = unique_path(name);
     let ambiguous_before = e.metric("kspan_links_ambiguous_total");
@@ -190,7 +171,7 @@ fn overlapping(runtime: Runtime, name: &str, forward: bool) -> Tally {
         |s| {
             let mine = s.iter().filter(|g| ours(g));
             mine.clone().filter(|g| g.kind == "SERVER").count() == REQUESTS
-                && mine.filter(|g| g.kind == "CLIENT").count() == REQUESTS
+                && mine.filter(|g| g.kind == "CLIENT").count() == calls * REQUESTS
         },
     );
     let servers: HashMap<u64, String> = spans
@@ -239,7 +220,8 @@ fn path_of(g: &Got) -> Option<String> {
     }
     let full = g.attrs.get("url.full")?.s();
     let rest = full.split_once("://")?.1;
-    Some(rest[rest.find('/')?..].to_string())
+    let path = &rest[rest.find('/')?..];
+    Some(path.split('?').next().unwrap_or(path).to_string())
 }
 
 #[test]
@@ -248,10 +230,25 @@ fn python_threads_link_every_call_to_its_own_request() {
     assert_eq!(t, EXACT);
 }
 
+/// Goroutines are followed (the Go runtime probes): every call under its own request.
 #[test]
-fn go_without_headers_never_links_a_call_to_another_request() {
+fn go_without_headers_links_every_call_to_its_own_request() {
     let t = overlapping(Runtime::Go, "go-gateway", false);
-    assert_right_or_silent(&t);
+    assert_eq!(t, EXACT);
+}
+
+/// A handler that calls two backends at once from goroutines of its own: both calls are
+/// under their request.
+#[test]
+fn go_fan_out_in_goroutines_links_both_calls_to_their_request() {
+    let t = overlapping_calls(Runtime::Go, "go-fanout-gateway", false, 2);
+    assert_eq!(
+        t,
+        Tally {
+            right: 2 * REQUESTS,
+            ..EXACT
+        }
+    );
 }
 
 #[test]

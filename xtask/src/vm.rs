@@ -1,10 +1,9 @@
 //! `cargo xtask vm`: the kernel matrix. Debian's own kernels boot under qemu (TCG: KVM hangs at
 //! early boot on nested hosts) with a small initramfs holding busybox, the release agent, the
 //! guest program (`tests/src/bin/kspan-vm-guest/`) and its peers (nginx, curl, nghttp2, wrk,
-//! redis)
-//! with the libraries they link. Its smoke set runs inside each guest, then on the host kernel;
-//! `--bench` runs its benchmark in each guest instead and writes a table per kernel into
-//! BENCHMARKS.md. Kernels are fetched once into `target/vm/`.
+//! redis, a static Go gateway) with the libraries they link. Its smoke set runs inside each
+//! guest, then on the host kernel; `--bench` runs its benchmark in each guest instead and
+//! writes a table per kernel into BENCHMARKS.md. Kernels are fetched once into `target/vm/`.
 use std::{
     io::{BufRead as _, BufReader},
     path::{Path, PathBuf},
@@ -110,6 +109,7 @@ pub fn run(args: &VmArgs, kspan: &Path, guest: &Path) -> anyhow::Result<()> {
         ("qemu-system-x86", "/usr/bin/qemu-system-x86_64"),
         ("busybox-static", "/usr/share/doc/busybox-static"),
         ("wrk", "/usr/bin/wrk"),
+        ("golang-go", "/usr/bin/go"),
     ])?;
     std::fs::create_dir_all(VM_DIR)?;
     // apt takes relative paths as relative to its own root, not to the working directory.
@@ -142,7 +142,7 @@ pub fn run(args: &VmArgs, kspan: &Path, guest: &Path) -> anyhow::Result<()> {
         return write_bench(&outcomes);
     }
     if !args.no_host {
-        outcomes.push(on_host(kspan, guest)?);
+        outcomes.push(on_host(kspan, guest, &dir.join("go-gateway"))?);
     }
     report(&outcomes)
 }
@@ -341,7 +341,7 @@ ip link set lo up
 hostname kspan-vm
 mode=smoke
 grep -q kspan.bench /proc/cmdline && mode=bench
-KSPAN_BIN=/kspan /kspan-vm-guest $mode
+KSPAN_BIN=/kspan KSPAN_GO_GATEWAY=/go-gateway /kspan-vm-guest $mode
 echo "kspan-vm: $mode exit $?"
 poweroff -f
 "#;
@@ -371,6 +371,7 @@ fn build_initramfs(dir: &Path, kspan: &Path, guest: &Path) -> anyhow::Result<Pat
     for peer in PEERS {
         add_elf(&root, Path::new(peer), Path::new(peer))?;
     }
+    add_elf(&root, &go_gateway(dir)?, Path::new("/go-gateway"))?;
     let cpio = dir.join("initramfs.cpio");
     crate::run(Command::new("sh").current_dir(&root).arg("-c").arg(format!(
         "find . | /bin/busybox cpio -o -H newc > '{}'",
@@ -380,6 +381,22 @@ fn build_initramfs(dir: &Path, kspan: &Path, guest: &Path) -> anyhow::Result<Pat
 }
 
 /// Copies an executable (without debug info) and the shared libraries it links.
+/// The linking tests' Go gateway (`tests/go/gateway.go`), static, for the goroutine check.
+fn go_gateway(dir: &Path) -> anyhow::Result<PathBuf> {
+    let out = std::path::absolute(dir.join("go-gateway"))?;
+    crate::run(
+        Command::new("go")
+            .args(["build", "-o"])
+            .arg(&out)
+            .arg("tests/go/gateway.go")
+            .env("GO111MODULE", "off")
+            .env("CGO_ENABLED", "0")
+            .env("GOFLAGS", "")
+            .env("GOCACHE", std::path::absolute(dir.join("gocache"))?),
+    )?;
+    Ok(out)
+}
+
 fn add_elf(root: &Path, from: &Path, to: &Path) -> anyhow::Result<()> {
     let dest = root.join(to.strip_prefix("/")?);
     std::fs::create_dir_all(dest.parent().context("no parent")?)?;
@@ -534,12 +551,13 @@ fn read_outcome(log: &str, took: Duration) -> Outcome {
 }
 
 /// The same smoke set on the host's own kernel.
-fn on_host(kspan: &Path, guest: &Path) -> anyhow::Result<Outcome> {
+fn on_host(kspan: &Path, guest: &Path, go_gateway: &Path) -> anyhow::Result<Outcome> {
     eprintln!("xtask: the smoke set on the host kernel");
     let start = Instant::now();
     let out = Command::new(guest)
         .arg("smoke")
         .env("KSPAN_BIN", kspan)
+        .env("KSPAN_GO_GATEWAY", go_gateway)
         .stderr(Stdio::inherit())
         .output()
         .context("running the smoke set")?;

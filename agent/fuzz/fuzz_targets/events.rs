@@ -93,6 +93,8 @@ fuzz_target!(|data: &[u8]| {
                     0
                 },
                 tls: bytes.first().is_some_and(|b| b & 0x80 != 0),
+                // Goroutine records (decoded above) may name these.
+                goroutine: u64::from(op & 3),
                 kind,
             });
         }

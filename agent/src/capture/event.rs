@@ -2,7 +2,7 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use kspan_common::{
-    EventHeader, H2_CHUNK_HEADER, TAIL_LEN, Tuple, direction, event_flags, kind, role,
+    EventHeader, GoRecord, H2_CHUNK_HEADER, TAIL_LEN, Tuple, direction, event_flags, kind, role,
 };
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -78,6 +78,19 @@ pub enum EventKind<'a> {
     Close,
     /// Process `tgid` exec'ed (no connection: `conn` is zero).
     Exec,
+    /// What the Go runtime probes saw goroutine `Event::goroutine` do (no connection).
+    Go(GoEvent),
+}
+
+/// Goroutine lineage and hand-offs, from the Go runtime probes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GoEvent {
+    /// The goroutine was created by `parent`.
+    Spawned { parent: u64 },
+    /// The goroutine handed a request to HTTP/1 client connection `conn` (a `*persistConn`).
+    Calls { conn: u64 },
+    /// The goroutine writes client connection `conn`'s requests.
+    Writes { conn: u64 },
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -101,6 +114,9 @@ pub struct Event<'a> {
     pub protocol: u8,
     /// The payload is TLS plaintext read at the library's boundary.
     pub tls: bool,
+    /// The goroutine (`g` address) that made the syscall, in a Go process; meaningless in
+    /// others. For [`EventKind::Go`], the goroutine it is about.
+    pub goroutine: u64,
     pub kind: EventKind<'a>,
 }
 
@@ -133,6 +149,9 @@ pub fn endpoints(t: &Tuple) -> Option<Endpoints> {
 
 /// Decodes one ring-buffer record.
 pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
+    if let Some(ev) = decode_go(bytes)? {
+        return Ok(ev);
+    }
     if bytes.len() < HEADER_LEN {
         return Err(DecodeError::Short(bytes.len()));
     }
@@ -199,8 +218,47 @@ pub fn decode(bytes: &[u8]) -> Result<Event<'_>, DecodeError> {
         },
         protocol: h.conn.proto,
         tls: h.flags & event_flags::TLS != 0,
+        goroutine: h.goroutine,
         kind,
     })
+}
+
+/// A record of the Go runtime probes, which is shorter than the others.
+fn decode_go(bytes: &[u8]) -> Result<Option<Event<'_>>, DecodeError> {
+    let Some(k) = bytes.first_chunk::<4>().map(|k| u32::from_ne_bytes(*k)) else {
+        return Err(DecodeError::Short(bytes.len()));
+    };
+    if !matches!(k, kind::GO_SPAWN | kind::GO_CALL | kind::GO_WRITER) {
+        return Ok(None);
+    }
+    if bytes.len() < size_of::<GoRecord>() {
+        return Err(DecodeError::Short(bytes.len()));
+    }
+    // SAFETY: GoRecord is plain old data; the length was checked.
+    let r: GoRecord = unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast()) };
+    let go = match k {
+        kind::GO_SPAWN => GoEvent::Spawned { parent: r.related },
+        kind::GO_CALL => GoEvent::Calls { conn: r.related },
+        _ => GoEvent::Writes { conn: r.related },
+    };
+    Ok(Some(Event {
+        conn: ConnId {
+            sock: 0,
+            generation: 0,
+        },
+        tgid: r.tgid,
+        tid: 0,
+        ts_ns: r.ts_ns,
+        role: Role::Unknown,
+        endpoints: None,
+        comm: [0; 16],
+        discovered: false,
+        opener: Opener::default(),
+        protocol: 0,
+        tls: false,
+        goroutine: r.goroutine,
+        kind: EventKind::Go(go),
+    }))
 }
 
 /// The chunk header at the start of `bytes`: (copied, skipped).
@@ -292,13 +350,38 @@ pub fn first_bytes(payload: &[u8], framed: bool) -> &[u8] {
 
 /// Encodes an event back into the kernel's record layout (used by recording and tests).
 pub fn encode(ev: &Event<'_>) -> Vec<u8> {
-    let mut h = EventHeader {
+    let h = EventHeader {
         tgid: ev.tgid,
         sock: ev.conn.sock,
         tid: ev.tid,
         ts_ns: ev.ts_ns,
+        goroutine: ev.goroutine,
         ..Default::default()
     };
+    encode_header(ev, h)
+}
+
+fn encode_go(ev: &Event<'_>, go: GoEvent) -> Vec<u8> {
+    let (kind, related) = match go {
+        GoEvent::Spawned { parent } => (kind::GO_SPAWN, parent),
+        GoEvent::Calls { conn } => (kind::GO_CALL, conn),
+        GoEvent::Writes { conn } => (kind::GO_WRITER, conn),
+    };
+    let r = GoRecord {
+        kind,
+        tgid: ev.tgid,
+        ts_ns: ev.ts_ns,
+        goroutine: ev.goroutine,
+        related,
+    };
+    // SAFETY: GoRecord is plain old data without implicit padding.
+    unsafe {
+        std::slice::from_raw_parts((&r as *const GoRecord).cast::<u8>(), size_of::<GoRecord>())
+    }
+    .to_vec()
+}
+
+fn encode_header(ev: &Event<'_>, mut h: EventHeader) -> Vec<u8> {
     h.conn.generation = ev.conn.generation;
     h.conn.comm = ev.comm;
     h.conn.role = match ev.role {
@@ -365,6 +448,7 @@ pub fn encode(ev: &Event<'_>) -> Vec<u8> {
             h.kind = kind::EXEC;
             &[]
         }
+        EventKind::Go(go) => return encode_go(ev, *go),
     };
     if ev.tls {
         h.flags |= event_flags::TLS;
@@ -402,6 +486,7 @@ mod tests {
             opener: Opener { tgid: 6, parent: 1 },
             protocol: 0,
             tls: false,
+            goroutine: 0x00c0_0000_21c0,
             kind: EventKind::Data {
                 direction: Direction::Ingress,
                 total_len: 10_000,
@@ -423,6 +508,40 @@ mod tests {
             ..sample()
         };
         assert_eq!(decode(&encode(&close)).unwrap(), close);
+    }
+
+    #[test]
+    fn goroutine_records_roundtrip_without_a_connection() {
+        for go in [
+            GoEvent::Spawned {
+                parent: 0x00c0_0000_0680,
+            },
+            GoEvent::Calls {
+                conn: 0x00c0_001e_0000,
+            },
+            GoEvent::Writes {
+                conn: 0x00c0_001e_0000,
+            },
+        ] {
+            let ev = Event {
+                conn: ConnId {
+                    sock: 0,
+                    generation: 0,
+                },
+                tid: 0,
+                role: Role::Unknown,
+                endpoints: None,
+                comm: [0; 16],
+                discovered: false,
+                opener: Opener::default(),
+                kind: EventKind::Go(go),
+                ..sample()
+            };
+            let bytes = encode(&ev);
+            assert_eq!(bytes.len(), size_of::<GoRecord>());
+            assert_eq!(decode(&bytes), Ok(ev));
+            assert_eq!(decode(&bytes[..20]), Err(DecodeError::Short(20)));
+        }
     }
 
     fn chunk(copied: &[u8], skipped: u32) -> Vec<u8> {

@@ -1,5 +1,5 @@
-//! The TLS library probes: loaded with the other programs, attached per library file by
-//! [`crate::tls::attach::Attacher`].
+//! The TLS library probes and the Go runtime's: loaded with the other programs, attached per
+//! file by [`crate::tls::attach::Attacher`].
 use std::path::Path;
 
 use aya::{
@@ -38,6 +38,13 @@ fn entry(abi: Abi) -> &'static str {
     }
 }
 const RETURN: &str = "kspan_ssl_ret";
+/// The goroutine probes (`kspan-ebpf/src/go.rs`).
+const GO: [&str; 4] = [
+    "kspan_go_newproc",
+    "kspan_go_runqput",
+    "kspan_go_round_trip",
+    "kspan_go_write_loop",
+];
 
 /// The probes of one library file.
 pub struct TlsLink(Vec<(String, UProbeLinkId)>);
@@ -61,7 +68,7 @@ fn cause(e: &ProgramError) -> String {
 /// not read, which the agent says, but the rest works).
 pub(super) fn load(ebpf: &mut Ebpf, loops: Loops) -> Result<(), String> {
     let ret = loops.program(RETURN);
-    for name in ENTRY.iter().copied().chain([ret.as_str()]) {
+    for name in ENTRY.iter().chain(&GO).copied().chain([ret.as_str()]) {
         let prog: &mut UProbe = ebpf
             .program_mut(name)
             .ok_or_else(|| format!("missing program {name}"))?
@@ -85,6 +92,14 @@ impl Capture {
         }
         if let Some(free) = plan.free {
             probes.push((FREE, free.offset));
+        }
+        if let Some(go) = plan.go {
+            let points = [go.newproc, go.runqput, go.round_trip, go.write_loop];
+            for (name, point) in GO.into_iter().zip(points) {
+                if let Some(p) = point {
+                    probes.push((name, p.offset));
+                }
+            }
         }
         let mut link = TlsLink(Vec::with_capacity(probes.len()));
         for (name, offset) in probes {

@@ -118,6 +118,7 @@ impl Sim {
             opener: Default::default(),
             protocol: 0,
             tls: self.tls,
+            goroutine: 0,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
@@ -163,6 +164,7 @@ impl Sim {
             opener: Default::default(),
             protocol: 0,
             tls: false,
+            goroutine: 0,
             kind: EventKind::Close,
         });
     }
@@ -182,6 +184,7 @@ impl Sim {
             opener: Default::default(),
             protocol: proto::TLS,
             tls: false,
+            goroutine: 0,
             kind: EventKind::Data {
                 direction: Direction::Egress,
                 total_len: 517,
@@ -631,6 +634,7 @@ fn discovered_connections_join_at_a_message_start_and_never_pair_by_order() {
             opener: Default::default(),
             protocol: 0,
             tls: false,
+            goroutine: 0,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64,
@@ -729,6 +733,7 @@ mod http2 {
             opener: Default::default(),
             protocol: 0,
             tls: false,
+            goroutine: 0,
             kind: EventKind::Data {
                 direction: dir,
                 total_len: bytes.len() as u64 + skipped as u64,
@@ -944,6 +949,7 @@ mod http2_late {
                 opener: Default::default(),
                 protocol: 0,
                 tls: false,
+                goroutine: 0,
                 kind: EventKind::Data {
                     direction: dir,
                     total_len: bytes.len() as u64,

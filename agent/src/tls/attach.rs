@@ -3,6 +3,7 @@
 //! So the host's own `libssl` is probed at start (a `curl` that lives 50 ms is read from its
 //! first call), and a container's copy, or an executable with OpenSSL inside (Node.js), when a
 //! process using it is first seen. Files no process maps any more are unprobed by [`sweep`].
+//! A Go executable is probed the same way for its goroutines ([`crate::golang`]).
 //!
 //! [`sweep`]: Attacher::sweep
 use std::{
@@ -29,6 +30,8 @@ pub trait Probes {
 struct Attached<L> {
     link: L,
     path: PathBuf,
+    /// Its TLS plaintext is read (else only a Go executable's goroutines are followed).
+    tls: bool,
     /// Found on the host at start: kept for processes not started yet.
     pinned: bool,
 }
@@ -196,8 +199,8 @@ impl<L> Attacher<L> {
         id: FileId,
         path: &Path,
     ) -> Result<bool, ()> {
-        if self.attached.contains_key(&id) {
-            return Ok(true);
+        if let Some(a) = self.attached.get(&id) {
+            return Ok(a.tls);
         }
         if self.files.len() >= MAX_FILES {
             self.files.clear();
@@ -209,8 +212,13 @@ impl<L> Attacher<L> {
         match probes.attach(path, &plan) {
             Ok(link) => {
                 log::info!(
-                    "reading TLS plaintext at {} (probed in {:?}; {} of {} probes single-step, \
-                     which costs tens of µs per call under a hypervisor)",
+                    "{} {} (probed in {:?}; {} of {} probes single-step, which costs tens of \
+                     µs per call under a hypervisor)",
+                    if plan.reads_tls() {
+                        "reading TLS plaintext at"
+                    } else {
+                        "following the goroutines of"
+                    },
                     path.display(),
                     started.elapsed(),
                     plan.stepped(),
@@ -221,10 +229,11 @@ impl<L> Attacher<L> {
                     Attached {
                         link,
                         path: path.to_path_buf(),
+                        tls: plan.reads_tls(),
                         pinned: false,
                     },
                 );
-                Ok(true)
+                Ok(plan.reads_tls())
             }
             Err(e) if !path.exists() => {
                 // The process exited while being probed, taking its `/proc/<pid>/root` view
@@ -236,7 +245,7 @@ impl<L> Attacher<L> {
                 self.attach_errors += 1;
                 // Not retried: the same file would fail the same way.
                 self.files.insert(id, None);
-                log::warn!("could not probe TLS library {}: {e}", path.display());
+                log::warn!("could not probe {}: {e}", path.display());
                 Err(())
             }
         }

@@ -10,6 +10,7 @@ use super::{
     Uncovered,
     placement::{self, Exports, Func, Plan},
 };
+use crate::golang;
 
 #[derive(Debug, thiserror::Error)]
 pub enum LibraryError {
@@ -39,9 +40,10 @@ pub struct Mapped {
     pub reachable: PathBuf,
 }
 
-/// Where kspan's probes go in a file that exports OpenSSL's (or BoringSSL's, same names) API;
-/// `None` when it does not. Reads the headers, the dynamic symbol table and the first
-/// instructions of the functions: executables with OpenSSL inside (Node.js) are large.
+/// Where kspan's probes go in a file that exports OpenSSL's (or BoringSSL's, same names) API,
+/// or in a Go executable; `None` when it is neither. Reads the headers, the symbol tables and
+/// the first instructions of the functions: executables with OpenSSL inside (Node.js) are
+/// large.
 pub fn plan(path: &Path) -> Result<Option<Plan>, LibraryError> {
     let file = File::open(path).map_err(|e| LibraryError::Open(path.to_path_buf(), e))?;
     let map = Mapping::new(&file).map_err(|e| LibraryError::Open(path.to_path_buf(), e))?;
@@ -61,24 +63,29 @@ pub fn plan(path: &Path) -> Result<Option<Plan>, LibraryError> {
             Ok("SSL_free") => &mut e.free,
             _ => continue,
         };
-        let Some(section) = sym
-            .section_index()
-            .and_then(|i| elf.section_by_index(i).ok())
-        else {
-            continue;
-        };
-        let Some((offset, _)) = section.file_range() else {
-            continue;
-        };
-        *slot = sym
-            .address()
-            .checked_sub(section.address())
-            .map(|rel| Func {
-                at: rel + offset,
-                size: sym.size(),
-            });
+        *slot = file_func(&elf, &sym);
     }
-    Ok(placement::plan(&file, &e))
+    let go = golang::symbols(&elf).and_then(|s| golang::plan(&file, &s));
+    Ok(match (placement::plan(&file, &e), go) {
+        (Some(tls), go) => Some(Plan { go, ..tls }),
+        (None, Some(go)) => Some(Plan {
+            calls: Vec::new(),
+            free: None,
+            go: Some(go),
+        }),
+        (None, None) => None,
+    })
+}
+
+/// A symbol's file offset and size.
+pub fn file_func(elf: &object::File<'_>, sym: &object::Symbol<'_, '_>) -> Option<Func> {
+    let section = elf.section_by_index(sym.section_index()?).ok()?;
+    let (offset, _) = section.file_range()?;
+    let rel = sym.address().checked_sub(section.address())?;
+    Some(Func {
+        at: rel + offset,
+        size: sym.size(),
+    })
 }
 
 /// A file mapped read-only: only the pages parsing touches are read. (Reading symbol names

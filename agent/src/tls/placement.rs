@@ -82,18 +82,33 @@ pub struct Plan {
     pub calls: Vec<Hook>,
     /// `SSL_free`'s entry probe (reads only the `SSL *`).
     pub free: Option<Point>,
+    /// A Go executable's goroutine probes (it has no OpenSSL then).
+    pub go: Option<crate::golang::Plan>,
 }
 
 impl Plan {
     /// Probes in the plan, return probes left out.
     pub fn probes(&self) -> usize {
-        self.calls.len() + usize::from(self.free.is_some())
+        self.points().count()
     }
 
     /// Probes whose instruction is single-stepped.
     pub fn stepped(&self) -> usize {
-        let calls = self.calls.iter().filter(|h| h.stepped).count();
-        calls + usize::from(self.free.is_some_and(|f| f.stepped))
+        self.points().filter(|p| p.stepped).count()
+    }
+
+    /// Whether the file's TLS plaintext is read (not only its goroutines followed).
+    pub fn reads_tls(&self) -> bool {
+        !self.calls.is_empty()
+    }
+
+    fn points(&self) -> impl Iterator<Item = Point> + '_ {
+        let calls = self.calls.iter().map(|h| Point {
+            offset: h.offset,
+            stepped: h.stepped,
+        });
+        let go = self.go.iter().flat_map(|g| g.points());
+        calls.chain(self.free).chain(go)
     }
 }
 
@@ -118,7 +133,11 @@ pub fn plan<T: Text + ?Sized>(text: &T, e: &Exports) -> Option<Plan> {
         via,
     ));
     let free = e.free.map(|f| point(text, f.at, &[Register::RDI], false));
-    Some(Plan { calls, free })
+    Some(Plan {
+        calls,
+        free,
+        go: None,
+    })
 }
 
 /// The hooks of one direction: the public forms where they open with an emulated instruction,
@@ -149,7 +168,7 @@ fn direction<T: Text + ?Sized>(
 }
 
 /// The emulated instruction [`emulated_from`] finds, else the entry, single-stepped.
-fn point<T: Text + ?Sized>(text: &T, at: u64, reads: &[Register], frame: bool) -> Point {
+pub(crate) fn point<T: Text + ?Sized>(text: &T, at: u64, reads: &[Register], frame: bool) -> Point {
     match emulated_from(text, at, reads, frame) {
         Some(offset) => Point {
             offset,
@@ -257,7 +276,11 @@ fn callees<T: Text + ?Sized>(text: &T, f: Func) -> Vec<u64> {
 
 /// Instructions from file offset `at`, at most `len` bytes of them, using file offsets as
 /// addresses (direct branches within the text segment keep their targets), with those bytes.
-fn decode<T: Text + ?Sized>(text: &T, at: u64, len: usize) -> (Vec<u8>, Vec<Instruction>) {
+pub(crate) fn decode<T: Text + ?Sized>(
+    text: &T,
+    at: u64,
+    len: usize,
+) -> (Vec<u8>, Vec<Instruction>) {
     let bytes = text.bytes(at, len);
     let insns = Decoder::with_ip(64, &bytes, at, DecoderOptions::NONE)
         .into_iter()

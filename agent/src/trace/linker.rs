@@ -23,6 +23,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use super::{
     context::{self, Sampling},
     db::DbExchange,
+    goroutines::Goroutines,
     privacy::Privacy,
     sampler::Sampler,
     span::{
@@ -30,7 +31,7 @@ use super::{
     },
 };
 use crate::{
-    capture::event::Endpoints,
+    capture::event::{Endpoints, GoEvent},
     process::ProcessInfo,
     protocol::{Call, Outcome},
 };
@@ -80,6 +81,8 @@ struct Open {
     kind: SpanKind,
     tgid: u32,
     tid: u32,
+    /// SERVER of a process whose goroutines are followed: the goroutine serving it.
+    goroutine: Option<u64>,
     trace_id: u128,
     parent: Option<u64>,
     sampling: Sampling,
@@ -119,6 +122,8 @@ pub struct RequestStart {
     /// The process and thread that moved the request's first bytes.
     pub tgid: u32,
     pub tid: u32,
+    /// The goroutine register at that syscall (see `Event::goroutine`).
+    pub goroutine: u64,
     pub kind: SpanKind,
     pub endpoints: Option<Endpoints>,
     /// 0-based index of this request on its connection; `None` when earlier requests were
@@ -137,6 +142,7 @@ pub struct Tracer {
     /// starting a request while its previous one was open (an event loop, a work-stealing
     /// scheduler), so which thread makes a call does not tell which request it serves.
     multiplexed: HashSet<u32>,
+    goroutines: Goroutines,
     clients_by_key: HashMap<LinkKey, (u64, u64)>,
     waiting_servers: HashMap<LinkKey, (u64, u64)>,
     lingering: VecDeque<(u64, u64)>,
@@ -189,6 +195,7 @@ impl Tracer {
             spans: HashMap::default(),
             open_servers: HashMap::default(),
             multiplexed: HashSet::default(),
+            goroutines: Goroutines::default(),
             clients_by_key: HashMap::default(),
             waiting_servers: HashMap::default(),
             lingering: VecDeque::new(),
@@ -259,6 +266,7 @@ impl Tracer {
             kind: r.kind,
             tgid: r.tgid,
             tid: r.tid,
+            goroutine: None,
             trace_id: 0,
             parent: None,
             sampling: explicit,
@@ -286,6 +294,9 @@ impl Tracer {
                     None => span.trace_id = new_trace_id(),
                 }
                 self.note_threading(r.tgid, r.tid);
+                if self.goroutines.follows(r.tgid) {
+                    span.goroutine = Some(self.goroutines.acting(r.tgid, r.goroutine));
+                }
                 self.spans.insert(id, span);
                 self.open_servers.entry(r.tgid).or_default().push(id);
                 if let (Some(e), Some(seq)) = (r.endpoints, r.seq) {
@@ -297,7 +308,8 @@ impl Tracer {
                 }
             }
             SpanKind::Client => {
-                let server = match self.pick_server(r.tgid, r.tid, ids.map(|i| i.trace_id)) {
+                let caller = (r.tgid, r.tid, r.goroutine);
+                let server = match self.pick_server(caller, ids.map(|i| i.trace_id)) {
                     Pick::Server(s) => Some(s),
                     Pick::Ambiguous => {
                         self.stats.links_ambiguous += 1;
@@ -366,7 +378,7 @@ impl Tracer {
     /// the most recent). Without one: the only open span of the process, else the only one
     /// started on the calling thread, when the process's threads serve one request at a time
     /// and it is not a Go program; else nobody knows, and no parent is guessed.
-    fn pick_server(&self, tgid: u32, tid: u32, trace_id: Option<u128>) -> Pick {
+    fn pick_server(&self, (tgid, tid, g): (u32, u32, u64), trace_id: Option<u128>) -> Pick {
         let Some(candidates) = self.open_servers.get(&tgid) else {
             return Pick::None;
         };
@@ -378,6 +390,9 @@ impl Tracer {
                 .filter(|(_, s)| s.trace_id == t)
                 .max_by_key(|(id, s)| (s.tid == tid, s.start_ns, *id))
                 .map_or(Pick::None, |(id, _)| Pick::Server(id));
+        }
+        if self.goroutines.follows(tgid) {
+            return self.pick_by_goroutine(tgid, g, candidates);
         }
         // One pass, no allocation: this runs for every outgoing call.
         let (mut count, mut last, mut on_thread) = (0, None, (0, 0));
@@ -396,6 +411,40 @@ impl Tracer {
             }
             _ => Pick::Ambiguous,
         }
+    }
+
+    /// Rule 2 in a process whose goroutines are followed: the open SERVER span served by the
+    /// goroutine the call was made for, else by its creator (created while that span was
+    /// open), and so on up. Nothing found while requests are open: nobody knows.
+    fn pick_by_goroutine(&self, tgid: u32, g: u64, candidates: &[u64]) -> Pick {
+        let acting = self.goroutines.acting(tgid, g);
+        for step in self.goroutines.lineage(tgid, acting) {
+            let mut owners = candidates.iter().filter(|id| {
+                self.spans
+                    .get(id)
+                    .is_some_and(|s| s.goroutine == Some(step.g) && s.start_ns <= step.since_ns)
+            });
+            match (owners.next(), owners.next()) {
+                (Some(&id), None) => return Pick::Server(id),
+                (Some(_), Some(_)) => return Pick::Ambiguous,
+                _ => {}
+            }
+        }
+        if candidates.is_empty() {
+            Pick::None
+        } else {
+            Pick::Ambiguous
+        }
+    }
+
+    /// What the Go runtime probes saw (goroutine lineage and hand-offs).
+    pub fn goroutine_event(&mut self, tgid: u32, g: u64, ev: GoEvent, ts_ns: u64) {
+        self.goroutines.observe(tgid, g, ev, ts_ns);
+    }
+
+    /// Process `tgid` exec'ed: what was known of its goroutines is void.
+    pub fn process_exec(&mut self, tgid: u32) {
+        self.goroutines.forget(tgid);
     }
 
     /// A request starting on a thread whose previous request is still open shows that the
@@ -695,6 +744,18 @@ mod tests {
     }
 
     fn start(t: &mut Tracer, kind: SpanKind, tid: u32, go: bool, b3: Option<&str>, at: u64) -> u64 {
+        start_on(t, kind, (tid, 0), go, b3, at)
+    }
+
+    /// As `start`, with the goroutine register of the syscall.
+    fn start_on(
+        t: &mut Tracer,
+        kind: SpanKind,
+        (tid, goroutine): (u32, u64),
+        go: bool,
+        b3: Option<&str>,
+        at: u64,
+    ) -> u64 {
         let mut headers = Headers::default();
         if let Some(b3) = b3 {
             headers.insert("b3", b3);
@@ -702,6 +763,7 @@ mod tests {
         t.request_started(RequestStart {
             tgid: 7,
             tid,
+            goroutine,
             kind,
             endpoints: None,
             seq: None,
@@ -778,6 +840,51 @@ mod tests {
         let call = start(&mut t, SpanKind::Client, 1, true, None, 4);
         assert_eq!(parent(&t, call), None, "goroutines move between threads");
         assert_eq!(t.stats.links_ambiguous, 1);
+    }
+
+    #[test]
+    fn goroutines_tell_which_request_made_a_call() {
+        let mut t = tracer();
+        let (server, client) = (SpanKind::Server, SpanKind::Client);
+        let go = |t: &mut Tracer, g, ev, at| t.goroutine_event(7, g, ev, at);
+        // Connection goroutines 0x10 and 0x20, created by the accept loop 0x1, serve a and b.
+        go(&mut t, 0x10, GoEvent::Spawned { parent: 0x1 }, 1);
+        go(&mut t, 0x20, GoEvent::Spawned { parent: 0x1 }, 1);
+        let a = start_on(&mut t, server, (1, 0x10), true, None, 2);
+        let b = start_on(&mut t, server, (1, 0x20), true, None, 3);
+        // a's handler calls out; client connection 0xc0's writer goroutine 0x90 writes it.
+        go(&mut t, 0x90, GoEvent::Writes { conn: 0xc0 }, 0);
+        go(&mut t, 0x10, GoEvent::Calls { conn: 0xc0 }, 4);
+        let call_a = start_on(&mut t, client, (2, 0x90), true, None, 5);
+        assert_eq!(
+            parent(&t, call_a),
+            Some(a),
+            "the writer wrote for a's goroutine"
+        );
+        // b fans out: goroutine 0x30, created while b is served, calls on the same connection.
+        go(&mut t, 0x30, GoEvent::Spawned { parent: 0x20 }, 6);
+        go(&mut t, 0x30, GoEvent::Calls { conn: 0xc0 }, 7);
+        let call_b = start_on(&mut t, client, (2, 0x90), true, None, 8);
+        assert_eq!(
+            parent(&t, call_b),
+            Some(b),
+            "created by b's goroutine while b was open"
+        );
+        // Created by b's goroutine before b began: left over from an earlier request.
+        go(&mut t, 0x40, GoEvent::Spawned { parent: 0x20 }, 2);
+        let stale = start_on(&mut t, client, (1, 0x40), true, None, 9);
+        assert_eq!(parent(&t, stale), None);
+        assert_eq!(
+            t.stats.links_ambiguous, 1,
+            "requests were open: not known, not guessed"
+        );
+        t.process_exec(7);
+        let after_exec = start_on(&mut t, client, (1, 0x10), true, None, 10);
+        assert_eq!(
+            parent(&t, after_exec),
+            None,
+            "another program: goroutines unknown"
+        );
     }
 
     #[test]

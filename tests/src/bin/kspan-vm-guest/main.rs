@@ -1,6 +1,7 @@
 //! What `cargo xtask vm` runs inside each guest of the kernel matrix (and on the host):
 //! `kspan-vm-guest smoke` (the default) or `kspan-vm-guest bench`, with `KSPAN_BIN` naming
-//! the agent. Both print lines that xtask reads off the serial console.
+//! the agent and `KSPAN_GO_GATEWAY` the static Go gateway (`tests/go/gateway.go`). Both print
+//! lines that xtask reads off the serial console.
 mod bench;
 mod smoke;
 

@@ -6,7 +6,8 @@
 //! its exact 4-span tree, an h2c call its 2 linked spans, busybox httpd (a child forked per
 //! connection serves it through stdin and stdout) its 2 linked spans, redis-benchmark's calls
 //! (pipelined, with replies larger than the copy cap) are counted exactly, curl → nginx over
-//! HTTPS gives its 2 linked spans (the TLS uprobes on OpenSSL load and read the plaintext), no
+//! HTTPS gives its 2 linked spans (the TLS uprobes on OpenSSL load and read the plaintext), a
+//! Go gateway's overlapping calls are each under their own request (the goroutine probes), no
 //! kernel event or span is lost, and the agent exits cleanly on SIGTERM.
 //!
 //! It prints `kspan-vm: …` lines (xtask reads them off the serial console) and exits 1 if any
@@ -19,8 +20,8 @@ use std::{
 use std::process::Command;
 
 use kspan_tests::{
-    Agent, Got, Nginx, Spans, busybox_httpd, curl, free_port, grpc_collector, metric, nghttp_get,
-    nghttpd, one, otlp_grpc, runtime, trace_id,
+    Agent, Got, Nginx, Proc, Spans, busybox_httpd, curl, free_port, grpc_collector, metric,
+    nghttp_get, nghttpd, one, otlp_grpc, runtime, trace_id,
 };
 
 use crate::{HOOKS, LOAD_BOUND, hook_words, kernel_release, panic_text, probes_line, say};
@@ -173,6 +174,9 @@ fn with_hook(
     results.run(hook, "https-curl", &agent, || {
         https_call(peers, &servers, &agent, tag + 4)
     });
+    results.run(hook, "go-goroutines", &agent, || {
+        go_goroutines(peers, &agent, tag + 5)
+    });
     results.run(hook, "no-losses", &agent, || {
         for m in [
             "kspan_kernel_lost_events_total",
@@ -254,6 +258,66 @@ fn https_call(peers: &Peers, servers: &Servers, agent: &Agent, tag: u16) {
     assert_eq!(server.parent, Some(client.span_id));
     assert_eq!(server.attr("url.scheme").s(), "https");
     assert_eq!(server.attr("url.path").s(), "/tls");
+}
+
+/// A Go gateway (net/http, forwarding no headers) in front of a Go backend that answers after
+/// 300 ms, 4 requests at once: each call is under its own request, which only the goroutine
+/// probes can tell (with them missing, the overlapping calls are left ambiguous).
+fn go_goroutines(peers: &Peers, agent: &Agent, tag: u16) {
+    const CALLS: usize = 4;
+    let exe = std::env::var("KSPAN_GO_GATEWAY").expect("KSPAN_GO_GATEWAY names the Go gateway");
+    let backend = free_port();
+    let mut slow = Command::new(&exe);
+    slow.args([backend.to_string(), "slow".into()]);
+    let _backend = Proc::listening("go-backend", slow, backend);
+    let port = free_port();
+    let mut gateway = Command::new(&exe);
+    gateway.args([port.to_string(), format!("http://127.0.0.1:{backend}")]);
+    gateway
+        .args(["0", "0"])
+        .env("OTEL_SERVICE_NAME", "go-vm-gateway");
+    let _gateway = Proc::listening("go-gateway", gateway, port);
+    let probed = std::time::Instant::now() + Duration::from_secs(SPAN_WAIT_SECS);
+    while !agent.proc.log().contains("following the goroutines of") {
+        assert!(std::time::Instant::now() < probed, "{}", agent.proc.log());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let prefix = format!("/go{tag}/");
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    let requests: Vec<_> = (0..CALLS)
+        .map(|i| {
+            let path = format!("{prefix}{i}");
+            std::thread::spawn(move || kspan_tests::http_get(addr, &path))
+        })
+        .collect();
+    for r in requests {
+        let answer = r.join().expect("request thread").expect("request");
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    }
+    let ours = |g: &Got| g.service() == "go-vm-gateway" && path(g).starts_with(&prefix);
+    let got = peers
+        .spans
+        .wait_for("the Go gateway's spans", SPAN_WAIT_SECS, |s| {
+            s.iter().filter(|g| ours(g)).count() == 2 * CALLS
+        });
+    let servers: Vec<&Got> = got
+        .iter()
+        .filter(|g| ours(g) && g.kind == "SERVER")
+        .collect();
+    for call in got.iter().filter(|g| ours(g) && g.kind == "CLIENT") {
+        let own = servers.iter().find(|s| path(s) == path(call));
+        assert_eq!(call.parent, own.map(|s| s.span_id), "{call:#?}");
+    }
+}
+
+/// A SERVER span's `url.path`, or the path of a CLIENT span's `url.full`.
+fn path(g: &Got) -> String {
+    if let Some(p) = g.attrs.get("url.path") {
+        return p.s().to_string();
+    }
+    let full = g.attrs.get("url.full").map(|u| u.s()).unwrap_or_default();
+    let rest = full.split_once("://").map_or("", |r| r.1);
+    rest.find('/').map_or("", |i| &rest[i..]).to_string()
 }
 
 /// nghttp → nghttpd over h2c prior knowledge, B3 from the client.
