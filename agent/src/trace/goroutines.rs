@@ -35,7 +35,7 @@ pub struct Goroutines {
 
 /// One step up from the goroutine that made a call: goroutine `g` may own the call if it was
 /// already serving a request at `since_ns` (when the step below it was created).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Step {
     pub g: u64,
     pub since_ns: u64,

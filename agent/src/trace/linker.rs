@@ -23,7 +23,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use super::{
     context::{self, Sampling},
     db::DbExchange,
-    goroutines::Goroutines,
+    goroutines::{Goroutines, MAX_DEPTH, Step},
     privacy::Privacy,
     sampler::Sampler,
     span::{
@@ -375,9 +375,10 @@ impl Tracer {
 
     /// The open SERVER span of `tgid` that made an outgoing request. With a trace id, the
     /// open span of that trace (the trace is right whichever is chosen; the same thread, then
-    /// the most recent). Without one: the only open span of the process, else the only one
-    /// started on the calling thread, when the process's threads serve one request at a time
-    /// and it is not a Go program; else nobody knows, and no parent is guessed.
+    /// the most recent). Without one, in a process whose goroutines are followed: by goroutine
+    /// ([`Tracer::pick_by_goroutine`]). Otherwise the only open span of the process, else the
+    /// only one started on the calling thread, when the process's threads serve one request at
+    /// a time and it is not a Go program; else nobody knows, and no parent is guessed.
     fn pick_server(&self, (tgid, tid, g): (u32, u32, u64), trace_id: Option<u128>) -> Pick {
         let Some(candidates) = self.open_servers.get(&tgid) else {
             return Pick::None;
@@ -418,22 +419,35 @@ impl Tracer {
     /// open), and so on up. Nothing found while requests are open: nobody knows.
     fn pick_by_goroutine(&self, tgid: u32, g: u64, candidates: &[u64]) -> Pick {
         let acting = self.goroutines.acting(tgid, g);
-        for step in self.goroutines.lineage(tgid, acting) {
-            let mut owners = candidates.iter().filter(|id| {
-                self.spans
-                    .get(id)
-                    .is_some_and(|s| s.goroutine == Some(step.g) && s.start_ns <= step.since_ns)
-            });
-            match (owners.next(), owners.next()) {
-                (Some(&id), None) => return Pick::Server(id),
-                (Some(_), Some(_)) => return Pick::Ambiguous,
-                _ => {}
+        let mut chain = [Step::default(); MAX_DEPTH];
+        let mut depth = 0;
+        for (slot, step) in chain.iter_mut().zip(self.goroutines.lineage(tgid, acting)) {
+            *slot = step;
+            depth += 1;
+        }
+        let chain = &chain[..depth];
+        // One pass over the open spans: the nearest step that owns one, and how many it owns.
+        let (mut nearest, mut owners, mut owner) = (usize::MAX, 0, 0);
+        for &id in candidates {
+            let Some(s) = self.spans.get(&id) else {
+                continue;
+            };
+            let Some(at) = chain
+                .iter()
+                .position(|c| s.goroutine == Some(c.g) && s.start_ns <= c.since_ns)
+            else {
+                continue;
+            };
+            if at < nearest {
+                (nearest, owners, owner) = (at, 1, id);
+            } else if at == nearest {
+                owners += 1;
             }
         }
-        if candidates.is_empty() {
-            Pick::None
-        } else {
-            Pick::Ambiguous
+        match owners {
+            1 => Pick::Server(owner),
+            0 if candidates.is_empty() => Pick::None,
+            _ => Pick::Ambiguous,
         }
     }
 
@@ -878,6 +892,12 @@ mod tests {
             t.stats.links_ambiguous, 1,
             "requests were open: not known, not guessed"
         );
+        // One goroutine serving two requests at once (an HTTP/2 connection's reader).
+        start_on(&mut t, server, (1, 0x50), true, None, 10);
+        start_on(&mut t, server, (1, 0x50), true, None, 11);
+        let shared = start_on(&mut t, client, (1, 0x50), true, None, 12);
+        assert_eq!(parent(&t, shared), None);
+        assert_eq!(t.stats.links_ambiguous, 2);
         t.process_exec(7);
         let after_exec = start_on(&mut t, client, (1, 0x10), true, None, 10);
         assert_eq!(
