@@ -28,10 +28,14 @@ pub struct Plan {
 }
 
 impl Plan {
-    pub fn points(&self) -> impl Iterator<Item = Point> {
+    /// The probes in a fixed order (the kernel program of each is named in that order by
+    /// `capture::uprobes`).
+    pub fn slots(&self) -> [Option<Point>; 4] {
         [self.newproc, self.runqput, self.round_trip, self.write_loop]
-            .into_iter()
-            .flatten()
+    }
+
+    pub fn points(&self) -> impl Iterator<Item = Point> {
+        self.slots().into_iter().flatten()
     }
 }
 
@@ -73,8 +77,7 @@ pub fn plan<T: Text + ?Sized>(text: &T, s: &Symbols) -> Option<Plan> {
     // The stack check only reads the goroutine register; the probes read it and the first
     // argument register.
     let entry = |f: Option<Func>| {
-        let p = placement::point(text, f?.at, &[Register::RAX, Register::R14], false);
-        Some(p)
+        f.map(|f| placement::point(text, f.at, &[Register::RAX, Register::R14], false))
     };
     // Each probe is of use only with its pair.
     let (newproc, runqput) = calls(s.newproc1).zip(calls(s.runqput)).unzip();

@@ -388,10 +388,8 @@ fn run_loop(
                 // Only with the ring buffer emptied: a close still waiting in it is not lost.
                 if drained < DRAIN_BUDGET && last_reconcile.elapsed() >= Duration::from_secs(1) {
                     last_reconcile = Instant::now();
-                    if cap
-                        .lost()
-                        .is_ok_and(|lost| losses.due(lost, last_reconcile))
-                    {
+                    // The count `publish` read from the kernel at most a second ago.
+                    if losses.due(metrics.kernel_lost.load(Relaxed), last_reconcile) {
                         let quiet_since = now_ns.saturating_sub(RECONCILE_QUIET_NS);
                         pipeline.reconcile(quiet_since, |id| cap.tracks(id));
                     }

@@ -76,6 +76,17 @@ impl Got {
     pub fn contains(&self, child: &Got) -> bool {
         self.start <= child.start && child.end <= self.end
     }
+    /// The request path without its query: a SERVER span's `url.path`, the path of a CLIENT
+    /// span's `url.full`.
+    pub fn path(&self) -> Option<String> {
+        if let Some(p) = self.attrs.get("url.path") {
+            return Some(p.s().to_string());
+        }
+        let full = self.attrs.get("url.full")?.s();
+        let rest = full.split_once("://")?.1;
+        let path = &rest[rest.find('/')?..];
+        Some(path.split('?').next().unwrap_or(path).to_string())
+    }
 }
 
 fn val(v: &Option<AnyValue>) -> Val {

@@ -165,7 +165,7 @@ fn overlapping_calls(runtime: Runtime, name: &str, forward: bool, calls: usize) 
         REQUESTS.to_string(),
     ]);
     run_ok(load);
-    let ours = |g: &Got| g.service() == name && path_of(g).is_some_and(|p| p.starts_with(&prefix));
+    let ours = |g: &Got| g.service() == name && g.path().is_some_and(|p| p.starts_with(&prefix));
     let spans = e.wait_spans(
         &format!("{REQUESTS} SERVER and CLIENT spans of {name}"),
         |s| {
@@ -177,12 +177,12 @@ fn overlapping_calls(runtime: Runtime, name: &str, forward: bool, calls: usize) 
     let servers: HashMap<u64, String> = spans
         .iter()
         .filter(|g| ours(g) && g.kind == "SERVER")
-        .filter_map(|g| Some((g.span_id, path_of(g)?)))
+        .filter_map(|g| Some((g.span_id, g.path()?)))
         .collect();
     let mut tally = Tally::default();
     for c in spans.iter().filter(|g| ours(g) && g.kind == "CLIENT") {
         match c.parent {
-            Some(p) if servers.get(&p) == path_of(c).as_ref() => tally.right += 1,
+            Some(p) if servers.get(&p) == c.path().as_ref() => tally.right += 1,
             Some(_) => tally.wrong += 1,
             None => {
                 assert_eq!(c.attr("kspan.link").s(), "ambiguous", "{c:#?}");
@@ -211,17 +211,6 @@ fn assert_right_or_silent(t: &Tally) {
     assert_eq!(t.wrong, 0, "{t:?}");
     assert_eq!(t.right + t.ambiguous, REQUESTS, "{t:?}");
     assert!(t.ambiguous > 0, "the requests overlapped: {t:?}");
-}
-
-/// The request path: `url.path` of a SERVER span, the path of a CLIENT span's `url.full`.
-fn path_of(g: &Got) -> Option<String> {
-    if let Some(p) = g.attrs.get("url.path") {
-        return Some(p.s().to_string());
-    }
-    let full = g.attrs.get("url.full")?.s();
-    let rest = full.split_once("://")?.1;
-    let path = &rest[rest.find('/')?..];
-    Some(path.split('?').next().unwrap_or(path).to_string())
 }
 
 #[test]

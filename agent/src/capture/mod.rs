@@ -454,11 +454,6 @@ impl Capture {
         })
     }
 
-    /// Records the kernel could not hand over (ring buffer full) since the agent started.
-    pub fn lost(&self) -> Result<u64, CaptureError> {
-        Ok(self.stats.get(&stat::LOST_RINGBUF, 0)?.iter().sum())
-    }
-
     /// Whether the kernel still tracks connection `id`'s socket. Errors other than "gone"
     /// answer yes: a connection is only forgotten on the kernel's word.
     pub fn tracks(&self, id: ConnId) -> bool {

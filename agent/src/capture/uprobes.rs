@@ -38,7 +38,7 @@ fn entry(abi: Abi) -> &'static str {
     }
 }
 const RETURN: &str = "kspan_ssl_ret";
-/// The goroutine probes (`kspan-ebpf/src/go.rs`).
+/// The goroutine probes (`kspan-ebpf/src/go.rs`), in `golang::Plan::slots` order.
 const GO: [&str; 4] = [
     "kspan_go_newproc",
     "kspan_go_runqput",
@@ -94,8 +94,7 @@ impl Capture {
             probes.push((FREE, free.offset));
         }
         if let Some(go) = plan.go {
-            let points = [go.newproc, go.runqput, go.round_trip, go.write_loop];
-            for (name, point) in GO.into_iter().zip(points) {
+            for (name, point) in GO.into_iter().zip(go.slots()) {
                 if let Some(p) = point {
                     probes.push((name, p.offset));
                 }

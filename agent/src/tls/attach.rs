@@ -60,7 +60,7 @@ const LIBRARY_DIRS: [&str; 7] = [
 
 pub struct Attacher<L> {
     proc_root: PathBuf,
-    /// The TLS API of each file looked at (`None`: it has none).
+    /// The probe plan of each file looked at (`None`: nothing to probe).
     files: HashMap<FileId, Option<Plan>>,
     attached: HashMap<FileId, Attached<L>>,
     processes: HashMap<u32, Coverage>,
@@ -251,7 +251,8 @@ impl<L> Attacher<L> {
         }
     }
 
-    /// Where file `id`'s probes go, remembered per file; `None` when it exports no TLS API.
+    /// Where file `id`'s probes go, remembered per file; `None` when it exports no TLS API
+    /// and is not a Go executable with its symbols.
     fn plan(&mut self, id: FileId, path: &Path) -> Option<Plan> {
         if let Some(plan) = self.files.get(&id) {
             return plan.clone();

@@ -294,7 +294,9 @@ fn go_goroutines(peers: &Peers, agent: &Agent, tag: u16) {
         let answer = r.join().expect("request thread").expect("request");
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     }
-    let ours = |g: &Got| g.service() == "go-vm-gateway" && path(g).starts_with(&prefix);
+    let ours = |g: &Got| {
+        g.service() == "go-vm-gateway" && g.path().is_some_and(|p| p.starts_with(&prefix))
+    };
     let got = peers
         .spans
         .wait_for("the Go gateway's spans", SPAN_WAIT_SECS, |s| {
@@ -305,19 +307,9 @@ fn go_goroutines(peers: &Peers, agent: &Agent, tag: u16) {
         .filter(|g| ours(g) && g.kind == "SERVER")
         .collect();
     for call in got.iter().filter(|g| ours(g) && g.kind == "CLIENT") {
-        let own = servers.iter().find(|s| path(s) == path(call));
+        let own = servers.iter().find(|s| s.path() == call.path());
         assert_eq!(call.parent, own.map(|s| s.span_id), "{call:#?}");
     }
-}
-
-/// A SERVER span's `url.path`, or the path of a CLIENT span's `url.full`.
-fn path(g: &Got) -> String {
-    if let Some(p) = g.attrs.get("url.path") {
-        return p.s().to_string();
-    }
-    let full = g.attrs.get("url.full").map(|u| u.s()).unwrap_or_default();
-    let rest = full.split_once("://").map_or("", |r| r.1);
-    rest.find('/').map_or("", |i| &rest[i..]).to_string()
 }
 
 /// nghttp → nghttpd over h2c prior knowledge, B3 from the client.
