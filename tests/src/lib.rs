@@ -808,20 +808,33 @@ impl Env {
 /// second, so a fresh value may lag the spans that caused it.
 /// A series not exported yet (a labelled series before its first observation) reads as 0.
 pub fn wait_metric(agent: SocketAddr, name: &str, pred: impl Fn(u64) -> bool) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let [v] = wait_metrics(agent, [name], Duration::from_secs(10), |[v]| pred(*v));
+    v
+}
+
+/// Waits (bounded) until several metrics, read from one scrape, satisfy `pred` together:
+/// a relation between counters (every decoded request ended once) holds only in a scrape
+/// taken once the agent has caught up, and values read one by one may straddle a publish.
+pub fn wait_metrics<const N: usize>(
+    agent: SocketAddr,
+    names: [&str; N],
+    timeout: Duration,
+    pred: impl Fn(&[u64; N]) -> bool,
+) -> [u64; N] {
+    let deadline = Instant::now() + timeout;
     loop {
-        let v = metric_or_zero(agent, name);
-        if pred(v) {
-            return v;
+        let body = http_get(agent, "/metrics").expect("metrics endpoint");
+        let values = names.map(|n| series(&body, n).unwrap_or(0));
+        if pred(&values) {
+            return values;
         }
         if Instant::now() >= deadline {
-            let body = http_get(agent, "/metrics").unwrap_or_default();
             let counters: Vec<&str> = body
                 .lines()
                 .filter(|l| l.starts_with("kspan_") && !l.ends_with(" 0"))
                 .collect();
             panic!(
-                "metric {name} stuck at {v}; the agent's other series:\n{}",
+                "metrics {names:?} stuck at {values:?}; the agent's other series:\n{}",
                 counters.join("\n")
             );
         }
