@@ -1,6 +1,9 @@
-//! Userspace pipeline throughput: recorded kernel events → decode → connection streams →
-//! HTTP/1 → linked spans → OTLP `SpanData` (then dropped). One thread; reports HTTP messages
-//! per second of that thread's CPU time.
+//! Userspace throughput, one thread, per second of that thread's CPU time:
+//! - replay: recorded kernel events → decode → connection streams → HTTP → linked spans →
+//!   OTLP protobuf (kspan's encoder), in HTTP messages/s;
+//! - encoding alone, side by side: the same spans through the OpenTelemetry SDK path
+//!   (`SpanData`, opentelemetry-proto's conversion, prost encoding: what opentelemetry-otlp
+//!   does before sending) and through kspan's encoder, in spans/s.
 //!
 //! `cargo bench -p kspan --bench replay -- [RECORDING] [CPU-SECONDS]`; without a recording it
 //! synthesises keep-alive traffic with B3 headers.
@@ -12,10 +15,16 @@ use kspan::{
         replay::Player,
     },
     config::Filter,
-    export::otlp,
+    export::otlp::{encode::Encoder, sdk},
     pipeline::{Pipeline, PipelineOptions},
     process::ProcessCache,
+    trace::span::SpanRecord,
 };
+use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+use opentelemetry_proto::transform::{
+    common::tonic::ResourceAttributesWithSchema, trace::tonic::group_spans_by_resource_and_scope,
+};
+use prost::Message as _;
 
 // Same allocator as the agent binary, so the numbers transfer.
 #[global_allocator]
@@ -131,6 +140,136 @@ fn synthesise() -> Vec<Vec<u8>> {
     out
 }
 
+fn options() -> PipelineOptions {
+    PipelineOptions {
+        privacy: Default::default(),
+        sampler: Default::default(),
+        filter: Filter::default(),
+        linger_ns: 0,
+        max_linger_bytes: usize::MAX,
+        max_open_spans: 100_000,
+        max_conns: 65_536,
+        clock_offset_ns: 0,
+        db_server_spans: false,
+    }
+}
+
+const BATCH: usize = 512;
+
+/// Replays `records` until `budget` of CPU is spent, encoding every span to OTLP.
+fn replay(records: &[Vec<u8>], budget: Duration) -> String {
+    let (mut events, mut messages, mut spans, mut bytes) = (0u64, 0u64, 0u64, 0u64);
+    let mut encoder = Encoder::new("bench-host".into(), false);
+    let mut body = Vec::new();
+    let start = thread_cpu();
+    let mut out = Vec::new();
+    let mut encode = |out: &mut Vec<SpanRecord>, force: bool| {
+        if out.len() >= BATCH || (force && !out.is_empty()) {
+            body.clear();
+            encoder.encode(out, &mut body);
+            bytes += black_box(body.len()) as u64;
+            spans += out.len() as u64;
+            out.clear();
+        }
+    };
+    while thread_cpu() - start < budget {
+        let mut p = Pipeline::new(options(), ProcessCache::new("/proc"));
+        let mut last_ts = 0;
+        for (i, r) in records.iter().enumerate() {
+            if let Ok(ev) = event::decode(r) {
+                last_ts = ev.ts_ns;
+                p.handle(ev);
+            }
+            if i % 256 == 255 {
+                p.tick(last_ts, &mut out);
+                encode(&mut out, false);
+            }
+        }
+        p.tick(u64::MAX, &mut out);
+        encode(&mut out, true);
+        events += records.len() as u64;
+        // Every decoded request has a response in these workloads: two messages per request.
+        messages += 2 * p.stats.requests;
+    }
+    let cpu = (thread_cpu() - start).as_secs_f64();
+    format!(
+        "| events/s | HTTP messages/s per core (spans encoded to OTLP) | spans/s | OTLP bytes per span | events replayed | CPU s |\n|---|---|---|---|---|---|\n| {:.0} | **{:.0}** | {:.0} | {:.0} | {events} | {cpu:.2} |\n",
+        events as f64 / cpu,
+        messages as f64 / cpu,
+        spans as f64 / cpu,
+        bytes as f64 / spans.max(1) as f64,
+    )
+}
+
+/// The spans one pass over `records` makes.
+fn spans_of(records: &[Vec<u8>]) -> Vec<SpanRecord> {
+    let mut p = Pipeline::new(options(), ProcessCache::new("/proc"));
+    let mut out = Vec::new();
+    for r in records {
+        if let Ok(ev) = event::decode(r) {
+            let ts = ev.ts_ns;
+            p.handle(ev);
+            p.tick(ts, &mut out);
+        }
+    }
+    p.tick(u64::MAX, &mut out);
+    out
+}
+
+/// Encoding alone: batches of `spans` through the SDK path and through kspan's encoder, each
+/// for `budget` of CPU; spans/s of each.
+fn encoding(spans: &[SpanRecord], budget: Duration) -> String {
+    let batches: Vec<&[SpanRecord]> = spans.chunks(BATCH).collect();
+    let scope = sdk::scope();
+    let mut sdk_cpu = Duration::ZERO;
+    let mut sdk_spans = 0u64;
+    let resources: Vec<_> = batches
+        .iter()
+        .map(|b| {
+            ResourceAttributesWithSchema::from(&sdk::resource(&b[0].process, "bench-host", false))
+        })
+        .collect();
+    while sdk_cpu < budget {
+        for (batch, resource) in batches.iter().zip(&resources) {
+            // The SDK exporter consumes its batch: the copy is made outside the clock.
+            let owned = batch.to_vec();
+            let t = thread_cpu();
+            let data = owned
+                .into_iter()
+                .map(|s| sdk::to_span_data(s, &scope))
+                .collect();
+            let req = ExportTraceServiceRequest {
+                resource_spans: group_spans_by_resource_and_scope(data, resource),
+            };
+            black_box(req.encode_to_vec());
+            sdk_cpu += thread_cpu() - t;
+            sdk_spans += batch.len() as u64;
+        }
+    }
+    let mut encoder = Encoder::new("bench-host".into(), false);
+    let mut body = Vec::new();
+    let mut ours_spans = 0u64;
+    let t = thread_cpu();
+    while thread_cpu() - t < budget {
+        for batch in &batches {
+            body.clear();
+            encoder.encode(batch, &mut body);
+            black_box(&body);
+            ours_spans += batch.len() as u64;
+        }
+    }
+    let ours_cpu = thread_cpu() - t;
+    let sdk_rate = sdk_spans as f64 / sdk_cpu.as_secs_f64();
+    let ours_rate = ours_spans as f64 / ours_cpu.as_secs_f64();
+    format!(
+        "| encoder | spans/s per core | CPU s |\n|---|---|---|\n| OpenTelemetry SDK path (SpanData → opentelemetry-proto → prost) | {sdk_rate:.0} | {:.2} |\n| kspan's encoder (records → protobuf) | **{ours_rate:.0}** | {:.2} |\n\nkspan's encoder / SDK path: **{:.1}×** (batches of {BATCH}, {} distinct spans).\n",
+        sdk_cpu.as_secs_f64(),
+        ours_cpu.as_secs_f64(),
+        ours_rate / sdk_rate,
+        spans.len(),
+    )
+}
+
 fn main() {
     // cargo passes `--bench`; everything else is ours.
     let args: Vec<String> = std::env::args()
@@ -145,51 +284,8 @@ fn main() {
         ),
     };
     let budget = Duration::from_secs_f64(args.get(1).and_then(|s| s.parse().ok()).unwrap_or(3.0));
-    let scope = otlp::scope();
-    let (mut events, mut messages, mut spans) = (0u64, 0u64, 0u64);
-    let start = thread_cpu();
-    let mut out = Vec::new();
-    while thread_cpu() - start < budget {
-        let opts = PipelineOptions {
-            privacy: Default::default(),
-            sampler: Default::default(),
-            filter: Filter::default(),
-            linger_ns: 0,
-            max_open_spans: 100_000,
-            max_conns: 65_536,
-            clock_offset_ns: 0,
-            db_server_spans: false,
-        };
-        let mut p = Pipeline::new(opts, ProcessCache::new("/proc"));
-        let mut last_ts = 0;
-        for (i, r) in records.iter().enumerate() {
-            if let Ok(ev) = event::decode(r) {
-                last_ts = ev.ts_ns;
-                p.handle(ev);
-            }
-            if i % 256 == 255 {
-                p.tick(last_ts, &mut out);
-                spans += out.len() as u64;
-                out.drain(..)
-                    .for_each(|s| drop(black_box(otlp::to_span_data(s, &scope))));
-            }
-        }
-        p.tick(u64::MAX, &mut out);
-        spans += out.len() as u64;
-        out.drain(..)
-            .for_each(|s| drop(black_box(otlp::to_span_data(s, &scope))));
-        events += records.len() as u64;
-        // Every decoded request has a response in these workloads: two messages per request.
-        messages += 2 * p.stats.requests;
-    }
-    let cpu = (thread_cpu() - start).as_secs_f64();
-    println!("Replay benchmark (userspace pipeline on one thread, {source}):\n");
-    println!("| events/s | HTTP messages/s per core | spans/s | events replayed | CPU s |");
-    println!("|---|---|---|---|---|");
-    println!(
-        "| {:.0} | **{:.0}** | {:.0} | {events} | {cpu:.2} |",
-        events as f64 / cpu,
-        messages as f64 / cpu,
-        spans as f64 / cpu
-    );
+    println!("Replay benchmark (userspace pipeline and OTLP encoding on one thread, {source}):\n");
+    println!("{}", replay(&records, budget));
+    println!("Encoding alone, the same spans both ways (one thread):\n");
+    println!("{}", encoding(&spans_of(&records), budget));
 }

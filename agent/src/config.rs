@@ -3,7 +3,7 @@
 //! (`--config`), defaults.
 pub mod file;
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
@@ -72,6 +72,27 @@ pub struct Args {
     /// Also print trace trees on stdout when exporting over OTLP.
     #[arg(long)]
     pub stdout: bool,
+    /// Where spans go: `otlp`, `zipkin`, `console` (trace trees on stdout) or `none`;
+    /// comma-separate for several. Default: OTEL_TRACES_EXPORTER, else `otlp` when an OTLP
+    /// endpoint is configured and `console` when none is.
+    #[arg(long, value_delimiter = ',')]
+    pub traces_exporter: Vec<String>,
+    /// How long one OTLP export attempt may take, in milliseconds. Default:
+    /// OTEL_EXPORTER_OTLP_TRACES_TIMEOUT, OTEL_EXPORTER_OTLP_TIMEOUT, else 10000.
+    #[arg(long)]
+    pub otlp_timeout: Option<String>,
+    /// `gzip` or `none`. Default: OTEL_EXPORTER_OTLP_TRACES_COMPRESSION,
+    /// OTEL_EXPORTER_OTLP_COMPRESSION, else none.
+    #[arg(long)]
+    pub otlp_compression: Option<String>,
+    /// Encode OTLP through the OpenTelemetry SDK's exporter instead of kspan's own encoder (the
+    /// reference the encoder is tested against; slower, for comparisons).
+    #[arg(long, hide = true)]
+    pub otlp_sdk_encoder: bool,
+    /// Zipkin v2 JSON endpoint for `--traces-exporter=zipkin`. Default:
+    /// OTEL_EXPORTER_ZIPKIN_ENDPOINT, else http://localhost:9411/api/v2/spans.
+    #[arg(long)]
+    pub zipkin_endpoint: Option<String>,
 
     /// Export this request header as `http.request.header.<name>` (repeat or comma-separate).
     /// Authorization, Proxy-Authorization, Cookie, Set-Cookie and `--redact-header` names are
@@ -137,9 +158,16 @@ pub struct Args {
     /// Spans buffered for export; beyond it spans are dropped and counted.
     #[arg(long, default_value_t = 16_384)]
     pub export_queue: usize,
+    /// Bytes of spans buffered for export, in MiB; beyond it spans are dropped and counted.
+    #[arg(long, default_value_t = 16)]
+    pub export_queue_mb: usize,
     /// How long finished spans wait for late events of linked spans before export (ms).
     #[arg(long, default_value_t = 300)]
     pub linger_ms: u64,
+    /// Bytes finished spans may hold while they linger, in MiB; beyond it the oldest leave
+    /// early (counted in kspan_spans_linger_cut_total).
+    #[arg(long, default_value_t = 16)]
+    pub linger_mb: usize,
 
     /// Write every kernel event to this file (for replay).
     #[arg(long)]
@@ -180,6 +208,12 @@ pub enum Protocol {
     HttpProtobuf,
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct OtlpConfig {
     pub endpoint: String,
@@ -187,6 +221,11 @@ pub struct OtlpConfig {
     pub headers: Vec<(String, String)>,
     /// Extra trusted CA (PEM) for https endpoints.
     pub certificate: Option<PathBuf>,
+    /// Per export attempt.
+    pub timeout: Duration,
+    pub compression: Compression,
+    /// Encode through opentelemetry-otlp (the reference) instead of kspan's encoder.
+    pub sdk_encoder: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -197,6 +236,14 @@ pub enum ConfigError {
     Header(String),
     #[error("bad OTLP endpoint {0:?}: expected an http:// or https:// URL")]
     Endpoint(String),
+    #[error("bad OTLP timeout {0:?}: expected milliseconds")]
+    Timeout(String),
+    #[error("unsupported OTLP compression {0:?}: use gzip or none")]
+    Compression(String),
+    #[error("unknown traces exporter {0:?}: use otlp, zipkin, console or none")]
+    Exporter(String),
+    #[error("bad Zipkin endpoint {0:?}: expected an http:// or https:// URL")]
+    ZipkinEndpoint(String),
     #[error("{0}")]
     Sampler(#[from] crate::trace::sampler::SamplerError),
 }
@@ -227,14 +274,40 @@ pub const OTEL_VARIABLES: &[(&str, &[&str])] = &[
             "OTEL_EXPORTER_OTLP_CERTIFICATE",
         ],
     ),
+    (
+        "otlp-timeout",
+        &[
+            "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+            "OTEL_EXPORTER_OTLP_TIMEOUT",
+        ],
+    ),
+    (
+        "otlp-compression",
+        &[
+            "OTEL_EXPORTER_OTLP_TRACES_COMPRESSION",
+            "OTEL_EXPORTER_OTLP_COMPRESSION",
+        ],
+    ),
+    ("traces-exporter", &["OTEL_TRACES_EXPORTER"]),
+    ("zipkin-endpoint", &["OTEL_EXPORTER_ZIPKIN_ENDPOINT"]),
     ("traces-sampler", &["OTEL_TRACES_SAMPLER"]),
     ("traces-sampler-arg", &["OTEL_TRACES_SAMPLER_ARG"]),
 ];
 
-/// Resolves the OTLP exporter settings; `None` means "print to stdout".
+/// Resolves the OTLP exporter settings; `None` when no endpoint is configured.
 pub fn otlp(
     args: &Args,
     env: impl Fn(&str) -> Option<String>,
+) -> Result<Option<OtlpConfig>, ConfigError> {
+    otlp_or_default(args, env, false)
+}
+
+/// The OTLP settings; with `required` (OTLP chosen explicitly) and no endpoint configured, the
+/// specification's default endpoint on localhost.
+fn otlp_or_default(
+    args: &Args,
+    env: impl Fn(&str) -> Option<String>,
+    required: bool,
 ) -> Result<Option<OtlpConfig>, ConfigError> {
     let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
     let protocol = match args
@@ -261,7 +334,11 @@ pub fn otlp(
             Protocol::HttpProtobuf => format!("{}/v1/traces", base.trim_end_matches('/')),
             Protocol::Grpc => base,
         },
-        (None, None, None) => return Ok(None),
+        (None, None, None) if !required => return Ok(None),
+        (None, None, None) => match protocol {
+            Protocol::HttpProtobuf => "http://localhost:4318/v1/traces".to_string(),
+            Protocol::Grpc => "http://localhost:4317".to_string(),
+        },
     };
     let endpoint = endpoint.trim().to_string();
     if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
@@ -291,12 +368,114 @@ pub fn otlp(
             .or_else(|| env("OTEL_EXPORTER_OTLP_CERTIFICATE"))
             .map(PathBuf::from)
     });
+    let timeout = args
+        .otlp_timeout
+        .clone()
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_TIMEOUT"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TIMEOUT"))
+        .map(|t| millis(&t).ok_or(ConfigError::Timeout(t)))
+        .transpose()?
+        .unwrap_or(DEFAULT_EXPORT_TIMEOUT);
+    let compression = match args
+        .otlp_compression
+        .clone()
+        .or_else(|| env("OTEL_EXPORTER_OTLP_TRACES_COMPRESSION"))
+        .or_else(|| env("OTEL_EXPORTER_OTLP_COMPRESSION"))
+        .as_deref()
+        .map(str::trim)
+    {
+        None | Some("none") => Compression::None,
+        Some("gzip") => Compression::Gzip,
+        Some(other) => return Err(ConfigError::Compression(other.to_string())),
+    };
     Ok(Some(OtlpConfig {
         endpoint,
         protocol,
         headers,
         certificate,
+        timeout,
+        compression,
+        sdk_encoder: args.otlp_sdk_encoder,
     }))
+}
+
+/// The exporter specification's default per-export timeout.
+pub const DEFAULT_EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A timeout in milliseconds, as the OTEL_*_TIMEOUT variables give it.
+fn millis(v: &str) -> Option<Duration> {
+    v.trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&ms| ms > 0)
+        .map(Duration::from_millis)
+}
+
+/// Where spans go.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Exporters {
+    pub otlp: Option<OtlpConfig>,
+    pub zipkin: Option<ZipkinConfig>,
+    /// Trace trees on stdout.
+    pub console: bool,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ZipkinConfig {
+    pub endpoint: String,
+    pub timeout: Duration,
+}
+
+/// The exporters `--traces-exporter` / OTEL_TRACES_EXPORTER name, with their settings.
+pub fn exporters(
+    args: &Args,
+    env: impl Fn(&str) -> Option<String>,
+) -> Result<Exporters, ConfigError> {
+    let env = |k: &str| env(k).filter(|v| !v.trim().is_empty());
+    let named: Vec<String> = if args.traces_exporter.is_empty() {
+        env("OTEL_TRACES_EXPORTER")
+            .map(|v| v.split(',').map(|s| s.trim().to_string()).collect())
+            .unwrap_or_default()
+    } else {
+        args.traces_exporter
+            .iter()
+            .map(|s| s.trim().to_string())
+            .collect()
+    };
+    let mut out = Exporters {
+        otlp: None,
+        zipkin: None,
+        console: args.stdout,
+    };
+    if named.is_empty() {
+        out.otlp = otlp_or_default(args, env, false)?;
+        out.console |= out.otlp.is_none();
+        return Ok(out);
+    }
+    for name in named.iter().filter(|n| !n.is_empty()) {
+        match name.as_str() {
+            "otlp" => out.otlp = otlp_or_default(args, env, true)?,
+            "console" => out.console = true,
+            "zipkin" => {
+                let endpoint = args
+                    .zipkin_endpoint
+                    .clone()
+                    .or_else(|| env("OTEL_EXPORTER_ZIPKIN_ENDPOINT"))
+                    .unwrap_or_else(|| "http://localhost:9411/api/v2/spans".to_string());
+                if !(endpoint.starts_with("http://") || endpoint.starts_with("https://")) {
+                    return Err(ConfigError::ZipkinEndpoint(endpoint));
+                }
+                let timeout = match env("OTEL_EXPORTER_ZIPKIN_TIMEOUT") {
+                    Some(t) => millis(&t).ok_or(ConfigError::Timeout(t))?,
+                    None => DEFAULT_EXPORT_TIMEOUT,
+                };
+                out.zipkin = Some(ZipkinConfig { endpoint, timeout });
+            }
+            "none" => {}
+            other => return Err(ConfigError::Exporter(other.to_string())),
+        }
+    }
+    Ok(out)
 }
 
 /// The sampler from the flags, else the standard variables. A bad flag is an error; bad
@@ -517,6 +696,76 @@ mod tests {
             ),
             Err(ConfigError::Header(_))
         ));
+    }
+
+    #[test]
+    fn exporters_from_flags_or_variables() {
+        let none = exporters(&args(&[]), env(&[])).unwrap();
+        assert_eq!((none.otlp, none.zipkin, none.console), (None, None, true));
+        let vars = [
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ("OTEL_EXPORTER_OTLP_COMPRESSION", "gzip"),
+            ("OTEL_EXPORTER_OTLP_TIMEOUT", "2500"),
+        ];
+        let e = exporters(&args(&[]), env(&vars)).unwrap();
+        let otlp = e.otlp.unwrap();
+        assert_eq!(
+            (otlp.compression, otlp.timeout, e.console),
+            (Compression::Gzip, Duration::from_millis(2500), false)
+        );
+        // Chosen explicitly with no endpoint: the specification's default.
+        let e = exporters(&args(&["--traces-exporter", "otlp,console"]), env(&[])).unwrap();
+        assert_eq!(
+            e.otlp.map(|o| (o.endpoint, o.timeout)),
+            Some((
+                "http://localhost:4318/v1/traces".to_string(),
+                DEFAULT_EXPORT_TIMEOUT
+            ))
+        );
+        assert!(e.console);
+        let e = exporters(
+            &args(&[]),
+            env(&[
+                ("OTEL_TRACES_EXPORTER", "zipkin"),
+                (
+                    "OTEL_EXPORTER_ZIPKIN_ENDPOINT",
+                    "http://z:9411/api/v2/spans",
+                ),
+                ("OTEL_EXPORTER_OTLP_ENDPOINT", "http://c:4318"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (e.otlp, e.zipkin.map(|z| z.endpoint), e.console),
+            (None, Some("http://z:9411/api/v2/spans".to_string()), false)
+        );
+        let e = exporters(&args(&["--traces-exporter", "none"]), env(&vars)).unwrap();
+        assert_eq!((e.otlp, e.zipkin, e.console), (None, None, false));
+        for (a, v, bad) in [
+            (
+                vec!["--traces-exporter", "jaeger"],
+                vec![],
+                "unknown traces exporter",
+            ),
+            (
+                vec!["--otlp-compression", "zstd"],
+                vars.to_vec(),
+                "compression",
+            ),
+            (
+                vec![],
+                vec![("OTEL_EXPORTER_OTLP_TIMEOUT", "soon"), vars[0]],
+                "timeout",
+            ),
+            (
+                vec!["--traces-exporter", "zipkin", "--zipkin-endpoint", "z:9411"],
+                vec![],
+                "Zipkin endpoint",
+            ),
+        ] {
+            let err = exporters(&args(&a), env(&v)).unwrap_err().to_string();
+            assert!(err.contains(bad), "{a:?}: {err}");
+        }
     }
 
     #[test]

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use kspan::{
     capture::{Capture, CaptureOptions, LossWatch, event, replay, uprobes::TlsLink},
     config::{self, Args, Filter},
-    export::{self, Sinks, SpanQueue, otlp::OtlpSink, tree::TreePrinter},
+    export::{self, Sinks, SpanQueue, otlp::OtlpSink, tree::TreePrinter, zipkin::ZipkinSink},
     k8s,
     metrics::{self, Metrics},
     pipeline::{Pipeline, PipelineOptions},
@@ -67,6 +67,13 @@ fn clock_offset() -> i128 {
     clock_ns(libc::CLOCK_REALTIME) as i128 - clock_ns(libc::CLOCK_MONOTONIC) as i128
 }
 
+/// Loading parses the kernel's BTF (tens of MiB, freed once the programs are loaded); the
+/// allocator would otherwise keep those pages for the agent's whole life.
+fn release_startup_memory() {
+    // SAFETY: no arguments to get wrong; mimalloc is the global allocator.
+    unsafe { libmimalloc_sys::mi_collect(true) };
+}
+
 fn host_name() -> String {
     std::env::var("KSPAN_HOST_NAME")
         .ok()
@@ -76,7 +83,7 @@ fn host_name() -> String {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let otlp = config::otlp(&args, |k| std::env::var(k).ok())?;
+    let exporters = config::exporters(&args, |k| std::env::var(k).ok())?;
     let sampler = config::sampler(&args, |k| std::env::var(k).ok())?;
     let (mut privacy, refused) = Privacy::new(
         &args.capture_header,
@@ -110,6 +117,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             })?;
             let mut tls = Attacher::new(&args.proc_root);
             tls.start(&mut cap);
+            release_startup_memory();
             Source::Kernel(cap, tls)
         }
     };
@@ -128,22 +136,36 @@ fn run(args: Args) -> anyhow::Result<()> {
     let sinks = {
         // Building the gRPC client needs the runtime's context.
         let _guard = rt.enter();
-        let otlp_sink = otlp
+        let host = host_name();
+        let otlp = exporters
+            .otlp
             .as_ref()
-            .map(|c| OtlpSink::new(c, host_name(), args.export_command_line))
+            .map(|c| OtlpSink::new(c, host.clone(), args.export_command_line))
             .transpose()?;
-        let tree =
-            (otlp_sink.is_none() || args.stdout).then(|| TreePrinter::new(Duration::from_secs(1)));
-        Sinks {
-            otlp: otlp_sink,
-            tree,
-        }
+        let zipkin = exporters
+            .zipkin
+            .as_ref()
+            .map(|c| ZipkinSink::new(c, host, args.export_command_line))
+            .transpose()?;
+        let tree = exporters
+            .console
+            .then(|| TreePrinter::new(Duration::from_secs(1)));
+        Sinks { otlp, zipkin, tree }
     };
-    match &otlp {
-        Some(c) => log::info!("exporting spans to {} over {:?}", c.endpoint, c.protocol),
-        None => eprintln!("kspan: no OTLP endpoint configured; printing traces on stdout"),
+    if let Some(c) = &exporters.otlp {
+        log::info!("exporting spans to {} over {:?}", c.endpoint, c.protocol);
     }
-    let (queue, rx) = SpanQueue::new(args.export_queue, metrics.clone());
+    if let Some(z) = &exporters.zipkin {
+        log::info!("exporting spans to {} as Zipkin v2 JSON", z.endpoint);
+    }
+    if exporters.otlp.is_none() && exporters.zipkin.is_none() && exporters.console {
+        eprintln!("kspan: no OTLP endpoint configured; printing traces on stdout");
+    }
+    let (queue, rx) = SpanQueue::new(
+        args.export_queue,
+        args.export_queue_mb.saturating_mul(1 << 20),
+        metrics.clone(),
+    );
     let exporter = rt.spawn(export::run(rx, sinks, metrics.clone()));
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -187,6 +209,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         PipelineOptions {
             filter: Filter::from_args(&args),
             linger_ns: args.linger_ms * 1_000_000,
+            max_linger_bytes: args.linger_mb.saturating_mul(1 << 20),
             max_open_spans: 100_000,
             max_conns: 65_536,
             clock_offset_ns: clock_offset(),
@@ -461,6 +484,7 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.links_same_agent, t.links_same_agent),
         (&m.links_ambiguous, t.links_ambiguous),
         (&m.spans_partial, t.spans_partial),
+        (&m.spans_linger_cut, t.spans_linger_cut),
         (&m.h2_headers_lost, p.h2_headers_lost),
         (&m.h2_resyncs, p.h2_resyncs),
         (&m.open_conns, pipeline.conns() as u64),

@@ -89,8 +89,10 @@ metrics! {
     spans_unsampled: "counter", "kspan_spans_unsampled_total", "Spans not exported because B3/traceparent said not sampled.";
     spans_abandoned: "counter", "kspan_spans_abandoned_total", "Exchanges given up (lost framing, or no response in time).";
     spans_overflow: "counter", "kspan_spans_overflow_total", "Requests not traced because too many spans were open.";
+    spans_linger_cut: "counter", "kspan_spans_linger_cut_total", "Spans exported before their linger ended because lingering spans reached --linger-mb (a late event of a linked span may then be missed).";
     spans_queue_dropped: "counter", "kspan_spans_queue_dropped_total", "Spans dropped because the export queue was full.";
-    spans_exported: "counter", "kspan_spans_exported_total", "Spans delivered to the exporter's destination.";
+    spans_exported: "counter", "kspan_spans_exported_total", "Spans delivered to the exporters' destinations (each exporter counts its own: with OTLP and Zipkin both on, a span counts twice).";
+    spans_export_rejected: "counter", "kspan_spans_export_rejected_total", "Spans the collector received and rejected (OTLP partial_success.rejected_spans).";
     spans_export_failed: "counter", "kspan_spans_export_failed_total", "Spans in export batches the destination rejected or did not receive.";
     bad_context: "counter", "kspan_trace_context_invalid_total", "Requests whose B3/traceparent headers were malformed (treated as absent).";
     spans_partial: "counter", "kspan_spans_partial_total", "Spans marked kspan.partial=true (HTTP/2 joined mid-connection or a header block not captured, or a data-store reply followed past skipped bytes).";

@@ -57,6 +57,8 @@ pub struct PipelineStats {
 pub struct PipelineOptions {
     pub filter: Filter,
     pub linger_ns: u64,
+    /// Bytes finished spans may hold while they linger.
+    pub max_linger_bytes: usize,
     pub max_open_spans: usize,
     pub max_conns: usize,
     pub clock_offset_ns: i128,
@@ -128,6 +130,7 @@ impl Pipeline {
             tracer: Tracer::new(
                 opts.linger_ns,
                 opts.max_open_spans,
+                opts.max_linger_bytes,
                 opts.clock_offset_ns,
                 opts.privacy,
                 opts.sampler,

@@ -21,6 +21,8 @@ use opentelemetry_proto::tonic::{
     common::v1::{AnyValue, KeyValue, any_value},
 };
 
+pub mod receivers;
+
 #[derive(Clone, Debug, PartialEq)]
 pub enum Val {
     S(String),
@@ -113,8 +115,9 @@ fn kv(list: &[KeyValue]) -> HashMap<String, Val> {
         .collect()
 }
 
+/// What a collector received, and how it is told to answer.
 #[derive(Clone, Default)]
-struct Store(Arc<Mutex<Vec<Got>>>);
+struct Store(Arc<Mutex<Vec<Got>>>, receivers::Script);
 
 #[tonic::async_trait]
 impl TraceService for Store {
@@ -122,9 +125,20 @@ impl TraceService for Store {
         &self,
         req: tonic::Request<ExportTraceServiceRequest>,
     ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let gzip = req
+            .metadata()
+            .get("grpc-encoding")
+            .is_some_and(|v| v == "gzip");
+        let partial_success = match self.1.next(gzip) {
+            Some(receivers::Answer::Grpc(code)) => {
+                return Err(tonic::Status::new(code, "scripted failure"));
+            }
+            Some(receivers::Answer::Reject(n)) => Some(receivers::rejected(n)),
+            _ => None,
+        };
         self.add(req.into_inner());
         Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
+            partial_success,
         }))
     }
 }
@@ -461,7 +475,8 @@ pub fn grpc_collector_with(
         .block_on(tokio::net::TcpListener::bind(at))
         .expect("collector bind");
     let addr = listener.local_addr().expect("addr");
-    let svc = TraceServiceServer::new(store.clone());
+    let svc = TraceServiceServer::new(store.clone())
+        .accept_compressed(tonic::codec::CompressionEncoding::Gzip);
     let mut server = tonic::transport::Server::builder();
     if let Some((cert, key)) = tls {
         server = server
@@ -546,23 +561,38 @@ where
         if buf.len() < end + 4 + len {
             continue;
         }
-        let body = buf[end + 4..end + 4 + len].to_vec();
+        let mut body = buf[end + 4..end + 4 + len].to_vec();
         buf.drain(..end + 4 + len);
+        let gzip = head.contains("content-encoding: gzip");
+        if gzip {
+            body = receivers::gunzip(&body);
+        }
         let ok = head.starts_with("post /v1/traces ")
             && head.contains("content-type: application/x-protobuf");
-        let status = match ExportTraceServiceRequest::decode(&body[..]) {
-            Ok(req) if ok => {
-                store.add(req);
-                "200 OK"
+        let (mut status, mut extra, mut partial_success) =
+            ("200 OK".to_string(), String::new(), None);
+        match store.1.next(gzip) {
+            Some(receivers::Answer::Http {
+                status: code,
+                retry_after,
+            }) => {
+                status = format!("{code} Scripted");
+                if let Some(secs) = retry_after {
+                    extra = format!("Retry-After: {secs}\r\n");
+                }
             }
-            _ => "400 Bad Request",
-        };
-        let resp = ExportTraceServiceResponse {
-            partial_success: None,
+            Some(receivers::Answer::Reject(n)) => partial_success = Some(receivers::rejected(n)),
+            _ => {}
         }
-        .encode_to_vec();
+        if status.starts_with("200") {
+            match ExportTraceServiceRequest::decode(&body[..]) {
+                Ok(req) if ok => store.add(req),
+                _ => status = "400 Bad Request".to_string(),
+            }
+        }
+        let resp = ExportTraceServiceResponse { partial_success }.encode_to_vec();
         let head = format!(
-            "HTTP/1.1 {status}\r\nContent-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
+            "HTTP/1.1 {status}\r\n{extra}Content-Type: application/x-protobuf\r\nContent-Length: {}\r\n\r\n",
             resp.len()
         );
         if sock.write_all(head.as_bytes()).await.is_err() || sock.write_all(&resp).await.is_err() {
@@ -576,6 +606,11 @@ where
 pub struct Spans(Store);
 
 impl Spans {
+    /// How the collector answers its next requests, and what it was sent.
+    pub fn script(&self) -> &receivers::Script {
+        &self.0.1
+    }
+
     pub fn all(&self) -> Vec<Got> {
         self.0.0.lock().unwrap().clone()
     }

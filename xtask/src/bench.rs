@@ -116,6 +116,35 @@ const SCENARIOS: &[Scenario] = &[
         agent_args: &[],
         think_ms: 0,
     },
+    // The same three saturated rows exporting through opentelemetry-otlp's SDK path (the
+    // reference encoder), to compare the encoders' cost within one run.
+    Scenario {
+        name: "static, keep-alive, SDK exporter (reference)",
+        path: "/static",
+        keep_alive: true,
+        load: Load::Http,
+        spans_per_request: 2,
+        agent_args: &["--otlp-sdk-encoder"],
+        think_ms: 0,
+    },
+    Scenario {
+        name: "proxied upstream, keep-alive, SDK exporter (reference)",
+        path: "/proxy",
+        keep_alive: true,
+        load: Load::Http,
+        spans_per_request: 4,
+        agent_args: &["--otlp-sdk-encoder"],
+        think_ms: 0,
+    },
+    Scenario {
+        name: "HTTP/2 (h2load → nghttpd, h2c), SDK exporter (reference)",
+        path: "/hello",
+        keep_alive: true,
+        load: Load::H2,
+        spans_per_request: 2,
+        agent_args: &["--otlp-sdk-encoder"],
+        think_ms: 0,
+    },
     // What tracing costs when a 10% head sampler exports one trace in ten (every request is
     // still decoded, linked and counted in the RED metrics).
     Scenario {
@@ -207,7 +236,11 @@ struct Wrk {
 #[derive(Clone, Copy, Default, Debug)]
 struct AgentRun {
     cpu_secs: f64,
+    /// During the run (start-up's peak left out).
     peak_rss_kb: u64,
+    idle_rss_kb: u64,
+    /// Of the RSS at the end, the ring buffer's mapping.
+    ring_rss_kb: u64,
     lost: u64,
     spans_exported: u64,
     spans_dropped: u64,
@@ -308,11 +341,11 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     let _ = writeln!(report, "Machine: {machine}\n");
     let _ = writeln!(
         report,
-        "A = without kspan, B = with kspan; values are medians over the pairs. kspan's CPU is counted from the moment it is ready (its start-up, parsing BTF and loading the programs, is left out).\n"
+        "A = without kspan, B = with kspan; values are medians over the pairs. kspan's CPU is counted from the moment it is ready (its start-up, parsing BTF and loading the programs, is left out). kspan's RSS: idle is once ready, before the load; peak is the highest during the run (start-up's peak is reset, see /proc/PID/clear_refs); in parentheses, the kernel ring buffer's share at the end (its pages are mapped twice, so the 16 MiB default shows as up to 32 MiB once it has wrapped). Rows marked \"SDK exporter (reference)\" export through opentelemetry-otlp instead of kspan's encoder.\n"
     );
     let _ = writeln!(
         report,
-        "| scenario | req/s A | req/s B | throughput B/A | p50 A → B (µs) | p50 B/A | p99 A → B (µs) | p99 B/A | kspan CPU s / 10k req | kspan peak RSS | lost events | spans exported / requests |"
+        "| scenario | req/s A | req/s B | throughput B/A | p50 A → B (µs) | p50 B/A | p99 A → B (µs) | p99 B/A | kspan CPU s / 10k req | kspan RSS idle → peak (ring buffer) | lost events | spans exported / requests |"
     );
     let _ = writeln!(report, "|---|---|---|---|---|---|---|---|---|---|---|---|");
     for r in &rows {
@@ -371,6 +404,8 @@ fn summarise(sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
             .collect(),
     );
     let rss = b.iter().map(|(_, r)| r.peak_rss_kb).max().unwrap_or(0);
+    let idle = b.iter().map(|(_, r)| r.idle_rss_kb).max().unwrap_or(0);
+    let ring = b.iter().map(|(_, r)| r.ring_rss_kb).max().unwrap_or(0);
     let lost: u64 = b.iter().map(|(_, r)| r.lost).sum();
     let per_req = sc.spans_per_request;
     let exported: u64 = b.iter().map(|(_, r)| r.spans_exported).sum();
@@ -386,13 +421,15 @@ fn summarise(sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
         )
     };
     format!(
-        "| {} | {:.0} | {:.0} | **{:.3}** | {p50} | {p50_ratio} | {p99} | {p99_ratio} | {:.3} | {:.1} MiB | {} | {spans} |",
+        "| {} | {:.0} | {:.0} | **{:.3}** | {p50} | {p50_ratio} | {p99} | {p99_ratio} | {:.3} | {:.1} → {:.1} MiB ({:.1}) | {} | {spans} |",
         sc.name,
         rps_a,
         rps_b,
         rps_b / rps_a.max(1.0),
         cpu_per_10k,
+        idle as f64 / 1024.0,
         rss as f64 / 1024.0,
+        ring as f64 / 1024.0,
         lost,
     )
 }
@@ -645,6 +682,38 @@ struct Agent {
     metrics: u16,
     /// CPU seconds spent getting ready (BTF, loading the programs), left out of the run's.
     cpu_at_ready: f64,
+    /// Resident memory once ready, before any load.
+    idle_rss_kb: u64,
+}
+
+/// A `/proc/<pid>/status` field in kB.
+fn status_kb(pid: u32, field: &str) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    Ok(status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0))
+}
+
+/// Resident kB of the process's BPF map mappings: the ring buffer, whose data pages the kernel
+/// maps twice (for wrap-around), so a 16 MiB buffer shows as up to 32 MiB once it has cycled.
+fn ring_buffer_kb(pid: u32) -> anyhow::Result<u64> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let (mut in_map, mut kb) = (false, 0);
+    for l in smaps.lines() {
+        if l.split_whitespace().nth(1).is_some_and(|p| p.len() == 4) && l.contains('-') {
+            in_map = l.ends_with("anon_inode:bpf-map");
+        } else if in_map && let Some(v) = l.strip_prefix("Rss:") {
+            kb += v
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .unwrap_or(0);
+        }
+    }
+    Ok(kb)
 }
 
 impl Agent {
@@ -673,11 +742,17 @@ impl Agent {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        let cpu_at_ready = cpu_secs(child.0.id())?;
+        let pid = child.0.id();
+        let cpu_at_ready = cpu_secs(pid)?;
+        let idle_rss_kb = status_kb(pid, "VmRSS:")?;
+        // Resets VmHWM, so the peak read at the end is the run's, not start-up's (parsing the
+        // kernel's BTF).
+        std::fs::write(format!("/proc/{pid}/clear_refs"), "5")?;
         Ok(Self {
             child,
             metrics,
             cpu_at_ready,
+            idle_rss_kb,
         })
     }
 
@@ -695,15 +770,11 @@ impl Agent {
             last = now;
         }
         let cpu = cpu_secs(pid)? - self.cpu_at_ready;
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-        let hwm = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap_or(0);
         let run = AgentRun {
             cpu_secs: cpu,
-            peak_rss_kb: hwm,
+            peak_rss_kb: status_kb(pid, "VmHWM:")?,
+            idle_rss_kb: self.idle_rss_kb,
+            ring_rss_kb: ring_buffer_kb(pid)?,
             lost: metric(self.metrics, "kspan_kernel_lost_events_total")?,
             spans_exported: metric(self.metrics, "kspan_spans_exported_total")?,
             spans_dropped: metric(self.metrics, "kspan_spans_queue_dropped_total")?

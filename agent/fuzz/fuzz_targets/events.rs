@@ -16,6 +16,7 @@ fuzz_target!(|data: &[u8]| {
         PipelineOptions {
             filter: Filter::default(),
             linger_ns: 1_000,
+            max_linger_bytes: usize::MAX,
             max_open_spans: 64,
             max_conns: 16,
             clock_offset_ns: 0,

@@ -1,11 +1,17 @@
 //! Spans out: a bounded queue from the pipeline thread to an async worker that batches them
-//! to OTLP and/or the stdout tree printer. A full queue drops spans and counts them.
+//! to OTLP, Zipkin and/or the stdout tree printer. A full queue drops spans and counts them.
 pub mod otlp;
+pub mod resource;
+pub mod retry;
 pub mod tree;
+pub mod zipkin;
 
 use std::{
     io::Write as _,
-    sync::{Arc, atomic::Ordering::Relaxed},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering::Relaxed},
+    },
     time::{Duration, Instant},
 };
 
@@ -16,33 +22,63 @@ use crate::{metrics::Metrics, trace::span::SpanRecord};
 const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
+/// The queue between the pipeline and the exporters, bounded in spans and in bytes.
 #[derive(Clone)]
 pub struct SpanQueue {
     tx: mpsc::Sender<SpanRecord>,
+    bytes: Arc<AtomicUsize>,
+    max_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
+/// The receiving end; gives back the byte budget of what it takes.
+pub struct QueueRx {
+    rx: mpsc::Receiver<SpanRecord>,
+    bytes: Arc<AtomicUsize>,
+}
+
 impl SpanQueue {
-    pub fn new(capacity: usize, metrics: Arc<Metrics>) -> (Self, mpsc::Receiver<SpanRecord>) {
+    pub fn new(capacity: usize, max_bytes: usize, metrics: Arc<Metrics>) -> (Self, QueueRx) {
         let (tx, rx) = mpsc::channel(capacity.max(1));
-        (Self { tx, metrics }, rx)
+        let bytes = Arc::new(AtomicUsize::new(0));
+        let queue = Self {
+            tx,
+            bytes: bytes.clone(),
+            max_bytes,
+            metrics,
+        };
+        (queue, QueueRx { rx, bytes })
     }
 
     /// Never blocks the pipeline: a full queue drops the span (counted).
     pub fn push(&self, span: SpanRecord) {
-        if self.tx.try_send(span).is_err() {
+        let size = span.footprint();
+        let before = self.bytes.fetch_add(size, Relaxed);
+        if before + size > self.max_bytes || self.tx.try_send(span).is_err() {
+            self.bytes.fetch_sub(size, Relaxed);
             self.metrics.spans_queue_dropped.fetch_add(1, Relaxed);
         }
     }
 }
 
+impl QueueRx {
+    async fn recv_many(&mut self, batch: &mut Vec<SpanRecord>, limit: usize) -> usize {
+        let from = batch.len();
+        let n = self.rx.recv_many(batch, limit).await;
+        let freed: usize = batch[from..].iter().map(SpanRecord::footprint).sum();
+        self.bytes.fetch_sub(freed, Relaxed);
+        n
+    }
+}
+
 pub struct Sinks {
     pub otlp: Option<otlp::OtlpSink>,
+    pub zipkin: Option<zipkin::ZipkinSink>,
     pub tree: Option<tree::TreePrinter>,
 }
 
 /// Runs until every `SpanQueue` is dropped, then flushes what is left.
-pub async fn run(mut rx: mpsc::Receiver<SpanRecord>, mut sinks: Sinks, metrics: Arc<Metrics>) {
+pub async fn run(mut rx: QueueRx, mut sinks: Sinks, metrics: Arc<Metrics>) {
     let mut batch = Vec::with_capacity(BATCH);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_flush = Instant::now();
@@ -68,36 +104,50 @@ pub async fn run(mut rx: mpsc::Receiver<SpanRecord>, mut sinks: Sinks, metrics: 
     }
 }
 
+/// Hands a batch to every sink. Delivery is counted per exporter, so with two network
+/// exporters each span counts twice in `kspan_spans_exported_total`.
 async fn flush(sinks: &mut Sinks, batch: &mut Vec<SpanRecord>, metrics: &Metrics) {
     if batch.is_empty() {
         return;
     }
     let n = batch.len() as u64;
-    let spans = std::mem::take(batch);
-    // Exporting consumes the spans; the printer gets a copy only when both sinks are on.
-    let (for_otlp, for_tree) = match (&sinks.otlp, &sinks.tree) {
-        (Some(_), Some(_)) => (spans.clone(), Some(spans)),
-        (Some(_), None) => (spans, None),
-        (None, _) => (Vec::new(), Some(spans)),
+    let mut spans = std::mem::take(batch);
+    let failed = |e: &dyn std::fmt::Display| {
+        log::warn!("{e}");
+        metrics.spans_export_failed.fetch_add(n, Relaxed);
     };
-    match sinks.otlp.as_mut() {
-        Some(o) => match o.export(for_otlp).await {
+    if let Some(z) = sinks.zipkin.as_mut() {
+        match z.export(&spans).await {
             Ok(sent) => {
                 metrics.spans_exported.fetch_add(sent as u64, Relaxed);
-                metrics
-                    .spans_export_failed
-                    .fetch_add(n - sent as u64, Relaxed);
             }
-            Err(e) => {
-                log::warn!("{e}");
-                metrics.spans_export_failed.fetch_add(n, Relaxed);
-            }
-        },
-        None => {
-            metrics.spans_exported.fetch_add(n, Relaxed);
+            Err(e) => failed(&e),
         }
     }
-    if let (Some(t), Some(spans)) = (sinks.tree.as_mut(), for_tree) {
+    if let Some(o) = sinks.otlp.as_mut() {
+        // The reference encoder consumes its batch; the printer then needs a copy.
+        let for_otlp = match (o.consumes(), &sinks.tree) {
+            (true, Some(_)) => spans.clone(),
+            (true, None) => std::mem::take(&mut spans),
+            (false, _) => Vec::new(),
+        };
+        match o.export(for_otlp, &spans).await {
+            Ok(d) => {
+                metrics
+                    .spans_exported
+                    .fetch_add(d.sent as u64 - d.rejected, Relaxed);
+                metrics.spans_export_rejected.fetch_add(d.rejected, Relaxed);
+                metrics
+                    .spans_export_failed
+                    .fetch_add(n - d.sent as u64, Relaxed);
+            }
+            Err(e) => failed(&e),
+        }
+    }
+    if sinks.otlp.is_none() && sinks.zipkin.is_none() {
+        metrics.spans_exported.fetch_add(n, Relaxed);
+    }
+    if let Some(t) = sinks.tree.as_mut() {
         t.add(spans, Instant::now());
     }
 }

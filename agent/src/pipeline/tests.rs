@@ -41,6 +41,7 @@ impl Sim {
             sampler,
             filter,
             linger_ns: 1_000,
+            max_linger_bytes: usize::MAX,
             max_open_spans: 1000,
             max_conns: 1000,
             clock_offset_ns: 0,

@@ -75,6 +75,8 @@ pub struct TracerStats {
     pub links_ambiguous: u64,
     /// Spans exported with `kspan.partial=true`.
     pub spans_partial: u64,
+    /// Spans exported before their linger ended, lingering spans having reached their bytes.
+    pub spans_linger_cut: u64,
 }
 
 struct Open {
@@ -136,7 +138,9 @@ pub struct RequestStart {
 }
 
 pub struct Tracer {
-    spans: HashMap<u64, Open>,
+    /// Boxed: a table sized for a burst keeps its buckets, which then hold a pointer each, not
+    /// a whole span.
+    spans: HashMap<u64, Box<Open>>,
     open_servers: HashMap<u32, Vec<u64>>,
     /// Processes whose threads do not each serve one request at a time: a thread was seen
     /// starting a request while its previous one was open (an event loop, a work-stealing
@@ -145,7 +149,11 @@ pub struct Tracer {
     goroutines: Goroutines,
     clients_by_key: HashMap<LinkKey, (u64, u64)>,
     waiting_servers: HashMap<LinkKey, (u64, u64)>,
-    lingering: VecDeque<(u64, u64)>,
+    /// Finished spans waiting out the linger: (ready at, id, bytes held).
+    lingering: VecDeque<(u64, u64, usize)>,
+    lingering_bytes: usize,
+    /// Beyond it the oldest lingering spans leave early.
+    max_linger_bytes: usize,
     /// When the link tables are next swept of entries whose other end never came.
     next_link_sweep_ns: u64,
     linger_ns: u64,
@@ -187,6 +195,7 @@ impl Tracer {
     pub fn new(
         linger_ns: u64,
         max_open: usize,
+        max_linger_bytes: usize,
         clock_offset_ns: i128,
         privacy: Privacy,
         sampler: Sampler,
@@ -199,6 +208,8 @@ impl Tracer {
             clients_by_key: HashMap::default(),
             waiting_servers: HashMap::default(),
             lingering: VecDeque::new(),
+            lingering_bytes: 0,
+            max_linger_bytes,
             next_link_sweep_ns: 0,
             linger_ns,
             max_open,
@@ -297,7 +308,7 @@ impl Tracer {
                 if self.goroutines.follows(r.tgid) {
                     span.goroutine = Some(self.goroutines.acting(r.tgid, r.goroutine));
                 }
-                self.spans.insert(id, span);
+                self.spans.insert(id, Box::new(span));
                 self.open_servers.entry(r.tgid).or_default().push(id);
                 if let (Some(e), Some(seq)) = (r.endpoints, r.seq) {
                     let key = LinkKey::new(e.peer, e.local, e.netns, seq);
@@ -348,7 +359,7 @@ impl Tracer {
                         span.sampling = s.sampling;
                     }
                 }
-                self.spans.insert(id, span);
+                self.spans.insert(id, Box::new(span));
                 if let (Some(e), Some(seq)) = (r.endpoints, r.seq) {
                     let key = LinkKey::new(e.local, e.peer, e.netns, seq);
                     match self.waiting_servers.remove(&key) {
@@ -552,6 +563,7 @@ impl Tracer {
         s.end_ns = Some(end_ns.max(s.start_ns));
         s.exchange.set_response_body(response_body);
         s.error = error.map(str::to_string);
+        let bytes = size_of::<Open>() + s.exchange.heap_bytes();
         let pair = match s.kind {
             SpanKind::Server => s.parent.map(|client| (client, id)),
             _ => s.linked_server.map(|server| (id, server)),
@@ -563,8 +575,9 @@ impl Tracer {
         if let Some((client, server)) = pair {
             self.clamp_server_end(client, server);
         }
+        self.lingering_bytes += bytes;
         self.lingering
-            .push_back((end_ns.saturating_add(self.linger_ns), id));
+            .push_back((end_ns.saturating_add(self.linger_ns), id, bytes));
     }
 
     /// Ends are stamped when a syscall returns, and a writer can be preempted on its way out
@@ -610,11 +623,16 @@ impl Tracer {
 
     /// Emits spans whose linger expired by `now_ns` (monotonic) and expires stale state.
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) {
-        while let Some(&(ready, id)) = self.lingering.front() {
-            if ready > now_ns {
+        while let Some(&(ready, id, bytes)) = self.lingering.front() {
+            let over = self.lingering_bytes > self.max_linger_bytes;
+            if ready > now_ns && !over {
                 break;
             }
+            if ready > now_ns {
+                self.stats.spans_linger_cut += 1;
+            }
             self.lingering.pop_front();
+            self.lingering_bytes -= bytes;
             if let Some(rec) = self.record(id) {
                 out.push(rec);
             }
@@ -643,7 +661,7 @@ impl Tracer {
     }
 
     fn record(&mut self, id: u64) -> Option<SpanRecord> {
-        let s = self.spans.remove(&id)?;
+        let s = *self.spans.remove(&id)?;
         let mut start = s.start_ns;
         let mut end = s.end_ns.unwrap_or(start).max(s.cover_end_ns);
         if let Some(server) = s.linked_server.and_then(|x| self.spans.get(&x)) {
@@ -741,7 +759,14 @@ mod tests {
     use crate::protocol::http1::{Headers, RequestHead};
 
     fn tracer() -> Tracer {
-        Tracer::new(0, 1024, 0, Privacy::default(), Sampler::default())
+        Tracer::new(
+            0,
+            1024,
+            usize::MAX,
+            0,
+            Privacy::default(),
+            Sampler::default(),
+        )
     }
 
     fn process(go: bool) -> Arc<ProcessInfo> {
@@ -796,6 +821,38 @@ mod tests {
 
     fn parent(t: &Tracer, id: u64) -> Option<u64> {
         t.spans.get(&id).and_then(|s| s.parent)
+    }
+
+    #[test]
+    fn lingering_spans_leave_early_beyond_their_bytes() {
+        let one = size_of::<Open>() + 16;
+        let mut t = Tracer::new(
+            1_000_000_000,
+            1024,
+            3 * one,
+            0,
+            Privacy::default(),
+            Sampler::default(),
+        );
+        let ids: Vec<u64> = (0..5)
+            .map(|i| start(&mut t, SpanKind::Server, i, false, None, 10))
+            .collect();
+        for &id in &ids {
+            t.finished(id, 20, 0, None);
+        }
+        let mut out = Vec::new();
+        t.flush(30, &mut out);
+        // Each holds the span and its method and target (4 bytes): 3 fit in 3 × one.
+        assert_eq!(out.len(), 2, "the oldest left early");
+        assert_eq!(
+            out.iter().map(|s| s.span_id).collect::<Vec<_>>(),
+            ids[..2].to_vec()
+        );
+        assert_eq!(t.stats.spans_linger_cut, 2);
+        assert!(t.lingering_bytes <= 3 * one);
+        t.flush(2_000_000_000, &mut out);
+        assert_eq!(out.len(), 5, "the rest when their linger ends");
+        assert_eq!((t.lingering_bytes, t.stats.spans_linger_cut), (0, 2));
     }
 
     #[test]

@@ -96,6 +96,28 @@ pub struct SpanRecord {
 }
 
 impl SpanRecord {
+    /// Bytes the record holds (its process record is shared, so not counted): what the export
+    /// queue's byte bound adds up.
+    pub fn footprint(&self) -> usize {
+        let strings: usize = self
+            .attributes
+            .iter()
+            .map(|(_, v)| match v {
+                AttrValue::Str(s) => s.capacity(),
+                AttrValue::StrArray(items) => {
+                    items.capacity() * size_of::<String>()
+                        + items.iter().map(String::capacity).sum::<usize>()
+                }
+                AttrValue::Static(_) | AttrValue::Int(_) | AttrValue::Bool(_) => 0,
+            })
+            .sum();
+        size_of::<Self>()
+            + self.name.capacity()
+            + self.error.as_ref().map_or(0, String::capacity)
+            + self.attributes.capacity() * size_of::<(&str, AttrValue)>()
+            + strings
+    }
+
     pub fn attr(&self, key: &str) -> Option<&AttrValue> {
         self.attributes
             .iter()
@@ -164,6 +186,35 @@ impl Exchange {
         match self {
             Exchange::Http(h) => h.error(kind),
             Exchange::Db(d) => d.error(),
+        }
+    }
+
+    /// Bytes its strings hold (what the linger's byte bound counts beside the span itself).
+    pub fn heap_bytes(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        match self {
+            Exchange::Http(h) => {
+                h.method.capacity()
+                    + h.target.capacity()
+                    + opt(&h.host)
+                    + opt(&h.user_agent)
+                    + h.grpc
+                        .as_ref()
+                        .map_or(0, |g| g.service.capacity() + g.method.capacity())
+                    + h.captured_headers.capacity() * size_of::<(&str, String)>()
+                    + h.captured_headers
+                        .iter()
+                        .map(|(_, v)| v.capacity())
+                        .sum::<usize>()
+            }
+            Exchange::Db(d) => {
+                opt(&d.call.operation)
+                    + d.call.text.capacity()
+                    + opt(&d.call.namespace)
+                    + d.error
+                        .as_ref()
+                        .map_or(0, |(c, m)| c.capacity() + m.capacity())
+            }
         }
     }
 

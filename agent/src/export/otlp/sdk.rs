@@ -1,6 +1,6 @@
-//! OTLP export through opentelemetry-otlp. Spans are built as `SpanData` directly (their ids,
-//! parents and times come from the traffic, not from a tracer), and each batch is split by
-//! process so every span carries its own service's resource.
+//! The reference path: OTLP export through opentelemetry-otlp. Spans are built as `SpanData`
+//! directly (their ids, parents and times come from the traffic, not from a tracer), and each
+//! batch is split by process so every span carries its own service's resource.
 use std::{
     borrow::Cow,
     collections::HashMap,
@@ -18,26 +18,15 @@ use opentelemetry_sdk::{
     trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks},
 };
 
+use super::OtlpError;
 use crate::{
     config::{OtlpConfig, Protocol},
+    export::resource,
     process::ProcessInfo,
     trace::span::{AttrValue, SpanKind, SpanRecord},
 };
 
-#[derive(Debug, thiserror::Error)]
-pub enum OtlpError {
-    #[error("could not build the OTLP exporter: {0}")]
-    Build(String),
-    #[error("reading the OTLP CA certificate {path}: {source}")]
-    Certificate {
-        path: std::path::PathBuf,
-        source: std::io::Error,
-    },
-    #[error("OTLP export failed: {0}")]
-    Export(String),
-}
-
-pub struct OtlpSink {
+pub struct SdkSink {
     exporter: opentelemetry_otlp::SpanExporter,
     scope: InstrumentationScope,
     host: String,
@@ -45,11 +34,9 @@ pub struct OtlpSink {
     command_line: bool,
 }
 
-impl OtlpSink {
+impl SdkSink {
     pub fn new(cfg: &OtlpConfig, host: String, command_line: bool) -> Result<Self, OtlpError> {
-        let timeout = Duration::from_secs(10);
-        // One crypto provider for every TLS client in the process (rustls needs it chosen).
-        let _ = rustls::crypto::ring::default_provider().install_default();
+        let timeout = cfg.timeout;
         let ca = cfg
             .certificate
             .as_ref()
@@ -108,9 +95,7 @@ impl OtlpSink {
             }
         }
         .map_err(|e| OtlpError::Build(e.to_string()))?;
-        let scope = InstrumentationScope::builder("kspan")
-            .with_version(env!("CARGO_PKG_VERSION"))
-            .build();
+        let scope = scope();
         Ok(Self {
             exporter,
             scope,
@@ -160,51 +145,15 @@ impl OtlpSink {
 
 /// The instrumentation scope every kspan span carries.
 pub fn scope() -> InstrumentationScope {
-    InstrumentationScope::builder("kspan")
-        .with_version(env!("CARGO_PKG_VERSION"))
+    InstrumentationScope::builder(resource::SCOPE_NAME)
+        .with_version(resource::SCOPE_VERSION)
         .build()
 }
 
 pub fn resource(p: &ProcessInfo, host: &str, command_line: bool) -> Resource {
-    let mut attrs = vec![
-        KeyValue::new("service.name", p.service_name.clone()),
-        KeyValue::new("process.pid", p.pid as i64),
-        KeyValue::new("host.name", host.to_string()),
-        KeyValue::new("telemetry.distro.name", "kspan"),
-        KeyValue::new("telemetry.distro.version", env!("CARGO_PKG_VERSION")),
-    ];
-    if !p.exe.is_empty() {
-        attrs.push(KeyValue::new("process.executable.path", p.exe.clone()));
-        attrs.push(KeyValue::new(
-            "process.executable.name",
-            p.exe_name().to_string(),
-        ));
-    }
-    if command_line && !p.command_line.is_empty() {
-        attrs.push(KeyValue::new(
-            "process.command_line",
-            p.command_line.clone(),
-        ));
-    }
-    if let Some(id) = &p.cgroup.container_id {
-        attrs.push(KeyValue::new("container.id", id.clone()));
-    }
-    if let Some(uid) = &p.cgroup.pod_uid {
-        attrs.push(KeyValue::new("k8s.pod.uid", uid.clone()));
-    }
-    if let Some(pod) = &p.k8s {
-        attrs.push(KeyValue::new("k8s.pod.name", pod.name.clone()));
-        attrs.push(KeyValue::new("k8s.namespace.name", pod.namespace.clone()));
-        if !pod.node.is_empty() {
-            attrs.push(KeyValue::new("k8s.node.name", pod.node.clone()));
-        }
-        if let Some(c) = pod.container_name(p.cgroup.container_id.as_deref()) {
-            attrs.push(KeyValue::new("k8s.container.name", c.to_string()));
-        }
-        for (key, name) in &pod.workloads {
-            attrs.push(KeyValue::new(*key, name.clone()));
-        }
-    }
+    let attrs = resource::attributes(p, host, command_line)
+        .into_iter()
+        .map(|(k, v)| KeyValue::new(k, value(v)));
     Resource::builder_empty().with_attributes(attrs).build()
 }
 
@@ -235,21 +184,7 @@ pub fn to_span_data(s: SpanRecord, scope: &InstrumentationScope) -> SpanData {
         attributes: s
             .attributes
             .into_iter()
-            .map(|(k, v)| {
-                let v: Value = match v {
-                    AttrValue::Str(x) => x.into(),
-                    AttrValue::Static(x) => x.into(),
-                    AttrValue::Int(x) => x.into(),
-                    AttrValue::Bool(x) => x.into(),
-                    AttrValue::StrArray(x) => Value::Array(
-                        x.into_iter()
-                            .map(opentelemetry::StringValue::from)
-                            .collect::<Vec<_>>()
-                            .into(),
-                    ),
-                };
-                KeyValue::new(k, v)
-            })
+            .map(|(k, v)| KeyValue::new(k, value(v)))
             .collect(),
         dropped_attributes_count: 0,
         events: SpanEvents::default(),
@@ -259,5 +194,20 @@ pub fn to_span_data(s: SpanRecord, scope: &InstrumentationScope) -> SpanData {
             None => Status::Unset,
         },
         instrumentation_scope: scope.clone(),
+    }
+}
+
+fn value(v: AttrValue) -> Value {
+    match v {
+        AttrValue::Str(x) => x.into(),
+        AttrValue::Static(x) => x.into(),
+        AttrValue::Int(x) => x.into(),
+        AttrValue::Bool(x) => x.into(),
+        AttrValue::StrArray(x) => Value::Array(
+            x.into_iter()
+                .map(opentelemetry::StringValue::from)
+                .collect::<Vec<_>>()
+                .into(),
+        ),
     }
 }

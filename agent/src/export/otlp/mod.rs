@@ -1,0 +1,154 @@
+//! OTLP export: span records encoded straight to protobuf ([`encode`]) and sent over gRPC or
+//! HTTP ([`transport`]) with the exporter specification's timeout, gzip and retry rules.
+//! [`sdk`] converts the same records for opentelemetry-otlp's exporter: the reference the
+//! encoder is tested against, and selectable (`--otlp-encoder=sdk`) to compare them.
+pub mod encode;
+pub mod sdk;
+pub mod transport;
+pub mod wire;
+
+use std::{io::Write as _, time::Duration};
+
+use bytes::Bytes;
+
+use crate::{
+    config::{Compression, OtlpConfig},
+    export::retry,
+    trace::span::SpanRecord,
+};
+use transport::Transport;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OtlpError {
+    #[error("could not build the OTLP exporter: {0}")]
+    Build(String),
+    #[error("reading the OTLP CA certificate {path}: {source}")]
+    Certificate {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("OTLP export failed: {0}")]
+    Export(String),
+}
+
+/// What became of a batch the collector answered.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Delivered {
+    /// Spans the collector received (including any it then rejected).
+    pub sent: usize,
+    /// Spans it rejected (`partial_success.rejected_spans`).
+    pub rejected: u64,
+}
+
+pub enum OtlpSink {
+    Direct(Direct),
+    Sdk(sdk::SdkSink),
+}
+
+impl OtlpSink {
+    pub fn new(cfg: &OtlpConfig, host: String, command_line: bool) -> Result<Self, OtlpError> {
+        // One crypto provider for every TLS client in the process (rustls needs it chosen).
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(if cfg.sdk_encoder {
+            OtlpSink::Sdk(sdk::SdkSink::new(cfg, host, command_line)?)
+        } else {
+            OtlpSink::Direct(Direct {
+                encoder: encode::Encoder::new(host, command_line),
+                transport: Transport::new(cfg)?,
+                timeout: cfg.timeout,
+                gzip: cfg.compression == Compression::Gzip,
+                body: Vec::new(),
+            })
+        })
+    }
+
+    /// Whether [`OtlpSink::export`] needs the batch by value (the reference encoder does).
+    pub fn consumes(&self) -> bool {
+        matches!(self, OtlpSink::Sdk(_))
+    }
+
+    /// Exports a batch: `spans`, or `owned` when [`OtlpSink::consumes`].
+    pub async fn export(
+        &mut self,
+        owned: Vec<SpanRecord>,
+        spans: &[SpanRecord],
+    ) -> Result<Delivered, OtlpError> {
+        match self {
+            OtlpSink::Direct(d) => d.export(spans).await,
+            OtlpSink::Sdk(s) => s
+                .export(owned)
+                .await
+                .map(|sent| Delivered { sent, rejected: 0 }),
+        }
+    }
+
+    pub fn shutdown(&mut self) {
+        if let OtlpSink::Sdk(s) = self {
+            s.shutdown();
+        }
+    }
+}
+
+pub struct Direct {
+    encoder: encode::Encoder,
+    transport: Transport,
+    timeout: Duration,
+    gzip: bool,
+    /// The last request's encoding, reused.
+    body: Vec<u8>,
+}
+
+impl Direct {
+    async fn export(&mut self, spans: &[SpanRecord]) -> Result<Delivered, OtlpError> {
+        if spans.is_empty() {
+            return Ok(Delivered::default());
+        }
+        self.body.clear();
+        self.encoder.encode(spans, &mut self.body);
+        let body = if self.gzip && self.transport.wants_gzip_body() {
+            gzip(&self.body)?
+        } else {
+            Bytes::copy_from_slice(&self.body)
+        };
+        let (transport, timeout) = (&self.transport, self.timeout);
+        let response = retry::run(|| transport.send(body.clone(), timeout))
+            .await
+            .map_err(OtlpError::Export)?;
+        let rejected = match wire::partial_success(&response) {
+            Ok(p) if p.rejected_spans > 0 || !p.error_message.is_empty() => {
+                log::warn!(
+                    "the collector rejected {} of {} spans: {}",
+                    p.rejected_spans,
+                    spans.len(),
+                    p.error_message
+                );
+                p.rejected_spans.clamp(0, spans.len() as i64) as u64
+            }
+            Ok(_) => 0,
+            Err(e) => {
+                log::warn!("{e}");
+                0
+            }
+        };
+        Ok(Delivered {
+            sent: spans.len(),
+            rejected,
+        })
+    }
+}
+
+/// Fast gzip: the batches are repetitive, and the default level costs several times the CPU
+/// of encoding them for a few percent of size.
+fn gzip(body: &[u8]) -> Result<Bytes, OtlpError> {
+    let mut enc = flate2::write::GzEncoder::new(
+        Vec::with_capacity(body.len() / 4),
+        flate2::Compression::fast(),
+    );
+    enc.write_all(body)
+        .and_then(|()| enc.finish())
+        .map(Bytes::from)
+        .map_err(|e| OtlpError::Export(format!("gzip: {e}")))
+}
+
+#[cfg(test)]
+pub(crate) mod tests;
