@@ -247,9 +247,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Flush: every finished span leaves, then the exporter drains its queue.
     let mut out = Vec::new();
     pipeline.tick(u64::MAX, &mut out);
-    for s in out {
-        queue.push(s);
-    }
+    queue.push_all(&mut out);
     publish(&pipeline, &source, &metrics);
     if let Some(r) = recorder.as_mut() {
         r.flush().context("writing the recording")?;
@@ -424,7 +422,7 @@ fn run_loop(
                 for _ in 0..DRAIN_BUDGET {
                     let Some(bytes) = player.next_record()? else {
                         pipeline.tick(u64::MAX, &mut out);
-                        out.drain(..).for_each(|s| queue.push(s));
+                        queue.push_all(&mut out);
                         return Ok(());
                     };
                     match event::decode(bytes) {
@@ -445,9 +443,7 @@ fn run_loop(
             return Err(e).context("writing the recording");
         }
         pipeline.tick(now_ns, &mut out);
-        for s in out.drain(..) {
-            queue.push(s);
-        }
+        queue.push_all(&mut out);
         if last_publish.elapsed() >= Duration::from_secs(1) {
             publish(pipeline, source, metrics);
             last_publish = Instant::now();

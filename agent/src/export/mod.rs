@@ -22,51 +22,103 @@ use crate::{metrics::Metrics, trace::span::SpanRecord};
 const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
 
-/// The queue between the pipeline and the exporters, bounded in spans and in bytes.
+/// The queue between the pipeline and the exporters, bounded in spans and in bytes. The
+/// pipeline hands over each tick's spans at once: one channel message and at most one wake-up
+/// of the exporter per tick, not per span.
 #[derive(Clone)]
 pub struct SpanQueue {
-    tx: mpsc::Sender<SpanRecord>,
-    bytes: Arc<AtomicUsize>,
+    tx: mpsc::Sender<Batch>,
+    held: Arc<Held>,
+    max_spans: usize,
     max_bytes: usize,
     metrics: Arc<Metrics>,
 }
 
-/// The receiving end; gives back the byte budget of what it takes.
-pub struct QueueRx {
-    rx: mpsc::Receiver<SpanRecord>,
-    bytes: Arc<AtomicUsize>,
+/// Spans in the queue, and their bytes.
+#[derive(Default)]
+struct Held {
+    spans: AtomicUsize,
+    bytes: AtomicUsize,
 }
 
+struct Batch {
+    spans: Vec<SpanRecord>,
+    bytes: usize,
+}
+
+/// The receiving end; gives back the budget of what it takes.
+pub struct QueueRx {
+    rx: mpsc::Receiver<Batch>,
+    held: Arc<Held>,
+}
+
+/// Ticks' batches in the channel at most (the span and byte bounds are the real ones).
+const BATCHES: usize = 4096;
+
 impl SpanQueue {
-    pub fn new(capacity: usize, max_bytes: usize, metrics: Arc<Metrics>) -> (Self, QueueRx) {
-        let (tx, rx) = mpsc::channel(capacity.max(1));
-        let bytes = Arc::new(AtomicUsize::new(0));
+    pub fn new(max_spans: usize, max_bytes: usize, metrics: Arc<Metrics>) -> (Self, QueueRx) {
+        let (tx, rx) = mpsc::channel(BATCHES);
+        let held = Arc::new(Held::default());
         let queue = Self {
             tx,
-            bytes: bytes.clone(),
+            held: held.clone(),
+            max_spans: max_spans.max(1),
             max_bytes,
             metrics,
         };
-        (queue, QueueRx { rx, bytes })
+        (queue, QueueRx { rx, held })
     }
 
-    /// Never blocks the pipeline: a full queue drops the span (counted).
-    pub fn push(&self, span: SpanRecord) {
-        let size = span.footprint();
-        let before = self.bytes.fetch_add(size, Relaxed);
-        if before + size > self.max_bytes || self.tx.try_send(span).is_err() {
-            self.bytes.fetch_sub(size, Relaxed);
-            self.metrics.spans_queue_dropped.fetch_add(1, Relaxed);
+    /// Takes every span of `out`. Never blocks the pipeline: what does not fit is dropped
+    /// (counted).
+    pub fn push_all(&self, out: &mut Vec<SpanRecord>) {
+        if out.is_empty() {
+            return;
+        }
+        let (queued, queued_bytes) = (self.held.spans.load(Relaxed), self.held.bytes.load(Relaxed));
+        let room = self.max_spans.saturating_sub(queued);
+        let mut bytes = 0;
+        let mut taken = 0;
+        for s in out.iter() {
+            let size = s.footprint();
+            if taken == room || queued_bytes + bytes + size > self.max_bytes {
+                break;
+            }
+            bytes += size;
+            taken += 1;
+        }
+        let dropped = out.len() - taken;
+        out.truncate(taken);
+        let spans = std::mem::take(out);
+        self.held.spans.fetch_add(taken, Relaxed);
+        self.held.bytes.fetch_add(bytes, Relaxed);
+        let lost = match self.tx.try_send(Batch { spans, bytes }) {
+            Ok(()) => dropped,
+            Err(e) => {
+                let batch = e.into_inner();
+                self.held.spans.fetch_sub(batch.spans.len(), Relaxed);
+                self.held.bytes.fetch_sub(batch.bytes, Relaxed);
+                dropped + batch.spans.len()
+            }
+        };
+        if lost > 0 {
+            self.metrics
+                .spans_queue_dropped
+                .fetch_add(lost as u64, Relaxed);
         }
     }
 }
 
 impl QueueRx {
-    async fn recv_many(&mut self, batch: &mut Vec<SpanRecord>, limit: usize) -> usize {
-        let from = batch.len();
-        let n = self.rx.recv_many(batch, limit).await;
-        let freed: usize = batch[from..].iter().map(SpanRecord::footprint).sum();
-        self.bytes.fetch_sub(freed, Relaxed);
+    /// Appends the next batches' spans to `pending`; 0 once every sender is gone.
+    async fn recv(&mut self, pending: &mut Vec<SpanRecord>) -> usize {
+        let mut batches = Vec::new();
+        let n = self.rx.recv_many(&mut batches, 64).await;
+        for b in batches {
+            self.held.spans.fetch_sub(b.spans.len(), Relaxed);
+            self.held.bytes.fetch_sub(b.bytes, Relaxed);
+            pending.extend(b.spans);
+        }
         n
     }
 }
@@ -79,20 +131,22 @@ pub struct Sinks {
 
 /// Runs until every `SpanQueue` is dropped, then flushes what is left.
 pub async fn run(mut rx: QueueRx, mut sinks: Sinks, metrics: Arc<Metrics>) {
-    let mut batch = Vec::with_capacity(BATCH);
+    let mut pending = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_flush = Instant::now();
     let mut open = true;
     while open {
         tokio::select! {
-            n = rx.recv_many(&mut batch, BATCH) => open = n > 0,
+            n = rx.recv(&mut pending) => open = n > 0,
             _ = tick.tick() => {}
         }
-        if batch.len() >= BATCH
-            || (!batch.is_empty() && last_flush.elapsed() >= FLUSH_EVERY)
-            || !open
-        {
+        while pending.len() >= BATCH {
+            let mut batch: Vec<SpanRecord> = pending.drain(..BATCH).collect();
             flush(&mut sinks, &mut batch, &metrics).await;
+            last_flush = Instant::now();
+        }
+        if !pending.is_empty() && (last_flush.elapsed() >= FLUSH_EVERY || !open) {
+            flush(&mut sinks, &mut pending, &metrics).await;
             last_flush = Instant::now();
         }
         if let Some(t) = sinks.tree.as_mut() {
@@ -161,4 +215,42 @@ fn print(traces: Vec<String>) {
         let _ = writeln!(out, "{t}");
     }
     let _ = out.flush();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_queue_is_bounded_in_spans_and_bytes_and_counts_drops() {
+        let spans = otlp::tests::corpus_spans(false);
+        let metrics = Arc::new(Metrics::default());
+        let (queue, mut rx) = SpanQueue::new(4, usize::MAX, metrics.clone());
+        let mut out = spans[..10].to_vec();
+        queue.push_all(&mut out);
+        assert!(out.is_empty(), "the queue takes the batch's spans");
+        assert_eq!(metrics.spans_queue_dropped.load(Relaxed), 6);
+        let mut pending = Vec::new();
+        rx.recv(&mut pending).await;
+        assert_eq!(pending.len(), 4);
+        assert_eq!(
+            queue.held.spans.load(Relaxed),
+            0,
+            "taking gives the room back"
+        );
+        assert_eq!(queue.held.bytes.load(Relaxed), 0);
+
+        let metrics = Arc::new(Metrics::default());
+        let same: Vec<SpanRecord> = (0..5).map(|_| spans[0].clone()).collect();
+        // A clone's strings are only as long as they need to be.
+        let one = same[0].footprint();
+        let (queue, _rx) = SpanQueue::new(100, 2 * one + one / 2, metrics.clone());
+        queue.push_all(&mut same.clone());
+        assert_eq!(
+            metrics.spans_queue_dropped.load(Relaxed),
+            3,
+            "two fit in the bytes"
+        );
+        assert_eq!(queue.held.bytes.load(Relaxed), 2 * one);
+    }
 }

@@ -661,7 +661,7 @@ impl Tracer {
     }
 
     fn record(&mut self, id: u64) -> Option<SpanRecord> {
-        let s = *self.spans.remove(&id)?;
+        let s = self.spans.remove(&id)?;
         let mut start = s.start_ns;
         let mut end = s.end_ns.unwrap_or(start).max(s.cover_end_ns);
         if let Some(server) = s.linked_server.and_then(|x| self.spans.get(&x)) {

@@ -1,8 +1,8 @@
 //! Records `agent/tests/data/corpus.kspan`, the kernel events the exporters' differential test
 //! replays: real traffic of every kind of span kspan exports. HTTP/1.1 through nginx and two
 //! Python services forwarding B3 (200, 404, 500), HTTP/2 (h2c, nghttpd), gRPC (OK, NOT_FOUND,
-//! INTERNAL, a stream) and Redis (commands and an error). The test makes partial spans by
-//! replaying it with records left out, as when the kernel loses them. Run as root: `KSPAN_BIN=target/debug/kspan cargo run -p kspan-tests
+//! INTERNAL, a stream, and a channel older than the agent: partial spans) and Redis (commands
+//! and an error). Run as root: `KSPAN_BIN=target/debug/kspan cargo run -p kspan-tests
 //! --bin record-corpus -- agent/tests/data/corpus.kspan`.
 use std::{process::Command, time::Duration};
 
@@ -36,6 +36,23 @@ fn main() {
         "no",
     ]);
     let _redis = Proc::listening("redis", redis, redis_port);
+
+    // A gRPC channel already carrying calls when the agent starts: the agent joins its HTTP/2
+    // connection mid-way (no HPACK context), so those spans are partial.
+    let poller = r#"
+import grpc, sys, time
+ident = lambda b: b
+with grpc.insecure_channel(f"127.0.0.1:{sys.argv[1]}") as ch:
+    call = ch.unary_unary("/shop.Cart/Get", request_serializer=ident, response_deserializer=ident)
+    for i in range(200):
+        call(b"pear", timeout=5)
+        time.sleep(0.05)
+"#;
+    let mut cmd = Command::new("python3");
+    cmd.args(["-c", poller, &grpc.port.to_string()])
+        .env("OTEL_SERVICE_NAME", "poller");
+    let _poller = Proc::spawn("poller", cmd);
+    std::thread::sleep(Duration::from_millis(1500));
 
     let ports = [nginx.port, front.port, back.port, grpc.port, h2, redis_port]
         .map(|p| p.to_string())

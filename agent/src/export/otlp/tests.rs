@@ -129,8 +129,8 @@ fn the_encoder_matches_the_reference_exporter_on_the_corpus() {
 }
 
 /// The corpus covers what the differential test claims: both kinds, HTTP/1.1, HTTP/2, gRPC,
-/// a data store, error statuses, spans with and without parents, string, integer and array
-/// attributes (booleans and partial spans are added in `edge_values_match_the_reference`).
+/// a data store, error statuses, partial spans, spans with and without parents, string,
+/// integer, boolean and array attributes.
 #[test]
 fn the_corpus_covers_every_kind_of_span() {
     let spans = corpus_spans(true);
@@ -148,11 +148,18 @@ fn the_corpus_covers_every_kind_of_span() {
     assert!(spans.iter().filter(|s| s.error.is_some()).count() >= 5);
     assert!(spans.iter().any(|s| s.parent_span_id.is_none()));
     assert!(spans.iter().any(|s| s.parent_span_id.is_some()));
+    assert!(
+        spans
+            .iter()
+            .any(|s| matches!(s.attr("kspan.partial"), Some(AttrValue::Bool(true)))),
+        "partial spans (a channel older than the recording)"
+    );
     let r = encoded(&spans);
     let values: Vec<&Value> = attr_values(&r).collect();
     assert!(values.iter().any(|v| matches!(v, Value::StringValue(_))));
     assert!(values.iter().any(|v| matches!(v, Value::IntValue(_))));
     assert!(values.iter().any(|v| matches!(v, Value::ArrayValue(_))));
+    assert!(values.iter().any(|v| matches!(v, Value::BoolValue(true))));
 }
 
 /// Values the corpus cannot hold: a partial span (as the linker marks one), negative and large
