@@ -46,7 +46,8 @@ struct Batch {
     bytes: usize,
 }
 
-/// The receiving end; gives back the budget of what it takes.
+/// The receiving end; gives the budget back as spans leave for the exporters, so spans taken
+/// from the channel but not yet exported still count.
 pub struct QueueRx {
     rx: mpsc::Receiver<Batch>,
     held: Arc<Held>,
@@ -115,11 +116,16 @@ impl QueueRx {
         let mut batches = Vec::new();
         let n = self.rx.recv_many(&mut batches, 64).await;
         for b in batches {
-            self.held.spans.fetch_sub(b.spans.len(), Relaxed);
-            self.held.bytes.fetch_sub(b.bytes, Relaxed);
             pending.extend(b.spans);
         }
         n
+    }
+
+    /// `spans` leave for the exporters: their room is the pipeline's again.
+    fn release(&self, spans: &[SpanRecord]) {
+        let bytes: usize = spans.iter().map(SpanRecord::footprint).sum();
+        self.held.spans.fetch_sub(spans.len(), Relaxed);
+        self.held.bytes.fetch_sub(bytes, Relaxed);
     }
 }
 
@@ -142,10 +148,12 @@ pub async fn run(mut rx: QueueRx, mut sinks: Sinks, metrics: Arc<Metrics>) {
         }
         while pending.len() >= BATCH {
             let mut batch: Vec<SpanRecord> = pending.drain(..BATCH).collect();
+            rx.release(&batch);
             flush(&mut sinks, &mut batch, &metrics).await;
             last_flush = Instant::now();
         }
         if !pending.is_empty() && (last_flush.elapsed() >= FLUSH_EVERY || !open) {
+            rx.release(&pending);
             flush(&mut sinks, &mut pending, &metrics).await;
             last_flush = Instant::now();
         }
@@ -235,8 +243,14 @@ mod tests {
         assert_eq!(pending.len(), 4);
         assert_eq!(
             queue.held.spans.load(Relaxed),
+            4,
+            "received but not yet exported still counts"
+        );
+        rx.release(&pending);
+        assert_eq!(
+            queue.held.spans.load(Relaxed),
             0,
-            "taking gives the room back"
+            "exporting gives the room back"
         );
         assert_eq!(queue.held.bytes.load(Relaxed), 0);
 
