@@ -83,7 +83,8 @@ fn otlp_http_gzip_retries_after_503_and_delivers_once() {
 }
 
 /// A 400 means the data itself was refused: never sent again, counted as failed; the next
-/// batch goes through.
+/// batch goes through. (The trace's two spans may leave in one batch or two: either way each
+/// is delivered or counted, and a refused one never arrives later.)
 #[test]
 fn otlp_http_400_is_not_retried_and_is_counted() {
     assert_root();
@@ -97,19 +98,21 @@ fn otlp_http_400_is_not_retried_and_is_counted() {
     let agent = agent("kspan-400", back.port, &[], &http_env(collector));
     let refused = trace_id(61);
     traced(back.port, refused);
+    // A retry would be answered 200: its spans would arrive and never count as failed.
     let failed = wait_metric(agent.metrics, "kspan_spans_export_failed_total", |v| v > 0);
-    // Longer than the first backoff: a retry would have come by now.
-    std::thread::sleep(Duration::from_secs(3));
-    let (requests, _) = spans.script().requests();
-    assert_eq!(requests, 1, "the refused batch was sent once");
     let t = trace_id(62);
     traced(back.port, t);
-    assert_eq!(settled(&spans, t, 2, 15).len(), 2);
+    // Longer than the first backoff: a retry of the refused batch would have come by now.
+    assert_eq!(
+        settled(&spans, t, 2, 15).len(),
+        2,
+        "the next batch is delivered"
+    );
     let refused_got = spans.all().iter().filter(|g| g.trace_id == refused).count();
     assert_eq!(
         refused_got as u64 + failed,
         2,
-        "every span of the refused batch counted"
+        "each span of the trace delivered once or counted as failed, never both"
     );
     assert!(agent.terminate().success());
 }
