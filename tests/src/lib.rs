@@ -312,6 +312,8 @@ class H(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
     def log_message(self, *a): pass
+# Bursts of connections (40 at once in the linking tests) outgrow the default backlog of 5.
+http.server.ThreadingHTTPServer.request_queue_size = 128
 server = http.server.ThreadingHTTPServer(("127.0.0.1", PORT), H)
 if CERT:
     tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
