@@ -541,30 +541,9 @@ where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     use prost::Message as _;
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let mut buf = Vec::new();
-    loop {
-        let mut chunk = [0u8; 8192];
-        let n = match sock.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        buf.extend_from_slice(&chunk[..n]);
-        // Parse the head, wait for the whole body.
-        let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-            continue;
-        };
-        let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-        let len: usize = head
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        if buf.len() < end + 4 + len {
-            continue;
-        }
-        let mut body = buf[end + 4..end + 4 + len].to_vec();
-        buf.drain(..end + 4 + len);
+    while let Some((head, mut body)) = receivers::next_request(&mut sock, &mut buf).await {
         let gzip = head.contains("content-encoding: gzip");
         if gzip {
             body = receivers::gunzip(&body);

@@ -69,6 +69,35 @@ pub(crate) fn gunzip(body: &[u8]) -> Vec<u8> {
     out
 }
 
+/// The next HTTP/1.1 request on a connection: its head (lower-cased) and its body (by
+/// Content-Length); `None` once the peer closes. `buf` carries bytes of the next request.
+pub(crate) async fn next_request<S>(sock: &mut S, buf: &mut Vec<u8>) -> Option<(String, Vec<u8>)>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    use tokio::io::AsyncReadExt as _;
+    loop {
+        // Parse the head, wait for the whole body.
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + len {
+                let body = buf.drain(..end + 4 + len).skip(end + 4).collect();
+                return Some((head, body));
+            }
+        }
+        let mut chunk = [0u8; 8192];
+        match sock.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
 /// Spans a Zipkin receiver got, each already checked against the v2 schema, and every schema
 /// violation it saw.
 #[derive(Clone, Default)]
@@ -79,7 +108,7 @@ pub struct Zipkin {
 
 /// A Zipkin v2 receiver: `POST /api/v2/spans` with a JSON array of spans.
 pub fn zipkin_receiver(rt: &tokio::runtime::Runtime) -> (SocketAddr, Zipkin) {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    use tokio::io::AsyncWriteExt as _;
     let got = Zipkin::default();
     let listener = rt
         .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
@@ -94,26 +123,7 @@ pub fn zipkin_receiver(rt: &tokio::runtime::Runtime) -> (SocketAddr, Zipkin) {
             let got = shared.clone();
             tokio::spawn(async move {
                 let mut buf = Vec::new();
-                loop {
-                    let mut chunk = [0u8; 8192];
-                    let n = match sock.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => n,
-                    };
-                    buf.extend_from_slice(&chunk[..n]);
-                    let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") else {
-                        continue;
-                    };
-                    let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| l.strip_prefix("content-length:"))
-                        .and_then(|v| v.trim().parse().ok())
-                        .unwrap_or(0);
-                    if buf.len() < end + 4 + len {
-                        continue;
-                    }
-                    let body: Vec<u8> = buf.drain(..end + 4 + len).skip(end + 4).collect();
+                while let Some((head, body)) = next_request(&mut sock, &mut buf).await {
                     let mut problems = Vec::new();
                     if !head.starts_with("post /api/v2/spans ") {
                         problems.push(format!("request line {:?}", head.lines().next()));

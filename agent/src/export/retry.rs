@@ -77,6 +77,23 @@ pub fn http(status: u16, retry_after: Option<&str>, body: Bytes) -> Attempt {
     }
 }
 
+/// What an HTTP exporter's request came to: no answer, or the answer's status as [`http`]
+/// classifies it.
+pub async fn http_answer(sent: reqwest::Result<reqwest::Response>) -> Attempt {
+    let resp = match sent {
+        Ok(r) => r,
+        Err(e) => return unanswered(e),
+    };
+    let status = resp.status().as_u16();
+    let after = resp
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let body = resp.bytes().await.unwrap_or_default();
+    http(status, after.as_deref(), body)
+}
+
 /// A request that got no answer (connection refused or reset, or timed out) may get one later.
 pub fn unanswered(e: impl std::fmt::Display) -> Attempt {
     Attempt::Retryable {

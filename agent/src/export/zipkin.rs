@@ -61,19 +61,7 @@ impl ZipkinSink {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .timeout(timeout)
                 .body(body.clone());
-            match req.send().await {
-                Err(e) => retry::unanswered(e),
-                Ok(resp) => {
-                    let status = resp.status().as_u16();
-                    let after = resp
-                        .headers()
-                        .get(reqwest::header::RETRY_AFTER)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
-                    let body = resp.bytes().await.unwrap_or_default();
-                    retry::http(status, after.as_deref(), body)
-                }
-            }
+            retry::http_answer(req.send().await).await
         })
         .await
         .map_err(ZipkinError::Export)?;

@@ -11,11 +11,7 @@ use std::{io::Write as _, time::Duration};
 
 use bytes::Bytes;
 
-use crate::{
-    config::{Compression, OtlpConfig},
-    export::retry,
-    trace::span::SpanRecord,
-};
+use crate::{config::OtlpConfig, export::retry, trace::span::SpanRecord};
 use transport::Transport;
 
 #[derive(Debug, thiserror::Error)]
@@ -56,7 +52,6 @@ impl OtlpSink {
                 encoder: encode::Encoder::new(host, command_line),
                 transport: Transport::new(cfg)?,
                 timeout: cfg.timeout,
-                gzip: cfg.compression == Compression::Gzip,
                 body: Vec::new(),
             })
         })
@@ -93,7 +88,6 @@ pub struct Direct {
     encoder: encode::Encoder,
     transport: Transport,
     timeout: Duration,
-    gzip: bool,
     /// The last request's encoding, reused.
     body: Vec<u8>,
 }
@@ -105,7 +99,7 @@ impl Direct {
         }
         self.body.clear();
         self.encoder.encode(spans, &mut self.body);
-        let body = if self.gzip && self.transport.wants_gzip_body() {
+        let body = if self.transport.wants_gzip_body() {
             gzip(&self.body)?
         } else {
             Bytes::copy_from_slice(&self.body)
@@ -135,6 +129,19 @@ impl Direct {
             rejected,
         })
     }
+}
+
+/// The extra CA certificate (PEM) the configuration names, read once per exporter.
+fn certificate(cfg: &OtlpConfig) -> Result<Option<Vec<u8>>, OtlpError> {
+    cfg.certificate
+        .as_ref()
+        .map(|path| {
+            std::fs::read(path).map_err(|source| OtlpError::Certificate {
+                path: path.clone(),
+                source,
+            })
+        })
+        .transpose()
 }
 
 /// Fast gzip: the batches are repetitive, and the default level costs several times the CPU

@@ -37,16 +37,7 @@ pub struct SdkSink {
 impl SdkSink {
     pub fn new(cfg: &OtlpConfig, host: String, command_line: bool) -> Result<Self, OtlpError> {
         let timeout = cfg.timeout;
-        let ca = cfg
-            .certificate
-            .as_ref()
-            .map(|path| {
-                std::fs::read(path).map_err(|source| OtlpError::Certificate {
-                    path: path.clone(),
-                    source,
-                })
-            })
-            .transpose()?;
+        let ca = super::certificate(cfg)?;
         let https = cfg.endpoint.starts_with("https://");
         let exporter = match cfg.protocol {
             Protocol::Grpc => {

@@ -29,16 +29,7 @@ pub enum Transport {
 
 impl Transport {
     pub fn new(cfg: &OtlpConfig) -> Result<Self, OtlpError> {
-        let ca = cfg
-            .certificate
-            .as_ref()
-            .map(|path| {
-                std::fs::read(path).map_err(|source| OtlpError::Certificate {
-                    path: path.clone(),
-                    source,
-                })
-            })
-            .transpose()?;
+        let ca = super::certificate(cfg)?;
         let bad_header =
             |k: &str, e: &dyn std::fmt::Display| OtlpError::Build(format!("header {k:?}: {e}"));
         match cfg.protocol {
@@ -146,18 +137,7 @@ impl Transport {
                 if *gzip {
                     req = req.header(reqwest::header::CONTENT_ENCODING, "gzip");
                 }
-                let resp = match req.send().await {
-                    Ok(r) => r,
-                    Err(e) => return retry::unanswered(e),
-                };
-                let status = resp.status().as_u16();
-                let after = resp
-                    .headers()
-                    .get(reqwest::header::RETRY_AFTER)
-                    .and_then(|v| v.to_str().ok())
-                    .map(str::to_string);
-                let body = resp.bytes().await.unwrap_or_default();
-                retry::http(status, after.as_deref(), body)
+                retry::http_answer(req.send().await).await
             }
         }
     }
