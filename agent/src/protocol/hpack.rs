@@ -275,16 +275,28 @@ impl Decoder {
         }
     }
 
-    /// Decodes one complete header block.
+    /// Decodes one complete header block into owned fields.
     pub fn decode(&mut self, block: &[u8], out: &mut Vec<Field>) -> Result<(), HpackError> {
+        self.decode_with(block, |f| {
+            out.push(match f {
+                Some((n, v)) => Field::Known(n.to_string(), v.to_string()),
+                None => Field::Unknown,
+            })
+        })
+    }
+
+    /// Decodes one complete header block, handing each field to `field` as it is read (`None`
+    /// for [`Field::Unknown`]): the caller copies only the fields it keeps.
+    pub fn decode_with(
+        &mut self,
+        block: &[u8],
+        mut field: impl FnMut(Option<(&str, &str)>),
+    ) -> Result<(), HpackError> {
         let mut r = Reader { buf: block, pos: 0 };
         while let Some(&b) = r.buf.get(r.pos) {
             if b & 0x80 != 0 {
                 let index = r.integer(7)?;
-                out.push(match self.lookup(index)? {
-                    Some((n, v)) => Field::Known(n.to_string(), v.to_string()),
-                    None => Field::Unknown,
-                });
+                field(self.lookup(index)?);
             } else if b & 0xe0 == 0x20 {
                 let size = r.integer(5)?;
                 if size > self.limit {
@@ -302,25 +314,29 @@ impl Decoder {
                     (4, false)
                 };
                 let name_index = r.integer(prefix)?;
-                let name = if name_index == 0 {
-                    Some(r.string()?)
-                } else {
-                    self.lookup(name_index)?.map(|(n, _)| n.to_string())
-                };
+                if name_index == 0 {
+                    let (name, value) = (r.string()?, r.string()?);
+                    field(Some((&name, &value)));
+                    if indexing {
+                        self.insert(name, value);
+                    }
+                    continue;
+                }
                 let value = r.string()?;
-                match name {
-                    Some(name) => {
+                match self.lookup(name_index)? {
+                    Some((name, _)) => {
+                        field(Some((name, &value)));
                         if indexing {
-                            self.insert(name.clone(), value.clone());
+                            let name = name.to_string();
+                            self.insert(name, value);
                         }
-                        out.push(Field::Known(name, value));
                     }
                     None => {
                         // Its name is an entry we never saw; the table still grows by one.
                         if indexing {
                             self.lost_block();
                         }
-                        out.push(Field::Unknown);
+                        field(None);
                     }
                 }
             }

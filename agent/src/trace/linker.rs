@@ -232,7 +232,7 @@ impl Tracer {
             return None;
         }
         let (ctx, start_ns, exchange) = match r.call {
-            Call::Http(head) => {
+            Call::Http(mut head) => {
                 let ctx = match context::extract(&head.headers) {
                     Ok(c) => c,
                     Err(_) => {
@@ -242,8 +242,8 @@ impl Tracer {
                 };
                 let exchange = HttpExchange {
                     grpc: Grpc::from_request(&head.target, head.headers.get("content-type")),
-                    host: head.headers.get("host").map(str::to_string),
-                    user_agent: head.headers.get("user-agent").map(str::to_string),
+                    host: head.headers.take("host"),
+                    user_agent: head.headers.take("user-agent"),
                     local: r.endpoints.map(|e| e.local),
                     peer: r.endpoints.map(|e| e.peer),
                     captured_headers: head

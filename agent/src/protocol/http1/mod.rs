@@ -4,18 +4,17 @@
 //! that were not captured are fine inside bodies (they are counted, not parsed); inside a head
 //! they break framing, and the direction resynchronises at the next chunk that starts like a
 //! message. Only the headers spans need are kept, so decoding allocates little.
-use std::collections::VecDeque;
+use std::{collections::VecDeque, mem::MaybeUninit};
 
 pub mod exchanges;
 
 /// Longest head we buffer before declaring the stream garbage.
 const MAX_HEAD: usize = 64 * 1024;
 const MAX_HEADERS: usize = 96;
-/// Headers kept from each message (lower-case).
+/// Request headers kept (lower-case); responses keep none (their framing is read in place).
 const KEPT: &[&str] = &[
     "host",
     "user-agent",
-    "content-length",
     "content-type",
     "b3",
     "x-b3-traceid",
@@ -45,13 +44,15 @@ impl Headers {
     /// Keeps the header if spans need it or it is one of `captured` (lower-case names the
     /// configuration asked to export).
     pub fn insert_with(&mut self, name: &str, value: &str, captured: &'static [&'static str]) {
-        if let Some(kept) = KEPT
-            .iter()
-            .chain(captured)
-            .find(|k| k.eq_ignore_ascii_case(name))
-        {
+        if let Some(kept) = kept_name(name, captured) {
             self.0.push((kept, value.to_string()));
         }
+    }
+
+    /// Moves a header's value out (the span keeps it; no copy).
+    pub fn take(&mut self, name: &str) -> Option<String> {
+        let i = self.0.iter().position(|(n, _)| *n == name)?;
+        Some(self.0.swap_remove(i).1)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
@@ -73,7 +74,6 @@ pub struct RequestHead {
 pub struct ResponseHead {
     pub status: u16,
     pub version: u8,
-    pub headers: Headers,
     pub start_ns: u64,
 }
 
@@ -298,9 +298,24 @@ impl Decoder {
                 }
                 State::Head => {
                     let before = self.head.len();
-                    let take = data.len().min(MAX_HEAD - before);
-                    self.head.extend_from_slice(&data[..take]);
-                    match self.parse_head(awaiting, out) {
+                    // A head that arrives whole (the usual case) is parsed where it lies;
+                    // only a head split across syscalls is gathered first.
+                    let parsed = if before == 0 {
+                        let parsed = self.parse_head(data, awaiting, out);
+                        if let Ok(None) = parsed {
+                            let take = data.len().min(MAX_HEAD);
+                            self.head.extend_from_slice(&data[..take]);
+                        }
+                        parsed
+                    } else {
+                        let take = data.len().min(MAX_HEAD - before);
+                        self.head.extend_from_slice(&data[..take]);
+                        let head = std::mem::take(&mut self.head);
+                        let parsed = self.parse_head(&head, awaiting, out);
+                        self.head = head;
+                        parsed
+                    };
+                    match parsed {
                         Ok(Some(used)) => {
                             let consumed = used - before;
                             data = &data[consumed..];
@@ -387,16 +402,18 @@ impl Decoder {
         self.state = State::Idle;
     }
 
-    /// Parses the buffered head. `Ok(Some(n))`: complete, `n` bytes of the buffer were the head.
+    /// Parses a head from `buf`. `Ok(Some(n))`: complete, its first `n` bytes were the head.
     fn parse_head(
         &mut self,
+        buf: &[u8],
         awaiting: &mut VecDeque<bool>,
         out: &mut Vec<Message>,
     ) -> Result<Option<usize>, ()> {
-        let mut raw = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        // Left uninitialised: zeroing 96 headers cost more than parsing a typical head.
+        let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         if self.requests {
-            let mut req = httparse::Request::new(&mut raw);
-            let n = match req.parse(&self.head) {
+            let mut req = httparse::Request::new(&mut []);
+            let n = match req.parse_with_uninit_headers(buf, &mut raw) {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(_) => return Err(()),
@@ -425,16 +442,17 @@ impl Decoder {
             self.state = State::Body { body, len: 0 };
             Ok(Some(n))
         } else {
-            let mut resp = httparse::Response::new(&mut raw);
-            let n = match resp.parse(&self.head) {
+            let mut resp = httparse::Response::new(&mut []);
+            let n = match httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut resp, buf, &mut raw)
+            {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(_) => return Err(()),
             };
             let status = resp.code.ok_or(())?;
             let version = resp.version.ok_or(())?;
-            let mut headers = Headers::default();
-            let framing = collect(resp.headers, &mut headers, self.captured)?;
+            let framing = framing(resp.headers)?;
             if status == 101 {
                 awaiting.pop_front();
                 out.push(Message::Upgraded);
@@ -463,7 +481,6 @@ impl Decoder {
             out.push(Message::ResponseHead(ResponseHead {
                 status,
                 version,
-                headers,
                 start_ns: self.head_start_ns,
             }));
             self.state = State::Body { body, len: 0 };
@@ -478,26 +495,47 @@ enum Framing {
     Chunked,
 }
 
-fn collect(
-    raw: &[httparse::Header<'_>],
-    headers: &mut Headers,
-    captured: &'static [&'static str],
-) -> Result<Framing, ()> {
+/// The kept name `name` matches, case-insensitively: one of [`KEPT`] or of `captured`.
+pub(crate) fn kept_name(name: &str, captured: &'static [&'static str]) -> Option<&'static str> {
+    KEPT.iter()
+        .chain(captured)
+        .find(|k| k.len() == name.len() && k.eq_ignore_ascii_case(name))
+        .copied()
+}
+
+/// How the message's body is delimited (RFC 9112 §6).
+fn framing(raw: &[httparse::Header<'_>]) -> Result<Framing, ()> {
     let mut framing = Framing::None;
     for h in raw {
-        let value = std::str::from_utf8(h.value).map_err(|_| ())?.trim();
         if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            if value.to_ascii_lowercase().ends_with("chunked") {
+            let value = h.value.trim_ascii_end();
+            let tail = value.len().saturating_sub(b"chunked".len());
+            if value[tail..].eq_ignore_ascii_case(b"chunked") {
                 framing = Framing::Chunked;
             }
         } else if h.name.eq_ignore_ascii_case("content-length")
             && !matches!(framing, Framing::Chunked)
         {
+            let value = std::str::from_utf8(h.value).map_err(|_| ())?.trim();
             framing = Framing::Length(value.parse().map_err(|_| ())?);
         }
-        headers.insert_with(h.name, value, captured);
     }
     Ok(framing)
+}
+
+/// Keeps the request headers spans need (and the `captured` ones); returns the framing.
+fn collect(
+    raw: &[httparse::Header<'_>],
+    headers: &mut Headers,
+    captured: &'static [&'static str],
+) -> Result<Framing, ()> {
+    for h in raw {
+        if let Some(kept) = kept_name(h.name, captured) {
+            let value = std::str::from_utf8(h.value).map_err(|_| ())?.trim();
+            headers.0.push((kept, value.to_string()));
+        }
+    }
+    framing(raw)
 }
 
 /// Advances the chunked-body state machine. Returns (data bytes used, missing bytes used,

@@ -35,7 +35,7 @@ impl Exchanges {
     /// `joined_late`: the connection predates the agent (no preface seen, HPACK state unknown).
     pub fn new(joined_late: bool, captured: &'static [&'static str]) -> Self {
         Self {
-            frames: Http2Conn::new(joined_late),
+            frames: Http2Conn::with_captured(joined_late, captured),
             streams: HashMap::default(),
             messages: Vec::new(),
             flip: (!joined_late).then_some(false),

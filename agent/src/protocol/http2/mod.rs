@@ -5,7 +5,7 @@
 //! only counted. Inside a header block they make that block's dynamic-table changes unknown
 //! ([`hpack::Decoder::lost_block`]); inside a frame header they lose framing for good, since
 //! HTTP/2 has no resynchronisation point.
-use super::hpack::{self, Field};
+use super::{hpack, http1};
 
 pub mod exchanges;
 
@@ -140,6 +140,8 @@ struct Side {
     /// HEADERS awaiting CONTINUATION: stream, END_STREAM, fragment, start, lost.
     block: Option<(u32, bool, Vec<u8>, u64, bool)>,
     hpack: hpack::Decoder,
+    /// Request headers kept beyond those spans need (configured capture list).
+    captured: &'static [&'static str],
     broken: bool,
     /// Bytes of this side were lost: nothing is decoded until a frame starts again.
     awaiting_frame: bool,
@@ -155,7 +157,13 @@ pub struct Http2Conn {
 impl Http2Conn {
     /// `joined_late`: the connection predates the agent (no preface, unknown HPACK tables).
     pub fn new(joined_late: bool) -> Self {
+        Self::with_captured(joined_late, &[])
+    }
+
+    /// A decoder that also keeps the request headers named in `captured`.
+    pub fn with_captured(joined_late: bool, captured: &'static [&'static str]) -> Self {
         let side = |from_client: bool| Side {
+            captured,
             from_client,
             preface_left: if from_client && !joined_late {
                 PREFACE.len()
@@ -426,10 +434,23 @@ impl Side {
         let Some((stream, end_stream, block, start_ns, lost)) = self.block.take() else {
             return;
         };
-        let mut fields = Vec::new();
+        let (mut fields, mut partial) = (Vec::new(), false);
+        let captured = self.captured;
+        let decoded = !lost
+            && self
+                .hpack
+                .decode_with(&block, |f| match f {
+                    // Only what spans read is copied out of the tables.
+                    Some((n, v)) if wanted(n, captured) => {
+                        fields.push((n.to_string(), v.to_string()))
+                    }
+                    Some(_) => {}
+                    None => partial = true,
+                })
+                .is_ok();
         // A block not captured in full, or one we cannot parse, leaves the table in an unknown
         // state and the stream's headers unknown.
-        if lost || self.hpack.decode(&block, &mut fields).is_err() {
+        if !decoded {
             self.hpack.lost_block();
             if stream != 0 {
                 out.push(Message::HeadersLost {
@@ -443,22 +464,21 @@ impl Side {
         if stream == 0 {
             return;
         }
-        let partial = fields.contains(&Field::Unknown);
         out.push(Message::Headers {
             from_client: self.from_client,
             stream,
-            fields: fields
-                .into_iter()
-                .filter_map(|f| match f {
-                    Field::Known(n, v) => Some((n, v)),
-                    Field::Unknown => None,
-                })
-                .collect(),
+            fields,
             end_stream,
             partial,
             start_ns,
         });
     }
+}
+
+/// Fields the exchanges read: pseudo-headers, the gRPC status, and the request headers HTTP/1
+/// keeps too.
+fn wanted(name: &str, captured: &'static [&'static str]) -> bool {
+    name.starts_with(':') || name == "grpc-status" || http1::kept_name(name, captured).is_some()
 }
 
 /// Frame builders shared by this crate's tests.
@@ -702,7 +722,7 @@ mod recognition_tests {
     fn push_promise_blocks_update_the_table_but_make_no_stream() {
         let mut c = Http2Conn::new(false);
         let mut block = 5u32.to_be_bytes().to_vec(); // promised stream id
-        block.extend([0x40, 0x01, b'k', 0x01, b'v']); // literal with indexing: k: v
+        block.extend([0x40, 0x02, b'b', b'3', 0x01, b'v']); // literal with indexing: b3: v
         let mut bytes = frame(PUSH_PROMISE, END_HEADERS, 1, &block);
         // A later response references the pushed entry by its dynamic index.
         bytes.extend(frame(HEADERS, END_HEADERS, 1, &[0x88, 0xbe]));
@@ -711,7 +731,7 @@ mod recognition_tests {
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(
             matches!(&out[0], Message::Headers { stream: 1, fields, partial: false, .. }
-            if fields == &[(":status".to_string(), "200".to_string()), ("k".to_string(), "v".to_string())])
+            if fields == &[(":status".to_string(), "200".to_string()), ("b3".to_string(), "v".to_string())])
         );
     }
 }
