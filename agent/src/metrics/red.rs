@@ -7,12 +7,9 @@
 //! so existing dashboards work. Cardinality is bounded: paths become heuristic routes (id-like
 //! segments are replaced), routes per service and series per family are capped, and what does
 //! not fit is counted in `kspan_metric_series_dropped_total`.
-use std::{
-    fmt::Write as _,
-    hash::{Hash as _, Hasher as _},
-};
+use std::fmt::Write as _;
 
-use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet, FxHasher};
+use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use crate::trace::span::{Observation, SpanKind};
 
@@ -133,13 +130,16 @@ impl Histogram {
     }
 }
 
-/// One series: its family, label values (in `Family::labels` order) and histogram.
-type Series = (Family, Box<[String]>, Histogram);
+/// One series as `render` reads it: family, label values (in `Family::labels` order), histogram.
+type Series<'a> = (Family, Vec<&'a str>, &'a Histogram);
 
 pub struct Red {
-    /// Keyed by a hash of family and label values, so an observation of an existing series
-    /// is found without allocating; colliding series share a bucket.
-    series: HashMap<u64, Vec<Series>>,
+    /// Keyed by family and label values in one contiguous key (see `series_key`): finding the
+    /// series of an observation costs one comparison of bytes already together in memory, not
+    /// one per label in separate allocations.
+    series: HashMap<Box<[u8]>, Histogram>,
+    /// Reused buffer for the key of the observation at hand.
+    key: Vec<u8>,
     /// Series per family (indexed by `Family as usize`).
     per_family: [usize; Family::ALL.len()],
     routes: HashMap<String, HashSet<String>>,
@@ -160,6 +160,7 @@ impl Red {
     pub fn new(max_series: usize) -> Self {
         Self {
             series: HashMap::default(),
+            key: Vec::new(),
             per_family: [0; Family::ALL.len()],
             routes: HashMap::default(),
             route: String::new(),
@@ -283,17 +284,9 @@ impl Red {
     }
 
     fn add<const N: usize>(&mut self, family: Family, labels: [&str; N], s: f64, failed: bool) {
-        let mut h = FxHasher::default();
-        family.hash(&mut h);
-        labels.hash(&mut h);
-        let hash = h.finish();
-        let same = |e: &Series| e.0 == family && e.1.iter().map(String::as_str).eq(labels);
-        if let Some(e) = self
-            .series
-            .get_mut(&hash)
-            .and_then(|b| b.iter_mut().find(|e| same(e)))
-        {
-            e.2.observe(s, failed);
+        series_key(&mut self.key, family, &labels);
+        if let Some(h) = self.series.get_mut(self.key.as_slice()) {
+            h.observe(s, failed);
             return;
         }
         if self.per_family[family as usize] >= self.max_series {
@@ -303,11 +296,7 @@ impl Red {
         self.per_family[family as usize] += 1;
         let mut hist = Histogram::default();
         hist.observe(s, failed);
-        self.series.entry(hash).or_default().push((
-            family,
-            labels.iter().map(|l| l.to_string()).collect(),
-            hist,
-        ));
+        self.series.insert(self.key.as_slice().into(), hist);
     }
 
     /// The heuristic route of a path for one service, capped per service.
@@ -330,11 +319,18 @@ impl Red {
 
     /// Appends every series in Prometheus text exposition format.
     pub fn render(&self, out: &mut String) {
-        let mut all: Vec<&Series> = self.series.values().flatten().collect();
+        let mut all: Vec<Series> = self
+            .series
+            .iter()
+            .filter_map(|(k, h)| {
+                let (family, labels) = parse_key(k)?;
+                Some((family, labels, h))
+            })
+            .collect();
         all.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
         for family in Family::ALL {
             let name = family.name();
-            let of_family: Vec<&&Series> = all.iter().filter(|e| e.0 == family).collect();
+            let of_family: Vec<&Series> = all.iter().filter(|e| e.0 == family).collect();
             if of_family.is_empty() {
                 continue;
             }
@@ -357,12 +353,12 @@ impl Red {
         }
         // The graph's request and failure counters: once per request, at the server for a
         // linked pair, at the client for a virtual node or a data store.
-        let mut edges: Vec<(&[String], u64, u64)> = all
+        let mut edges: Vec<(&[&str], u64, u64)> = all
             .iter()
             .filter(|(f, v, _)| {
                 *f == Family::GraphServer
                     || (*f == Family::GraphClient
-                        && matches!(v[2].as_str(), "virtual_node" | "database"))
+                        && matches!(v.get(2).copied(), Some("virtual_node" | "database")))
             })
             .map(|(_, v, h)| (&v[..], h.count, h.failed))
             .collect();
@@ -391,7 +387,31 @@ impl Red {
     }
 }
 
-fn render_labels(names: &[&str], values: &[String]) -> String {
+/// `family` as one byte, then each label as its length (u32, little-endian) and bytes.
+fn series_key(key: &mut Vec<u8>, family: Family, labels: &[&str]) {
+    key.clear();
+    key.push(family as u8);
+    for l in labels {
+        key.extend_from_slice(&(l.len() as u32).to_le_bytes());
+        key.extend_from_slice(l.as_bytes());
+    }
+}
+
+/// The family and labels a key was made of.
+fn parse_key(mut key: &[u8]) -> Option<(Family, Vec<&str>)> {
+    let (&family, rest) = key.split_first()?;
+    let family = *Family::ALL.get(family as usize)?;
+    key = rest;
+    let mut labels = Vec::with_capacity(6);
+    while let Some((len, rest)) = key.split_first_chunk::<4>() {
+        let (label, rest) = rest.split_at_checked(u32::from_le_bytes(*len) as usize)?;
+        labels.push(std::str::from_utf8(label).ok()?);
+        key = rest;
+    }
+    Some((family, labels))
+}
+
+fn render_labels(names: &[&str], values: &[&str]) -> String {
     names
         .iter()
         .zip(values)
