@@ -146,11 +146,18 @@ pub async fn run(mut rx: QueueRx, mut sinks: Sinks, metrics: Arc<Metrics>) {
             n = rx.recv(&mut pending) => open = n > 0,
             _ = tick.tick() => {}
         }
-        while pending.len() >= BATCH {
-            let mut batch: Vec<SpanRecord> = pending.drain(..BATCH).collect();
-            rx.release(&batch);
-            flush(&mut sinks, &mut batch, &metrics).await;
-            last_flush = Instant::now();
+        if pending.len() >= BATCH {
+            // Whole batches leave from the front; moving each span once (draining a batch
+            // at a time from the front shifted the rest each time: 5% of the agent's CPU at
+            // HTTP/2 rates).
+            let tail = pending.split_off(pending.len() / BATCH * BATCH);
+            let mut full = std::mem::replace(&mut pending, tail).into_iter();
+            while full.len() > 0 {
+                let mut batch: Vec<SpanRecord> = full.by_ref().take(BATCH).collect();
+                rx.release(&batch);
+                flush(&mut sinks, &mut batch, &metrics).await;
+                last_flush = Instant::now();
+            }
         }
         if !pending.is_empty() && (last_flush.elapsed() >= FLUSH_EVERY || !open) {
             rx.release(&pending);
