@@ -25,6 +25,18 @@ fn main() -> anyhow::Result<()> {
             }
         );
         fs::write(&stub, b"").context("writing eBPF stub")?;
+        // Build again once `cargo xtask setup` installs the linker (a path that does not
+        // exist keeps the script running on every build until it does).
+        println!("cargo:rerun-if-env-changed=PATH");
+        if let Some(home) = env::var_os("CARGO_HOME")
+            .map(PathBuf::from)
+            .or_else(|| env::var_os("HOME").map(|h| PathBuf::from(h).join(".cargo")))
+        {
+            println!(
+                "cargo:rerun-if-changed={}",
+                home.join("bin/bpf-linker").display()
+            );
+        }
         return Ok(());
     }
     let root = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").context("CARGO_MANIFEST_DIR")?)

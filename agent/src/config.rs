@@ -146,7 +146,7 @@ pub struct Args {
     #[arg(long, default_value_t = kspan_common::DEFAULT_PAYLOAD_CAP)]
     pub payload_cap: u32,
     /// Kernel ring buffer size in MiB (power of two).
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, env = "KSPAN_RING_BUFFER_MB")]
     pub ring_buffer_mb: u32,
     /// Where the kernel programs run: the socket syscalls' exits (fexit) or sys_exit.
     #[arg(long, value_enum, default_value_t = crate::capture::Hook::Auto, env = "KSPAN_HOOK")]

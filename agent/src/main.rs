@@ -161,10 +161,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     if exporters.otlp.is_none() && exporters.zipkin.is_none() && exporters.console {
         eprintln!("kspan: no OTLP endpoint configured; printing traces on stdout");
     }
-    let (queue, rx) = SpanQueue::new(
+    let (mut queue, rx) = SpanQueue::new(
         args.export_queue,
         args.export_queue_mb.saturating_mul(1 << 20),
         metrics.clone(),
+        sinks.queue_encoder(),
     );
     let exporter = rt.spawn(export::run(rx, sinks, metrics.clone()));
 
@@ -238,7 +239,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         &mut source,
         &mut pipeline,
         recorder.as_mut(),
-        &queue,
+        &mut queue,
         &metrics,
         &stop,
         deadline,
@@ -336,14 +337,16 @@ const TLS_SWEEP: Duration = Duration::from_secs(60);
 /// was lost (the entry leaves just before the close record is written).
 const RECONCILE_QUIET_NS: u64 = 1_000_000_000;
 
-/// Most records handled before the loop attends to timers again.
-const DRAIN_BUDGET: usize = 8192;
+/// Most records handled before the loop attends to timers again. Also what one tick's spans
+/// are made of: at HTTP/2 rates (several spans per record) 8192 records made ticks of ~30k
+/// spans, whose records and observations all existed at once.
+const DRAIN_BUDGET: usize = 1024;
 
 fn run_loop(
     source: &mut Source,
     pipeline: &mut Pipeline,
     mut recorder: Option<&mut replay::Recorder<BufWriter<File>>>,
-    queue: &SpanQueue,
+    queue: &mut SpanQueue,
     metrics: &Metrics,
     stop: &AtomicBool,
     deadline: Option<Instant>,

@@ -441,6 +441,8 @@ impl Pipeline {
         for o in self.tracer.observations.drain(..) {
             self.red.observe(&o);
         }
+        // Reused every tick: keep no burst-sized buffer.
+        self.tracer.observations.shrink_to(1024);
     }
 
     /// Slow periodic work (scans): idle connections and stale exchanges.

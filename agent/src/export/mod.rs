@@ -1,5 +1,11 @@
 //! Spans out: a bounded queue from the pipeline thread to an async worker that batches them
 //! to OTLP, Zipkin and/or the stdout tree printer. A full queue drops spans and counts them.
+//!
+//! When kspan's OTLP encoder is the only exporter, spans enter the queue already encoded: a
+//! span's protobuf is about a third of its record's memory, and the records are freed on the
+//! thread that made them. Concatenated `ExportTraceServiceRequest` encodings are one request
+//! (protobuf merges repeated fields by appending), so the exporter joins queued chunks into
+//! batches without decoding them.
 pub mod otlp;
 pub mod resource;
 pub mod retry;
@@ -17,7 +23,7 @@ use std::{
 
 use tokio::sync::mpsc;
 
-use crate::{metrics::Metrics, trace::span::SpanRecord};
+use crate::{export::otlp::encode::Encoder, metrics::Metrics, trace::span::SpanRecord};
 
 const BATCH: usize = 512;
 const FLUSH_EVERY: Duration = Duration::from_millis(500);
@@ -25,13 +31,14 @@ const FLUSH_EVERY: Duration = Duration::from_millis(500);
 /// The queue between the pipeline and the exporters, bounded in spans and in bytes. The
 /// pipeline hands over each tick's spans at once: one channel message and at most one wake-up
 /// of the exporter per tick, not per span.
-#[derive(Clone)]
 pub struct SpanQueue {
     tx: mpsc::Sender<Batch>,
     held: Arc<Held>,
     max_spans: usize,
     max_bytes: usize,
     metrics: Arc<Metrics>,
+    /// Set when the OTLP encoder is the only exporter: spans are queued encoded.
+    encoder: Option<Encoder>,
 }
 
 /// Spans in the queue, and their bytes.
@@ -41,9 +48,49 @@ struct Held {
     bytes: AtomicUsize,
 }
 
-struct Batch {
-    spans: Vec<SpanRecord>,
-    bytes: usize,
+enum Batch {
+    Records {
+        spans: Vec<SpanRecord>,
+        bytes: usize,
+    },
+    Encoded(Vec<Encoded>),
+}
+
+/// Up to [`BATCH`] spans as an `ExportTraceServiceRequest` body.
+pub struct Encoded {
+    pub body: Vec<u8>,
+    pub spans: usize,
+}
+
+/// What the exporter has taken from the queue and not yet sent.
+#[derive(Default)]
+struct Pending {
+    records: Vec<SpanRecord>,
+    encoded: std::collections::VecDeque<Encoded>,
+    encoded_spans: usize,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.records.is_empty() && self.encoded.is_empty()
+    }
+
+    /// Joins queued chunks into one request of at least `min` spans (any number with 0).
+    fn take_encoded(&mut self, min: usize) -> Option<Encoded> {
+        if self.encoded_spans == 0 || self.encoded_spans < min {
+            return None;
+        }
+        let mut out = self.encoded.pop_front()?;
+        while let Some(next) = self.encoded.front()
+            && out.spans + next.spans <= BATCH
+        {
+            let next = self.encoded.pop_front()?;
+            out.body.extend_from_slice(&next.body);
+            out.spans += next.spans;
+        }
+        self.encoded_spans -= out.spans;
+        Some(out)
+    }
 }
 
 /// The receiving end; gives the budget back as spans leave for the exporters, so spans taken
@@ -57,7 +104,14 @@ pub struct QueueRx {
 const BATCHES: usize = 4096;
 
 impl SpanQueue {
-    pub fn new(max_spans: usize, max_bytes: usize, metrics: Arc<Metrics>) -> (Self, QueueRx) {
+    /// `encoder`: queue spans encoded (see the module's notes); only when that encoder's
+    /// OTLP exporter is the only one.
+    pub fn new(
+        max_spans: usize,
+        max_bytes: usize,
+        metrics: Arc<Metrics>,
+        encoder: Option<Encoder>,
+    ) -> (Self, QueueRx) {
         let (tx, rx) = mpsc::channel(BATCHES);
         let held = Arc::new(Held::default());
         let queue = Self {
@@ -66,15 +120,19 @@ impl SpanQueue {
             max_spans: max_spans.max(1),
             max_bytes,
             metrics,
+            encoder,
         };
         (queue, QueueRx { rx, held })
     }
 
     /// Takes every span of `out`. Never blocks the pipeline: what does not fit is dropped
     /// (counted).
-    pub fn push_all(&self, out: &mut Vec<SpanRecord>) {
+    pub fn push_all(&mut self, out: &mut Vec<SpanRecord>) {
         if out.is_empty() {
             return;
+        }
+        if self.encoder.is_some() {
+            return self.push_encoded(out);
         }
         let (queued, queued_bytes) = (self.held.spans.load(Relaxed), self.held.bytes.load(Relaxed));
         let room = self.max_spans.saturating_sub(queued);
@@ -93,30 +151,91 @@ impl SpanQueue {
         let spans = std::mem::take(out);
         self.held.spans.fetch_add(taken, Relaxed);
         self.held.bytes.fetch_add(bytes, Relaxed);
-        let lost = match self.tx.try_send(Batch { spans, bytes }) {
+        let lost = match self.tx.try_send(Batch::Records { spans, bytes }) {
             Ok(()) => dropped,
-            Err(e) => {
-                let batch = e.into_inner();
-                self.held.spans.fetch_sub(batch.spans.len(), Relaxed);
-                self.held.bytes.fetch_sub(batch.bytes, Relaxed);
-                dropped + batch.spans.len()
-            }
+            Err(e) => dropped + self.unsend(e.into_inner()),
         };
-        if lost > 0 {
+        self.count_dropped(lost);
+    }
+
+    /// Encodes `out` in chunks of [`BATCH`] spans; a chunk that does not fit is dropped.
+    fn push_encoded(&mut self, out: &mut Vec<SpanRecord>) {
+        let Some(encoder) = self.encoder.as_mut() else {
+            return;
+        };
+        let (mut spans, mut bytes) = (self.held.spans.load(Relaxed), self.held.bytes.load(Relaxed));
+        let (mut chunks, mut dropped) = (Vec::new(), 0);
+        for chunk in out.chunks(BATCH) {
+            let mut body = Vec::new();
+            if spans + chunk.len() <= self.max_spans {
+                encoder.encode(chunk, &mut body);
+            }
+            if body.is_empty() || bytes + body.len() > self.max_bytes {
+                dropped += chunk.len();
+                continue;
+            }
+            spans += chunk.len();
+            bytes += body.len();
+            self.held.spans.fetch_add(chunk.len(), Relaxed);
+            self.held.bytes.fetch_add(body.len(), Relaxed);
+            chunks.push(Encoded {
+                body,
+                spans: chunk.len(),
+            });
+        }
+        out.clear();
+        // The pipeline reuses `out`: keep no burst-sized buffer.
+        out.shrink_to(BATCH);
+        if !chunks.is_empty()
+            && let Err(e) = self.tx.try_send(Batch::Encoded(chunks))
+        {
+            dropped += self.unsend(e.into_inner());
+        }
+        self.count_dropped(dropped);
+    }
+
+    /// Gives back the room of a batch the channel refused; its span count.
+    fn unsend(&self, batch: Batch) -> usize {
+        let (spans, bytes) = batch.size();
+        self.held.spans.fetch_sub(spans, Relaxed);
+        self.held.bytes.fetch_sub(bytes, Relaxed);
+        spans
+    }
+
+    fn count_dropped(&self, n: usize) {
+        if n > 0 {
             self.metrics
                 .spans_queue_dropped
-                .fetch_add(lost as u64, Relaxed);
+                .fetch_add(n as u64, Relaxed);
+        }
+    }
+}
+
+impl Batch {
+    /// Spans and queue bytes.
+    fn size(&self) -> (usize, usize) {
+        match self {
+            Batch::Records { spans, bytes } => (spans.len(), *bytes),
+            Batch::Encoded(chunks) => chunks
+                .iter()
+                .fold((0, 0), |(s, b), c| (s + c.spans, b + c.body.len())),
         }
     }
 }
 
 impl QueueRx {
     /// Appends the next batches' spans to `pending`; 0 once every sender is gone.
-    async fn recv(&mut self, pending: &mut Vec<SpanRecord>) -> usize {
+    async fn recv(&mut self, pending: &mut Pending) -> usize {
         let mut batches = Vec::new();
         let n = self.rx.recv_many(&mut batches, 64).await;
         for b in batches {
-            pending.extend(b.spans);
+            match b {
+                Batch::Records { spans, .. } => pending.records.extend(spans),
+                Batch::Encoded(chunks) => {
+                    pending.encoded_spans += chunks.iter().map(|c| c.spans).sum::<usize>();
+                    pending.encoded.extend(chunks);
+                }
+            }
         }
         n
     }
@@ -127,6 +246,11 @@ impl QueueRx {
         self.held.spans.fetch_sub(spans.len(), Relaxed);
         self.held.bytes.fetch_sub(bytes, Relaxed);
     }
+
+    fn release_encoded(&self, e: &Encoded) {
+        self.held.spans.fetch_sub(e.spans, Relaxed);
+        self.held.bytes.fetch_sub(e.body.len(), Relaxed);
+    }
 }
 
 pub struct Sinks {
@@ -135,9 +259,20 @@ pub struct Sinks {
     pub tree: Option<tree::TreePrinter>,
 }
 
+impl Sinks {
+    /// The encoder the queue should encode with: kspan's OTLP encoder when it is the only
+    /// exporter.
+    pub fn queue_encoder(&self) -> Option<Encoder> {
+        match (&self.otlp, &self.zipkin, &self.tree) {
+            (Some(o), None, None) => o.encoder(),
+            _ => None,
+        }
+    }
+}
+
 /// Runs until every `SpanQueue` is dropped, then flushes what is left.
 pub async fn run(mut rx: QueueRx, mut sinks: Sinks, metrics: Arc<Metrics>) {
-    let mut pending = Vec::new();
+    let mut pending = Pending::default();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let mut last_flush = Instant::now();
     let mut open = true;
@@ -146,12 +281,13 @@ pub async fn run(mut rx: QueueRx, mut sinks: Sinks, metrics: Arc<Metrics>) {
             n = rx.recv(&mut pending) => open = n > 0,
             _ = tick.tick() => {}
         }
-        if pending.len() >= BATCH {
+        let records = &mut pending.records;
+        if records.len() >= BATCH {
             // Whole batches leave from the front; moving each span once (draining a batch
             // at a time from the front shifted the rest each time: 5% of the agent's CPU at
             // HTTP/2 rates).
-            let tail = pending.split_off(pending.len() / BATCH * BATCH);
-            let mut full = std::mem::replace(&mut pending, tail).into_iter();
+            let tail = records.split_off(records.len() / BATCH * BATCH);
+            let mut full = std::mem::replace(records, tail).into_iter();
             while full.len() > 0 {
                 let mut batch: Vec<SpanRecord> = full.by_ref().take(BATCH).collect();
                 rx.release(&batch);
@@ -159,9 +295,18 @@ pub async fn run(mut rx: QueueRx, mut sinks: Sinks, metrics: Arc<Metrics>) {
                 last_flush = Instant::now();
             }
         }
+        while let Some(e) = pending.take_encoded(BATCH) {
+            rx.release_encoded(&e);
+            flush_encoded(&mut sinks, e, &metrics).await;
+            last_flush = Instant::now();
+        }
         if !pending.is_empty() && (last_flush.elapsed() >= FLUSH_EVERY || !open) {
-            rx.release(&pending);
-            flush(&mut sinks, &mut pending, &metrics).await;
+            rx.release(&pending.records);
+            flush(&mut sinks, &mut pending.records, &metrics).await;
+            while let Some(e) = pending.take_encoded(0) {
+                rx.release_encoded(&e);
+                flush_encoded(&mut sinks, e, &metrics).await;
+            }
             last_flush = Instant::now();
         }
         if let Some(t) = sinks.tree.as_mut() {
@@ -171,6 +316,32 @@ pub async fn run(mut rx: QueueRx, mut sinks: Sinks, metrics: Arc<Metrics>) {
     if let Some(o) = sinks.otlp.as_mut() {
         o.shutdown();
     }
+}
+
+/// Sends an encoded batch (queued so only when OTLP is the only exporter).
+async fn flush_encoded(sinks: &mut Sinks, e: Encoded, metrics: &Metrics) {
+    let Some(o) = sinks.otlp.as_mut() else {
+        return;
+    };
+    match o.export_encoded(&e.body, e.spans).await {
+        Ok(d) => count_delivered(metrics, e.spans as u64, &d),
+        Err(err) => {
+            log::warn!("{err}");
+            metrics
+                .spans_export_failed
+                .fetch_add(e.spans as u64, Relaxed);
+        }
+    }
+}
+
+fn count_delivered(metrics: &Metrics, n: u64, d: &otlp::Delivered) {
+    metrics
+        .spans_exported
+        .fetch_add(d.sent as u64 - d.rejected, Relaxed);
+    metrics.spans_export_rejected.fetch_add(d.rejected, Relaxed);
+    metrics
+        .spans_export_failed
+        .fetch_add(n - d.sent as u64, Relaxed);
 }
 
 /// Hands a batch to every sink. Delivery is counted per exporter, so with two network
@@ -201,15 +372,7 @@ async fn flush(sinks: &mut Sinks, batch: &mut Vec<SpanRecord>, metrics: &Metrics
             (false, _) => Vec::new(),
         };
         match o.export(for_otlp, &spans).await {
-            Ok(d) => {
-                metrics
-                    .spans_exported
-                    .fetch_add(d.sent as u64 - d.rejected, Relaxed);
-                metrics.spans_export_rejected.fetch_add(d.rejected, Relaxed);
-                metrics
-                    .spans_export_failed
-                    .fetch_add(n - d.sent as u64, Relaxed);
-            }
+            Ok(d) => count_delivered(metrics, n, &d),
             Err(e) => failed(&e),
         }
     }
@@ -240,13 +403,14 @@ mod tests {
     async fn the_queue_is_bounded_in_spans_and_bytes_and_counts_drops() {
         let spans = otlp::tests::corpus_spans(false);
         let metrics = Arc::new(Metrics::default());
-        let (queue, mut rx) = SpanQueue::new(4, usize::MAX, metrics.clone());
+        let (mut queue, mut rx) = SpanQueue::new(4, usize::MAX, metrics.clone(), None);
         let mut out = spans[..10].to_vec();
         queue.push_all(&mut out);
         assert!(out.is_empty(), "the queue takes the batch's spans");
         assert_eq!(metrics.spans_queue_dropped.load(Relaxed), 6);
-        let mut pending = Vec::new();
+        let mut pending = Pending::default();
         rx.recv(&mut pending).await;
+        let pending = pending.records;
         assert_eq!(pending.len(), 4);
         assert_eq!(
             queue.held.spans.load(Relaxed),
@@ -265,7 +429,7 @@ mod tests {
         let same: Vec<SpanRecord> = (0..5).map(|_| spans[0].clone()).collect();
         // A clone's strings are only as long as they need to be.
         let one = same[0].footprint();
-        let (queue, _rx) = SpanQueue::new(100, 2 * one + one / 2, metrics.clone());
+        let (mut queue, _rx) = SpanQueue::new(100, 2 * one + one / 2, metrics.clone(), None);
         queue.push_all(&mut same.clone());
         assert_eq!(
             metrics.spans_queue_dropped.load(Relaxed),
@@ -273,5 +437,75 @@ mod tests {
             "two fit in the bytes"
         );
         assert_eq!(queue.held.bytes.load(Relaxed), 2 * one);
+    }
+
+    /// Queued encoded, the spans arrive whole: the joined chunks decode to every span pushed,
+    /// in order, under their processes' resources; the byte bound drops whole chunks.
+    #[tokio::test]
+    async fn encoded_chunks_join_into_requests_holding_every_span() {
+        use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
+        use prost::Message as _;
+
+        // The corpus repeated past a few chunks (ids repeat: compared as a multiset).
+        let corpus = otlp::tests::corpus_spans(false);
+        let spans: Vec<SpanRecord> = corpus.iter().cycle().take(3 * BATCH + 5).cloned().collect();
+        let metrics = Arc::new(Metrics::default());
+        let encoder = Encoder::new("host".into(), false);
+        let (mut queue, mut rx) =
+            SpanQueue::new(usize::MAX, usize::MAX, metrics.clone(), Some(encoder));
+        let mut pending = Pending::default();
+        // Small ticks, as the pipeline makes them: chunks are joined up to a batch.
+        for tick in spans.chunks(7) {
+            queue.push_all(&mut tick.to_vec());
+            rx.recv(&mut pending).await;
+        }
+        let mut ids = Vec::new();
+        while let Some(e) = pending.take_encoded(0) {
+            assert!(e.spans <= BATCH);
+            rx.release_encoded(&e);
+            let req = ExportTraceServiceRequest::decode(e.body.as_slice()).expect("protobuf");
+            let in_request: Vec<_> = req
+                .resource_spans
+                .iter()
+                .flat_map(|r| &r.scope_spans)
+                .flat_map(|s| &s.spans)
+                .map(|s| s.span_id.clone())
+                .collect();
+            assert_eq!(in_request.len(), e.spans);
+            ids.extend(in_request);
+        }
+        let want: Vec<_> = spans
+            .iter()
+            .map(|s| s.span_id.to_be_bytes().to_vec())
+            .collect();
+        let (mut got, mut want) = (ids, want);
+        got.sort();
+        want.sort();
+        assert_eq!(got, want, "every span once");
+        assert_eq!(queue.held.spans.load(Relaxed), 0);
+        assert_eq!(queue.held.bytes.load(Relaxed), 0);
+        assert_eq!(metrics.spans_queue_dropped.load(Relaxed), 0);
+
+        // Queued encoded, a span takes under half its record's memory (the reason to queue it
+        // so; 43 kB against 92 kB for this corpus).
+        let mut body = Vec::new();
+        Encoder::new("host".into(), false).encode(&corpus, &mut body);
+        let records: usize = corpus.iter().map(SpanRecord::footprint).sum();
+        assert!(
+            2 * body.len() < records,
+            "{} encoded, {records} as records",
+            body.len()
+        );
+
+        // Room for one chunk's bytes: the second chunk is dropped whole, and counted.
+        let mut one = Vec::new();
+        Encoder::new("host".into(), false).encode(&spans[..BATCH], &mut one);
+        let metrics = Arc::new(Metrics::default());
+        let encoder = Encoder::new("host".into(), false);
+        let (mut queue, _rx) =
+            SpanQueue::new(usize::MAX, one.len() + 10, metrics.clone(), Some(encoder));
+        queue.push_all(&mut spans[..2 * BATCH].to_vec());
+        assert_eq!(metrics.spans_queue_dropped.load(Relaxed), BATCH as u64);
+        assert_eq!(queue.held.spans.load(Relaxed), BATCH);
     }
 }

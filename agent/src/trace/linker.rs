@@ -173,6 +173,13 @@ const MAX_LINK_ENTRIES: usize = 65_536;
 /// An exchange with no response after this long is given up.
 const OPEN_TTL_NS: u64 = 600_000_000_000;
 
+/// Gives back most of a table's room once it holds a quarter or less of it.
+fn shrink<K: std::hash::Hash + Eq, V>(m: &mut HashMap<K, V>) {
+    if m.capacity() > 4 * m.len().max(1024) {
+        m.shrink_to(2 * m.len());
+    }
+}
+
 fn new_span_id() -> u64 {
     loop {
         let id: u64 = rand::random();
@@ -658,6 +665,14 @@ impl Tracer {
         for id in stale {
             self.abandon(id);
         }
+        // A burst leaves the tables sized for it (hashbrown never shrinks by itself): at
+        // HTTP/2 saturation the span table reached 2^19 buckets and kept them idle.
+        shrink(&mut self.spans);
+        shrink(&mut self.clients_by_key);
+        shrink(&mut self.waiting_servers);
+        if self.lingering.capacity() > 4 * self.lingering.len().max(1024) {
+            self.lingering.shrink_to(2 * self.lingering.len());
+        }
     }
 
     fn record(&mut self, id: u64) -> Option<SpanRecord> {
@@ -821,6 +836,37 @@ mod tests {
 
     fn parent(t: &Tracer, id: u64) -> Option<u64> {
         t.spans.get(&id).and_then(|s| s.parent)
+    }
+
+    /// After a burst the tables give their room back at the next expiry scan.
+    #[test]
+    fn a_burst_s_table_room_is_given_back() {
+        let mut t = Tracer::new(
+            0,
+            1 << 20,
+            usize::MAX,
+            0,
+            Privacy::default(),
+            Sampler::default(),
+        );
+        let ids: Vec<u64> = (0..5_000)
+            .map(|i| start(&mut t, SpanKind::Server, i, false, None, 10))
+            .collect();
+        let burst = t.spans.capacity();
+        for &id in &ids {
+            t.finished(id, 20, 0, None);
+        }
+        let mut out = Vec::new();
+        t.flush(30, &mut out);
+        assert_eq!((out.len(), t.spans.len()), (ids.len(), 0));
+        assert!(burst > 4096, "a burst-sized table: {burst}");
+        t.expire(40);
+        assert!(
+            t.spans.capacity() < 2048 && t.lingering.capacity() < 4096,
+            "room kept: {} spans, {} lingering",
+            t.spans.capacity(),
+            t.lingering.capacity()
+        );
     }
 
     #[test]

@@ -49,10 +49,12 @@ impl OtlpSink {
             OtlpSink::Sdk(sdk::SdkSink::new(cfg, host, command_line)?)
         } else {
             OtlpSink::Direct(Direct {
-                encoder: encode::Encoder::new(host, command_line),
+                encoder: encode::Encoder::new(host.clone(), command_line),
                 transport: Transport::new(cfg)?,
                 timeout: cfg.timeout,
                 body: Vec::new(),
+                host,
+                command_line,
             })
         })
     }
@@ -77,6 +79,29 @@ impl OtlpSink {
         }
     }
 
+    /// An encoder making the requests this sink would (kspan's encoder only).
+    pub fn encoder(&self) -> Option<encode::Encoder> {
+        match self {
+            OtlpSink::Direct(d) => Some(encode::Encoder::new(d.host.clone(), d.command_line)),
+            OtlpSink::Sdk(_) => None,
+        }
+    }
+
+    /// Sends `body`, an `ExportTraceServiceRequest` of `spans` spans made by
+    /// [`OtlpSink::encoder`]'s encoder.
+    pub async fn export_encoded(
+        &mut self,
+        body: &[u8],
+        spans: usize,
+    ) -> Result<Delivered, OtlpError> {
+        match self {
+            OtlpSink::Direct(d) => d.send(body, spans).await,
+            OtlpSink::Sdk(_) => Err(OtlpError::Export(
+                "the reference exporter takes span records, not encoded requests".into(),
+            )),
+        }
+    }
+
     pub fn shutdown(&mut self) {
         if let OtlpSink::Sdk(s) = self {
             s.shutdown();
@@ -90,6 +115,8 @@ pub struct Direct {
     timeout: Duration,
     /// The last request's encoding, reused.
     body: Vec<u8>,
+    host: String,
+    command_line: bool,
 }
 
 impl Direct {
@@ -97,12 +124,20 @@ impl Direct {
         if spans.is_empty() {
             return Ok(Delivered::default());
         }
-        self.body.clear();
-        self.encoder.encode(spans, &mut self.body);
+        let mut body = std::mem::take(&mut self.body);
+        body.clear();
+        self.encoder.encode(spans, &mut body);
+        let delivered = self.send(&body, spans.len()).await;
+        self.body = body;
+        delivered
+    }
+
+    /// Sends an encoded request of `n` spans, with the retry rules.
+    async fn send(&self, body: &[u8], n: usize) -> Result<Delivered, OtlpError> {
         let body = if self.transport.wants_gzip_body() {
-            gzip(&self.body)?
+            gzip(body)?
         } else {
-            Bytes::copy_from_slice(&self.body)
+            Bytes::copy_from_slice(body)
         };
         let (transport, timeout) = (&self.transport, self.timeout);
         let response = retry::run(|| transport.send(body.clone(), timeout))
@@ -111,12 +146,11 @@ impl Direct {
         let rejected = match wire::partial_success(&response) {
             Ok(p) if p.rejected_spans > 0 || !p.error_message.is_empty() => {
                 log::warn!(
-                    "the collector rejected {} of {} spans: {}",
+                    "the collector rejected {} of {n} spans: {}",
                     p.rejected_spans,
-                    spans.len(),
                     p.error_message
                 );
-                p.rejected_spans.clamp(0, spans.len() as i64) as u64
+                p.rejected_spans.clamp(0, n as i64) as u64
             }
             Ok(_) => 0,
             Err(e) => {
@@ -124,10 +158,7 @@ impl Direct {
                 0
             }
         };
-        Ok(Delivered {
-            sent: spans.len(),
-            rejected,
-        })
+        Ok(Delivered { sent: n, rejected })
     }
 }
 
