@@ -1,6 +1,31 @@
 //! What spans need of SQL text: its literals replaced by `?` (they carry user data), the
 //! operation, and the table when the statement names exactly one.
 
+/// What spans read of a statement's text, worked out together.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Facts {
+    pub operation: Option<String>,
+    pub collection: Option<String>,
+    /// The text with its literals replaced.
+    pub sanitized: String,
+}
+
+impl Facts {
+    pub fn of(sql: &str) -> Self {
+        Self {
+            operation: operation(sql),
+            collection: collection(sql),
+            sanitized: sanitize(sql),
+        }
+    }
+
+    /// Bytes its strings hold.
+    pub fn heap_bytes(&self) -> usize {
+        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
+        opt(&self.operation) + opt(&self.collection) + self.sanitized.capacity()
+    }
+}
+
 /// The text with every string, numeric and hex literal replaced by `?`. Comments, identifiers
 /// (quoted ones too) and placeholders (`$1`, `?`) are kept.
 pub fn sanitize(sql: &str) -> String {

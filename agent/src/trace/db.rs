@@ -1,6 +1,8 @@
 //! Data-store calls as spans: attributes, name and status per the OpenTelemetry database
 //! conventions.
-use std::net::SocketAddr;
+use std::{net::SocketAddr, sync::Arc};
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::{
     privacy::Privacy,
@@ -16,22 +18,28 @@ pub struct DbExchange {
     pub error: Option<(String, String)>,
     pub peer: Option<SocketAddr>,
     pub partial: bool,
+    /// What spans read of the SQL text, shared by every call of the same text.
+    pub sql: Option<Arc<sql::Facts>>,
 }
 
 impl DbExchange {
     /// `db.operation.name`: the protocol's (a Redis command) or the statement's first word.
     pub fn operation(&self) -> Option<String> {
-        self.call
-            .operation
-            .clone()
-            .or_else(|| sql::operation(&self.call.text))
+        if self.call.operation.is_some() {
+            return self.call.operation.clone();
+        }
+        match &self.sql {
+            Some(f) => f.operation.clone(),
+            None => sql::operation(&self.call.text),
+        }
     }
 
     /// `db.collection.name` when the statement names one table.
     pub fn collection(&self) -> Option<String> {
-        match self.call.operation {
-            Some(_) => None,
-            None => sql::collection(&self.call.text),
+        match (&self.call.operation, &self.sql) {
+            (Some(_), _) => None,
+            (None, Some(f)) => f.collection.clone(),
+            (None, None) => sql::collection(&self.call.text),
         }
     }
 
@@ -49,6 +57,8 @@ impl DbExchange {
     pub fn query_text(&self, privacy: &Privacy) -> String {
         if privacy.keep_db_literals || self.call.operation.is_some() {
             self.call.text.clone()
+        } else if let Some(f) = &self.sql {
+            f.sanitized.clone()
         } else {
             sql::sanitize(&self.call.text)
         }
@@ -96,5 +106,104 @@ impl DbExchange {
         self.error
             .as_ref()
             .map(|(code, msg)| format!("{} error {code}: {msg}", self.call.system))
+    }
+}
+
+/// Bytes of statement facts kept (texts and their facts); beyond it the cache starts over.
+const FACTS_CACHE_BYTES: usize = 1 << 20;
+
+/// The facts of statements seen lately, by text: a prepared statement runs many times with the
+/// same text, which is then parsed once, not three times per call (name, attributes, metrics).
+#[derive(Default)]
+pub struct FactsCache {
+    by_text: HashMap<Box<str>, Arc<sql::Facts>>,
+    bytes: usize,
+}
+
+impl FactsCache {
+    /// The facts of `call`'s SQL text; `None` for commands named by their protocol (Redis).
+    pub fn get(&mut self, call: &DbCall) -> Option<Arc<sql::Facts>> {
+        if call.operation.is_some() || call.text.is_empty() {
+            return None;
+        }
+        if let Some(f) = self.by_text.get(call.text.as_str()) {
+            return Some(f.clone());
+        }
+        let facts = Arc::new(sql::Facts::of(&call.text));
+        // Key, facts, and the table's entry with the allocations' headers.
+        let cost = call.text.len() + facts.heap_bytes() + 96;
+        if self.bytes + cost > FACTS_CACHE_BYTES {
+            self.by_text = HashMap::default();
+            self.bytes = 0;
+        }
+        if cost <= FACTS_CACHE_BYTES {
+            self.by_text
+                .insert(call.text.as_str().into(), facts.clone());
+            self.bytes += cost;
+        }
+        Some(facts)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(text: &str) -> DbCall {
+        DbCall {
+            system: "postgresql",
+            text: text.into(),
+            ..Default::default()
+        }
+    }
+
+    /// A statement's span reads the same with its facts cached as worked out on the spot, and
+    /// the same text shares one set of facts.
+    #[test]
+    fn cached_facts_give_the_same_span() {
+        let mut cache = FactsCache::default();
+        let text = "SELECT abalance FROM pgbench_accounts WHERE aid = $1 AND b = 'x'";
+        let bare = DbExchange {
+            call: call(text),
+            ..Default::default()
+        };
+        let cached = DbExchange {
+            sql: cache.get(&bare.call),
+            ..bare.clone()
+        };
+        let privacy = Privacy::default();
+        assert_eq!(cached.span_name(), "SELECT pgbench_accounts");
+        assert_eq!(cached.span_name(), bare.span_name());
+        assert_eq!(
+            format!("{:?}", cached.attributes(&privacy)),
+            format!("{:?}", bare.attributes(&privacy))
+        );
+        assert_eq!(
+            (cached.operation(), cached.collection()),
+            (bare.operation(), bare.collection())
+        );
+        let again = cache.get(&call(text)).expect("facts");
+        assert!(Arc::ptr_eq(cached.sql.as_ref().expect("facts"), &again));
+        let redis = DbCall {
+            operation: Some("GET".into()),
+            text: "GET ?".into(),
+            ..Default::default()
+        };
+        assert!(cache.get(&redis).is_none(), "Redis names its own commands");
+    }
+
+    /// Distinct texts (literals inlined) keep the cache within its bytes.
+    #[test]
+    fn the_facts_cache_is_bounded_in_bytes() {
+        let mut cache = FactsCache::default();
+        for i in 0..20_000 {
+            let text = format!(
+                "SELECT * FROM t WHERE id = {i} AND pad = '{}'",
+                "x".repeat(100)
+            );
+            cache.get(&call(&text)).expect("facts");
+            assert!(cache.bytes <= FACTS_CACHE_BYTES);
+        }
+        assert!(cache.by_text.len() < 20_000);
     }
 }

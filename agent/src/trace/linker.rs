@@ -22,7 +22,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
 use super::{
     context::{self, Sampling},
-    db::DbExchange,
+    db::{DbExchange, FactsCache},
     goroutines::{Goroutines, MAX_DEPTH, Step},
     privacy::Privacy,
     sampler::Sampler,
@@ -164,6 +164,7 @@ pub struct Tracer {
     sampler: Sampler,
     /// Every finished request, sampled or not, for metrics; drained by the caller.
     pub observations: Vec<Observation>,
+    sql_facts: FactsCache,
     pub stats: TracerStats,
 }
 
@@ -224,6 +225,7 @@ impl Tracer {
             privacy,
             sampler,
             observations: Vec::new(),
+            sql_facts: FactsCache::default(),
             stats: TracerStats::default(),
         }
     }
@@ -270,6 +272,7 @@ impl Tracer {
             Call::Db(call) => {
                 let start_ns = call.start_ns;
                 let exchange = DbExchange {
+                    sql: self.sql_facts.get(&call),
                     call,
                     peer: r.endpoints.map(|e| e.peer),
                     ..Default::default()
