@@ -163,26 +163,29 @@ impl SpanQueue {
         let Some(encoder) = self.encoder.as_mut() else {
             return;
         };
-        let (mut spans, mut bytes) = (self.held.spans.load(Relaxed), self.held.bytes.load(Relaxed));
+        let queued = (self.held.spans.load(Relaxed), self.held.bytes.load(Relaxed));
+        let (mut spans, mut bytes) = queued;
         let (mut chunks, mut dropped) = (Vec::new(), 0);
         for chunk in out.chunks(BATCH) {
-            let mut body = Vec::new();
-            if spans + chunk.len() <= self.max_spans {
-                encoder.encode(chunk, &mut body);
+            if spans + chunk.len() > self.max_spans {
+                dropped += chunk.len();
+                continue;
             }
-            if body.is_empty() || bytes + body.len() > self.max_bytes {
+            let mut body = Vec::new();
+            encoder.encode(chunk, &mut body);
+            if bytes + body.len() > self.max_bytes {
                 dropped += chunk.len();
                 continue;
             }
             spans += chunk.len();
             bytes += body.len();
-            self.held.spans.fetch_add(chunk.len(), Relaxed);
-            self.held.bytes.fetch_add(body.len(), Relaxed);
             chunks.push(Encoded {
                 body,
                 spans: chunk.len(),
             });
         }
+        self.held.spans.fetch_add(spans - queued.0, Relaxed);
+        self.held.bytes.fetch_add(bytes - queued.1, Relaxed);
         out.clear();
         // The pipeline reuses `out`: keep no burst-sized buffer.
         out.shrink_to(BATCH);
@@ -325,13 +328,13 @@ async fn flush_encoded(sinks: &mut Sinks, e: Encoded, metrics: &Metrics) {
     };
     match o.export_encoded(&e.body, e.spans).await {
         Ok(d) => count_delivered(metrics, e.spans as u64, &d),
-        Err(err) => {
-            log::warn!("{err}");
-            metrics
-                .spans_export_failed
-                .fetch_add(e.spans as u64, Relaxed);
-        }
+        Err(err) => count_failed(metrics, e.spans as u64, &err),
     }
+}
+
+fn count_failed(metrics: &Metrics, n: u64, e: &dyn std::fmt::Display) {
+    log::warn!("{e}");
+    metrics.spans_export_failed.fetch_add(n, Relaxed);
 }
 
 fn count_delivered(metrics: &Metrics, n: u64, d: &otlp::Delivered) {
@@ -352,10 +355,7 @@ async fn flush(sinks: &mut Sinks, batch: &mut Vec<SpanRecord>, metrics: &Metrics
     }
     let n = batch.len() as u64;
     let mut spans = std::mem::take(batch);
-    let failed = |e: &dyn std::fmt::Display| {
-        log::warn!("{e}");
-        metrics.spans_export_failed.fetch_add(n, Relaxed);
-    };
+    let failed = |e: &dyn std::fmt::Display| count_failed(metrics, n, e);
     if let Some(z) = sinks.zipkin.as_mut() {
         match z.export(&spans).await {
             Ok(sent) => {

@@ -34,6 +34,11 @@ pub struct Encoder {
 }
 
 impl Encoder {
+    /// A new encoder (its own buffers and caches) making the same requests as this one.
+    pub fn sibling(&self) -> Self {
+        Self::new(self.host.clone(), self.command_line)
+    }
+
     pub fn new(host: String, command_line: bool) -> Self {
         let mut scope = Vec::new();
         bytes_field(&mut scope, 1, resource::SCOPE_NAME.as_bytes());

@@ -49,12 +49,10 @@ impl OtlpSink {
             OtlpSink::Sdk(sdk::SdkSink::new(cfg, host, command_line)?)
         } else {
             OtlpSink::Direct(Direct {
-                encoder: encode::Encoder::new(host.clone(), command_line),
+                encoder: encode::Encoder::new(host, command_line),
                 transport: Transport::new(cfg)?,
                 timeout: cfg.timeout,
                 body: Vec::new(),
-                host,
-                command_line,
             })
         })
     }
@@ -82,7 +80,7 @@ impl OtlpSink {
     /// An encoder making the requests this sink would (kspan's encoder only).
     pub fn encoder(&self) -> Option<encode::Encoder> {
         match self {
-            OtlpSink::Direct(d) => Some(encode::Encoder::new(d.host.clone(), d.command_line)),
+            OtlpSink::Direct(d) => Some(d.encoder.sibling()),
             OtlpSink::Sdk(_) => None,
         }
     }
@@ -115,8 +113,6 @@ pub struct Direct {
     timeout: Duration,
     /// The last request's encoding, reused.
     body: Vec<u8>,
-    host: String,
-    command_line: bool,
 }
 
 impl Direct {
