@@ -5,8 +5,8 @@
 //!   (`SpanData`, opentelemetry-proto's conversion, prost encoding: what opentelemetry-otlp
 //!   does before sending) and through kspan's encoder, in spans/s.
 //!
-//! `cargo bench -p kspan --bench replay -- [RECORDING] [CPU-SECONDS] [replay]`; without a recording it
-//! synthesises keep-alive traffic with B3 headers.
+//! `cargo bench -p kspan --bench replay -- [RECORDING] [CPU-SECONDS] [replay]`; without a recording
+//! (or with `synthetic` in its place) it synthesises keep-alive traffic with B3 headers.
 use std::{fs::File, hint::black_box, io::BufReader, time::Duration};
 
 use kspan::{
@@ -281,8 +281,10 @@ fn main() {
         .filter(|a| a != "--bench")
         .collect();
     let (records, source) = match args.first() {
-        Some(path) => (load(path), format!("recording of real traffic ({path})")),
-        None => (
+        Some(path) if path != "synthetic" => {
+            (load(path), format!("recording of real traffic ({path})"))
+        }
+        _ => (
             synthesise(),
             "synthetic keep-alive traffic with B3 headers".to_string(),
         ),

@@ -30,10 +30,11 @@ pub struct BenchArgs {
     /// One short pair per scenario; results go to target/bench-smoke.md (used by CI).
     #[arg(long)]
     smoke: bool,
-    /// Only scenarios whose name contains this, and no replay; results go to
+    /// Only scenarios whose name contains this (the one so named, when it is a whole name);
+    /// repeatable, so rows to be compared run in one invocation. No replay; results go to
     /// target/bench-partial.md so BENCHMARKS.md always holds a whole run.
     #[arg(long)]
-    only: Option<String>,
+    only: Vec<String>,
     /// Extra kspan flag for the B runs (repeatable), e.g.
     /// `--agent-arg=--traces-sampler=parentbased_traceidratio --agent-arg=--traces-sampler-arg=0.1`;
     /// results go to target/bench-partial.md.
@@ -265,13 +266,15 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
 
     let mut report = String::new();
     let mut rows = Vec::new();
+    // A whole name picks that row alone ("static, keep-alive" begins several).
+    let exact = |o: &String| SCENARIOS.iter().any(|sc| sc.name == o);
+    let picks = |sc: &Scenario, o: &String| match exact(o) {
+        true => sc.name == o,
+        false => sc.name.contains(o.as_str()),
+    };
     let chosen: Vec<&Scenario> = SCENARIOS
         .iter()
-        .filter(|sc| {
-            args.only
-                .as_ref()
-                .is_none_or(|o| sc.name.contains(o.as_str()))
-        })
+        .filter(|sc| args.only.is_empty() || args.only.iter().any(|o| picks(sc, o)))
         .collect();
     let wants = |f: fn(Load) -> bool| chosen.iter().any(|sc| f(sc.load));
     let redis = wants(|l| matches!(l, Load::Redis { .. }))
@@ -324,7 +327,7 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
         rows.push(summarise(sc, &a_runs, &b_runs));
     }
 
-    let replay = if args.only.is_some() || !args.agent_args.is_empty() {
+    let replay = if !args.only.is_empty() || !args.agent_args.is_empty() {
         String::new()
     } else {
         replay_bench(&args, kspan, &dir, front, sink.port)?
@@ -354,7 +357,7 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     let _ = writeln!(report, "\n{replay}");
     let out = if args.smoke {
         PathBuf::from("target/bench-smoke.md")
-    } else if args.only.is_some() || !args.agent_args.is_empty() {
+    } else if !args.only.is_empty() || !args.agent_args.is_empty() {
         PathBuf::from("target/bench-partial.md")
     } else {
         PathBuf::from("BENCHMARKS.md")

@@ -220,6 +220,7 @@ fn tag(out: &mut String, key: &str, v: &AttrValue) {
     match v {
         AttrValue::Str(s) => string(out, s),
         AttrValue::Static(s) => string(out, s),
+        AttrValue::Shared(s) => string(out, s),
         AttrValue::Int(i) => {
             let _ = write!(out, "\"{i}\"");
         }

@@ -200,8 +200,8 @@ impl Red {
                     [
                         service,
                         db.system,
-                        &db.operation,
-                        &db.collection,
+                        db.operation.as_deref().unwrap_or_default(),
+                        db.collection.as_deref().unwrap_or_default(),
                         error_type,
                     ],
                     seconds,
@@ -504,8 +504,8 @@ mod tests {
         o.server = Some(("127.0.0.1".into(), 6379));
         o.db = Some(crate::trace::span::DbObservation {
             system: "redis",
-            operation: "GET".into(),
-            collection: String::new(),
+            operation: Some("GET".into()),
+            collection: None,
             error_code: "WRONGTYPE".into(),
         });
         red.observe(&o);

@@ -16,6 +16,8 @@ pub mod sql;
 #[cfg(test)]
 pub mod testing;
 
+use std::sync::Arc;
+
 use crate::{
     capture::event::{Direction, Role},
     pipeline::PipelineStats,
@@ -87,11 +89,13 @@ pub struct DbCall {
     pub system: &'static str,
     /// `db.operation.name` as the protocol names it (a Redis command); `None` when it comes
     /// from the query text.
-    pub operation: Option<String>,
-    /// The statement (SQL text, or the Redis command with its arguments).
-    pub text: String,
-    /// `db.namespace` (database, or Redis database index) when known.
-    pub namespace: Option<String>,
+    pub operation: Option<Arc<str>>,
+    /// The statement (SQL text, or the Redis command with its arguments); a prepared
+    /// statement's calls share their text.
+    pub text: Arc<str>,
+    /// `db.namespace` (database, or Redis database index) when known; shared by the
+    /// connection's calls.
+    pub namespace: Option<Arc<str>>,
     /// Commands sent as one batch (a Redis pipeline's share is 1 per span).
     pub batch: u32,
     pub start_ns: u64,

@@ -2,7 +2,7 @@
 //! exchange, answered by one reply (several result sets when the server says more follow).
 //! Prepared statements are mapped back to their text through COM_STMT_PREPARE's reply; result
 //! sets of any size are skipped by packet length.
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -172,7 +172,7 @@ struct Owed {
     what: What,
     reply: Reply,
     /// COM_STMT_PREPARE: the text; COM_INIT_DB: the database.
-    text: Option<String>,
+    text: Option<Arc<str>>,
 }
 
 pub struct Exchanges {
@@ -180,8 +180,9 @@ pub struct Exchanges {
     server: Reader,
     phase: Phase,
     owed: VecDeque<Owed>,
-    statements: HashMap<u32, String>,
-    database: Option<String>,
+    /// Texts by statement id, shared with the calls that run them.
+    statements: HashMap<u32, Arc<str>>,
+    database: Option<Arc<str>>,
     query_attributes: bool,
     next_id: u64,
     packets: Vec<Packet>,
@@ -242,8 +243,8 @@ impl Exchanges {
         };
         match command {
             COM_QUERY => {
-                let text = String::from_utf8_lossy(self.query_text(rest)).into_owned();
-                let id = self.begin(text, ts_ns, out);
+                let text = String::from_utf8_lossy(self.query_text(rest));
+                let id = self.begin(text.into(), ts_ns, out);
                 self.owed.push_back(owed(What::Call(id), None));
             }
             COM_STMT_EXECUTE => {
@@ -254,12 +255,12 @@ impl Exchanges {
                 self.owed.push_back(owed(What::Call(id), None));
             }
             COM_STMT_PREPARE => {
-                let text = String::from_utf8_lossy(rest).into_owned();
-                self.owed.push_back(owed(What::Prepare, Some(text)));
+                let text = String::from_utf8_lossy(rest);
+                self.owed.push_back(owed(What::Prepare, Some(text.into())));
             }
             COM_INIT_DB => {
-                let db = String::from_utf8_lossy(rest).into_owned();
-                self.owed.push_back(owed(What::InitDb, Some(db)));
+                let db = String::from_utf8_lossy(rest);
+                self.owed.push_back(owed(What::InitDb, Some(db.into())));
             }
             COM_STMT_CLOSE => {
                 if let Some(s) = statement_id(rest) {
@@ -283,7 +284,7 @@ impl Exchanges {
         }
     }
 
-    fn begin(&mut self, text: String, ts_ns: u64, out: &mut Out<'_>) -> u64 {
+    fn begin(&mut self, text: Arc<str>, ts_ns: u64, out: &mut Out<'_>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let call = Call::Db(DbCall {
@@ -333,7 +334,7 @@ impl Exchanges {
         {
             let name = db.split(|&b| b == 0).next().unwrap_or_default();
             if !name.is_empty() {
-                self.database = Some(String::from_utf8_lossy(name).into_owned());
+                self.database = Some(String::from_utf8_lossy(name).into());
             }
         }
     }

@@ -2,7 +2,7 @@
 //! extended protocol, is an exchange. Prepared statements are mapped back to their text
 //! through Parse and Bind; replies are matched to requests in order, as the server answers
 //! them; rows and COPY data are skipped by length.
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use rustc_hash::FxHashMap as HashMap;
 
@@ -159,9 +159,10 @@ pub struct Exchanges {
     client: Reader,
     server: Reader,
     owed: VecDeque<Owed>,
-    statements: HashMap<Vec<u8>, String>,
-    portals: HashMap<Vec<u8>, String>,
-    database: Option<String>,
+    /// Texts by name, shared with the calls that run them.
+    statements: HashMap<Vec<u8>, Arc<str>>,
+    portals: HashMap<Vec<u8>, Arc<str>>,
+    database: Option<Arc<str>>,
     next_id: u64,
     messages: Vec<Message>,
     /// The server's position in its stream is unknown: replies resume after a read that ends
@@ -196,7 +197,7 @@ impl Exchanges {
         e
     }
 
-    fn begin(&mut self, text: String, ts_ns: u64, out: &mut Out<'_>) -> u64 {
+    fn begin(&mut self, text: Arc<str>, ts_ns: u64, out: &mut Out<'_>) -> u64 {
         let id = self.next_id;
         self.next_id += 1;
         let call = Call::Db(DbCall {
@@ -220,33 +221,32 @@ impl Exchanges {
             return self.lose(out);
         }
         let mut fields = m.body.split(|&b| b == 0);
-        let mut cstr = || fields.next().unwrap_or_default().to_vec();
+        let mut cstr = || fields.next().unwrap_or_default();
+        let text = |t: &[u8]| Arc::<str>::from(String::from_utf8_lossy(t));
         match m.kind {
             0 => self.startup(&m.body),
             b'Q' => {
-                let text = String::from_utf8_lossy(&cstr()).into_owned();
-                let id = self.begin(text, ts_ns, out);
+                let id = self.begin(text(cstr()), ts_ns, out);
                 self.owed.push_back(Owed::Query { id, error: None });
             }
             b'P' => {
-                let (name, text) = (cstr(), cstr());
+                let (name, sql) = (cstr(), cstr());
                 if name.is_empty() || self.statements.len() < MAX_NAMED {
-                    self.statements
-                        .insert(name, String::from_utf8_lossy(&text).into_owned());
+                    self.statements.insert(name.to_vec(), text(sql));
                 }
                 self.owed.push_back(Owed::Parse);
             }
             b'B' => {
                 let (portal, statement) = (cstr(), cstr());
-                let text = self.statements.get(&statement).cloned().unwrap_or_default();
+                let text = self.statements.get(statement).cloned().unwrap_or_default();
                 if portal.is_empty() || self.portals.len() < MAX_NAMED {
-                    self.portals.insert(portal, text);
+                    self.portals.insert(portal.to_vec(), text);
                 }
                 self.owed.push_back(Owed::Bind);
             }
             b'E' => {
                 let portal = cstr();
-                let text = self.portals.get(&portal).cloned().unwrap_or_default();
+                let text = self.portals.get(portal).cloned().unwrap_or_default();
                 let id = self.begin(text, ts_ns, out);
                 self.owed.push_back(Owed::Execute { id });
             }
@@ -287,7 +287,7 @@ impl Exchanges {
                     }
                 }
                 // The server's default database is the user's name.
-                self.database = database.or(user);
+                self.database = database.or(user).map(Into::into);
             }
             _ => {}
         }

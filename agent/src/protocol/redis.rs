@@ -1,7 +1,7 @@
 //! Redis (RESP2 and RESP3): each command is an exchange that ends at its own reply, so a
 //! pipeline of N commands in one write is N spans. Bulk strings are skipped by length, so
 //! replies of any size cost nothing but their headers.
-use std::collections::VecDeque;
+use std::{collections::VecDeque, sync::Arc};
 
 use super::{Call, DbCall, Decoder, MAX_IN_FLIGHT, Out, Outcome, Segment, Step};
 
@@ -17,18 +17,61 @@ const MAX_DEPTH: usize = 32;
 /// Commands whose arguments are credentials: never kept, whatever the configuration.
 const SECRET: &[&str] = &["AUTH", "HELLO", "MIGRATE", "CONFIG", "ACL"];
 
+/// Finished values kept for reuse by one direction's reader (a pipeline's worth): a value's
+/// buffers then cost nothing per command. Only small ones are kept, so a connection holds at
+/// most a few kilobytes of them.
+const SPARE_VALUES: usize = 16;
+const SPARE_BYTES: usize = 128;
+
+/// Command names remembered per connection, shared by its spans.
+const NAMES: usize = 16;
+
 /// One complete top-level value of one direction.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 struct Value {
     /// The type byte (`*`, `+`, `-`, …); `b' '` for an inline command.
     kind: u8,
     /// Bulk strings directly inside a top-level array (a command's name and arguments), first
-    /// [`MAX_ARGS`] of them, each cut at [`MAX_ARG`] bytes.
-    args: Vec<Vec<u8>>,
+    /// [`MAX_ARGS`] of them, each cut at [`MAX_ARG`] bytes, end to end.
+    bytes: Vec<u8>,
+    /// Where each of those arguments ends in `bytes`.
+    ends: Vec<usize>,
     /// Elements of that array in all.
     arg_count: u64,
     /// Simple or blob error text.
     error: Option<Vec<u8>>,
+}
+
+impl Value {
+    fn clear(&mut self) {
+        self.kind = 0;
+        self.bytes.clear();
+        self.ends.clear();
+        self.arg_count = 0;
+        self.error = None;
+    }
+
+    fn arg(&self, i: usize) -> Option<&[u8]> {
+        let end = *self.ends.get(i)?;
+        let start = i.checked_sub(1).map_or(0, |p| self.ends[p]);
+        self.bytes.get(start..end)
+    }
+
+    fn push_arg(&mut self, arg: &[u8]) {
+        self.bytes.extend_from_slice(&arg[..arg.len().min(MAX_ARG)]);
+        self.ends.push(self.bytes.len());
+    }
+
+    /// Appends to the last argument, within [`MAX_ARG`].
+    fn extend_arg(&mut self, more: &[u8]) {
+        let Some(last) = self.ends.len().checked_sub(1) else {
+            return;
+        };
+        let start = last.checked_sub(1).map_or(0, |p| self.ends[p]);
+        let room = MAX_ARG.saturating_sub(self.bytes.len() - start);
+        self.bytes.extend_from_slice(&more[..more.len().min(room)]);
+        self.ends[last] = self.bytes.len();
+    }
 }
 
 /// One direction's RESP stream.
@@ -42,11 +85,21 @@ struct Reader {
     /// Elements still to read in each open aggregate, outermost first.
     stack: Vec<u64>,
     value: Value,
+    /// Values handed back by [`Reader::recycle`].
+    spare: Vec<Value>,
 }
 
 impl Reader {
     fn reset(&mut self) {
         *self = Self::default();
+    }
+
+    /// Takes back a value its consumer is done with.
+    fn recycle(&mut self, mut v: Value) {
+        if self.spare.len() < SPARE_VALUES && v.bytes.capacity() <= SPARE_BYTES {
+            v.clear();
+            self.spare.push(v);
+        }
     }
 
     /// Reads `data` (followed by `missing` uncaptured bytes); complete top-level values go to
@@ -99,15 +152,13 @@ impl Reader {
     }
 
     fn keep_bytes(&mut self, bytes: &[u8]) {
-        let target = match (self.value.kind, self.value.error.as_mut()) {
-            (b'!', Some(e)) => e,
-            _ => match self.value.args.last_mut() {
-                Some(a) => a,
-                None => return,
-            },
-        };
-        let room = MAX_ARG.saturating_sub(target.len());
-        target.extend_from_slice(&bytes[..bytes.len().min(room)]);
+        match (self.value.kind, self.value.error.as_mut()) {
+            (b'!', Some(e)) => {
+                let room = MAX_ARG.saturating_sub(e.len());
+                e.extend_from_slice(&bytes[..bytes.len().min(room)]);
+            }
+            _ => self.value.extend_arg(bytes),
+        }
     }
 
     /// A complete header line.
@@ -121,10 +172,8 @@ impl Reader {
         };
         let top = self.stack.is_empty();
         if top {
-            self.value = Value {
-                kind,
-                ..Value::default()
-            };
+            self.value.clear();
+            self.value.kind = kind;
         }
         let number = || std::str::from_utf8(rest).ok()?.parse::<i64>().ok();
         match kind {
@@ -153,9 +202,9 @@ impl Reader {
                     return true;
                 }
                 let argument = self.stack.len() == 1 && self.value.kind == b'*';
-                self.keep = (argument && self.value.args.len() < MAX_ARGS) || (top && kind == b'!');
+                self.keep = (argument && self.value.ends.len() < MAX_ARGS) || (top && kind == b'!');
                 if argument && self.keep {
-                    self.value.args.push(Vec::new());
+                    self.value.push_arg(&[]);
                 }
                 if top && kind == b'!' {
                     self.value.error = Some(Vec::new());
@@ -172,13 +221,11 @@ impl Reader {
             // An inline command (`PING\r\n`), which only a client sends.
             _ if top && kind.is_ascii_alphabetic() => {
                 self.value.kind = b' ';
-                self.value.args = line
-                    .split(|b| b.is_ascii_whitespace())
-                    .filter(|a| !a.is_empty())
-                    .take(MAX_ARGS)
-                    .map(|a| a[..a.len().min(MAX_ARG)].to_vec())
-                    .collect();
-                self.value.arg_count = self.value.args.len() as u64;
+                let words = line.split(|b| b.is_ascii_whitespace());
+                for a in words.filter(|a| !a.is_empty()).take(MAX_ARGS) {
+                    self.value.push_arg(a);
+                }
+                self.value.arg_count = self.value.ends.len() as u64;
                 self.element_done(done);
             }
             _ => return false,
@@ -192,7 +239,8 @@ impl Reader {
         loop {
             match self.stack.last_mut() {
                 None => {
-                    done.push(std::mem::take(&mut self.value));
+                    let next = self.spare.pop().unwrap_or_default();
+                    done.push(std::mem::replace(&mut self.value, next));
                     return;
                 }
                 Some(left) => {
@@ -211,7 +259,7 @@ impl Reader {
 struct Pending {
     id: u64,
     /// `SELECT n`: the database the connection uses once this succeeds.
-    select: Option<String>,
+    select: Option<Arc<str>>,
     subscribe: bool,
 }
 
@@ -221,7 +269,11 @@ pub struct Exchanges {
     pending: VecDeque<Pending>,
     next_id: u64,
     /// The selected database (`db.namespace`); unknown on a connection joined mid-way.
-    db: Option<String>,
+    db: Option<Arc<str>>,
+    /// Upper-cased command names seen, at most [`NAMES`].
+    names: Vec<Arc<str>>,
+    /// Where a command's text is written before it is shared with its span.
+    text: String,
     keep_literals: bool,
     values: Vec<Value>,
     /// Framing was lost: waiting for a write that starts a command.
@@ -238,7 +290,9 @@ impl Exchanges {
             replies: Reader::default(),
             pending: VecDeque::new(),
             next_id: 0,
-            db: (!joined_late).then(|| "0".to_string()),
+            db: (!joined_late).then(|| "0".into()),
+            names: Vec::new(),
+            text: String::new(),
             keep_literals,
             values: Vec::new(),
             lost: false,
@@ -261,36 +315,60 @@ impl Exchanges {
             return self.lose(out);
         }
         let batch = self.values.len() as u32;
-        for v in self.values.drain(..) {
-            let Some(name) = v.args.first() else { continue };
-            let op = String::from_utf8_lossy(name).to_ascii_uppercase();
-            let id = self.next_id;
-            self.next_id += 1;
-            let arg = |i: usize| {
-                v.args
-                    .get(i)
-                    .map(|a| String::from_utf8_lossy(a).into_owned())
-            };
-            self.pending.push_back(Pending {
-                id,
-                select: (op == "SELECT").then(|| arg(1)).flatten(),
-                subscribe: matches!(op.as_str(), "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE"),
-            });
-            let text = command_text(&op, &v, self.keep_literals);
-            let call = Call::Db(DbCall {
-                system: "redis",
-                operation: Some(op),
-                text,
-                namespace: self.db.clone(),
-                batch,
-                start_ns,
-            });
-            out.push(Step::Begin {
-                id,
-                call,
-                partial: false,
-            });
+        let mut values = std::mem::take(&mut self.values);
+        for v in values.drain(..) {
+            self.command(v, batch, start_ns, out);
         }
+        self.values = values;
+    }
+
+    fn command(&mut self, v: Value, batch: u32, start_ns: u64, out: &mut Out<'_>) {
+        let Some(op) = v.arg(0).map(|name| self.name(name)) else {
+            return self.requests.recycle(v);
+        };
+        let id = self.next_id;
+        self.next_id += 1;
+        let arg = |i: usize| v.arg(i).map(|a| Arc::from(String::from_utf8_lossy(a)));
+        self.pending.push_back(Pending {
+            id,
+            select: (&*op == "SELECT").then(|| arg(1)).flatten(),
+            subscribe: matches!(&*op, "SUBSCRIBE" | "PSUBSCRIBE" | "SSUBSCRIBE"),
+        });
+        command_text(&op, &v, self.keep_literals, &mut self.text);
+        self.requests.recycle(v);
+        let text = Arc::from(self.text.as_str());
+        if self.text.capacity() > SPARE_BYTES * 2 {
+            self.text = String::new();
+        }
+        let call = Call::Db(DbCall {
+            system: "redis",
+            operation: Some(op),
+            text,
+            namespace: self.db.clone(),
+            batch,
+            start_ns,
+        });
+        out.push(Step::Begin {
+            id,
+            call,
+            partial: false,
+        });
+    }
+
+    /// The command's name upper-cased, shared with earlier commands of that name.
+    fn name(&mut self, raw: &[u8]) -> Arc<str> {
+        if let Some(n) = self
+            .names
+            .iter()
+            .find(|n| n.as_bytes().eq_ignore_ascii_case(raw))
+        {
+            return n.clone();
+        }
+        let name: Arc<str> = String::from_utf8_lossy(raw).to_ascii_uppercase().into();
+        if self.names.len() < NAMES {
+            self.names.push(name.clone());
+        }
+        name
     }
 
     fn replies(&mut self, end_ns: u64, out: &mut Out<'_>) {
@@ -318,6 +396,7 @@ impl Exchanges {
                     }
                 }
             }
+            self.replies.recycle(v);
             out.push(Step::End {
                 id: p.id,
                 end_ns,
@@ -338,12 +417,13 @@ impl Exchanges {
 
 /// The command as exported: its name, its key (the first argument), and `?` for each other
 /// argument unless literals are kept. Credentials never appear.
-fn command_text(op: &str, v: &Value, keep_literals: bool) -> String {
-    let mut text = op.to_string();
+fn command_text(op: &str, v: &Value, keep_literals: bool, text: &mut String) {
+    text.clear();
+    text.push_str(op);
     let secret = SECRET.contains(&op);
     for i in 1..v.arg_count as usize {
         text.push(' ');
-        match v.args.get(i) {
+        match v.arg(i) {
             Some(a) if !secret && (i == 1 || keep_literals) => {
                 text.push_str(&String::from_utf8_lossy(a));
             }
@@ -354,7 +434,6 @@ fn command_text(op: &str, v: &Value, keep_literals: bool) -> String {
             break;
         }
     }
-    text
 }
 
 impl Decoder for Exchanges {
@@ -421,7 +500,7 @@ mod tests {
     fn begun(steps: &[Step]) -> Vec<(u64, String, u32)> {
         testing::calls(steps)
             .into_iter()
-            .map(|(id, c)| (id, c.text.clone(), c.batch))
+            .map(|(id, c)| (id, c.text.to_string(), c.batch))
             .collect()
     }
 
@@ -448,6 +527,30 @@ mod tests {
         r.feed(false, b"*2\r\n$1\r\na\r\n$", 0, 30);
         r.feed(false, b"1\r\nb\r\n", 0, 40);
         assert_eq!(ended(&r.take()), vec![(0, 20), (1, 20), (2, 40)]);
+    }
+
+    /// Values are reused between commands: none carries a word of the command before it,
+    /// inline commands included, and a long argument is cut at its limit.
+    #[test]
+    fn reused_values_start_empty() {
+        let mut r = run();
+        let long = "k".repeat(3 * MAX_ARG);
+        for round in 0..3 {
+            let mut write = cmd(&["MSET", "a", "1", "b", "2"]);
+            write.extend(cmd(&["GET", &long]));
+            write.extend(cmd(&["PING"]));
+            write.extend(b"EXISTS x\r\n");
+            r.feed(true, &write, 0, 10);
+            let texts: Vec<String> = begun(&r.take()).into_iter().map(|b| b.1).collect();
+            let cut = format!("GET {}", &long[..MAX_ARG]);
+            assert_eq!(
+                texts,
+                ["MSET a ? ? ?", &cut, "PING", "EXISTS x"],
+                "round {round}"
+            );
+            r.feed(false, b"+OK\r\n$-1\r\n+PONG\r\n:0\r\n", 0, 20);
+            assert_eq!(ended(&r.take()).len(), 4);
+        }
     }
 
     #[test]

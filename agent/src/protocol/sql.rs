@@ -1,28 +1,29 @@
 //! What spans need of SQL text: its literals replaced by `?` (they carry user data), the
 //! operation, and the table when the statement names exactly one.
+use std::sync::Arc;
 
 /// What spans read of a statement's text, worked out together.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Facts {
-    pub operation: Option<String>,
-    pub collection: Option<String>,
+    pub operation: Option<Arc<str>>,
+    pub collection: Option<Arc<str>>,
     /// The text with its literals replaced.
-    pub sanitized: String,
+    pub sanitized: Arc<str>,
 }
 
 impl Facts {
     pub fn of(sql: &str) -> Self {
         Self {
-            operation: operation(sql),
-            collection: collection(sql),
-            sanitized: sanitize(sql),
+            operation: operation(sql).map(Arc::from),
+            collection: collection(sql).map(Arc::from),
+            sanitized: sanitize(sql).into(),
         }
     }
 
     /// Bytes its strings hold.
     pub fn heap_bytes(&self) -> usize {
-        let opt = |s: &Option<String>| s.as_ref().map_or(0, String::capacity);
-        opt(&self.operation) + opt(&self.collection) + self.sanitized.capacity()
+        let opt = |s: &Option<Arc<str>>| s.as_ref().map_or(0, |s| s.len());
+        opt(&self.operation) + opt(&self.collection) + self.sanitized.len()
     }
 }
 

@@ -760,8 +760,8 @@ impl Tracer {
                 o.server = d.peer.map(|p| (super::span::ip_string(p.ip()), p.port()));
                 o.db = Some(DbObservation {
                     system: d.call.system,
-                    operation: d.operation().unwrap_or_default(),
-                    collection: d.collection().unwrap_or_default(),
+                    operation: d.operation(),
+                    collection: d.collection(),
                     error_code: d.error.map(|(code, _)| code).unwrap_or_default(),
                 });
             }

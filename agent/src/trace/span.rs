@@ -18,6 +18,9 @@ pub enum AttrValue {
     Str(String),
     /// Fixed words ("http", "1.1", "ipv4"): no allocation per span.
     Static(&'static str),
+    /// Text many spans repeat (a statement's table, a connection's database or peer): one
+    /// reference count per span instead of a copy.
+    Shared(Arc<str>),
     Int(i64),
     Bool(bool),
     /// Captured headers (`http.request.header.<name>` is a string array in the conventions).
@@ -29,6 +32,7 @@ impl AttrValue {
         match self {
             AttrValue::Str(s) => Some(s),
             AttrValue::Static(s) => Some(s),
+            AttrValue::Shared(s) => Some(s),
             _ => None,
         }
     }
@@ -56,6 +60,11 @@ impl From<String> for AttrValue {
         AttrValue::Str(v)
     }
 }
+impl From<Arc<str>> for AttrValue {
+    fn from(v: Arc<str>) -> Self {
+        AttrValue::Shared(v)
+    }
+}
 impl From<i64> for AttrValue {
     fn from(v: i64) -> Self {
         AttrValue::Int(v)
@@ -72,6 +81,7 @@ impl std::fmt::Display for AttrValue {
         match self {
             AttrValue::Str(s) => write!(f, "{s:?}"),
             AttrValue::Static(s) => write!(f, "{s:?}"),
+            AttrValue::Shared(s) => write!(f, "{s:?}"),
             AttrValue::Int(i) => write!(f, "{i}"),
             AttrValue::Bool(b) => write!(f, "{b}"),
             AttrValue::StrArray(v) => write!(f, "{v:?}"),
@@ -108,7 +118,11 @@ impl SpanRecord {
                     items.capacity() * size_of::<String>()
                         + items.iter().map(String::capacity).sum::<usize>()
                 }
-                AttrValue::Static(_) | AttrValue::Int(_) | AttrValue::Bool(_) => 0,
+                // Shared strings are held by the connection or cache they come from too.
+                AttrValue::Static(_)
+                | AttrValue::Shared(_)
+                | AttrValue::Int(_)
+                | AttrValue::Bool(_) => 0,
             })
             .sum();
         size_of::<Self>()
@@ -153,8 +167,8 @@ pub struct Observation {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct DbObservation {
     pub system: &'static str,
-    pub operation: String,
-    pub collection: String,
+    pub operation: Option<Arc<str>>,
+    pub collection: Option<Arc<str>>,
     /// The store's error code, empty when none.
     pub error_code: String,
 }
@@ -208,9 +222,9 @@ impl Exchange {
                         .sum::<usize>()
             }
             Exchange::Db(d) => {
-                opt(&d.call.operation)
-                    + d.call.text.capacity()
-                    + opt(&d.call.namespace)
+                // The text is shared with the decoder's prepared statements: counted once
+                // per span all the same, as if it were its own.
+                d.call.text.len()
                     + d.error
                         .as_ref()
                         .map_or(0, |(c, m)| c.capacity() + m.capacity())
@@ -363,6 +377,7 @@ impl HttpExchange {
         let opt_in = privacy.opt_in_attributes;
         let mut a: Vec<(&'static str, AttrValue)> =
             Vec::with_capacity(if opt_in { 20 } else { 12 });
+        let peer_ip = self.peer.map(|p| ip_shared(p.ip()));
         // Fields an HTTP/2 decoder joined mid-way could not read are left out, never guessed.
         if !self.method.is_empty() {
             a.push(("http.request.method", method_value(&self.method)));
@@ -387,11 +402,11 @@ impl HttpExchange {
                         a.push(("server.port", (p as i64).into()));
                     }
                 } else if let Some(l) = self.local {
-                    a.push(("server.address", ip_string(l.ip()).into()));
+                    a.push(("server.address", ip_shared(l.ip()).into()));
                     a.push(("server.port", (l.port() as i64).into()));
                 }
-                if let Some(p) = self.peer {
-                    a.push(("client.address", ip_string(p.ip()).into()));
+                if let (Some(p), Some(ip)) = (self.peer, &peer_ip) {
+                    a.push(("client.address", ip.clone().into()));
                     if opt_in {
                         a.push(("client.port", (p.port() as i64).into()));
                     }
@@ -429,13 +444,13 @@ impl HttpExchange {
                 }
             }
         }
-        if let Some(p) = self.peer {
-            a.push(("network.peer.address", ip_string(p.ip()).into()));
+        if let (Some(p), Some(ip)) = (self.peer, peer_ip) {
+            a.push(("network.peer.address", ip.into()));
             a.push(("network.peer.port", (p.port() as i64).into()));
         }
         if opt_in {
             if let Some(l) = self.local {
-                a.push(("network.local.address", ip_string(l.ip()).into()));
+                a.push(("network.local.address", ip_shared(l.ip()).into()));
                 a.push(("network.local.port", (l.port() as i64).into()));
                 let family = if l.is_ipv4() { "ipv4" } else { "ipv6" };
                 a.push(("network.type", AttrValue::Static(family)));
@@ -528,17 +543,57 @@ fn method_value(m: &str) -> AttrValue {
 pub fn ip_string(ip: std::net::IpAddr) -> String {
     match ip {
         std::net::IpAddr::V4(v4) => {
-            let mut out = String::with_capacity(15);
-            for (i, octet) in v4.octets().into_iter().enumerate() {
-                if i > 0 {
-                    out.push('.');
-                }
-                out.push_str(itoa::Buffer::new().format(octet));
-            }
-            out
+            let mut buf = [0; 15];
+            ipv4_text(v4, &mut buf).to_string()
         }
         std::net::IpAddr::V6(_) => ip.to_string(),
     }
+}
+
+/// Addresses whose text is remembered per thread; beyond it the cache starts over.
+const IP_TEXTS: usize = 1024;
+
+/// [`ip_string`] shared: spans name the same few peers over and over, so the text of each
+/// is made once (per thread, bounded) and every span holds a reference to it.
+pub fn ip_shared(ip: std::net::IpAddr) -> Arc<str> {
+    thread_local! {
+        static TEXTS: std::cell::RefCell<rustc_hash::FxHashMap<std::net::IpAddr, Arc<str>>> =
+            Default::default();
+    }
+    TEXTS.with_borrow_mut(|texts| {
+        if let Some(t) = texts.get(&ip) {
+            return t.clone();
+        }
+        if texts.len() >= IP_TEXTS {
+            texts.clear();
+        }
+        let text: Arc<str> = ip_string(ip).into();
+        texts.insert(ip, text.clone());
+        text
+    })
+}
+
+/// Dotted-decimal text in `buf`, digit by digit (a byte has at most three).
+fn ipv4_text(ip: std::net::Ipv4Addr, buf: &mut [u8; 15]) -> &str {
+    let mut n = 0;
+    for (i, octet) in ip.octets().into_iter().enumerate() {
+        if i > 0 {
+            buf[n] = b'.';
+            n += 1;
+        }
+        if octet >= 100 {
+            buf[n] = b'0' + octet / 100;
+            n += 1;
+        }
+        if octet >= 10 {
+            buf[n] = b'0' + octet / 10 % 10;
+            n += 1;
+        }
+        buf[n] = b'0' + octet % 10;
+        n += 1;
+    }
+    // Only ASCII digits and dots were written.
+    std::str::from_utf8(&buf[..n]).unwrap_or_default()
 }
 
 #[cfg(test)]
@@ -624,11 +679,14 @@ mod tests {
             "0.0.0.0",
             "10.200.3.45",
             "255.255.255.255",
+            "1.20.109.250",
+            "100.9.0.99",
             "::1",
             "fe80::1",
         ] {
             let ip: std::net::IpAddr = ip.parse().unwrap();
             assert_eq!(ip_string(ip), ip.to_string());
+            assert_eq!(&*ip_shared(ip), ip.to_string());
         }
     }
 

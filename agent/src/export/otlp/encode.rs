@@ -149,7 +149,9 @@ fn key_value(out: &mut Vec<u8>, field: u32, key: &str, v: &AttrValue) {
 /// array_value = 5 }`.
 fn any_value_len(v: &AttrValue) -> usize {
     match v {
-        AttrValue::Str(_) | AttrValue::Static(_) => len_field_len(v.as_str().map_or(0, str::len)),
+        AttrValue::Str(_) | AttrValue::Static(_) | AttrValue::Shared(_) => {
+            len_field_len(v.as_str().map_or(0, str::len))
+        }
         AttrValue::Bool(_) => 2,
         AttrValue::Int(i) => 1 + varint_len(*i as u64),
         AttrValue::StrArray(items) => len_field_len(array_len(items)),
@@ -168,6 +170,7 @@ fn write_any_value(out: &mut Vec<u8>, v: &AttrValue) {
     match v {
         AttrValue::Str(s) => bytes_field(out, 1, s.as_bytes()),
         AttrValue::Static(s) => bytes_field(out, 1, s.as_bytes()),
+        AttrValue::Shared(s) => bytes_field(out, 1, s.as_bytes()),
         AttrValue::Bool(b) => varint_field(out, 2, u64::from(*b)),
         AttrValue::Int(i) => varint_field(out, 3, *i as u64),
         AttrValue::StrArray(items) => {

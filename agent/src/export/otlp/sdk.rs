@@ -192,6 +192,7 @@ fn value(v: AttrValue) -> Value {
     match v {
         AttrValue::Str(x) => x.into(),
         AttrValue::Static(x) => x.into(),
+        AttrValue::Shared(x) => x.to_string().into(),
         AttrValue::Int(x) => x.into(),
         AttrValue::Bool(x) => x.into(),
         AttrValue::StrArray(x) => Value::Array(

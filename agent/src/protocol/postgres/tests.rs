@@ -53,7 +53,7 @@ fn begun(steps: &[Step]) -> Vec<(u64, String)> {
         .into_iter()
         .map(|(id, c)| {
             assert_eq!(c.namespace.as_deref(), Some("shop"));
-            (id, c.text.clone())
+            (id, c.text.to_string())
         })
         .collect()
 }
