@@ -130,12 +130,21 @@ impl Reader {
             if self.line.len() + nl > MAX_LINE {
                 return false;
             }
-            self.line.extend_from_slice(&data[..nl]);
+            // A line whole in this read is read where it lies; only a split one is copied.
+            let ok = if self.line.is_empty() {
+                self.header(&data[..nl], done)
+            } else {
+                self.line.extend_from_slice(&data[..nl]);
+                let line = std::mem::take(&mut self.line);
+                let ok = self.header(&line, done);
+                self.line = line;
+                self.line.clear();
+                ok
+            };
             data = &data[nl + 1..];
-            if !self.header(done) {
+            if !ok {
                 return false;
             }
-            self.line.clear();
         }
         if missing == 0 {
             return true;
@@ -161,12 +170,9 @@ impl Reader {
         }
     }
 
-    /// A complete header line.
-    fn header(&mut self, done: &mut Vec<Value>) -> bool {
-        let line = match self.line.strip_suffix(b"\r") {
-            Some(l) => l,
-            None => &self.line[..],
-        };
+    /// A complete header line (its LF taken off).
+    fn header(&mut self, line: &[u8], done: &mut Vec<Value>) -> bool {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
         let Some((&kind, rest)) = line.split_first() else {
             return self.stack.is_empty() && self.value.kind == 0; // a bare CRLF between values
         };
@@ -175,7 +181,7 @@ impl Reader {
             self.value.clear();
             self.value.kind = kind;
         }
-        let number = || std::str::from_utf8(rest).ok()?.parse::<i64>().ok();
+        let number = || number(rest);
         match kind {
             b'*' | b'%' | b'~' | b'>' | b'|' => {
                 let Some(n) = number() else { return false };
@@ -415,6 +421,27 @@ impl Exchanges {
     }
 }
 
+/// A RESP length or integer: a sign, then decimal digits (what `str::parse` reads, without
+/// first checking the bytes are UTF-8).
+fn number(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.split_first() {
+        Some((b'-', d)) => (true, d),
+        Some((b'+', d)) => (false, d),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &c in digits {
+        if !c.is_ascii_digit() {
+            return None;
+        }
+        n = n.checked_mul(10)?.checked_add(i64::from(c - b'0'))?;
+    }
+    Some(if negative { -n } else { n })
+}
+
 /// The command as exported: its name, its key (the first argument), and `?` for each other
 /// argument unless literals are kept. Credentials never appear.
 fn command_text(op: &str, v: &Value, keep_literals: bool, text: &mut String) {
@@ -550,6 +577,16 @@ mod tests {
             );
             r.feed(false, b"+OK\r\n$-1\r\n+PONG\r\n:0\r\n", 0, 20);
             assert_eq!(ended(&r.take()).len(), 4);
+        }
+    }
+
+    #[test]
+    fn numbers_read_as_str_parse_reads_them() {
+        for text in ["0", "42", "-1", "+7", "9223372036854775807", "-9223372036854775807"] {
+            assert_eq!(number(text.as_bytes()), text.parse().ok(), "{text}");
+        }
+        for bad in ["", "-", "+", "1x", " 1", "9223372036854775808", "--1", "1.5"] {
+            assert_eq!(number(bad.as_bytes()), None, "{bad:?}");
         }
     }
 
