@@ -21,7 +21,7 @@ use kspan::{
     pipeline::{Pipeline, PipelineOptions},
     process::ProcessCache,
     tls::{Coverage, Uncovered, attach::Attacher},
-    trace::privacy::Privacy,
+    trace::{privacy::Privacy, span::SpanRecord},
 };
 
 // The pipeline allocates per message and span; glibc's allocator showed up as a third of the
@@ -247,9 +247,8 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     // Flush: every finished span leaves, then the exporter drains its queue.
     let mut out = Vec::new();
-    pipeline.tick(u64::MAX, &mut out);
-    queue.push_all(&mut out);
-    publish(&pipeline, &source, &metrics);
+    hand_over(&mut pipeline, &mut queue, u64::MAX, &mut out);
+    publish(&pipeline, &source, &queue, &metrics);
     if let Some(r) = recorder.as_mut() {
         r.flush().context("writing the recording")?;
     }
@@ -424,8 +423,7 @@ fn run_loop(
                 let mut last_ts = 0;
                 for _ in 0..DRAIN_BUDGET {
                     let Some(bytes) = player.next_record()? else {
-                        pipeline.tick(u64::MAX, &mut out);
-                        queue.push_all(&mut out);
+                        hand_over(pipeline, queue, u64::MAX, &mut out);
                         return Ok(());
                     };
                     match event::decode(bytes) {
@@ -445,10 +443,9 @@ fn run_loop(
         if let Some(e) = record_err.take() {
             return Err(e).context("writing the recording");
         }
-        pipeline.tick(now_ns, &mut out);
-        queue.push_all(&mut out);
+        hand_over(pipeline, queue, now_ns, &mut out);
         if last_publish.elapsed() >= Duration::from_secs(1) {
-            publish(pipeline, source, metrics);
+            publish(pipeline, source, queue, metrics);
             last_publish = Instant::now();
         }
         if last_expire.elapsed() >= Duration::from_secs(10) {
@@ -458,8 +455,25 @@ fn run_loop(
     }
 }
 
+/// Spans handed to the queue at a time (its chunk size): the records of a burst never all
+/// exist at once.
+const TICK_SPANS: usize = 512;
+
+/// The pipeline's ready spans into the queue, [`TICK_SPANS`] at a time.
+fn hand_over(
+    pipeline: &mut Pipeline,
+    queue: &mut SpanQueue,
+    now_ns: u64,
+    out: &mut Vec<SpanRecord>,
+) {
+    while pipeline.tick_at_most(now_ns, out, TICK_SPANS) {
+        queue.push_all(out);
+    }
+    queue.push_all(out);
+}
+
 /// Copies the stages' counters into the shared metrics.
-fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
+fn publish(pipeline: &Pipeline, source: &Source, queue: &SpanQueue, m: &Metrics) {
     let store =
         |pairs: &[(&AtomicU64, u64)]| pairs.iter().for_each(|(cell, v)| cell.store(*v, Relaxed));
     let p = pipeline.stats;
@@ -488,6 +502,8 @@ fn publish(pipeline: &Pipeline, source: &Source, m: &Metrics) {
         (&m.h2_resyncs, p.h2_resyncs),
         (&m.open_conns, pipeline.conns() as u64),
         (&m.open_spans, pipeline.open_spans() as u64),
+        (&m.queue_spans, queue.held().0 as u64),
+        (&m.queue_bytes, queue.held().1 as u64),
         (&m.metric_series_dropped, pipeline.red.dropped),
         (&m.metric_series, pipeline.red.series() as u64),
     ]);

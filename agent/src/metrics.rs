@@ -106,6 +106,8 @@ metrics! {
     k8s_watch_errors: "counter", "kspan_k8s_watch_errors_total", "Errors watching this node's pods (retried with backoff).";
     open_conns: "gauge", "kspan_open_connections", "Connections currently tracked in userspace.";
     open_spans: "gauge", "kspan_open_spans", "Spans in flight or lingering before export.";
+    queue_spans: "gauge", "kspan_export_queue_spans", "Finished spans waiting in the export queue.";
+    queue_bytes: "gauge", "kspan_export_queue_bytes", "Bytes the export queue holds (encoded OTLP when kspan's encoder is the only exporter, else span records), bounded by --export-queue-mb.";
 }
 
 /// Serves `/metrics` and `/readyz` until the listener fails. HTTP/1.0-style: one request per

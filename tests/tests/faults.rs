@@ -80,6 +80,11 @@ fn collector_down_for_a_minute_then_back() {
         curl(&[&format!("http://127.0.0.1:{port}{}", unique_path("down"))]);
         sent += 1;
         peak = peak.max(rss_kib(agent.proc.pid()));
+        let queued = metric(agent.metrics, "kspan_export_queue_spans");
+        assert!(
+            queued <= 64,
+            "the queue keeps its bound of 64 spans: {queued}"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // Every span of those requests is accounted for: failed exports or queue drops.
@@ -117,6 +122,11 @@ fn collector_down_for_a_minute_then_back() {
         .find(|g| g.kind == "SERVER")
         .expect("server span");
     assert_eq!(server.attr("url.path").s(), "/back");
+    // Everything queued has left: the gauge goes back to nothing, in spans and in bytes.
+    let queue = ["kspan_export_queue_spans", "kspan_export_queue_bytes"];
+    wait_metrics(agent.metrics, queue, Duration::from_secs(10), |q| {
+        q == &[0, 0]
+    });
     assert!(agent.terminate().success());
 }
 

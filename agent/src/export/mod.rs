@@ -125,6 +125,11 @@ impl SpanQueue {
         (queue, QueueRx { rx, held })
     }
 
+    /// Spans and bytes in the queue now.
+    pub fn held(&self) -> (usize, usize) {
+        (self.held.spans.load(Relaxed), self.held.bytes.load(Relaxed))
+    }
+
     /// Takes every span of `out`. Never blocks the pipeline: what does not fit is dropped
     /// (counted).
     pub fn push_all(&mut self, out: &mut Vec<SpanRecord>) {

@@ -582,10 +582,26 @@ mod tests {
 
     #[test]
     fn numbers_read_as_str_parse_reads_them() {
-        for text in ["0", "42", "-1", "+7", "9223372036854775807", "-9223372036854775807"] {
+        for text in [
+            "0",
+            "42",
+            "-1",
+            "+7",
+            "9223372036854775807",
+            "-9223372036854775807",
+        ] {
             assert_eq!(number(text.as_bytes()), text.parse().ok(), "{text}");
         }
-        for bad in ["", "-", "+", "1x", " 1", "9223372036854775808", "--1", "1.5"] {
+        for bad in [
+            "",
+            "-",
+            "+",
+            "1x",
+            " 1",
+            "9223372036854775808",
+            "--1",
+            "1.5",
+        ] {
             assert_eq!(number(bad.as_bytes()), None, "{bad:?}");
         }
     }

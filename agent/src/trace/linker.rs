@@ -108,6 +108,8 @@ struct Open {
     peer_process: Option<Arc<ProcessInfo>>,
     /// CLIENT: several open requests of its process could have made it; no parent was guessed.
     ambiguous: bool,
+    /// Rule 3 may pair it with the other end of its connection (it has a link key).
+    linkable: bool,
 }
 
 /// Which open SERVER span made an outgoing call (rule 2).
@@ -151,6 +153,9 @@ pub struct Tracer {
     waiting_servers: HashMap<LinkKey, (u64, u64)>,
     /// Finished spans waiting out the linger: (ready at, id, bytes held).
     lingering: VecDeque<(u64, u64, usize)>,
+    /// Finished spans nothing can change any more (see [`Tracer::settled`]): they leave at
+    /// the next flush instead of lingering.
+    ready: VecDeque<u64>,
     lingering_bytes: usize,
     /// Beyond it the oldest lingering spans leave early.
     max_linger_bytes: usize,
@@ -216,6 +221,7 @@ impl Tracer {
             clients_by_key: HashMap::default(),
             waiting_servers: HashMap::default(),
             lingering: VecDeque::new(),
+            ready: VecDeque::new(),
             lingering_bytes: 0,
             max_linger_bytes,
             next_link_sweep_ns: 0,
@@ -303,6 +309,7 @@ impl Tracer {
             cover_end_ns: 0,
             peer_process: None,
             ambiguous: false,
+            linkable: r.endpoints.is_some() && r.seq.is_some(),
         };
         match r.kind {
             SpanKind::Server => {
@@ -500,6 +507,23 @@ impl Tracer {
         }
     }
 
+    /// A finished span that no later event can change, so it need not linger: a CLIENT span
+    /// that rule 3 cannot pair (a data-store call whose server side is not decoded) and whose
+    /// trace is final: no parent here, or a SERVER parent already paired or unpairable (a
+    /// later pairing of the parent would hand its children the corrected trace).
+    fn settled(&self, id: u64) -> bool {
+        let Some(s) = self.spans.get(&id) else {
+            return false;
+        };
+        if s.kind != SpanKind::Client || s.linkable {
+            return false;
+        }
+        match s.parent.and_then(|p| self.spans.get(&p)) {
+            None => true,
+            Some(p) => p.kind == SpanKind::Server && (!p.linkable || p.peer_process.is_some()),
+        }
+    }
+
     /// Rule 3: `server` is the far end of `client`.
     fn link(&mut self, server: u64, client: u64) {
         let Some(c) = self.spans.get_mut(&client) else {
@@ -585,6 +609,10 @@ impl Tracer {
         if let Some((client, server)) = pair {
             self.clamp_server_end(client, server);
         }
+        if self.settled(id) {
+            self.ready.push_back(id);
+            return;
+        }
         self.lingering_bytes += bytes;
         self.lingering
             .push_back((end_ns.saturating_add(self.linger_ns), id, bytes));
@@ -633,7 +661,24 @@ impl Tracer {
 
     /// Emits spans whose linger expired by `now_ns` (monotonic) and expires stale state.
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) {
+        self.flush_at_most(now_ns, out, usize::MAX);
+    }
+
+    /// [`Tracer::flush`] until `out` holds `max` spans; true when more are ready.
+    pub fn flush_at_most(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>, max: usize) -> bool {
+        while let Some(&id) = self.ready.front() {
+            if out.len() >= max {
+                return true;
+            }
+            self.ready.pop_front();
+            if let Some(rec) = self.record(id) {
+                out.push(rec);
+            }
+        }
         while let Some(&(ready, id, bytes)) = self.lingering.front() {
+            if out.len() >= max {
+                return true;
+            }
             let over = self.lingering_bytes > self.max_linger_bytes;
             if ready > now_ns && !over {
                 break;
@@ -654,6 +699,7 @@ impl Tracer {
             self.clients_by_key.retain(|_, (_, ts)| *ts >= cutoff);
             self.waiting_servers.retain(|_, (_, ts)| *ts >= cutoff);
         }
+        false
     }
 
     /// Gives up on exchanges open longer than the limit (call rarely: it scans).
@@ -675,6 +721,9 @@ impl Tracer {
         shrink(&mut self.waiting_servers);
         if self.lingering.capacity() > 4 * self.lingering.len().max(1024) {
             self.lingering.shrink_to(2 * self.lingering.len());
+        }
+        if self.ready.capacity() > 4 * self.ready.len().max(1024) {
+            self.ready.shrink_to(2 * self.ready.len());
         }
     }
 
@@ -841,6 +890,99 @@ mod tests {
         t.spans.get(&id).and_then(|s| s.parent)
     }
 
+    /// An HTTP request on a connection both of whose ends this agent decodes (rule 3 may pair
+    /// it): `kind` CLIENT is the end at `a`, SERVER the end at `b`.
+    fn start_paired(t: &mut Tracer, kind: SpanKind, tgid: u32, at: u64) -> u64 {
+        let (a, b): (SocketAddr, SocketAddr) = (
+            "10.0.0.1:40000".parse().unwrap(),
+            "10.0.0.2:80".parse().unwrap(),
+        );
+        let (local, peer) = match kind {
+            SpanKind::Client => (a, b),
+            SpanKind::Server => (b, a),
+        };
+        t.request_started(RequestStart {
+            tgid,
+            tid: tgid,
+            goroutine: 0,
+            kind,
+            endpoints: Some(Endpoints {
+                local,
+                peer,
+                netns: 1,
+            }),
+            seq: Some(0),
+            process: process(false),
+            call: Call::Http(RequestHead {
+                method: "GET".into(),
+                target: "/".into(),
+                version: 1,
+                headers: Headers::default(),
+                start_ns: at,
+            }),
+            tls: false,
+        })
+        .expect("room")
+    }
+
+    /// A call that nothing can pair (a data-store call: its server's side is not decoded)
+    /// leaves at the next flush instead of lingering; one whose parent may still be paired
+    /// lingers, and leaves with the trace its parent is given when the pairing comes.
+    #[test]
+    fn unpairable_calls_leave_at_once_unless_their_parent_may_change() {
+        let linger = 1_000_000_000;
+        let mut t = Tracer::new(
+            linger,
+            1024,
+            usize::MAX,
+            0,
+            Privacy::default(),
+            Sampler::default(),
+        );
+        let mut out = Vec::new();
+        let lone = start(&mut t, SpanKind::Client, 1, false, None, 10);
+        t.finished(lone, 20, 0, None);
+        t.flush(30, &mut out);
+        assert_eq!(out.iter().map(|s| s.span_id).collect::<Vec<_>>(), [lone]);
+
+        // tgid 7's server, whose caller (tgid 8) is seen after the call it makes has ended.
+        let server = start_paired(&mut t, SpanKind::Server, 7, 100);
+        let call = start(&mut t, SpanKind::Client, 7, false, None, 110);
+        assert_eq!(parent(&t, call), Some(server));
+        t.finished(call, 120, 0, None);
+        t.flush(130, &mut out);
+        assert_eq!(
+            out.len(),
+            1,
+            "the call waits: its parent may still be paired"
+        );
+        let caller = start_paired(&mut t, SpanKind::Client, 8, 90);
+        assert_eq!(parent(&t, server), Some(caller));
+        t.finished(server, 140, 0, None);
+        t.finished(caller, 150, 0, None);
+        t.flush(u64::MAX, &mut out);
+        let trace = |id| {
+            out.iter()
+                .find(|s| s.span_id == id)
+                .expect("exported")
+                .trace_id
+        };
+        assert_eq!(
+            trace(call),
+            trace(caller),
+            "the call is in its caller's trace"
+        );
+
+        // A parent that nothing can pair (a connection older than the agent) changes no more.
+        let server = start(&mut t, SpanKind::Server, 9, false, None, 200);
+        let call = start(&mut t, SpanKind::Client, 9, false, None, 210);
+        assert_eq!(parent(&t, call), Some(server));
+        t.finished(call, 220, 0, None);
+        out.clear();
+        t.flush(230, &mut out);
+        assert_eq!(out.iter().map(|s| s.span_id).collect::<Vec<_>>(), [call]);
+    }
+
     /// After a burst the tables give their room back at the next expiry scan.
     #[test]
     fn a_burst_s_table_room_is_given_back() {
@@ -870,6 +1012,29 @@ mod tests {
             t.spans.capacity(),
             t.lingering.capacity()
         );
+    }
+
+    /// Ready spans leave a few at a time when asked, oldest first, none lost or repeated.
+    #[test]
+    fn ready_spans_leave_at_most_so_many_at_a_time() {
+        let mut t = tracer();
+        let ids: Vec<u64> = (0..5)
+            .map(|i| start(&mut t, SpanKind::Server, i, false, None, 10))
+            .collect();
+        for &id in &ids {
+            t.finished(id, 20, 0, None);
+        }
+        let mut got = Vec::new();
+        let mut out = Vec::new();
+        let mut calls = 0;
+        while t.flush_at_most(u64::MAX, &mut out, 2) {
+            assert_eq!(out.len(), 2);
+            got.extend(out.drain(..).map(|s| s.span_id));
+            calls += 1;
+        }
+        got.extend(out.drain(..).map(|s| s.span_id));
+        assert_eq!((got, calls), (ids, 2));
+        assert!(!t.flush_at_most(u64::MAX, &mut out, 2) && out.is_empty());
     }
 
     #[test]
