@@ -478,6 +478,7 @@ fn publish(pipeline: &Pipeline, source: &Source, queue: &SpanQueue, m: &Metrics)
         |pairs: &[(&AtomicU64, u64)]| pairs.iter().for_each(|(cell, v)| cell.store(*v, Relaxed));
     let p = pipeline.stats;
     let t = pipeline.tracer_stats();
+    let queued = queue.held();
     store(&[
         (&m.events_decoded, p.events),
         (&m.requests, p.requests),
@@ -502,8 +503,8 @@ fn publish(pipeline: &Pipeline, source: &Source, queue: &SpanQueue, m: &Metrics)
         (&m.h2_resyncs, p.h2_resyncs),
         (&m.open_conns, pipeline.conns() as u64),
         (&m.open_spans, pipeline.open_spans() as u64),
-        (&m.queue_spans, queue.held().0 as u64),
-        (&m.queue_bytes, queue.held().1 as u64),
+        (&m.queue_spans, queued.0 as u64),
+        (&m.queue_bytes, queued.1 as u64),
         (&m.metric_series_dropped, pipeline.red.dropped),
         (&m.metric_series, pipeline.red.series() as u64),
     ]);

@@ -268,9 +268,12 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     let mut rows = Vec::new();
     // A whole name picks that row alone ("static, keep-alive" begins several).
     let exact = |o: &String| SCENARIOS.iter().any(|sc| sc.name == o);
-    let picks = |sc: &Scenario, o: &String| match exact(o) {
-        true => sc.name == o,
-        false => sc.name.contains(o.as_str()),
+    let picks = |sc: &Scenario, o: &String| {
+        if exact(o) {
+            sc.name == o
+        } else {
+            sc.name.contains(o.as_str())
+        }
     };
     let chosen: Vec<&Scenario> = SCENARIOS
         .iter()

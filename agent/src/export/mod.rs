@@ -139,7 +139,7 @@ impl SpanQueue {
         if self.encoder.is_some() {
             return self.push_encoded(out);
         }
-        let (queued, queued_bytes) = (self.held.spans.load(Relaxed), self.held.bytes.load(Relaxed));
+        let (queued, queued_bytes) = self.held();
         let room = self.max_spans.saturating_sub(queued);
         let mut bytes = 0;
         let mut taken = 0;
@@ -165,10 +165,10 @@ impl SpanQueue {
 
     /// Encodes `out` in chunks of [`BATCH`] spans; a chunk that does not fit is dropped.
     fn push_encoded(&mut self, out: &mut Vec<SpanRecord>) {
+        let queued = self.held();
         let Some(encoder) = self.encoder.as_mut() else {
             return;
         };
-        let queued = (self.held.spans.load(Relaxed), self.held.bytes.load(Relaxed));
         let (mut spans, mut bytes) = queued;
         let (mut chunks, mut dropped) = (Vec::new(), 0);
         for chunk in out.chunks(BATCH) {

@@ -181,10 +181,9 @@ impl Reader {
             self.value.clear();
             self.value.kind = kind;
         }
-        let number = || number(rest);
         match kind {
             b'*' | b'%' | b'~' | b'>' | b'|' => {
-                let Some(n) = number() else { return false };
+                let Some(n) = number(rest) else { return false };
                 let n = if matches!(kind, b'%' | b'|') {
                     n.saturating_mul(2)
                 } else {
@@ -202,7 +201,7 @@ impl Reader {
                 }
             }
             b'$' | b'!' | b'=' => {
-                let Some(n) = number() else { return false };
+                let Some(n) = number(rest) else { return false };
                 if n < 0 {
                     self.element_done(done);
                     return true;

@@ -874,14 +874,25 @@ mod tests {
         if let Some(b3) = b3 {
             headers.insert("b3", b3);
         }
-        t.request_started(RequestStart {
-            tgid: 7,
+        let r = RequestStart {
             tid,
             goroutine,
+            process: process(go),
+            ..get(kind, 7, headers, at)
+        };
+        t.request_started(r).expect("room")
+    }
+
+    /// A `GET /` of process `tgid` on its thread `tgid`, on a connection with no known ends.
+    fn get(kind: SpanKind, tgid: u32, headers: Headers, at: u64) -> RequestStart {
+        RequestStart {
+            tgid,
+            tid: tgid,
+            goroutine: 0,
             kind,
             endpoints: None,
             seq: None,
-            process: process(go),
+            process: process(false),
             call: Call::Http(RequestHead {
                 method: "GET".into(),
                 target: "/".into(),
@@ -890,8 +901,7 @@ mod tests {
                 start_ns: at,
             }),
             tls: false,
-        })
-        .expect("room")
+        }
     }
 
     fn parent(t: &Tracer, id: u64) -> Option<u64> {
@@ -909,28 +919,16 @@ mod tests {
             SpanKind::Client => (a, b),
             SpanKind::Server => (b, a),
         };
-        t.request_started(RequestStart {
-            tgid,
-            tid: tgid,
-            goroutine: 0,
-            kind,
+        let r = RequestStart {
             endpoints: Some(Endpoints {
                 local,
                 peer,
                 netns: 1,
             }),
             seq: Some(0),
-            process: process(false),
-            call: Call::Http(RequestHead {
-                method: "GET".into(),
-                target: "/".into(),
-                version: 1,
-                headers: Headers::default(),
-                start_ns: at,
-            }),
-            tls: false,
-        })
-        .expect("room")
+            ..get(kind, tgid, Headers::default(), at)
+        };
+        t.request_started(r).expect("room")
     }
 
     /// A call that nothing can pair (a data-store call: its server's side is not decoded)
