@@ -142,6 +142,20 @@ pub struct Args {
     /// Address of the /metrics and /readyz endpoint.
     #[arg(long, default_value = "127.0.0.1:9464", env = "KSPAN_METRICS_ADDR")]
     pub metrics_addr: SocketAddr,
+    /// Serve the built-in trace viewer and its JSON API on the metrics address (`--ui=false`
+    /// turns both off).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, env = "KSPAN_UI")]
+    pub ui: bool,
+    /// Traces the viewer keeps in memory at most (the oldest leave first).
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ui_max_traces: u64,
+    /// Memory the viewer's traces may hold, in MiB.
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..))]
+    pub ui_max_mb: u64,
+    /// New traces the viewer keeps per second at most; the others are exported all the same
+    /// (counted in kspan_ui_traces_skipped_total).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ui_traces_per_sec: u32,
     /// Payload bytes copied per syscall (64..=8192). Byte counts stay exact beyond it.
     #[arg(long, default_value_t = kspan_common::DEFAULT_PAYLOAD_CAP)]
     pub payload_cap: u32,

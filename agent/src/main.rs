@@ -15,13 +15,15 @@ use anyhow::Context as _;
 use kspan::{
     capture::{Capture, CaptureOptions, LossWatch, event, replay, uprobes::TlsLink},
     config::{self, Args, Filter},
+    endpoint,
     export::{self, Sinks, SpanQueue, otlp::OtlpSink, tree::TreePrinter, zipkin::ZipkinSink},
     k8s,
-    metrics::{self, Metrics},
+    metrics::Metrics,
     pipeline::{Pipeline, PipelineOptions},
     process::ProcessCache,
     tls::{Coverage, Uncovered, attach::Attacher},
     trace::{privacy::Privacy, span::SpanRecord},
+    view::{self, Viewer},
 };
 
 // The pipeline allocates per message and span; glibc's allocator showed up as a third of the
@@ -129,9 +131,21 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
 
     let listener = rt
-        .block_on(metrics::bind(args.metrics_addr))
+        .block_on(endpoint::bind(args.metrics_addr))
         .with_context(|| format!("binding the metrics endpoint {}", args.metrics_addr))?;
-    rt.spawn(metrics::serve(listener, metrics.clone()));
+    let viewer = args.ui.then(|| {
+        let limits = view::store::Limits {
+            traces: usize::try_from(args.ui_max_traces).unwrap_or(usize::MAX),
+            bytes: usize::try_from(args.ui_max_mb.saturating_mul(1 << 20)).unwrap_or(usize::MAX),
+            per_sec: args.ui_traces_per_sec,
+        };
+        let resource = view::api::ResourceView {
+            host: host_name(),
+            command_line: args.export_command_line,
+        };
+        Arc::new(Viewer::new(limits, resource))
+    });
+    rt.spawn(endpoint::serve(listener, metrics.clone(), viewer.clone()));
 
     let sinks = {
         // Building the gRPC client needs the runtime's context.
@@ -161,13 +175,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     if exporters.otlp.is_none() && exporters.zipkin.is_none() && exporters.console {
         eprintln!("kspan: no OTLP endpoint configured; printing traces on stdout");
     }
-    let (mut queue, rx) = SpanQueue::new(
+    let (queue, rx) = SpanQueue::new(
         args.export_queue,
         args.export_queue_mb.saturating_mul(1 << 20),
         metrics.clone(),
         sinks.queue_encoder(),
     );
     let exporter = rt.spawn(export::run(rx, sinks, metrics.clone()));
+    let mut outlets = Outlets { queue, viewer };
 
     let stop = Arc::new(AtomicBool::new(false));
     {
@@ -227,9 +242,14 @@ fn run(args: Args) -> anyhow::Result<()> {
             None => format!("TLS plaintext from {} library files", tls.attached()),
         };
         eprintln!(
-            "kspan: probes attached ({}, {}); tracing HTTP/1.x, HTTP/2, gRPC, Redis, PostgreSQL and MySQL; {tls} (metrics on http://{}/metrics)",
+            "kspan: probes attached ({}, {}); tracing HTTP/1.x, HTTP/2, gRPC, Redis, PostgreSQL and MySQL; {tls} ({}metrics on http://{}/metrics)",
             cap.hook.describe(),
             cap.loops.describe(),
+            if args.ui {
+                format!("traces and service map on http://{}/, ", args.metrics_addr)
+            } else {
+                String::new()
+            },
             args.metrics_addr
         );
     }
@@ -239,7 +259,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         &mut source,
         &mut pipeline,
         recorder.as_mut(),
-        &mut queue,
+        &mut outlets,
         &metrics,
         &stop,
         deadline,
@@ -247,12 +267,12 @@ fn run(args: Args) -> anyhow::Result<()> {
 
     // Flush: every finished span leaves, then the exporter drains its queue.
     let mut out = Vec::new();
-    hand_over(&mut pipeline, &mut queue, u64::MAX, &mut out);
-    publish(&pipeline, &source, &queue, &metrics);
+    outlets.hand_over(&mut pipeline, u64::MAX, &mut out);
+    publish(&pipeline, &source, &outlets, &metrics);
     if let Some(r) = recorder.as_mut() {
         r.flush().context("writing the recording")?;
     }
-    drop(queue);
+    drop(outlets);
     rt.block_on(async {
         if tokio::time::timeout(Duration::from_secs(15), exporter)
             .await
@@ -345,7 +365,7 @@ fn run_loop(
     source: &mut Source,
     pipeline: &mut Pipeline,
     mut recorder: Option<&mut replay::Recorder<BufWriter<File>>>,
-    queue: &mut SpanQueue,
+    outlets: &mut Outlets,
     metrics: &Metrics,
     stop: &AtomicBool,
     deadline: Option<Instant>,
@@ -423,7 +443,7 @@ fn run_loop(
                 let mut last_ts = 0;
                 for _ in 0..DRAIN_BUDGET {
                     let Some(bytes) = player.next_record()? else {
-                        hand_over(pipeline, queue, u64::MAX, &mut out);
+                        outlets.hand_over(pipeline, u64::MAX, &mut out);
                         return Ok(());
                     };
                     match event::decode(bytes) {
@@ -443,9 +463,9 @@ fn run_loop(
         if let Some(e) = record_err.take() {
             return Err(e).context("writing the recording");
         }
-        hand_over(pipeline, queue, now_ns, &mut out);
+        outlets.hand_over(pipeline, now_ns, &mut out);
         if last_publish.elapsed() >= Duration::from_secs(1) {
-            publish(pipeline, source, queue, metrics);
+            publish(pipeline, source, outlets, metrics);
             last_publish = Instant::now();
         }
         if last_expire.elapsed() >= Duration::from_secs(10) {
@@ -459,26 +479,35 @@ fn run_loop(
 /// exist at once.
 const TICK_SPANS: usize = 512;
 
-/// The pipeline's ready spans into the queue, [`TICK_SPANS`] at a time.
-fn hand_over(
-    pipeline: &mut Pipeline,
-    queue: &mut SpanQueue,
-    now_ns: u64,
-    out: &mut Vec<SpanRecord>,
-) {
-    while pipeline.tick_at_most(now_ns, out, TICK_SPANS) {
-        queue.push_all(out);
+/// Where finished spans go: the export queue, and the viewer when it is on.
+struct Outlets {
+    queue: SpanQueue,
+    viewer: Option<Arc<Viewer>>,
+}
+
+impl Outlets {
+    /// The pipeline's ready spans out, [`TICK_SPANS`] at a time.
+    fn hand_over(&mut self, pipeline: &mut Pipeline, now_ns: u64, out: &mut Vec<SpanRecord>) {
+        loop {
+            let more = pipeline.tick_at_most(now_ns, out, TICK_SPANS);
+            if let Some(v) = &self.viewer {
+                v.offer(out);
+            }
+            self.queue.push_all(out);
+            if !more {
+                return;
+            }
+        }
     }
-    queue.push_all(out);
 }
 
 /// Copies the stages' counters into the shared metrics.
-fn publish(pipeline: &Pipeline, source: &Source, queue: &SpanQueue, m: &Metrics) {
+fn publish(pipeline: &Pipeline, source: &Source, outlets: &Outlets, m: &Metrics) {
     let store =
         |pairs: &[(&AtomicU64, u64)]| pairs.iter().for_each(|(cell, v)| cell.store(*v, Relaxed));
     let p = pipeline.stats;
     let t = pipeline.tracer_stats();
-    let queued = queue.held();
+    let queued = outlets.queue.held();
     store(&[
         (&m.events_decoded, p.events),
         (&m.requests, p.requests),
@@ -510,6 +539,17 @@ fn publish(pipeline: &Pipeline, source: &Source, queue: &SpanQueue, m: &Metrics)
     ]);
     for why in Uncovered::ALL {
         m.tls_unsupported[why.index()].store(p.conns_tls_unsupported[why.index()], Relaxed);
+    }
+    if let Some(v) = &outlets.viewer {
+        v.record_graph(pipeline.red.edges());
+        let ui = v.stats();
+        store(&[
+            (&m.ui_traces, ui.traces as u64),
+            (&m.ui_bytes, ui.bytes as u64),
+            (&m.ui_traces_skipped, ui.traces_skipped),
+            (&m.ui_traces_evicted, ui.traces_evicted),
+            (&m.ui_spans_cut, ui.spans_cut),
+        ]);
     }
     let mut red = String::new();
     pipeline.red.render(&mut red);

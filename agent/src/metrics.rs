@@ -1,21 +1,16 @@
 //! The agent's own health: counters for every stage (nothing is dropped without a count), and
-//! a tiny HTTP endpoint serving `/metrics` (Prometheus text) and `/readyz`.
+//! their Prometheus text (served by [`crate::endpoint`]).
 pub mod red;
 
 use std::{
     fmt::Write as _,
-    net::SocketAddr,
     sync::{
-        Arc, Mutex,
+        Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
 };
 
 use crate::tls::Uncovered;
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpListener,
-};
 
 macro_rules! metrics {
     ($( $field:ident : $kind:literal, $name:literal, $help:literal; )*) => {
@@ -108,59 +103,11 @@ metrics! {
     open_spans: "gauge", "kspan_open_spans", "Spans in flight or lingering before export.";
     queue_spans: "gauge", "kspan_export_queue_spans", "Finished spans waiting in the export queue.";
     queue_bytes: "gauge", "kspan_export_queue_bytes", "Bytes the export queue holds (encoded OTLP when kspan's encoder is the only exporter, else span records), bounded by --export-queue-mb.";
-}
-
-/// Serves `/metrics` and `/readyz` until the listener fails. HTTP/1.0-style: one request per
-/// connection, which is all scrapers and probes need.
-pub async fn serve(listener: TcpListener, metrics: Arc<Metrics>) {
-    loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let mut buf = [0u8; 2048];
-            let mut len = 0;
-            // Read until the end of the request head (or the buffer is full).
-            while len < buf.len() {
-                match tokio::time::timeout(
-                    std::time::Duration::from_secs(5),
-                    sock.read(&mut buf[len..]),
-                )
-                .await
-                {
-                    Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return,
-                    Ok(Ok(n)) => len += n,
-                }
-                if buf[..len].windows(4).any(|w| w == b"\r\n\r\n") {
-                    break;
-                }
-            }
-            let line = buf[..len].split(|&b| b == b'\r').next().unwrap_or_default();
-            let path = line.split(|&b| b == b' ').nth(1).unwrap_or_default();
-            let (status, ctype, body) = match path {
-                b"/metrics" => ("200 OK", "text/plain; version=0.0.4", metrics.render()),
-                b"/readyz" if metrics.ready.load(Relaxed) => {
-                    ("200 OK", "text/plain", "ready\n".to_string())
-                }
-                b"/readyz" => (
-                    "503 Service Unavailable",
-                    "text/plain",
-                    "not ready\n".to_string(),
-                ),
-                _ => ("404 Not Found", "text/plain", "not found\n".to_string()),
-            };
-            let resp = format!(
-                "HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-                body.len()
-            );
-            let _ = sock.write_all(resp.as_bytes()).await;
-        });
-    }
-}
-
-pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    TcpListener::bind(addr).await
+    ui_traces: "gauge", "kspan_ui_traces", "Traces the built-in viewer holds (bounded by --ui-max-traces).";
+    ui_bytes: "gauge", "kspan_ui_bytes", "Bytes the viewer's traces hold (bounded by --ui-max-mb).";
+    ui_traces_skipped: "counter", "kspan_ui_traces_skipped_total", "New traces the viewer did not keep because --ui-traces-per-sec was reached (they are exported all the same).";
+    ui_traces_evicted: "counter", "kspan_ui_traces_evicted_total", "Traces the viewer let go, oldest first, to stay inside its bounds.";
+    ui_spans_cut: "counter", "kspan_ui_spans_cut_total", "Spans the viewer did not keep because their trace already had 1,000 (they are exported all the same).";
 }
 
 #[cfg(test)]
@@ -176,31 +123,5 @@ mod tests {
             "# TYPE kspan_kernel_lost_events_total counter\nkspan_kernel_lost_events_total 3\n"
         ));
         assert!(text.contains("# TYPE kspan_open_spans gauge\n"));
-    }
-
-    #[tokio::test]
-    async fn serves_metrics_and_readiness() {
-        let listener = bind("127.0.0.1:0".parse().unwrap()).await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let m = Arc::new(Metrics::default());
-        tokio::spawn(serve(listener, m.clone()));
-        let get = |path: &'static str| async move {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
-                .await
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        };
-        assert!(get("/readyz").await.starts_with("HTTP/1.1 503"));
-        m.ready.store(true, Relaxed);
-        assert!(get("/readyz").await.starts_with("HTTP/1.1 200"));
-        assert!(
-            get("/metrics")
-                .await
-                .contains("kspan_spans_exported_total 0")
-        );
-        assert!(get("/nope").await.starts_with("HTTP/1.1 404"));
     }
 }

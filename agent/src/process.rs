@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Hash)]
 pub struct ProcessInfo {
     pub pid: u32,
     /// The kernel's name for the process (`/proc/<pid>/comm`, or the kernel's when gone).

@@ -160,6 +160,17 @@ const SCENARIOS: &[Scenario] = &[
         ],
         think_ms: 0,
     },
+    // The built-in viewer's share: the same row with it off (it copies the spans of at most
+    // 100 new traces a second and checks every other span against the traces it keeps).
+    Scenario {
+        name: "static, keep-alive, viewer off (`--ui=false`)",
+        path: "/static",
+        keep_alive: true,
+        load: Load::Http,
+        spans_per_request: 2,
+        agent_args: &["--ui=false"],
+        think_ms: 0,
+    },
     // The floor: probes attached and every connection filtered (no port 1 is served, so the
     // kernel marks each connection ignored after its first bytes). Nothing is traced on
     // purpose; this is what the hooks cost by themselves.

@@ -194,6 +194,13 @@ fn setup_test_peers(extra: &[(&'static str, &str)]) -> anyhow::Result<()> {
         ("openssl", "/usr/bin/openssl"),
         // A Go gateway (tests/tests/linking.rs), built offline from the standard library.
         ("golang-go", "/usr/bin/go"),
+        // A real browser for the built-in viewer (tests/tests/viewer.rs), headless, with a
+        // font for its screenshots.
+        ("chromium", "/usr/bin/chromium"),
+        (
+            "fonts-dejavu-core",
+            "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+        ),
     ]
     .iter()
     .chain(extra)

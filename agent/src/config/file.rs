@@ -84,6 +84,10 @@ pub fn load(
         };
         for v in values {
             match v {
+                // A setting that takes a value (`ui = false`) gets it.
+                toml::Value::Boolean(b) if arg.get_action().takes_values() => {
+                    argv.push(format!("--{key}={b}").into())
+                }
                 toml::Value::Boolean(true) => argv.push(format!("--{key}").into()),
                 // A flag that is off by default stays off.
                 toml::Value::Boolean(false) => {}
@@ -139,6 +143,8 @@ linger-ms = 50
 payload-cap = 2048
 stdout = true
 keep-query-values = false
+ui = false
+ui-max-mb = 4
 capture-header = ["x-tenant"]
 otlp-protocol = "grpc"
 otlp-endpoint = "http://from-file:4317"
@@ -151,6 +157,8 @@ otlp-endpoint = "http://from-file:4317"
         assert_eq!(a.payload_cap, 2048);
         assert!(a.stdout);
         assert!(!a.keep_query_values);
+        assert!(!a.ui, "a setting on by default is turned off");
+        assert_eq!(a.ui_max_mb, 4);
         assert_eq!(a.capture_header, ["x-tenant"]);
         assert_eq!(a.otlp_protocol.as_deref(), Some("grpc"));
         assert_eq!(

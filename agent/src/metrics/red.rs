@@ -14,7 +14,7 @@ use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 use crate::trace::span::{Observation, SpanKind};
 
 /// Bucket bounds in seconds (the conventions' advice for HTTP durations).
-const BOUNDS: [f64; 14] = [
+pub const BOUNDS: [f64; 14] = [
     0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
 ];
 /// Distinct routes kept per service; later ones are reported as `/{other}`.
@@ -384,6 +384,46 @@ impl Red {
                 let _ = writeln!(out, "{name}{{{labels}}} {}", if failed { f } else { n });
             }
         }
+    }
+}
+
+/// One service-graph edge's totals since start, counted as `traces_service_graph_request_total`
+/// counts them (once per request), with the duration histogram of the same series.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EdgeTotals {
+    pub client: String,
+    pub server: String,
+    /// Empty for two services, else `virtual_node` or `database`.
+    pub connection_type: String,
+    pub requests: u64,
+    pub failed: u64,
+    /// Per bucket of [`BOUNDS`] (not cumulative); the last one is +Inf.
+    pub buckets: [u64; BOUNDS.len() + 1],
+}
+
+impl Red {
+    /// Every service-graph edge, for the viewer's map.
+    pub fn edges(&self) -> Vec<EdgeTotals> {
+        self.series
+            .iter()
+            .filter_map(|(k, h)| {
+                let (family, labels) = parse_key(k)?;
+                let [client, server, kind] = labels.as_slice() else {
+                    return None;
+                };
+                let counted = family == Family::GraphServer
+                    || (family == Family::GraphClient
+                        && matches!(*kind, "virtual_node" | "database"));
+                counted.then(|| EdgeTotals {
+                    client: client.to_string(),
+                    server: server.to_string(),
+                    connection_type: kind.to_string(),
+                    requests: h.count,
+                    failed: h.failed,
+                    buckets: h.buckets,
+                })
+            })
+            .collect()
     }
 }
 
