@@ -11,7 +11,8 @@ use std::{
 };
 
 use kspan_tests::{
-    Agent, PyService, assert_root, curl, grpc_collector, http_get, otlp_grpc, runtime, trace_id,
+    Agent, PyService, assert_root, curl, grpc_collector, http_get, otlp_grpc, run_ok, runtime,
+    trace_id,
 };
 
 const CHROMIUM: &str = "/usr/bin/chromium";
@@ -24,8 +25,8 @@ fn chromium(url: &str, extra: &[&str]) -> String {
         "{CHROMIUM} is missing: `cargo xtask setup` installs Debian's chromium"
     );
     let profile = std::env::temp_dir().join(format!("kspan-chromium-{}", std::process::id()));
-    let out = Command::new("timeout")
-        .args(["-k", "5", "60", CHROMIUM])
+    let mut cmd = Command::new("timeout");
+    cmd.args(["-k", "5", "60", CHROMIUM])
         .args([
             "--headless",
             // Root in CI: Chromium's sandbox refuses to run as root.
@@ -38,15 +39,8 @@ fn chromium(url: &str, extra: &[&str]) -> String {
             &format!("--user-data-dir={}", profile.display()),
         ])
         .args(extra)
-        .arg(url)
-        .output()
-        .expect("running chromium");
-    assert!(
-        out.status.success(),
-        "chromium failed on {url}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .arg(url);
+    String::from_utf8_lossy(&run_ok(cmd)).into_owned()
 }
 
 fn screenshot(url: &str, name: &str) {

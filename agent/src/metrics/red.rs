@@ -355,11 +355,7 @@ impl Red {
         // linked pair, at the client for a virtual node or a data store.
         let mut edges: Vec<(&[&str], u64, u64)> = all
             .iter()
-            .filter(|(f, v, _)| {
-                *f == Family::GraphServer
-                    || (*f == Family::GraphClient
-                        && matches!(v.get(2).copied(), Some("virtual_node" | "database")))
-            })
+            .filter(|(f, v, _)| counted_once(*f, v))
             .map(|(_, v, h)| (&v[..], h.count, h.failed))
             .collect();
         edges.sort();
@@ -411,10 +407,7 @@ impl Red {
                 let [client, server, kind] = labels.as_slice() else {
                     return None;
                 };
-                let counted = family == Family::GraphServer
-                    || (family == Family::GraphClient
-                        && matches!(*kind, "virtual_node" | "database"));
-                counted.then(|| EdgeTotals {
+                counted_once(family, &labels).then(|| EdgeTotals {
                     client: client.to_string(),
                     server: server.to_string(),
                     connection_type: kind.to_string(),
@@ -425,6 +418,14 @@ impl Red {
             })
             .collect()
     }
+}
+
+/// Whether a graph series counts its edge's requests (once per request): at the server for a
+/// linked pair, at the client for a virtual node or a data store.
+fn counted_once(family: Family, labels: &[&str]) -> bool {
+    family == Family::GraphServer
+        || (family == Family::GraphClient
+            && matches!(labels.get(2).copied(), Some("virtual_node" | "database")))
 }
 
 /// `family` as one byte, then each label as its length (u32, little-endian) and bytes.

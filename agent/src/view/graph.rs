@@ -6,6 +6,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use rustc_hash::FxHashMap as HashMap;
 use serde_json::{Value, json};
 
 use crate::metrics::red::{BOUNDS, EdgeTotals};
@@ -44,6 +45,11 @@ impl GraphHistory {
             _ => (*now, &[][..]),
         };
         let seconds = now.duration_since(then).as_secs_f64();
+        // Looked up per edge: up to the series cap of them.
+        let earlier: HashMap<(&str, &str), &EdgeTotals> = earlier
+            .iter()
+            .map(|b| ((b.client.as_str(), b.server.as_str()), b))
+            .collect();
         let mut nodes: BTreeMap<&str, &str> = BTreeMap::new();
         let mut edges = Vec::new();
         for e in latest {
@@ -54,8 +60,8 @@ impl GraphHistory {
             };
             nodes.insert(&e.server, kind);
             let before = earlier
-                .iter()
-                .find(|b| (&b.client, &b.server) == (&e.client, &e.server));
+                .get(&(e.client.as_str(), e.server.as_str()))
+                .copied();
             edges.push(edge_json(e, before, seconds));
         }
         let nodes: Vec<Value> = nodes

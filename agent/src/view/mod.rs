@@ -125,21 +125,12 @@ async fn one_trace(State(v): Shared, Path(id): Path<String>) -> Response {
 }
 
 async fn services(State(v): Shared) -> Response {
-    let names = lock(&v.store)
-        .services()
-        .into_iter()
-        .map(|(s, _)| s)
-        .collect();
+    let names = lock(&v.store).services();
     Json(api::names_json(names)).into_response()
 }
 
 async fn operations(State(v): Shared, Path(service): Path<String>) -> Response {
-    let ops = lock(&v.store)
-        .services()
-        .into_iter()
-        .find(|(s, _)| *s == service)
-        .map(|(_, ops)| ops)
-        .unwrap_or_default();
+    let ops = lock(&v.store).operations(&service);
     Json(api::names_json(ops)).into_response()
 }
 

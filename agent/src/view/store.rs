@@ -13,7 +13,7 @@ use std::{
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
-use crate::trace::span::{SpanKind, SpanRecord};
+use crate::trace::span::{AttrValue, SpanKind, SpanRecord};
 
 /// Bounds of the store.
 #[derive(Clone, Copy, Debug)]
@@ -107,6 +107,7 @@ impl TraceStore {
         StoreStats {
             traces: self.traces.len(),
             bytes: self.bytes,
+            traces_skipped: self.admission.skipped,
             ..self.stats
         }
     }
@@ -145,7 +146,6 @@ impl TraceStore {
     }
 
     fn evict(&mut self) {
-        self.stats.traces_skipped = self.admission.skipped;
         while self.traces.len() > self.limits.traces || self.bytes > self.limits.bytes {
             let Some(id) = self.order.pop_front() else {
                 break;
@@ -172,23 +172,24 @@ impl TraceStore {
             .collect()
     }
 
-    /// Service names and, per service, its span names (sorted).
-    pub fn services(&self) -> Vec<(String, Vec<String>)> {
-        let mut by_service: HashMap<&str, HashSet<&str>> = HashMap::default();
-        for s in self.traces.values().flat_map(|t| &t.spans) {
-            by_service
-                .entry(&s.process.service_name)
-                .or_default()
-                .insert(&s.name);
-        }
-        let mut out: Vec<(String, Vec<String>)> = by_service
-            .into_iter()
-            .map(|(service, ops)| {
-                let mut ops: Vec<String> = ops.into_iter().map(str::to_string).collect();
-                ops.sort();
-                (service.to_string(), ops)
-            })
+    /// Service names of the kept spans, sorted.
+    pub fn services(&self) -> Vec<String> {
+        self.distinct(|s| Some(&s.process.service_name))
+    }
+
+    /// Span names of `service`'s kept spans, sorted.
+    pub fn operations(&self, service: &str) -> Vec<String> {
+        self.distinct(|s| (s.process.service_name == service).then_some(&s.name))
+    }
+
+    fn distinct<'a>(&'a self, pick: impl Fn(&'a SpanRecord) -> Option<&'a String>) -> Vec<String> {
+        let names: HashSet<&String> = self
+            .traces
+            .values()
+            .flat_map(|t| &t.spans)
+            .filter_map(pick)
             .collect();
+        let mut out: Vec<String> = names.into_iter().cloned().collect();
         out.sort();
         out
     }
@@ -230,18 +231,14 @@ fn calls(t: &Trace, s: &SpanRecord, client: Option<&str>, peer: &str) -> bool {
                     .is_some_and(|parent| is_client(&parent.process.service_name))
         }
         SpanKind::Client => {
-            is_client(&s.process.service_name) && {
-                let attr = |k: &str| s.attributes.iter().find(|(n, _)| *n == k).map(|(_, v)| v);
-                match (attr("server.address"), attr("server.port")) {
-                    (Some(a), Some(p)) => {
-                        let a = a.as_str().unwrap_or_default();
-                        peer.strip_prefix(a)
-                            .and_then(|rest| rest.strip_prefix(':'))
-                            .is_some_and(|port| port == p.to_string())
-                    }
+            is_client(&s.process.service_name)
+                && match (s.attr("server.address"), s.attr("server.port")) {
+                    (Some(a), Some(AttrValue::Int(p))) => peer
+                        .strip_prefix(a.as_str().unwrap_or_default())
+                        .and_then(|rest| rest.strip_prefix(':'))
+                        .is_some_and(|port| port.parse() == Ok(*p)),
                     _ => false,
                 }
-            }
         }
     }
 }
@@ -312,7 +309,7 @@ mod tests {
     use std::sync::Arc;
 
     use super::*;
-    use crate::{process::ProcessInfo, trace::span::AttrValue};
+    use crate::process::ProcessInfo;
 
     fn span(trace: u128, id: u64, parent: Option<u64>, service: &str) -> SpanRecord {
         SpanRecord {
@@ -520,11 +517,9 @@ mod tests {
             vec![2]
         );
         let services = store.services();
-        assert_eq!(
-            services[0],
-            ("back".to_string(), vec!["GET /slow".to_string()])
-        );
-        assert_eq!(services[1].0, "front");
+        assert_eq!(services[0], "back");
+        assert_eq!(store.operations("back"), vec!["GET /slow".to_string()]);
+        assert_eq!(services[1], "front");
     }
 
     #[test]
