@@ -40,6 +40,11 @@ pub struct BenchArgs {
     /// results go to target/bench-partial.md.
     #[arg(long = "agent-arg", allow_hyphen_values = true)]
     agent_args: Vec<String>,
+    /// Another kspan binary (an earlier build: `cp target/release/kspan /tmp/kspan-before`)
+    /// run in each pair after this one, as a row of its own: a change measured against the
+    /// code before it in one run. Results go to target/bench-partial.md.
+    #[arg(long)]
+    baseline: Option<PathBuf>,
 }
 
 /// What drives a scenario.
@@ -324,24 +329,35 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
         };
         let mut a_runs = Vec::new();
         let mut b_runs = Vec::new();
+        let mut baseline_runs = Vec::new();
+        let extra: Vec<&str> = sc
+            .agent_args
+            .iter()
+            .copied()
+            .chain(args.agent_args.iter().map(String::as_str))
+            .collect();
+        let with_agent = |bin: &Path| -> anyhow::Result<(Wrk, AgentRun)> {
+            let agent = Agent::start_with(bin, sink.port, &dir, &extra)?;
+            let w = load(&url)?;
+            Ok((w, agent.finish()?))
+        };
         for pair in 0..pairs {
             eprintln!("bench: {} — pair {}/{pairs}", sc.name, pair + 1);
             a_runs.push(load(&url)?);
-            let extra: Vec<&str> = sc
-                .agent_args
-                .iter()
-                .copied()
-                .chain(args.agent_args.iter().map(String::as_str))
-                .collect();
-            let agent = Agent::start_with(kspan, sink.port, &dir, &extra)?;
-            let w = load(&url)?;
-            let run = agent.finish()?;
-            b_runs.push((w, run));
+            b_runs.push(with_agent(kspan)?);
+            if let Some(base) = &args.baseline {
+                baseline_runs.push(with_agent(base)?);
+            }
         }
-        rows.push(summarise(sc, &a_runs, &b_runs));
+        rows.push(summarise(sc.name, sc, &a_runs, &b_runs));
+        if let Some(base) = &args.baseline {
+            let name = format!("{}, baseline `{}`", sc.name, base.display());
+            rows.push(summarise(&name, sc, &a_runs, &baseline_runs));
+        }
     }
 
-    let replay = if !args.only.is_empty() || !args.agent_args.is_empty() {
+    let partial = !args.only.is_empty() || !args.agent_args.is_empty() || args.baseline.is_some();
+    let replay = if partial {
         String::new()
     } else {
         replay_bench(&args, kspan, &dir, front, sink.port)?
@@ -358,7 +374,7 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     let _ = writeln!(report, "Machine: {machine}\n");
     let _ = writeln!(
         report,
-        "A = without kspan, B = with kspan; values are medians over the pairs. kspan's CPU is counted from the moment it is ready (its start-up, parsing BTF and loading the programs, is left out). kspan's RSS: idle is once ready, before the load; peak is the highest during the run (start-up's peak is reset, see /proc/PID/clear_refs); in parentheses, the kernel ring buffer's share (its pages are mapped twice for wrap-around, all of them from start-up, so the 16 MiB default shows as 32 MiB), then idle → peak with the ring buffer counted once, the memory the agent holds. Rows marked \"SDK exporter (reference)\" export through opentelemetry-otlp instead of kspan's encoder.\n"
+        "A = without kspan, B = with kspan; values are medians over the pairs. kspan's CPU is counted from the moment it is ready (its start-up, parsing BTF and loading the programs, is left out). kspan's RSS: idle is once ready, before the load; peak is the highest during the run (start-up's peak is reset, see /proc/PID/clear_refs); in parentheses, the kernel ring buffer's share (its pages are mapped twice for wrap-around, all of them from start-up, so the 16 MiB default shows as 32 MiB), then idle → peak with the ring buffer counted once, the memory the agent holds. Rows marked \"SDK exporter (reference)\" export through opentelemetry-otlp instead of kspan's encoder; rows marked \"baseline\" run another kspan build (`--baseline`) in the same pairs, right after this one.\n"
     );
     let _ = writeln!(
         report,
@@ -371,7 +387,7 @@ pub fn run(args: BenchArgs, kspan: &Path) -> anyhow::Result<()> {
     let _ = writeln!(report, "\n{replay}");
     let out = if args.smoke {
         PathBuf::from("target/bench-smoke.md")
-    } else if !args.only.is_empty() || !args.agent_args.is_empty() {
+    } else if partial {
         PathBuf::from("target/bench-partial.md")
     } else {
         PathBuf::from("BENCHMARKS.md")
@@ -402,7 +418,7 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
-fn summarise(sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
+fn summarise(name: &str, sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
     let m = |f: &dyn Fn(&Wrk) -> f64, runs: &[Wrk]| median(runs.iter().map(f).collect());
     let mo = |f: &dyn Fn(&Wrk) -> Option<f64>, runs: &[Wrk]| {
         runs.iter().map(f).collect::<Option<Vec<f64>>>().map(median)
@@ -439,7 +455,7 @@ fn summarise(sc: &Scenario, a: &[Wrk], b: &[(Wrk, AgentRun)]) -> String {
     };
     format!(
         "| {} | {:.0} | {:.0} | **{:.3}** | {p50} | {p50_ratio} | {p99} | {p99_ratio} | {:.3} | {:.1} → {:.1} MiB ({:.1}; once: {:.1} → {:.1}) | {} | {spans} |",
-        sc.name,
+        name,
         rps_a,
         rps_b,
         rps_b / rps_a.max(1.0),

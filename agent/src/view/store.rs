@@ -174,22 +174,22 @@ impl TraceStore {
 
     /// Service names of the kept spans, sorted.
     pub fn services(&self) -> Vec<String> {
-        self.distinct(|s| Some(&s.process.service_name))
+        self.distinct(|s| Some(s.process.service_name.as_str()))
     }
 
     /// Span names of `service`'s kept spans, sorted.
     pub fn operations(&self, service: &str) -> Vec<String> {
-        self.distinct(|s| (s.process.service_name == service).then_some(&s.name))
+        self.distinct(|s| (s.process.service_name == service).then_some(&*s.name))
     }
 
-    fn distinct<'a>(&'a self, pick: impl Fn(&'a SpanRecord) -> Option<&'a String>) -> Vec<String> {
-        let names: HashSet<&String> = self
+    fn distinct<'a>(&'a self, pick: impl Fn(&'a SpanRecord) -> Option<&'a str>) -> Vec<String> {
+        let names: HashSet<&str> = self
             .traces
             .values()
             .flat_map(|t| &t.spans)
             .filter_map(pick)
             .collect();
-        let mut out: Vec<String> = names.into_iter().cloned().collect();
+        let mut out: Vec<String> = names.into_iter().map(str::to_string).collect();
         out.sort();
         out
     }

@@ -1,10 +1,13 @@
 //! OTLP/protobuf straight from span records: an `ExportTraceServiceRequest` written field by
 //! field, with no intermediate message structs. Each process's resource is encoded once and
 //! its bytes reused; buffers are kept between batches.
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use rustc_hash::FxHashMap as HashMap;
 
 use super::wire::{
-    bytes_field, fixed32_field, fixed64_field, len_field_len, len_prefix, varint_field, varint_len,
+    bytes_field, fixed32_field, fixed64_field, len_field_len, len_prefix, nested, varint_field,
+    varint_len,
 };
 use crate::{
     export::resource,
@@ -30,7 +33,6 @@ pub struct Encoder {
     groups: Vec<(usize, Vec<u8>)>,
     /// Spare span buffers from earlier batches.
     spare: Vec<Vec<u8>>,
-    span: Vec<u8>,
 }
 
 impl Encoder {
@@ -46,11 +48,10 @@ impl Encoder {
         Self {
             host,
             command_line,
-            resources: HashMap::new(),
+            resources: HashMap::default(),
             scope,
             groups: Vec::new(),
             spare: Vec::new(),
-            span: Vec::with_capacity(1024),
         }
     }
 
@@ -58,8 +59,6 @@ impl Encoder {
     pub fn encode(&mut self, spans: &[SpanRecord], out: &mut Vec<u8>) {
         for s in spans {
             let key = self.resource_key(&s.process);
-            self.span.clear();
-            write_span(&mut self.span, s);
             let group = match self.groups.iter().position(|(k, _)| *k == key) {
                 Some(i) => i,
                 None => {
@@ -68,7 +67,7 @@ impl Encoder {
                     self.groups.len() - 1
                 }
             };
-            bytes_field(&mut self.groups[group].1, 2, &self.span);
+            nested(&mut self.groups[group].1, 2, |out| write_span(out, s));
         }
         for (key, mut spans) in self.groups.drain(..) {
             let Some((_, resource)) = self.resources.get(&key) else {

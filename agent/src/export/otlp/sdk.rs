@@ -2,7 +2,6 @@
 //! directly (their ids, parents and times come from the traffic, not from a tracer), and each
 //! batch is split by process so every span carries its own service's resource.
 use std::{
-    borrow::Cow,
     collections::HashMap,
     sync::Arc,
     time::{Duration, UNIX_EPOCH},
@@ -169,7 +168,7 @@ pub fn to_span_data(s: SpanRecord, scope: &InstrumentationScope) -> SpanData {
             SpanKind::Server => OtelKind::Server,
             SpanKind::Client => OtelKind::Client,
         },
-        name: Cow::Owned(s.name),
+        name: s.name,
         start_time: time(s.start_unix_ns),
         end_time: time(s.end_unix_ns),
         attributes: s

@@ -35,6 +35,25 @@ pub fn bytes_field(out: &mut Vec<u8>, field: u32, body: &[u8]) {
     out.extend_from_slice(body);
 }
 
+/// A length-delimited field whose body `write` appends in place, its length filled in after:
+/// no copy of the body when it takes two length bytes (128 to 16,383 bytes, as spans do);
+/// otherwise the body is moved once to fit its length.
+pub fn nested(out: &mut Vec<u8>, field: u32, write: impl FnOnce(&mut Vec<u8>)) {
+    tag(out, field, LEN);
+    let at = out.len();
+    out.extend_from_slice(&[0x80, 0]);
+    write(out);
+    let len = out.len() - at - 2;
+    if varint_len(len as u64) == 2 {
+        out[at] = len as u8 | 0x80;
+        out[at + 1] = (len >> 7) as u8;
+    } else {
+        let mut prefix = Vec::with_capacity(10);
+        varint(&mut prefix, len as u64);
+        out.splice(at..at + 2, prefix);
+    }
+}
+
 /// The tag and length of a length-delimited field whose `len` bytes the caller writes next.
 pub fn len_prefix(out: &mut Vec<u8>, field: u32, len: usize) {
     tag(out, field, LEN);
@@ -190,6 +209,18 @@ mod tests {
             varint(&mut out, v);
             assert_eq!(out.len(), varint_len(v), "{v}");
             assert_eq!(read_varint(&mut out.as_slice()), Ok(v));
+        }
+    }
+
+    #[test]
+    fn nested_fields_equal_those_written_whole() {
+        for len in [0, 1, 127, 128, 300, 16_383, 16_384, 70_000] {
+            let body: Vec<u8> = (0..len).map(|i| i as u8).collect();
+            let mut whole = vec![9];
+            bytes_field(&mut whole, 2, &body);
+            let mut in_place = vec![9];
+            nested(&mut in_place, 2, |out| out.extend_from_slice(&body));
+            assert_eq!(in_place, whole, "{len}");
         }
     }
 

@@ -23,7 +23,7 @@ fn corpus_spans_map_one_to_one() {
             z["parentId"].as_str(),
             s.parent_span_id.map(|p| format!("{p:016x}")).as_deref()
         );
-        assert_eq!(z["name"], s.name.as_str());
+        assert_eq!(z["name"], &*s.name);
         assert_eq!(z["timestamp"], s.start_unix_ns / 1000);
         assert_eq!(
             z["localEndpoint"]["serviceName"],
@@ -62,7 +62,7 @@ fn b3_trace_ids_keep_their_width_and_text_is_escaped() {
     s.end_unix_ns = s.start_unix_ns;
     let z = &json(std::slice::from_ref(&s))[0];
     assert_eq!(z["traceId"], "463ac35c9f6413ad");
-    assert_eq!(z["name"], s.name.as_str());
+    assert_eq!(z["name"], &*s.name);
     assert_eq!(z["duration"], 1, "Zipkin reads 0 as unknown");
     s.trace_id = 0x1_0000_0000_0000_0000;
     let z = &json(std::slice::from_ref(&s))[0];

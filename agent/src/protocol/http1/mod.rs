@@ -4,9 +4,10 @@
 //! that were not captured are fine inside bodies (they are counted, not parsed); inside a head
 //! they break framing, and the direction resynchronises at the next chunk that starts like a
 //! message. Only the headers spans need are kept, so decoding allocates little.
-use std::{collections::VecDeque, mem::MaybeUninit};
+use std::{borrow::Cow, collections::VecDeque, mem::MaybeUninit};
 
 pub mod exchanges;
+mod response;
 
 /// Longest head we buffer before declaring the stream garbage.
 const MAX_HEAD: usize = 64 * 1024;
@@ -49,6 +50,11 @@ impl Headers {
         }
     }
 
+    /// Keeps `value` under `kept`, a name [`kept_name`] gave.
+    pub fn insert_kept(&mut self, kept: &'static str, value: String) {
+        self.0.push((kept, value));
+    }
+
     /// Moves a header's value out (the span keeps it; no copy).
     pub fn take(&mut self, name: &str) -> Option<String> {
         let i = self.0.iter().position(|(n, _)| *n == name)?;
@@ -60,9 +66,23 @@ impl Headers {
     }
 }
 
+/// Text that is most often one of a few fixed words (a method, a span name).
+pub type Text = Cow<'static, str>;
+
+/// A request method as [`Text`]: the standard ones are fixed words, not copied per request.
+pub fn method_text(m: &str) -> Text {
+    const KNOWN: [&str; 9] = [
+        "GET", "POST", "PUT", "DELETE", "HEAD", "PATCH", "OPTIONS", "CONNECT", "TRACE",
+    ];
+    match KNOWN.iter().find(|k| **k == m) {
+        Some(k) => Cow::Borrowed(k),
+        None => Cow::Owned(m.to_string()),
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RequestHead {
-    pub method: String,
+    pub method: Text,
     pub target: String,
     /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
     pub version: u8,
@@ -409,18 +429,19 @@ impl Decoder {
         awaiting: &mut VecDeque<bool>,
         out: &mut Vec<Message>,
     ) -> Result<Option<usize>, ()> {
-        // Left uninitialised: zeroing 96 headers cost more than parsing a typical head.
-        let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
         if self.requests {
+            // Left uninitialised: zeroing 96 headers cost more than parsing a typical head.
+            let mut raw = [const { MaybeUninit::<httparse::Header<'_>>::uninit() }; MAX_HEADERS];
             let mut req = httparse::Request::new(&mut []);
             let n = match req.parse_with_uninit_headers(buf, &mut raw) {
                 Ok(httparse::Status::Complete(n)) => n,
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(_) => return Err(()),
             };
-            let mut headers = Headers::default();
+            // Room for the usual few kept headers (Host, User-Agent, a B3 header or two).
+            let mut headers = Headers(Vec::with_capacity(4));
             let framing = collect(req.headers, &mut headers, self.captured)?;
-            let method = req.method.ok_or(())?.to_string();
+            let method = method_text(req.method.ok_or(())?);
             let body = match framing {
                 Framing::Chunked => Body::Chunked(Chunk::Size {
                     value: 0,
@@ -442,17 +463,15 @@ impl Decoder {
             self.state = State::Body { body, len: 0 };
             Ok(Some(n))
         } else {
-            let mut resp = httparse::Response::new(&mut []);
-            let n = match httparse::ParserConfig::default()
-                .parse_response_with_uninit_headers(&mut resp, buf, &mut raw)
-            {
-                Ok(httparse::Status::Complete(n)) => n,
-                Ok(httparse::Status::Partial) => return Ok(None),
-                Err(_) => return Err(()),
+            let Some(response::Head {
+                len: n,
+                version,
+                status,
+                framing,
+            }) = response::scan(buf)?
+            else {
+                return Ok(None);
             };
-            let status = resp.code.ok_or(())?;
-            let version = resp.version.ok_or(())?;
-            let framing = framing(resp.headers)?;
             if status == 101 {
                 awaiting.pop_front();
                 out.push(Message::Upgraded);
@@ -489,10 +508,50 @@ impl Decoder {
     }
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Framing {
     None,
     Length(u64),
     Chunked,
+}
+
+impl Framing {
+    /// Takes in one header (RFC 9112 §6: chunked wins over a length).
+    fn read(&mut self, name: &[u8], value: &[u8]) -> Result<(), ()> {
+        if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            self.transfer_encoding(value);
+        } else if name.eq_ignore_ascii_case(b"content-length") {
+            self.content_length(value)?;
+        }
+        Ok(())
+    }
+
+    fn transfer_encoding(&mut self, value: &[u8]) {
+        let value = value.trim_ascii_end();
+        let tail = value.len().saturating_sub(b"chunked".len());
+        if value[tail..].eq_ignore_ascii_case(b"chunked") {
+            *self = Framing::Chunked;
+        }
+    }
+
+    fn content_length(&mut self, value: &[u8]) -> Result<(), ()> {
+        if *self != Framing::Chunked {
+            *self = Framing::Length(decimal(value.trim_ascii()).ok_or(())?);
+        }
+        Ok(())
+    }
+}
+
+/// A Content-Length: digits only (RFC 9110 §8.6), at most `u64::MAX`.
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then_some(())
+            .and_then(|()| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    })
 }
 
 /// The kept name `name` matches, case-insensitively: one of [`KEPT`] or of `captured`.
@@ -507,18 +566,7 @@ pub(crate) fn kept_name(name: &str, captured: &'static [&'static str]) -> Option
 fn framing(raw: &[httparse::Header<'_>]) -> Result<Framing, ()> {
     let mut framing = Framing::None;
     for h in raw {
-        if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            let value = h.value.trim_ascii_end();
-            let tail = value.len().saturating_sub(b"chunked".len());
-            if value[tail..].eq_ignore_ascii_case(b"chunked") {
-                framing = Framing::Chunked;
-            }
-        } else if h.name.eq_ignore_ascii_case("content-length")
-            && !matches!(framing, Framing::Chunked)
-        {
-            let value = std::str::from_utf8(h.value).map_err(|_| ())?.trim();
-            framing = Framing::Length(value.parse().map_err(|_| ())?);
-        }
+        framing.read(h.name.as_bytes(), h.value)?;
     }
     Ok(framing)
 }
@@ -679,7 +727,7 @@ mod tests {
         );
         let h = req_head(&out[0]);
         assert_eq!(
-            (h.method.as_str(), h.target.as_str(), h.start_ns),
+            (&*h.method, h.target.as_str(), h.start_ns),
             ("GET", "/a?x=1", 10)
         );
         assert_eq!(h.headers.get("host"), Some("svc"));
@@ -897,6 +945,23 @@ mod tests {
             vec![Message::Upgraded]
         );
         assert!(feed(&mut c, false, b"HTTP/1.1 200 OK\r\n\r\n", 2).is_empty());
+    }
+
+    #[test]
+    fn content_lengths_are_digits_only() {
+        assert_eq!(decimal(b"0"), Some(0));
+        assert_eq!(decimal(b"615"), Some(615));
+        assert_eq!(decimal(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-5",
+            b"5 5",
+            b"0x10",
+            b"18446744073709551616",
+        ] {
+            assert_eq!(decimal(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

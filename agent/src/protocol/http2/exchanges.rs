@@ -7,7 +7,7 @@ use crate::{
     capture::event::{Direction, Role},
     protocol::{
         Call, Decoder, Out, Outcome, Segment, Step,
-        http1::{Headers, RequestHead},
+        http1::{Headers, RequestHead, Text, method_text},
     },
 };
 
@@ -27,7 +27,6 @@ pub struct Exchanges {
     /// directions are decoded with egress standing in for "client", and this records whether
     /// that must be flipped once a request header block shows which side asks (`None` until).
     flip: Option<bool>,
-    captured: &'static [&'static str],
     gone: bool,
 }
 
@@ -39,7 +38,6 @@ impl Exchanges {
             streams: HashMap::default(),
             messages: Vec::new(),
             flip: (!joined_late).then_some(false),
-            captured,
             gone: false,
         }
     }
@@ -76,7 +74,7 @@ impl Exchanges {
                         from_client: egress,
                         fields,
                         ..
-                    } if fields.iter().any(|(n, _)| n == ":method") => {
+                    } if fields.iter().any(|(n, _)| *n == ":method") => {
                         out.push(Step::Role(if *egress {
                             Role::Client
                         } else {
@@ -119,7 +117,7 @@ impl Exchanges {
                     }
                     return;
                 }
-                let call = Call::Http(request_head(fields, start_ns, self.captured));
+                let call = Call::Http(request_head(fields, start_ns));
                 out.push(Step::Begin { id, call, partial });
                 if end_stream {
                     out.push(Step::RequestDone { id, body: 0 });
@@ -228,7 +226,7 @@ impl Exchanges {
     fn response_headers(
         &mut self,
         stream: u32,
-        fields: &[(String, String)],
+        fields: &[(&'static str, String)],
         end_stream: bool,
         partial: bool,
         ts_ns: u64,
@@ -241,7 +239,7 @@ impl Exchanges {
         let value = |name: &str| {
             fields
                 .iter()
-                .find(|(n, _)| n == name)
+                .find(|(n, _)| *n == name)
                 .map(|(_, v)| v.as_str())
         };
         if !s.status_seen {
@@ -324,24 +322,22 @@ impl Decoder for Exchanges {
 }
 
 /// An HTTP/2 request's header block as a request head (version 2).
-fn request_head(
-    fields: Vec<(String, String)>,
-    start_ns: u64,
-    captured: &'static [&'static str],
-) -> RequestHead {
+fn request_head(fields: Vec<(&'static str, String)>, start_ns: u64) -> RequestHead {
     let mut head = RequestHead {
-        method: String::new(),
+        method: Text::default(),
         target: String::new(),
         version: 2,
         headers: Headers::default(),
         start_ns,
     };
     for (name, value) in fields {
-        match name.as_str() {
-            ":method" => head.method = value,
+        match name {
+            ":method" => head.method = method_text(&value),
             ":path" => head.target = value,
-            ":authority" => head.headers.insert("host", &value),
-            _ => head.headers.insert_with(&name, &value, captured),
+            ":authority" => head.headers.insert_kept("host", value),
+            ":status" | "grpc-status" => {}
+            // What else the decoder kept are the request headers HTTP/1 keeps.
+            _ => head.headers.insert_kept(name, value),
         }
     }
     head

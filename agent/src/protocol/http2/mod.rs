@@ -61,8 +61,9 @@ pub enum Message {
     Headers {
         from_client: bool,
         stream: u32,
-        /// Fields that could be decoded; references we cannot resolve are left out.
-        fields: Vec<(String, String)>,
+        /// Fields that could be decoded and are read (see `wanted`); references we cannot
+        /// resolve are left out.
+        fields: Vec<(&'static str, String)>,
         end_stream: bool,
         /// Some fields could not be decoded (joined late, or an earlier block was lost).
         partial: bool,
@@ -434,17 +435,19 @@ impl Side {
         let Some((stream, end_stream, block, start_ns, lost)) = self.block.take() else {
             return;
         };
-        let (mut fields, mut partial) = (Vec::new(), false);
+        let (mut fields, mut partial) = (Vec::with_capacity(8), false);
         let captured = self.captured;
         let decoded = !lost
             && self
                 .hpack
                 .decode_with(&block, |f| match f {
-                    // Only what spans read is copied out of the tables.
-                    Some((n, v)) if wanted(n, captured) => {
-                        fields.push((n.to_string(), v.to_string()))
+                    // Only what spans read is copied out of the tables, and only the value:
+                    // a name copied per field was a third of HTTP/2's allocations.
+                    Some((n, v)) => {
+                        if let Some(name) = wanted(n, captured) {
+                            fields.push((name, v.to_string()));
+                        }
                     }
-                    Some(_) => {}
                     None => partial = true,
                 })
                 .is_ok();
@@ -475,10 +478,14 @@ impl Side {
     }
 }
 
-/// Fields the exchanges read: pseudo-headers, the gRPC status, and the request headers HTTP/1
-/// keeps too.
-fn wanted(name: &str, captured: &'static [&'static str]) -> bool {
-    name.starts_with(':') || name == "grpc-status" || http1::kept_name(name, captured).is_some()
+/// Fields the exchanges read, by their names: the pseudo-headers of method, path, authority
+/// and status, the gRPC status, and the request headers HTTP/1 keeps too.
+fn wanted(name: &str, captured: &'static [&'static str]) -> Option<&'static str> {
+    const READ: [&str; 5] = [":method", ":path", ":authority", ":status", "grpc-status"];
+    READ.iter()
+        .find(|r| **r == name)
+        .copied()
+        .or_else(|| http1::kept_name(name, captured))
 }
 
 /// Frame builders shared by this crate's tests.
@@ -555,9 +562,9 @@ mod tests {
                 partial: false,
                 ..
             } => {
-                assert!(fields.contains(&(":path".into(), "/helloworld.G/SayHi".into())));
-                assert!(fields.contains(&("content-type".into(), "application/grpc".into())));
-                assert!(fields.contains(&(":method".into(), "POST".into())));
+                assert!(fields.contains(&(":path", "/helloworld.G/SayHi".into())));
+                assert!(fields.contains(&("content-type", "application/grpc".into())));
+                assert!(fields.contains(&(":method", "POST".into())));
             }
             other => panic!("{other:?}"),
         }
@@ -582,7 +589,7 @@ mod tests {
         server.extend(frame(GOAWAY, 0, 0, &[0, 0, 0, 1, 0, 0, 0, 0]));
         let out = feed(&mut c, false, &server);
         assert!(
-            matches!(&out[0], Message::Headers { fields, end_stream: false, .. } if fields[0] == (":status".into(), "200".into()))
+            matches!(&out[0], Message::Headers { fields, end_stream: false, .. } if fields[0] == (":status", "200".into()))
         );
         assert_eq!(
             out[1],
@@ -594,7 +601,7 @@ mod tests {
             }
         );
         assert!(
-            matches!(&out[2], Message::Headers { fields, end_stream: true, .. } if fields[0] == ("grpc-status".into(), "0".into()))
+            matches!(&out[2], Message::Headers { fields, end_stream: true, .. } if fields[0] == ("grpc-status", "0".into()))
         );
         assert_eq!(out[3], Message::Reset { stream: 3, code: 8 });
         assert_eq!(
@@ -652,7 +659,7 @@ mod tests {
             &frame(HEADERS, END_HEADERS, 11, &[0xbe, 0x88]),
         );
         assert!(
-            matches!(&out[0], Message::Headers { partial: true, fields, .. } if fields == &[(":status".to_string(), "200".to_string())])
+            matches!(&out[0], Message::Headers { partial: true, fields, .. } if fields == &[(":status", "200".to_string())])
         );
     }
 
@@ -731,7 +738,7 @@ mod recognition_tests {
         assert_eq!(out.len(), 1, "{out:?}");
         assert!(
             matches!(&out[0], Message::Headers { stream: 1, fields, partial: false, .. }
-            if fields == &[(":status".to_string(), "200".to_string()), ("b3".to_string(), "v".to_string())])
+            if fields == &[(":status", "200".to_string()), ("b3", "v".to_string())])
         );
     }
 }
