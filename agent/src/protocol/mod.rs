@@ -23,6 +23,19 @@ use crate::{
     pipeline::PipelineStats,
 };
 
+/// Decimal digits and nothing else (no sign, no space) as a number; `None` when empty or
+/// beyond `u64::MAX`. Read from the bytes, without first checking they are UTF-8.
+pub fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        d.is_ascii_digit()
+            .then_some(())
+            .and_then(|()| n.checked_mul(10)?.checked_add(u64::from(d - b'0')))
+    })
+}
+
 /// Requests awaiting their replies on one connection. Beyond it (a client streaming commands
 /// whose replies were lost, say) the connection's exchanges are abandoned, counted, and
 /// decoding resynchronises: memory stays bounded.
@@ -177,4 +190,27 @@ pub trait Decoder: Send {
     /// The socket is gone: finish what its close delimits; what is still open is then ended
     /// as unanswered by the pipeline.
     fn close(&mut self, ts_ns: u64, out: &mut Out<'_>);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::decimal;
+
+    #[test]
+    fn decimals_are_digits_only() {
+        assert_eq!(decimal(b"0"), Some(0));
+        assert_eq!(decimal(b"615"), Some(615));
+        assert_eq!(decimal(b"008080"), Some(8080));
+        assert_eq!(decimal(b"18446744073709551615"), Some(u64::MAX));
+        for bad in [
+            &b""[..],
+            b"+5",
+            b"-5",
+            b"5 5",
+            b"0x10",
+            b"18446744073709551616",
+        ] {
+            assert_eq!(decimal(bad), None, "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
 }

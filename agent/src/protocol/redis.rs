@@ -428,16 +428,7 @@ fn number(text: &[u8]) -> Option<i64> {
         Some((b'+', d)) => (false, d),
         _ => (false, text),
     };
-    if digits.is_empty() {
-        return None;
-    }
-    let mut n: i64 = 0;
-    for &c in digits {
-        if !c.is_ascii_digit() {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add(i64::from(c - b'0'))?;
-    }
+    let n = i64::try_from(super::decimal(digits)?).ok()?;
     Some(if negative { -n } else { n })
 }
 

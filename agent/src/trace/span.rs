@@ -348,17 +348,7 @@ fn split_host(host: &str) -> (&str, Option<u16>) {
 
 /// A decimal port; `None` for anything else (as `str::parse::<u16>` but without its sign).
 fn port(digits: &[u8]) -> Option<u16> {
-    if digits.is_empty() {
-        return None;
-    }
-    let mut n: u16 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        n = n.checked_mul(10)?.checked_add(u16::from(d - b'0'))?;
-    }
-    Some(n)
+    u16::try_from(crate::protocol::decimal(digits)?).ok()
 }
 
 impl HttpExchange {

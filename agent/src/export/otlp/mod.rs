@@ -7,7 +7,7 @@ pub mod sdk;
 pub mod transport;
 pub mod wire;
 
-use std::{io::Write as _, time::Duration};
+use std::{borrow::Cow, io::Write as _, time::Duration};
 
 use bytes::Bytes;
 
@@ -93,7 +93,7 @@ impl OtlpSink {
         spans: usize,
     ) -> Result<Delivered, OtlpError> {
         match self {
-            OtlpSink::Direct(d) => d.send(Body::Owned(body), spans).await,
+            OtlpSink::Direct(d) => d.send(Cow::Owned(body), spans).await,
             OtlpSink::Sdk(_) => Err(OtlpError::Export(
                 "the reference exporter takes span records, not encoded requests".into(),
             )),
@@ -123,20 +123,20 @@ impl Direct {
         let mut body = std::mem::take(&mut self.body);
         body.clear();
         self.encoder.encode(spans, &mut body);
-        let delivered = self.send(Body::Borrowed(&body), spans.len()).await;
+        let delivered = self.send(Cow::Borrowed(&body), spans.len()).await;
         self.body = body;
         delivered
     }
 
     /// Sends an encoded request of `n` spans, with the retry rules.
-    async fn send(&self, body: Body<'_>, n: usize) -> Result<Delivered, OtlpError> {
+    /// `body` is the exporter's reused buffer, or a queued batch it may keep.
+    async fn send(&self, body: Cow<'_, [u8]>, n: usize) -> Result<Delivered, OtlpError> {
         let body = match body {
-            Body::Borrowed(b) if self.transport.wants_gzip_body() => gzip(b)?,
-            Body::Owned(b) if self.transport.wants_gzip_body() => gzip(&b)?,
-            Body::Borrowed(b) => Bytes::copy_from_slice(b),
+            b if self.transport.wants_gzip_body() => gzip(&b)?,
+            Cow::Borrowed(b) => Bytes::copy_from_slice(b),
             // The queue's batches are handed over as they are: a copy per batch was 1% of
             // the agent's CPU at keep-alive saturation.
-            Body::Owned(b) => Bytes::from(b),
+            Cow::Owned(b) => Bytes::from(b),
         };
         let (transport, timeout) = (&self.transport, self.timeout);
         let response = retry::run(|| transport.send(body.clone(), timeout))
@@ -159,12 +159,6 @@ impl Direct {
         };
         Ok(Delivered { sent: n, rejected })
     }
-}
-
-/// A request body: the exporter's reused buffer, or a queued batch it may keep.
-enum Body<'a> {
-    Borrowed(&'a [u8]),
-    Owned(Vec<u8>),
 }
 
 /// The extra CA certificate (PEM) the configuration names, read once per exporter.

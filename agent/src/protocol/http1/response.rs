@@ -91,16 +91,10 @@ fn status_line(buf: &[u8]) -> Result<Option<(u8, u16, usize)>, ()> {
         b'1' => 1,
         _ => return Err(()),
     };
-    let mut status = 0u16;
-    for &d in &line[9..12] {
-        if !d.is_ascii_digit() {
-            return Err(());
-        }
-        status = status * 10 + u16::from(d - b'0');
-    }
-    if status < 100 {
-        return Err(());
-    }
+    let status = crate::protocol::decimal(&line[9..12])
+        .filter(|s| *s >= 100)
+        .and_then(|s| u16::try_from(s).ok())
+        .ok_or(())?;
     Ok(Some((version, status, nl + 1)))
 }
 
