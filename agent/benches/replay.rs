@@ -28,7 +28,7 @@ use prost::Message as _;
 
 // Same allocator as the agent binary, so the numbers transfer.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: kspan::allocator::MiMalloc = kspan::allocator::MiMalloc;
 
 fn thread_cpu() -> Duration {
     let mut ts = libc::timespec {

@@ -4,6 +4,7 @@
 //! recordings), `conn` + `protocol` (byte streams to messages), `trace` (messages to linked
 //! spans), `export` (spans out), with `pipeline` joining the pure stages; `view` keeps recent
 //! traces for the built-in viewer that `endpoint` serves.
+pub mod allocator;
 pub mod capture;
 pub mod config;
 pub mod conn;

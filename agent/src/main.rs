@@ -29,7 +29,7 @@ use kspan::{
 // The pipeline allocates per message and span; glibc's allocator showed up as a third of the
 // agent's CPU profile under load.
 #[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOC: kspan::allocator::MiMalloc = kspan::allocator::MiMalloc;
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();

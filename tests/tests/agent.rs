@@ -82,10 +82,11 @@ fn bad_configuration_is_one_clear_error() {
     }
 }
 
-/// SIGTERM must flush spans still lingering; `--port` keeps only matching connections; the
-/// OTLP/HTTP (protobuf) exporter delivers to a spec-conforming receiver.
+/// `--port` keeps only matching connections; a pair whose two ends this agent saw finish
+/// leaves at once, not after the linger; the OTLP/HTTP (protobuf) exporter delivers to a
+/// spec-conforming receiver.
 #[test]
-fn sigterm_flushes_filtered_spans_over_otlp_http() {
+fn finished_pairs_leave_at_once_filtered_by_port_over_otlp_http() {
     assert_root();
     let rt = runtime();
     let (collector, spans) = http_collector(&rt);
@@ -94,7 +95,7 @@ fn sigterm_flushes_filtered_spans_over_otlp_http() {
     let port = front.port.to_string();
     let agent = Agent::start(
         "kspan-http",
-        // A linger far longer than the test: only the shutdown flush can deliver these spans.
+        // A linger far longer than the test: only a pair's leaving at once delivers in time.
         &["--linger-ms", "60000", "--port", &port],
         &[
             (
@@ -104,25 +105,14 @@ fn sigterm_flushes_filtered_spans_over_otlp_http() {
             ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
         ],
     );
-    let path = unique_path("flush");
+    let path = unique_path("pair");
     let t = trace_id(9);
     curl(&[
         "-H",
         &format!("b3: {t:032x}-000000000000f100-1"),
         &format!("http://127.0.0.1:{port}{path}"),
     ]);
-    std::thread::sleep(Duration::from_millis(500));
-    assert!(
-        spans.all().iter().all(|g| g.trace_id != t),
-        "spans wait out the linger before SIGTERM"
-    );
-    let status = agent.terminate();
-    assert!(status.success(), "clean exit on SIGTERM: {status}");
-    let got: Vec<_> = spans
-        .all()
-        .into_iter()
-        .filter(|g| g.trace_id == t)
-        .collect();
+    let got = spans.wait_trace(t, 2, 15);
     let mut seen: Vec<(&str, &str)> = got.iter().map(|g| (g.kind, g.service())).collect();
     seen.sort();
     assert_eq!(
@@ -151,6 +141,62 @@ fn sigterm_flushes_filtered_spans_over_otlp_http() {
             "{opt_in} is opt-in: {got:#?}"
         );
     }
+    let status = agent.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    drop(rt);
+}
+
+/// SIGTERM must flush spans still lingering: here the frontend's, whose other ends are not
+/// traced (`--pid`), so they wait for a pairing that never comes.
+#[test]
+fn sigterm_flushes_lingering_spans() {
+    assert_root();
+    let rt = runtime();
+    let (collector, spans) = http_collector(&rt);
+    let back = PyService::start("backend", None);
+    let front = PyService::start("frontend", Some(back.port));
+    let pid = front.proc.pid().to_string();
+    let agent = Agent::start(
+        "kspan-sigterm",
+        // A linger far longer than the test: only the shutdown flush can deliver these spans.
+        &["--linger-ms", "60000", "--pid", &pid],
+        &[
+            (
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+                format!("http://{collector}/v1/traces"),
+            ),
+            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+        ],
+    );
+    let t = trace_id(10);
+    curl(&[
+        "-H",
+        &format!("b3: {t:032x}-000000000000f200-1"),
+        &format!("http://127.0.0.1:{}{}", front.port, unique_path("flush")),
+    ]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        spans.all().iter().all(|g| g.trace_id != t),
+        "spans wait out the linger before SIGTERM"
+    );
+    let status = agent.terminate();
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+    let got: Vec<_> = spans
+        .all()
+        .into_iter()
+        .filter(|g| g.trace_id == t)
+        .collect();
+    let mut seen: Vec<(&str, &str)> = got.iter().map(|g| (g.kind, g.service())).collect();
+    seen.sort();
+    assert_eq!(
+        seen,
+        [("CLIENT", "frontend"), ("SERVER", "frontend")],
+        "the frontend's spans only: {got:#?}"
+    );
+    let server = got.iter().find(|g| g.kind == "SERVER").unwrap();
+    let call = got.iter().find(|g| g.kind == "CLIENT").unwrap();
+    assert_eq!(server.parent, Some(0xf200));
+    assert_eq!(call.parent, Some(server.span_id));
     drop(rt);
 }
 

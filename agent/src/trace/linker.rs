@@ -15,8 +15,13 @@
 //! The kernel reports each process's syscalls when they return, so across processes events can
 //! arrive slightly out of causal order: either side of rule 3 may be seen first, and a parent
 //! may appear to end microseconds before its child. Finished spans therefore linger briefly
-//! before export, and a CLIENT span is stretched to cover its linked SERVER child.
-use std::{collections::VecDeque, net::SocketAddr, sync::Arc};
+//! before export, and a CLIENT span is stretched to cover its linked SERVER child; a pair whose
+//! ends have both finished in a trace that can no longer change leaves at once.
+use std::{
+    collections::VecDeque,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
 
 use rustc_hash::{FxHashMap as HashMap, FxHashSet as HashSet};
 
@@ -36,11 +41,13 @@ use crate::{
     protocol::{Call, Outcome},
 };
 
-/// Identifies one request on one TCP connection from either end.
+/// Identifies one request on one TCP connection from either end. The ends are plain integers:
+/// hashing the `SocketAddr`s themselves (enums, read back at other widths than they had been
+/// written) stalled on store forwarding, ~3% of the agent's time at line rate.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 struct LinkKey {
-    client: SocketAddr,
-    server: SocketAddr,
+    client: (u128, u16),
+    server: (u128, u16),
     /// Loopback addresses repeat in every network namespace; others are unique as they are.
     netns: u32,
     seq: u64,
@@ -50,12 +57,21 @@ impl LinkKey {
     fn new(client: SocketAddr, server: SocketAddr, netns: u32, seq: u64) -> Self {
         let netns = if client.ip().is_loopback() { netns } else { 0 };
         Self {
-            client,
-            server,
+            client: wide(client),
+            server: wide(server),
             netns,
             seq,
         }
     }
+}
+
+/// An address and port as integers, IPv4 in its IPv4-mapped IPv6 form.
+fn wide(a: SocketAddr) -> (u128, u16) {
+    let ip = match a.ip() {
+        IpAddr::V4(v) => u128::from(v.to_ipv6_mapped()),
+        IpAddr::V6(v) => u128::from(v),
+    };
+    (ip, a.port())
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -110,6 +126,8 @@ struct Open {
     ambiguous: bool,
     /// Rule 3 may pair it with the other end of its connection (it has a link key).
     linkable: bool,
+    /// Finished and lingering: its entry's place in the order of all entries ever lingering.
+    linger_slot: Option<u64>,
 }
 
 /// Which open SERVER span made an outgoing call (rule 2).
@@ -151,8 +169,11 @@ pub struct Tracer {
     goroutines: Goroutines,
     clients_by_key: HashMap<LinkKey, (u64, u64)>,
     waiting_servers: HashMap<LinkKey, (u64, u64)>,
-    /// Finished spans waiting out the linger: (ready at, id, bytes held).
+    /// Finished spans waiting out the linger: (ready at, id, bytes held); id 0 for a span
+    /// that left early (see [`Tracer::unlinger`]).
     lingering: VecDeque<(u64, u64, usize)>,
+    /// Entries taken from `lingering` so far: a span's `linger_slot` less it is its index.
+    lingering_taken: u64,
     /// Finished spans nothing can change any more (see [`Tracer::settled`]): they leave at
     /// the next flush instead of lingering.
     ready: VecDeque<u64>,
@@ -206,6 +227,9 @@ const LINK_TTL_NS: u64 = 10_000_000_000;
 const LINK_SWEEP_NS: u64 = 1_000_000_000;
 const MAX_LINK_ENTRIES: usize = 65_536;
 
+/// Spans a trace correction walks at most (and ancestors a finality check climbs).
+const MAX_PASS_DOWN: usize = 1024;
+
 /// What a lingering span holds beyond its fields and strings, counted against
 /// `--linger-mb` so that the bound is one of memory: its entries in the span, link and linger
 /// tables, the allocator's size-class rounding, and what churn leaves unused in the
@@ -258,6 +282,7 @@ impl Tracer {
             clients_by_key: HashMap::default(),
             waiting_servers: HashMap::default(),
             lingering: VecDeque::new(),
+            lingering_taken: 0,
             ready: VecDeque::new(),
             lingering_bytes: 0,
             max_linger_bytes,
@@ -347,6 +372,7 @@ impl Tracer {
             peer_process: None,
             ambiguous: false,
             linkable: r.endpoints.is_some() && r.seq.is_some(),
+            linger_slot: None,
         };
         match r.kind {
             SpanKind::Server => {
@@ -546,19 +572,45 @@ impl Tracer {
 
     /// A finished span that no later event can change, so it need not linger: a CLIENT span
     /// that rule 3 cannot pair (a data-store call whose server side is not decoded) and whose
-    /// trace is final: no parent here, or a SERVER parent already paired or unpairable (a
-    /// later pairing of the parent would hand its children the corrected trace).
+    /// trace is final ([`Tracer::trace_final`]).
     fn settled(&self, id: u64) -> bool {
-        let Some(s) = self.spans.get(&id) else {
+        self.spans
+            .get(&id)
+            .is_some_and(|s| s.kind == SpanKind::Client && !s.linkable && self.trace_final(s))
+    }
+
+    /// Both ends of a rule-3 pair have finished in a trace that is final: no later event
+    /// changes either (the client is stretched over its server when it leaves, first).
+    fn pair_settled(&self, client: u64, server: u64) -> bool {
+        let (Some(c), Some(s)) = (self.spans.get(&client), self.spans.get(&server)) else {
             return false;
         };
-        if s.kind != SpanKind::Client || s.linkable {
-            return false;
+        c.linked_server == Some(server)
+            && s.parent == Some(client)
+            && c.end_ns.is_some()
+            && s.end_ns.is_some()
+            && self.trace_final(c)
+    }
+
+    /// A CLIENT span's trace can no longer change: it has no parent here, or a SERVER parent
+    /// that is unpairable or paired with a caller whose own trace is final (a later pairing
+    /// above would hand the corrected trace down, [`Tracer::pass_down`]).
+    fn trace_final(&self, client: &Open) -> bool {
+        let mut c = client;
+        for _ in 0..MAX_PASS_DOWN {
+            let Some(p) = c.parent.and_then(|p| self.spans.get(&p)) else {
+                return true;
+            };
+            if p.kind != SpanKind::Server || (p.linkable && p.peer_process.is_none()) {
+                return false;
+            }
+            // Paired, so its trace is its caller's: final when the caller's is.
+            match p.parent.and_then(|x| self.spans.get(&x)) {
+                Some(caller) if p.linkable && caller.kind == SpanKind::Client => c = caller,
+                _ => return true,
+            }
         }
-        match s.parent.and_then(|p| self.spans.get(&p)) {
-            None => true,
-            Some(p) => p.kind == SpanKind::Server && (!p.linkable || p.peer_process.is_some()),
-        }
+        false
     }
 
     /// Rule 3: `server` is the far end of `client`.
@@ -579,20 +631,47 @@ impl Tracer {
         if explicit || !s.explicit_sampling {
             s.sampling = sampling;
         }
-        let (children, sampling) = (s.children.clone(), s.sampling);
-        // Outgoing calls made before the link was known inherit the corrected trace.
-        for child in children {
-            if let Some(ch) = self.spans.get_mut(&child) {
-                ch.trace_id = trace_id;
-                if !ch.explicit_sampling {
-                    ch.sampling = sampling;
-                }
-            }
-        }
+        self.pass_down(server, trace_id);
         if let Some(c) = self.spans.get_mut(&client) {
             c.peer_process = Some(server_process);
         }
         self.stats.links_same_agent += 1;
+    }
+
+    /// Outgoing calls a SERVER span made before its trace was corrected inherit the trace,
+    /// and so do the servers those calls reached (rule 3), and their calls, down the tree.
+    fn pass_down(&mut self, server: u64, trace_id: u128) {
+        let (mut at, mut pending) = (Some(server), Vec::new());
+        // A bound on the walk: pairing can never make a cycle, but a bug must not hang here.
+        let mut budget = MAX_PASS_DOWN;
+        while let Some(id) = at.take().or_else(|| pending.pop()) {
+            budget -= 1;
+            let Some(s) = self.spans.get(&id).filter(|_| budget > 0) else {
+                continue;
+            };
+            let (children, sampling) = (s.children.clone(), s.sampling);
+            for child in children {
+                let Some(ch) = self.spans.get_mut(&child) else {
+                    continue;
+                };
+                ch.trace_id = trace_id;
+                if !ch.explicit_sampling {
+                    ch.sampling = sampling;
+                }
+                let (explicit, sampling) = (ch.explicit_sampling, ch.sampling);
+                let Some((next, far)) = ch
+                    .linked_server
+                    .and_then(|n| Some((n, self.spans.get_mut(&n)?)))
+                else {
+                    continue;
+                };
+                far.trace_id = trace_id;
+                if explicit || !far.explicit_sampling {
+                    far.sampling = sampling;
+                }
+                pending.push(next);
+            }
+        }
     }
 
     pub fn request_ended(&mut self, id: u64, body_len: u64) {
@@ -650,9 +729,38 @@ impl Tracer {
             self.ready.push_back(id);
             return;
         }
+        if let Some((client, server)) = pair
+            && self.pair_settled(client, server)
+        {
+            // Neither waits out the linger: read while still in the cache, and not held.
+            self.unlinger(if id == client { server } else { client });
+            self.ready.push_back(client);
+            self.ready.push_back(server);
+            return;
+        }
+        let slot = self.lingering_taken + self.lingering.len() as u64;
+        if let Some(s) = self.spans.get_mut(&id) {
+            s.linger_slot = Some(slot);
+        }
         self.lingering_bytes += bytes;
         self.lingering
             .push_back((end_ns.saturating_add(self.linger_ns), id, bytes));
+    }
+
+    /// Takes a lingering span out of the linger (its entry stays, emptied, until its turn).
+    fn unlinger(&mut self, id: u64) {
+        let Some(slot) = self.spans.get_mut(&id).and_then(|s| s.linger_slot.take()) else {
+            return;
+        };
+        let Some(entry) = slot
+            .checked_sub(self.lingering_taken)
+            .and_then(|i| self.lingering.get_mut(usize::try_from(i).ok()?))
+            .filter(|e| e.1 == id)
+        else {
+            return;
+        };
+        self.lingering_bytes -= entry.2;
+        (entry.1, entry.2) = (0, 0);
     }
 
     /// Ends are stamped when a syscall returns, and a writer can be preempted on its way out
@@ -771,6 +879,10 @@ impl Tracer {
             let Some((ready, id, bytes)) = self.lingering.pop_front() else {
                 break;
             };
+            self.lingering_taken += 1;
+            if id == 0 {
+                continue;
+            }
             if ready > now_ns {
                 self.stats.spans_linger_cut += 1;
             }
@@ -984,6 +1096,11 @@ mod tests {
     /// An HTTP request on a connection both of whose ends this agent decodes (rule 3 may pair
     /// it): `kind` CLIENT is the end at `a`, SERVER the end at `b`.
     fn start_paired(t: &mut Tracer, kind: SpanKind, tgid: u32, at: u64) -> u64 {
+        start_nth(t, kind, tgid, at, 0)
+    }
+
+    /// As `start_paired`, request `seq` of the connection.
+    fn start_nth(t: &mut Tracer, kind: SpanKind, tgid: u32, at: u64, seq: u64) -> u64 {
         let (a, b): (SocketAddr, SocketAddr) = (
             "10.0.0.1:40000".parse().unwrap(),
             "10.0.0.2:80".parse().unwrap(),
@@ -998,10 +1115,88 @@ mod tests {
                 peer,
                 netns: 1,
             }),
-            seq: Some(0),
+            seq: Some(seq),
             ..get(kind, tgid, Headers::default(), at)
         };
         t.request_started(r).expect("room")
+    }
+
+    fn lingering_tracer() -> Tracer {
+        Tracer::new(
+            1_000_000_000,
+            1024,
+            usize::MAX,
+            0,
+            Privacy::default(),
+            Sampler::default(),
+        )
+    }
+
+    /// Both ends of a pair, once finished in a final trace, leave at the next flush whichever
+    /// finished first, the client stretched over its server; the first one's linger entry is
+    /// emptied (no bytes held, no early leave counted).
+    #[test]
+    fn finished_pairs_leave_without_lingering() {
+        let mut t = lingering_tracer();
+        let mut out = Vec::new();
+        for (server_first, at) in [(true, 100), (false, 1_000)] {
+            let client = start_paired(&mut t, SpanKind::Client, 8, at + 10);
+            let server = start_paired(&mut t, SpanKind::Server, 7, at);
+            let (first, second) = if server_first {
+                (server, client)
+            } else {
+                (client, server)
+            };
+            t.finished(first, at + 50, 0, None);
+            t.flush(at + 60, &mut out);
+            assert!(out.is_empty(), "the first end waits for its pair");
+            assert!(t.lingering_bytes > 0);
+            t.finished(second, at + 70, 0, None);
+            t.flush(at + 80, &mut out);
+            let ids: Vec<u64> = out.iter().map(|s| s.span_id).collect();
+            assert_eq!(ids, [client, server], "server first: {server_first}");
+            assert_eq!(out[0].start_unix_ns, out[1].start_unix_ns, "stretched");
+            assert_eq!(out[1].parent_span_id, Some(client));
+            assert_eq!(out[1].trace_id, out[0].trace_id);
+            assert_eq!(t.lingering_bytes, 0);
+            out.clear();
+        }
+        t.flush(u64::MAX, &mut out);
+        assert!(out.is_empty(), "nothing left twice");
+        assert_eq!(t.stats.spans_linger_cut, 0);
+        assert_eq!(t.stats.spans_finished, 4);
+    }
+
+    /// A pair below a server whose caller is not seen yet waits: pairing the server later
+    /// corrects the trace of its call and of the server that call reached.
+    #[test]
+    fn pairs_in_a_trace_still_open_to_correction_linger_and_take_it() {
+        let mut t = lingering_tracer();
+        let mut out = Vec::new();
+        let middle = start_nth(&mut t, SpanKind::Server, 7, 100, 0);
+        let call = start_nth(&mut t, SpanKind::Client, 7, 110, 1);
+        let leaf = start_nth(&mut t, SpanKind::Server, 9, 115, 1);
+        assert_eq!(
+            (parent(&t, call), parent(&t, leaf)),
+            (Some(middle), Some(call))
+        );
+        t.finished(leaf, 120, 0, None);
+        t.finished(call, 130, 0, None);
+        t.flush(140, &mut out);
+        assert!(out.is_empty(), "the pair's trace may still change");
+        let caller = start_nth(&mut t, SpanKind::Client, 8, 90, 0);
+        t.finished(middle, 150, 0, None);
+        t.finished(caller, 160, 0, None);
+        t.flush(170, &mut out);
+        let ids: Vec<u64> = out.iter().map(|s| s.span_id).collect();
+        assert_eq!(ids, [caller, middle], "the top pair leaves at once");
+        t.flush(u64::MAX, &mut out);
+        assert_eq!(out.len(), 4);
+        let trace = out[0].trace_id;
+        assert!(
+            out.iter().all(|s| s.trace_id == trace),
+            "one trace, down to the leaf"
+        );
     }
 
     /// A call that nothing can pair (a data-store call: its server's side is not decoded)
