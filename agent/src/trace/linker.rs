@@ -488,19 +488,23 @@ impl Tracer {
         }
         // One pass, no allocation: this runs for every outgoing call.
         let (mut count, mut last, mut on_thread) = (0, None, (0, 0));
+        let multiplexed = self.multiplexed.contains(&tgid);
         for (id, s) in open {
             count += 1;
             last = Some((id, s));
             if s.tid == tid {
                 on_thread = (on_thread.0 + 1, id);
             }
+            // Where threads tell nothing, a second open request settles it: an event loop
+            // has all its connections' requests open, each a cache miss to look at.
+            if count > 1 && (multiplexed || s.process.go()) {
+                return Pick::Ambiguous;
+            }
         }
         match (count, last, on_thread) {
             (_, None, _) => Pick::None,
             (1, Some((id, _)), _) => Pick::Server(id),
-            (_, Some((_, s)), (1, id)) if !self.multiplexed.contains(&tgid) && !s.process.go() => {
-                Pick::Server(id)
-            }
+            (_, Some(_), (1, id)) => Pick::Server(id),
             _ => Pick::Ambiguous,
         }
     }
