@@ -131,6 +131,18 @@ enum Payload {
     Skip(u64),
 }
 
+/// What a header block's frames said of it, beside its bytes.
+#[derive(Clone, Copy)]
+struct BlockHead {
+    /// 0 for a PUSH_PROMISE's block (decoded for the table, no stream of its own).
+    stream: u32,
+    end_stream: bool,
+    /// Time of the first byte of the block.
+    start_ns: u64,
+    /// Some of its bytes were not captured.
+    lost: bool,
+}
+
 /// One direction's frame stream.
 struct Side {
     from_client: bool,
@@ -138,8 +150,8 @@ struct Side {
     header: [u8; 9],
     header_len: usize,
     payload: Option<Payload>,
-    /// HEADERS awaiting CONTINUATION: stream, END_STREAM, fragment, start, lost.
-    block: Option<(u32, bool, Vec<u8>, u64, bool)>,
+    /// HEADERS awaiting CONTINUATION, with the fragments so far.
+    block: Option<(BlockHead, Vec<u8>)>,
     hpack: hpack::Decoder,
     /// Request headers kept beyond those spans need (configured capture list).
     captured: &'static [&'static str],
@@ -392,18 +404,27 @@ impl Side {
                 }
                 let end_stream = h.kind == HEADERS && h.flags & END_STREAM != 0;
                 // Promised streams' blocks still change the table; decode, then drop them.
-                let stream = if h.kind == HEADERS { h.stream } else { 0 };
-                self.block = Some((stream, end_stream, frag.to_vec(), start_ns, lost));
+                let head = BlockHead {
+                    stream: if h.kind == HEADERS { h.stream } else { 0 },
+                    end_stream,
+                    start_ns,
+                    lost,
+                };
                 if h.flags & END_HEADERS != 0 {
-                    self.end_block(out);
+                    // A block in one frame, the usual case, is decoded where it lies.
+                    self.end_block(head, frag, out);
+                } else {
+                    self.block = Some((head, frag.to_vec()));
                 }
             }
             CONTINUATION => match self.block.as_mut() {
-                Some(block) => {
-                    block.2.extend_from_slice(p);
-                    block.4 |= lost;
-                    if h.flags & END_HEADERS != 0 {
-                        self.end_block(out);
+                Some((head, fragments)) => {
+                    fragments.extend_from_slice(p);
+                    head.lost |= lost;
+                    if h.flags & END_HEADERS != 0
+                        && let Some((head, block)) = self.block.take()
+                    {
+                        self.end_block(head, &block, out);
                     }
                 }
                 None => self.broken(out),
@@ -431,16 +452,19 @@ impl Side {
         }
     }
 
-    fn end_block(&mut self, out: &mut Vec<Message>) {
-        let Some((stream, end_stream, block, start_ns, lost)) = self.block.take() else {
-            return;
-        };
+    fn end_block(&mut self, head: BlockHead, block: &[u8], out: &mut Vec<Message>) {
+        let BlockHead {
+            stream,
+            end_stream,
+            start_ns,
+            lost,
+        } = head;
         let (mut fields, mut partial) = (Vec::with_capacity(8), false);
         let captured = self.captured;
         let decoded = !lost
             && self
                 .hpack
-                .decode_with(&block, |f| match f {
+                .decode_with(block, |f| match f {
                     // Only what spans read is copied out of the tables, and only the value:
                     // a name copied per field was a third of HTTP/2's allocations.
                     Some((n, v)) => {
