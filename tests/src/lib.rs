@@ -498,6 +498,17 @@ pub fn grpc_collector_with(
     (addr, Spans(store))
 }
 
+/// The agent's environment for exporting OTLP/HTTP (protobuf) to [`http_collector`]'s address.
+pub fn http_env(collector: SocketAddr) -> [(&'static str, String); 2] {
+    [
+        (
+            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+            format!("http://{collector}/v1/traces"),
+        ),
+        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
+    ]
+}
+
 /// A real OTLP/HTTP collector: POST /v1/traces with a protobuf body, as the spec defines.
 pub fn http_collector(rt: &tokio::runtime::Runtime) -> (SocketAddr, Spans) {
     http_collector_with(rt, None)

@@ -2,7 +2,8 @@
 use std::{os::unix::process::CommandExt as _, process::Command, time::Duration};
 
 use kspan_tests::{
-    Agent, PyService, assert_root, curl, http_collector, kspan_bin, runtime, trace_id, unique_path,
+    Agent, PyService, assert_root, curl, http_collector, http_env, kspan_bin, runtime, trace_id,
+    unique_path,
 };
 
 fn run_kspan(args: &[&str], uid: Option<u32>) -> (i32, String) {
@@ -97,13 +98,7 @@ fn finished_pairs_leave_at_once_filtered_by_port_over_otlp_http() {
         "kspan-http",
         // A linger far longer than the test: only a pair's leaving at once delivers in time.
         &["--linger-ms", "60000", "--port", &port],
-        &[
-            (
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                format!("http://{collector}/v1/traces"),
-            ),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
-        ],
+        &http_env(collector),
     );
     let path = unique_path("pair");
     let t = trace_id(9);
@@ -160,13 +155,7 @@ fn sigterm_flushes_lingering_spans() {
         "kspan-sigterm",
         // A linger far longer than the test: only the shutdown flush can deliver these spans.
         &["--linger-ms", "60000", "--pid", &pid],
-        &[
-            (
-                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-                format!("http://{collector}/v1/traces"),
-            ),
-            ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
-        ],
+        &http_env(collector),
     );
     let t = trace_id(10);
     curl(&[

@@ -1,13 +1,11 @@
 //! The exporters against collectors that misbehave on purpose: gzip on both OTLP transports,
 //! retries only where the specification allows them (and spans arriving once), partial
 //! success counted, and Zipkin v2 JSON checked against the schema.
-use std::{
-    net::SocketAddr,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use kspan_tests::{
-    Agent, Got, PyService, Spans, assert_root, curl, grpc_collector, http_collector, metric,
+    Agent, Got, PyService, Spans, assert_root, curl, grpc_collector, http_collector, http_env,
+    metric,
     receivers::{Answer, zipkin_receiver},
     runtime, trace_id, trace_id_64, unique_path, wait_metric,
 };
@@ -39,16 +37,6 @@ fn agent(name: &str, port: u16, extra: &[&str], env: &[(&str, String)]) -> Agent
     let mut args = vec!["--port", port.as_str(), "--linger-ms", "50"];
     args.extend_from_slice(extra);
     Agent::start(name, &args, env)
-}
-
-fn http_env(collector: SocketAddr) -> [(&'static str, String); 2] {
-    [
-        (
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-            format!("http://{collector}/v1/traces"),
-        ),
-        ("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf".into()),
-    ]
 }
 
 /// OTLP/HTTP, gzipped; the collector answers 503 with `Retry-After: 1` once, then 200: the
