@@ -647,10 +647,13 @@ impl Tracer {
     fn pass_down(&mut self, server: u64, trace_id: u128) {
         let (mut at, mut pending) = (Some(server), Vec::new());
         // A bound on the walk: pairing can never make a cycle, but a bug must not hang here.
-        let mut budget = MAX_PASS_DOWN;
+        let mut walked = 0;
         while let Some(id) = at.take().or_else(|| pending.pop()) {
-            budget -= 1;
-            let Some(s) = self.spans.get(&id).filter(|_| budget > 0) else {
+            if walked == MAX_PASS_DOWN {
+                break;
+            }
+            walked += 1;
+            let Some(s) = self.spans.get(&id) else {
                 continue;
             };
             let (children, sampling) = (s.children.clone(), s.sampling);
@@ -1169,6 +1172,22 @@ mod tests {
         assert!(out.is_empty(), "nothing left twice");
         assert_eq!(t.stats.spans_linger_cut, 0);
         assert_eq!(t.stats.spans_finished, 4);
+    }
+
+    /// The walk down a trace is bounded: a loop in the links (which pairing never makes) ends.
+    #[test]
+    fn passing_a_trace_down_ends_on_a_loop() {
+        let mut t = lingering_tracer();
+        let server = start_paired(&mut t, SpanKind::Server, 7, 100);
+        // Two calls back to their own server: the walk's queue grows at every step.
+        let calls = [110, 120].map(|at| start(&mut t, SpanKind::Client, 7, false, None, at));
+        for call in calls {
+            t.spans.get_mut(&call).expect("open").linked_server = Some(server);
+        }
+        assert_eq!(t.spans[&server].children, calls);
+        t.pass_down(server, 42);
+        assert_eq!(t.spans[&server].trace_id, 42);
+        assert!(calls.iter().all(|c| t.spans[c].trace_id == 42));
     }
 
     /// A pair below a server whose caller is not seen yet waits: pairing the server later
