@@ -444,13 +444,9 @@ impl Pipeline {
     /// again once `out` is handed on). A tick's spans otherwise all exist at once: at
     /// pipelined-Redis rates that was ~16k records, whose memory the allocator then kept.
     pub fn tick_at_most(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>, max: usize) -> bool {
-        let more = self.tracer.flush_at_most(now_ns, out, max);
-        for o in self.tracer.observations.drain(..) {
-            self.red.observe(&o);
-        }
-        // Reused every tick: keep no burst-sized buffer.
-        self.tracer.observations.shrink_to(1024);
-        more
+        let red = &mut self.red;
+        self.tracer
+            .flush_at_most(now_ns, out, max, &mut |o| red.observe(o))
     }
 
     /// Slow periodic work (scans): idle connections and stale exchanges.

@@ -224,21 +224,21 @@ impl Red {
             }
             (None, None, SpanKind::Server) => {
                 let mut route = std::mem::take(&mut self.route);
-                self.route_into(service, &o.path, &mut route);
+                self.route_into(service, o.path, &mut route);
                 self.add(
                     Family::HttpServer,
-                    [service, &o.method, &route, status, error_type],
+                    [service, o.method, &route, status, error_type],
                     seconds,
                     false,
                 );
                 self.route = route;
             }
             (None, None, SpanKind::Client) => {
-                let (addr, port) = o.server.as_ref().map_or(("", 0), |(a, p)| (a.as_str(), *p));
+                let (addr, port) = o.server.as_ref().map_or(("", 0), |(a, p)| (a.as_ref(), *p));
                 let port = port_buf.format(port);
                 self.add(
                     Family::HttpClient,
-                    [service, &o.method, addr, port, status, error_type],
+                    [service, o.method, addr, port, status, error_type],
                     seconds,
                     false,
                 );
@@ -503,13 +503,12 @@ fn looks_like_id(s: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
     use crate::{process::ProcessInfo, trace::span::Grpc};
 
-    fn process(name: &str) -> Arc<ProcessInfo> {
-        Arc::new(ProcessInfo {
+    /// A process for the test's observations to borrow (as they borrow their span's).
+    fn process(name: &str) -> &'static ProcessInfo {
+        Box::leak(Box::new(ProcessInfo {
             pid: 1,
             comm: String::new(),
             exe: String::new(),
@@ -518,16 +517,22 @@ mod tests {
             cgroup: Default::default(),
             k8s: None,
             runtime: Default::default(),
-        })
+        }))
     }
 
-    fn obs(kind: SpanKind, service: &str, path: &str, status: u16, ms: u64) -> Observation {
+    fn obs<'a>(
+        kind: SpanKind,
+        service: &str,
+        path: &'a str,
+        status: u16,
+        ms: u64,
+    ) -> Observation<'a> {
         Observation {
             kind,
             process: process(service),
             peer_process: None,
-            method: "GET".into(),
-            path: path.into(),
+            method: "GET",
+            path,
             status: Some(status),
             grpc: None,
             server: (kind == SpanKind::Client).then(|| ("backend".into(), 8081)),
@@ -585,12 +590,13 @@ mod tests {
         failed.peer_process = Some(process("gateway"));
         red.observe(&failed);
         red.observe(&obs(SpanKind::Client, "gateway", "/x", 404, 1));
-        let mut rpc = obs(SpanKind::Server, "cart", "/shop.Cart/Get", 200, 2);
-        rpc.grpc = Some(Grpc {
+        let grpc = Grpc {
             service: "shop.Cart".into(),
             method: "Get".into(),
             status: Some(5),
-        });
+        };
+        let mut rpc = obs(SpanKind::Server, "cart", "/shop.Cart/Get", 200, 2);
+        rpc.grpc = Some(&grpc);
         red.observe(&rpc);
         let mut text = String::new();
         red.render(&mut text);

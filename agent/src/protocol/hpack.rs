@@ -5,7 +5,7 @@
 //! entries may follow. A reference into the unknown part yields [`Field::Unknown`], never a
 //! guessed value. Known entries are exact; once they alone overflow the table, every unknown
 //! entry must have been evicted and the table is fully known again.
-use std::collections::VecDeque;
+use std::{borrow::Cow, collections::VecDeque};
 
 mod huffman {
     //! RFC 7541 Appendix B's canonical Huffman code, decoded strictly (§5.2). The code is
@@ -51,31 +51,33 @@ mod huffman {
         })
     }
 
-    /// The decoded bytes, or `None` for an invalid string: a code no symbol has, EOS inside
-    /// the string, or padding that is longer than 7 bits or not all ones.
-    pub fn decode(raw: &[u8]) -> Option<Vec<u8>> {
+    /// Decodes `raw` into `out` (cleared first); false for an invalid string: a code no
+    /// symbol has, EOS inside the string, or padding that is longer than 7 bits or not all
+    /// ones.
+    pub fn decode_into(raw: &[u8], out: &mut Vec<u8>) -> bool {
         let t = table();
-        let mut out = Vec::with_capacity(raw.len() * 8 / 5);
+        out.clear();
+        out.reserve(raw.len() * 8 / 5);
         let (mut code, mut len) = (0u32, 0usize);
         for byte in raw {
             for bit in (0..8).rev() {
                 code = code << 1 | u32::from(byte >> bit & 1);
                 len += 1;
                 if len > MAX_LEN {
-                    return None;
+                    return false;
                 }
                 let offset = code.wrapping_sub(t.first[len]);
                 if t.count[len] > 0 && code >= t.first[len] && offset < t.count[len] {
                     let symbol = t.symbols[t.start[len] as usize + offset as usize];
                     if symbol == EOS {
-                        return None;
+                        return false;
                     }
                     out.push(symbol as u8);
                     (code, len) = (0, 0);
                 }
             }
         }
-        (len <= 7 && code == (1 << len) - 1).then_some(out)
+        len <= 7 && code == (1 << len) - 1
     }
 
     #[cfg(test)]
@@ -95,7 +97,9 @@ mod huffman {
                     .rev()
                     .map(|i| (bits >> (i * 8)) as u8)
                     .collect();
-                assert_eq!(decode(&bytes), Some(vec![symbol as u8]), "symbol {symbol}");
+                let mut out = vec![0xff; 3];
+                assert!(decode_into(&bytes, &mut out), "symbol {symbol}");
+                assert_eq!(out, [symbol as u8], "symbol {symbol}");
             }
         }
     }
@@ -187,6 +191,9 @@ const STATIC: [(&str, &str); 61] = [
     ("www-authenticate", ""),
 ];
 
+/// Largest decoding buffer a connection keeps between header blocks.
+const SCRATCH_KEPT: usize = 4096;
+
 /// Per-entry overhead the RFC adds to name and value lengths.
 const ENTRY_OVERHEAD: usize = 32;
 
@@ -199,6 +206,9 @@ pub struct Decoder {
     max_size: usize,
     /// Upper bound announced by SETTINGS_HEADER_TABLE_SIZE (4096 by default).
     limit: usize,
+    /// Where Huffman-coded names and values are decoded: a field the table does not keep is
+    /// handed on from here without an allocation of its own.
+    scratch: [Vec<u8>; 2],
 }
 
 impl Default for Decoder {
@@ -216,6 +226,7 @@ impl Decoder {
             unknown_tail: false,
             max_size: 4096,
             limit: 4096,
+            scratch: Default::default(),
         }
     }
 
@@ -292,6 +303,24 @@ impl Decoder {
         block: &[u8],
         mut field: impl FnMut(Option<(&str, &str)>),
     ) -> Result<(), HpackError> {
+        let [mut names, mut values] = std::mem::take(&mut self.scratch);
+        let decoded = self.decode_fields(block, [&mut names, &mut values], &mut field);
+        // A huge literal leaves no buffer of its size behind on every connection.
+        for buf in [&mut names, &mut values] {
+            if buf.capacity() > SCRATCH_KEPT {
+                *buf = Vec::new();
+            }
+        }
+        self.scratch = [names, values];
+        decoded
+    }
+
+    fn decode_fields(
+        &mut self,
+        block: &[u8],
+        [names, values]: [&mut Vec<u8>; 2],
+        field: &mut impl FnMut(Option<(&str, &str)>),
+    ) -> Result<(), HpackError> {
         let mut r = Reader { buf: block, pos: 0 };
         while let Some(&b) = r.buf.get(r.pos) {
             if b & 0x80 != 0 {
@@ -315,20 +344,20 @@ impl Decoder {
                 };
                 let name_index = r.integer(prefix)?;
                 if name_index == 0 {
-                    let (name, value) = (r.string()?, r.string()?);
+                    let (name, value) = (r.string(names)?, r.string(values)?);
                     field(Some((&name, &value)));
                     if indexing {
-                        self.insert(name, value);
+                        self.insert(name.into_owned(), value.into_owned());
                     }
                     continue;
                 }
-                let value = r.string()?;
+                let value = r.string(values)?;
                 match self.lookup(name_index)? {
                     Some((name, _)) => {
                         field(Some((name, &value)));
                         if indexing {
                             let name = name.to_string();
-                            self.insert(name, value);
+                            self.insert(name, value.into_owned());
                         }
                     }
                     None => {
@@ -350,7 +379,7 @@ struct Reader<'a> {
     pos: usize,
 }
 
-impl Reader<'_> {
+impl<'a> Reader<'a> {
     fn byte(&mut self) -> Result<u8, HpackError> {
         let b = *self.buf.get(self.pos).ok_or(HpackError::Truncated)?;
         self.pos += 1;
@@ -380,18 +409,23 @@ impl Reader<'_> {
         }
     }
 
-    fn string(&mut self) -> Result<String, HpackError> {
+    /// A string literal (§5.2), read in place or, Huffman-coded, decoded into `scratch`.
+    fn string<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Result<Cow<'s, str>, HpackError>
+    where
+        'a: 's,
+    {
         let huffman = self.buf.get(self.pos).ok_or(HpackError::Truncated)? & 0x80 != 0;
         let len = self.integer(7)?;
         let end = self.pos.checked_add(len).ok_or(HpackError::Truncated)?;
         let raw = self.buf.get(self.pos..end).ok_or(HpackError::Truncated)?;
         self.pos = end;
-        let bytes = if huffman {
-            huffman::decode(raw).ok_or(HpackError::Huffman)?
-        } else {
-            raw.to_vec()
-        };
-        Ok(String::from_utf8_lossy(&bytes).into_owned())
+        if !huffman {
+            return Ok(String::from_utf8_lossy(raw));
+        }
+        if !huffman::decode_into(raw, scratch) {
+            return Err(HpackError::Huffman);
+        }
+        Ok(String::from_utf8_lossy(scratch))
     }
 }
 

@@ -188,8 +188,6 @@ pub struct Tracer {
     clock_offset_ns: i128,
     privacy: Privacy,
     sampler: Sampler,
-    /// Every finished request, sampled or not, for metrics; drained by the caller.
-    pub observations: Vec<Observation>,
     sql_facts: FactsCache,
     pub stats: TracerStats,
 }
@@ -292,7 +290,6 @@ impl Tracer {
             clock_offset_ns,
             privacy,
             sampler,
-            observations: Vec::new(),
             sql_facts: FactsCache::default(),
             stats: TracerStats::default(),
         }
@@ -811,13 +808,22 @@ impl Tracer {
         }
     }
 
-    /// Emits spans whose linger expired by `now_ns` (monotonic) and expires stale state.
+    /// Emits spans whose linger expired by `now_ns` (monotonic) and expires stale state, with
+    /// no metrics.
+    #[cfg(test)]
     pub fn flush(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>) {
-        self.flush_at_most(now_ns, out, usize::MAX);
+        self.flush_at_most(now_ns, out, usize::MAX, &mut |_| {});
     }
 
-    /// [`Tracer::flush`] until `out` holds `max` spans; true when more are ready.
-    pub fn flush_at_most(&mut self, now_ns: u64, out: &mut Vec<SpanRecord>, max: usize) -> bool {
+    /// Emits spans whose linger expired by `now_ns` (monotonic), until `out` holds `max`;
+    /// `observe` sees every finished request, sampled or not. True when more are ready.
+    pub fn flush_at_most(
+        &mut self,
+        now_ns: u64,
+        out: &mut Vec<SpanRecord>,
+        max: usize,
+        observe: &mut impl FnMut(&Observation<'_>),
+    ) -> bool {
         let mut batch = [0; AHEAD];
         loop {
             let room = max.saturating_sub(out.len()).min(AHEAD);
@@ -827,7 +833,7 @@ impl Tracer {
             }
             self.warm(&batch[..n]);
             for &id in &batch[..n] {
-                if let Some(rec) = self.record(id) {
+                if let Some(rec) = self.record(id, observe) {
                     out.push(rec);
                 }
             }
@@ -927,7 +933,11 @@ impl Tracer {
         }
     }
 
-    fn record(&mut self, id: u64) -> Option<SpanRecord> {
+    fn record(
+        &mut self,
+        id: u64,
+        observe: &mut impl FnMut(&Observation<'_>),
+    ) -> Option<SpanRecord> {
         let s = self.spans.remove(&id)?;
         let mut start = s.start_ns;
         let mut end = s.end_ns.unwrap_or(start).max(s.cover_end_ns);
@@ -948,76 +958,83 @@ impl Tracer {
         }
         self.stats.spans_finished += 1;
         let error = s.error.clone().or_else(|| s.exchange.error(s.kind));
-        let is_error = error.is_some();
         let failed = s.error.is_some() || s.exchange.error(SpanKind::Client).is_some();
-        let duration_ns = end.saturating_sub(start);
-        let sampled = self.sampler.exports(s.sampling, s.trace_id);
-        // Attributes first, while the exchange is whole; the observation then takes its
-        // strings instead of copies (this runs for every request, sampled or not).
-        let record = sampled.then(|| {
-            if s.exchange.partial() {
-                self.stats.spans_partial += 1;
-            }
-            let to_unix = |ns: u64| (ns as i128 + self.clock_offset_ns).max(0) as u64;
-            SpanRecord {
-                trace_id: s.trace_id,
-                span_id: id,
-                parent_span_id: s.parent,
-                kind: s.kind,
-                name: s.exchange.span_name(),
-                start_unix_ns: to_unix(start),
-                end_unix_ns: to_unix(end),
-                attributes: {
-                    let mut a = s.exchange.attributes(s.kind, &self.privacy);
-                    if s.ambiguous {
-                        a.push(("kspan.link", AttrValue::Static("ambiguous")));
-                    }
-                    a
-                },
-                error,
-                process: s.process.clone(),
-            }
-        });
-        if !sampled {
-            self.stats.spans_unsampled += 1;
-        }
-        let mut o = Observation {
-            kind: s.kind,
-            process: s.process,
-            peer_process: s.peer_process,
-            method: super::span::Text::default(),
-            path: String::new(),
-            status: None,
-            grpc: None,
-            server: None,
-            duration_ns,
-            error: is_error,
+        // Metrics first, from the exchange as it is; the attributes then take its strings.
+        observe(&observation(
+            &s,
+            end.saturating_sub(start),
+            error.is_some(),
             failed,
-            db: None,
-        };
-        match s.exchange {
-            Exchange::Http(mut exchange) => {
-                o.server = (s.kind == SpanKind::Client).then(|| exchange.server_endpoint());
-                let path_len = exchange.path().len();
-                exchange.target.truncate(path_len);
-                o.method = exchange.method;
-                o.path = exchange.target;
-                o.status = exchange.status;
-                o.grpc = exchange.grpc;
-            }
-            Exchange::Db(d) => {
-                o.server = d.peer.map(|p| (super::span::ip_string(p.ip()), p.port()));
-                o.db = Some(DbObservation {
-                    system: d.call.system,
-                    operation: d.operation(),
-                    collection: d.collection(),
-                    error_code: d.error.map(|(code, _)| code).unwrap_or_default(),
-                });
-            }
+        ));
+        if !self.sampler.exports(s.sampling, s.trace_id) {
+            self.stats.spans_unsampled += 1;
+            return None;
         }
-        self.observations.push(o);
-        record
+        if s.exchange.partial() {
+            self.stats.spans_partial += 1;
+        }
+        let to_unix = |ns: u64| (ns as i128 + self.clock_offset_ns).max(0) as u64;
+        let name = s.exchange.span_name();
+        let mut attributes = s.exchange.attributes(s.kind, &self.privacy);
+        if s.ambiguous {
+            attributes.push(("kspan.link", AttrValue::Static("ambiguous")));
+        }
+        Some(SpanRecord {
+            trace_id: s.trace_id,
+            span_id: id,
+            parent_span_id: s.parent,
+            kind: s.kind,
+            name,
+            start_unix_ns: to_unix(start),
+            end_unix_ns: to_unix(end),
+            attributes,
+            error,
+            process: s.process,
+        })
     }
+}
+
+/// What metrics read of a finished span.
+fn observation(s: &Open, duration_ns: u64, error: bool, failed: bool) -> Observation<'_> {
+    let mut o = Observation {
+        kind: s.kind,
+        process: &s.process,
+        peer_process: s.peer_process.as_deref(),
+        method: "",
+        path: "",
+        status: None,
+        grpc: None,
+        server: None,
+        duration_ns,
+        error,
+        failed,
+        db: None,
+    };
+    match &s.exchange {
+        Exchange::Http(exchange) => {
+            o.server = (s.kind == SpanKind::Client).then(|| exchange.server_endpoint());
+            o.method = &exchange.method;
+            o.path = exchange.path();
+            o.status = exchange.status;
+            o.grpc = exchange.grpc.as_ref();
+        }
+        Exchange::Db(d) => {
+            o.server = d
+                .peer
+                .map(|p| (super::span::ip_string(p.ip()).into(), p.port()));
+            o.db = Some(DbObservation {
+                system: d.call.system,
+                operation: d.operation(),
+                collection: d.collection(),
+                error_code: d
+                    .error
+                    .as_ref()
+                    .map(|(code, _)| code.clone())
+                    .unwrap_or_default(),
+            });
+        }
+    }
+    o
 }
 
 #[cfg(test)]
@@ -1324,14 +1341,14 @@ mod tests {
         let mut got = Vec::new();
         let mut out = Vec::new();
         let mut calls = 0;
-        while t.flush_at_most(u64::MAX, &mut out, 2) {
+        while t.flush_at_most(u64::MAX, &mut out, 2, &mut |_| {}) {
             assert_eq!(out.len(), 2);
             got.extend(out.drain(..).map(|s| s.span_id));
             calls += 1;
         }
         got.extend(out.drain(..).map(|s| s.span_id));
         assert_eq!((got, calls), (ids, 2));
-        assert!(!t.flush_at_most(u64::MAX, &mut out, 2) && out.is_empty());
+        assert!(!t.flush_at_most(u64::MAX, &mut out, 2, &mut |_| {}) && out.is_empty());
     }
 
     #[test]

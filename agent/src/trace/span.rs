@@ -142,20 +142,22 @@ impl SpanRecord {
     }
 }
 
-/// What metrics need of every finished request, sampled or not.
+/// What metrics need of every finished request, sampled or not, borrowed from the span's
+/// exchange before its attributes take the strings (an owned copy per request was two
+/// allocations at line rate).
 #[derive(Clone, Debug)]
-pub struct Observation {
+pub struct Observation<'a> {
     pub kind: SpanKind,
-    pub process: Arc<ProcessInfo>,
+    pub process: &'a ProcessInfo,
     /// The process at the other end, when this agent saw both ends (rule 3).
-    pub peer_process: Option<Arc<ProcessInfo>>,
-    pub method: Text,
+    pub peer_process: Option<&'a ProcessInfo>,
+    pub method: &'a str,
     /// Path without the query.
-    pub path: String,
+    pub path: &'a str,
     pub status: Option<u16>,
-    pub grpc: Option<Grpc>,
+    pub grpc: Option<&'a Grpc>,
     /// The server as the client addressed it (`server.address`, `server.port`); CLIENT only.
-    pub server: Option<(String, u16)>,
+    pub server: Option<(Cow<'a, str>, u16)>,
     pub duration_ns: u64,
     /// The span's status is error.
     pub error: bool,
@@ -190,7 +192,8 @@ impl Exchange {
         }
     }
 
-    pub fn attributes(&self, kind: SpanKind, privacy: &Privacy) -> Vec<(&'static str, AttrValue)> {
+    /// The span's attributes; they take the exchange's strings.
+    pub fn attributes(self, kind: SpanKind, privacy: &Privacy) -> Vec<(&'static str, AttrValue)> {
         match self {
             Exchange::Http(h) => h.attributes(kind, privacy),
             Exchange::Db(d) => d.attributes(privacy),
@@ -346,6 +349,21 @@ fn split_host(host: &str) -> (&str, Option<u16>) {
     }
 }
 
+/// The name part of a Host header ([`split_host`]) as a string of its own: the header cut
+/// short, without a copy, unless the name is bracketed.
+fn host_name(mut host: String) -> String {
+    let (start, len) = {
+        let (name, _) = split_host(&host);
+        (name.as_ptr() as usize - host.as_ptr() as usize, name.len())
+    };
+    if start == 0 {
+        host.truncate(len);
+        host
+    } else {
+        host[start..start + len].to_string()
+    }
+}
+
 /// A decimal port; `None` for anything else (as `str::parse::<u16>` but without its sign).
 fn port(digits: &[u8]) -> Option<u16> {
     u16::try_from(crate::protocol::decimal(digits)?).ok()
@@ -364,15 +382,21 @@ impl HttpExchange {
     }
 
     /// The server as a client addressed it: the Host header, else the peer address.
-    pub fn server_endpoint(&self) -> (String, u16) {
-        match (self.host.as_deref().map(split_host), self.peer) {
-            (Some((h, p)), peer) => (
-                h.to_string(),
-                p.or(peer.map(|x| x.port())).unwrap_or(self.default_port()),
-            ),
-            (None, Some(peer)) => (ip_string(peer.ip()), peer.port()),
-            (None, None) => (String::new(), self.default_port()),
-        }
+    pub fn server_endpoint(&self) -> (Cow<'_, str>, u16) {
+        let name = match (&self.host, self.peer) {
+            (Some(host), _) => Cow::Borrowed(split_host(host).0),
+            (None, Some(peer)) => ip_string(peer.ip()).into(),
+            (None, None) => Cow::Borrowed(""),
+        };
+        (name, self.server_port())
+    }
+
+    fn server_port(&self) -> u16 {
+        self.host
+            .as_deref()
+            .and_then(|h| split_host(h).1)
+            .or(self.peer.map(|p| p.port()))
+            .unwrap_or(self.default_port())
     }
 
     fn scheme(&self) -> &'static str {
@@ -392,7 +416,12 @@ impl HttpExchange {
     /// network.local.*, network.transport, network.type, body sizes, and user_agent.original on
     /// CLIENT spans) only with `privacy.opt_in_attributes`: the conventions ask instrumentations
     /// not to emit them unasked, and each costs export time on every span.
-    pub fn attributes(&self, kind: SpanKind, privacy: &Privacy) -> Vec<(&'static str, AttrValue)> {
+    /// Strings move into the attributes rather than being copied (the span's last use).
+    pub fn attributes(
+        mut self,
+        kind: SpanKind,
+        privacy: &Privacy,
+    ) -> Vec<(&'static str, AttrValue)> {
         let opt_in = privacy.opt_in_attributes;
         let mut a: Vec<(&'static str, AttrValue)> =
             Vec::with_capacity(if opt_in { 20 } else { 12 });
@@ -401,23 +430,24 @@ impl HttpExchange {
         if !self.method.is_empty() {
             a.push(("http.request.method", method_value(&self.method)));
         }
-        let (path, query) = match self.target.split_once('?') {
-            Some((p, q)) => (p, Some(q)),
-            None => (self.target.as_str(), None),
-        };
-        let host = self.host.as_deref().map(split_host);
         match kind {
             SpanKind::Server => {
-                if !path.is_empty() {
-                    a.push(("url.path", path.into()));
-                }
-                if let Some(q) = query {
-                    a.push(("url.query", privacy.query(q).into()));
+                let target = std::mem::take(&mut self.target);
+                match target.split_once('?') {
+                    Some((path, query)) => {
+                        if !path.is_empty() {
+                            a.push(("url.path", path.into()));
+                        }
+                        a.push(("url.query", privacy.query(query).into()));
+                    }
+                    None if !target.is_empty() => a.push(("url.path", target.into())),
+                    None => {}
                 }
                 a.push(("url.scheme", AttrValue::Static(self.scheme())));
-                if let Some((h, p)) = host {
-                    a.push(("server.address", h.into()));
-                    if let Some(p) = p.or(self.local.map(|l| l.port())) {
+                let host_port = self.host.as_deref().and_then(|h| split_host(h).1);
+                if let Some(host) = self.host.take() {
+                    a.push(("server.address", host_name(host).into()));
+                    if let Some(p) = host_port.or(self.local.map(|l| l.port())) {
                         a.push(("server.port", (p as i64).into()));
                     }
                 } else if let Some(l) = self.local {
@@ -432,21 +462,27 @@ impl HttpExchange {
                 }
             }
             SpanKind::Client => {
-                let (h, port) = self.server_endpoint();
+                let port = self.server_port();
+                let h: AttrValue = match (self.host.take(), self.peer) {
+                    (Some(host), _) => host_name(host).into(),
+                    (None, Some(peer)) => ip_shared(peer.ip()).into(),
+                    (None, None) => AttrValue::Static(""),
+                };
+                let h_text = h.as_str().unwrap_or_default();
                 let target = privacy.target(&self.target);
                 if target.starts_with("http://") || target.starts_with("https://") {
                     // Absolute form (requests to a proxy): the target is the whole URL.
                     a.push(("url.full", without_credentials(&target).into()));
                 } else if !target.is_empty() {
-                    let mut url = String::with_capacity(16 + h.len() + target.len());
+                    let mut url = String::with_capacity(16 + h_text.len() + target.len());
                     url.push_str(self.scheme());
                     url.push_str("://");
                     let default_port = self.default_port();
-                    let bracket = h.contains(':') && port != default_port;
+                    let bracket = h_text.contains(':') && port != default_port;
                     if bracket {
                         url.push('[');
                     }
-                    url.push_str(&h);
+                    url.push_str(h_text);
                     if bracket {
                         url.push(']');
                     }
@@ -458,8 +494,8 @@ impl HttpExchange {
                     a.push(("url.full", url.into()));
                 }
                 a.push(("server.port", (port as i64).into()));
-                if !h.is_empty() {
-                    a.push(("server.address", h.into()));
+                if !h_text.is_empty() {
+                    a.push(("server.address", h));
                 }
             }
         }
@@ -483,10 +519,10 @@ impl HttpExchange {
             _ => "2",
         };
         a.push(("network.protocol.version", AttrValue::Static(version)));
-        if let Some(g) = &self.grpc {
+        if let Some(g) = self.grpc {
             a.push(("rpc.system", AttrValue::Static("grpc")));
-            a.push(("rpc.service", g.service.as_str().into()));
-            a.push(("rpc.method", g.method.as_str().into()));
+            a.push(("rpc.service", g.service.into()));
+            a.push(("rpc.method", g.method.into()));
             if let Some(code) = g.status {
                 a.push(("rpc.grpc.status_code", code.into()));
             }
@@ -494,17 +530,17 @@ impl HttpExchange {
         if self.partial {
             a.push(("kspan.partial", true.into()));
         }
-        if let Some(ua) = &self.user_agent
+        if let Some(ua) = self.user_agent
             && (kind == SpanKind::Server || opt_in)
         {
-            a.push(("user_agent.original", ua.as_str().into()));
+            a.push(("user_agent.original", ua.into()));
         }
         for (&name, &key) in privacy.captured.iter().zip(privacy.captured_keys) {
             let values: Vec<String> = self
                 .captured_headers
-                .iter()
+                .iter_mut()
                 .filter(|(n, _)| *n == name)
-                .map(|(_, v)| v.clone())
+                .map(|(_, v)| std::mem::take(v))
                 .collect();
             if !values.is_empty() {
                 a.push((key, AttrValue::StrArray(values)));
@@ -649,7 +685,7 @@ mod tests {
         kind: SpanKind,
         privacy: &Privacy,
     ) -> impl Fn(&str) -> Option<AttrValue> + use<> {
-        let a = e.attributes(kind, privacy);
+        let a = e.clone().attributes(kind, privacy);
         move |k| a.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone())
     }
 
@@ -785,5 +821,14 @@ mod tests {
         assert_eq!(split_host("a:65535"), ("a", Some(65535)));
         assert_eq!(split_host("a:65536"), ("a", None));
         assert_eq!(split_host("a:008080"), ("a", Some(8080)));
+        // The name taken out of the header is the same text, in place or copied.
+        for (host, name) in [
+            ("a:1", "a"),
+            ("a", "a"),
+            ("[::1]:8080", "::1"),
+            ("::1", "::1"),
+        ] {
+            assert_eq!(host_name(host.to_string()), name);
+        }
     }
 }

@@ -2,13 +2,10 @@
 //! streams identically).
 use rustc_hash::FxHashMap as HashMap;
 
-use super::{Http2Conn, Message};
+use super::{Block, Http2Conn, Message};
 use crate::{
     capture::event::{Direction, Role},
-    protocol::{
-        Call, Decoder, Out, Outcome, Segment, Step,
-        http1::{Headers, RequestHead, Text, method_text},
-    },
+    protocol::{Call, Decoder, Out, Outcome, Segment, Step, http1::RequestHead},
 };
 
 /// What a stream in flight has shown so far.
@@ -72,9 +69,9 @@ impl Exchanges {
                     // The side that sends a request header block is the client.
                     Message::Headers {
                         from_client: egress,
-                        fields,
+                        block,
                         ..
-                    } if fields.iter().any(|(n, _)| *n == ":method") => {
+                    } if block.method.is_some() => {
                         out.push(Step::Role(if *egress {
                             Role::Client
                         } else {
@@ -101,7 +98,7 @@ impl Exchanges {
             Message::Headers {
                 from_client: true,
                 stream,
-                fields,
+                block,
                 end_stream,
                 partial,
                 start_ns,
@@ -117,7 +114,7 @@ impl Exchanges {
                     }
                     return;
                 }
-                let call = Call::Http(request_head(fields, start_ns));
+                let call = Call::Http(request_head(block, start_ns));
                 out.push(Step::Begin { id, call, partial });
                 if end_stream {
                     out.push(Step::RequestDone { id, body: 0 });
@@ -127,11 +124,11 @@ impl Exchanges {
             Message::Headers {
                 from_client: false,
                 stream,
-                fields,
+                block,
                 end_stream,
                 partial,
                 ..
-            } => self.response_headers(stream, &fields, end_stream, partial, ts_ns, out),
+            } => self.response_headers(stream, &block, end_stream, partial, ts_ns, out),
             Message::HeadersLost {
                 from_client,
                 stream,
@@ -226,7 +223,7 @@ impl Exchanges {
     fn response_headers(
         &mut self,
         stream: u32,
-        fields: &[(&'static str, String)],
+        block: &Block,
         end_stream: bool,
         partial: bool,
         ts_ns: u64,
@@ -236,14 +233,8 @@ impl Exchanges {
             return;
         };
         let id = stream as u64;
-        let value = |name: &str| {
-            fields
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| v.as_str())
-        };
         if !s.status_seen {
-            match value(":status").and_then(|v| v.parse::<u16>().ok()) {
+            match block.status {
                 Some(status) if (100..200).contains(&status) => return,
                 Some(status) => {
                     s.status_seen = true;
@@ -255,7 +246,7 @@ impl Exchanges {
                 None => {}
             }
         }
-        if let Some(code) = value("grpc-status").and_then(|v| v.parse::<i64>().ok()) {
+        if let Some(code) = block.grpc_status {
             out.push(Step::Outcome {
                 id,
                 outcome: Outcome::GrpcStatus(code),
@@ -321,24 +312,14 @@ impl Decoder for Exchanges {
     fn close(&mut self, _ts_ns: u64, _out: &mut Out<'_>) {}
 }
 
-/// An HTTP/2 request's header block as a request head (version 2).
-fn request_head(fields: Vec<(&'static str, String)>, start_ns: u64) -> RequestHead {
-    let mut head = RequestHead {
-        method: Text::default(),
-        target: String::new(),
+/// An HTTP/2 request's header block as a request head (version 2); a block joined mid-way
+/// may lack the method or path, left empty.
+fn request_head(block: Block, start_ns: u64) -> RequestHead {
+    RequestHead {
+        method: block.method.unwrap_or_default(),
+        target: block.path.unwrap_or_default(),
         version: 2,
-        headers: Headers::default(),
+        headers: block.headers,
         start_ns,
-    };
-    for (name, value) in fields {
-        match name {
-            ":method" => head.method = method_text(&value),
-            ":path" => head.target = value,
-            ":authority" => head.headers.insert_kept("host", value),
-            ":status" | "grpc-status" => {}
-            // What else the decoder kept are the request headers HTTP/1 keeps.
-            _ => head.headers.insert_kept(name, value),
-        }
     }
-    head
 }
