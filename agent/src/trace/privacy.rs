@@ -4,6 +4,7 @@
 //! `REDACTED` unless asked otherwise, credentials in absolute URLs always are (per the
 //! semantic conventions for `url.full`), and payload bodies are only ever counted.
 
+use std::borrow::Cow;
 /// Headers that are never captured, whatever the configuration says.
 pub const ALWAYS_REDACTED: &[&str] = &[
     "authorization",
@@ -85,10 +86,10 @@ impl Privacy {
     }
 
     /// A request target as exported: query values redacted (see [`Self::query`]).
-    pub fn target(&self, target: &str) -> String {
+    pub fn target<'a>(&self, target: &'a str) -> Cow<'a, str> {
         match target.split_once('?') {
-            Some((path, q)) => format!("{path}?{}", self.query(q)),
-            None => target.to_string(),
+            Some((path, q)) => format!("{path}?{}", self.query(q)).into(),
+            None => Cow::Borrowed(target),
         }
     }
 }

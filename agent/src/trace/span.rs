@@ -349,18 +349,22 @@ fn split_host(host: &str) -> (&str, Option<u16>) {
     }
 }
 
-/// The name part of a Host header ([`split_host`]) as a string of its own: the header cut
-/// short, without a copy, unless the name is bracketed.
-fn host_name(mut host: String) -> String {
-    let (start, len) = {
-        let (name, _) = split_host(&host);
-        (name.as_ptr() as usize - host.as_ptr() as usize, name.len())
+/// A Host header taken apart ([`split_host`]): its name as a string of its own (the header
+/// cut short, without a copy, unless the name is bracketed) and its port.
+fn host_parts(mut host: String) -> (String, Option<u16>) {
+    let (start, len, port) = {
+        let (name, port) = split_host(&host);
+        (
+            name.as_ptr() as usize - host.as_ptr() as usize,
+            name.len(),
+            port,
+        )
     };
     if start == 0 {
         host.truncate(len);
-        host
+        (host, port)
     } else {
-        host[start..start + len].to_string()
+        (host[start..start + len].to_string(), port)
     }
 }
 
@@ -383,18 +387,20 @@ impl HttpExchange {
 
     /// The server as a client addressed it: the Host header, else the peer address.
     pub fn server_endpoint(&self) -> (Cow<'_, str>, u16) {
-        let name = match (&self.host, self.peer) {
-            (Some(host), _) => Cow::Borrowed(split_host(host).0),
-            (None, Some(peer)) => ip_string(peer.ip()).into(),
-            (None, None) => Cow::Borrowed(""),
+        let (name, host_port) = match (&self.host, self.peer) {
+            (Some(host), _) => {
+                let (name, port) = split_host(host);
+                (Cow::Borrowed(name), port)
+            }
+            (None, Some(peer)) => (ip_string(peer.ip()).into(), None),
+            (None, None) => (Cow::Borrowed(""), None),
         };
-        (name, self.server_port())
+        (name, self.server_port(host_port))
     }
 
-    fn server_port(&self) -> u16 {
-        self.host
-            .as_deref()
-            .and_then(|h| split_host(h).1)
+    /// The server's port given the Host header's: else the peer's, else the scheme's.
+    fn server_port(&self, host_port: Option<u16>) -> u16 {
+        host_port
             .or(self.peer.map(|p| p.port()))
             .unwrap_or(self.default_port())
     }
@@ -444,9 +450,8 @@ impl HttpExchange {
                     None => {}
                 }
                 a.push(("url.scheme", AttrValue::Static(self.scheme())));
-                let host_port = self.host.as_deref().and_then(|h| split_host(h).1);
-                if let Some(host) = self.host.take() {
-                    a.push(("server.address", host_name(host).into()));
+                if let Some((name, host_port)) = self.host.take().map(host_parts) {
+                    a.push(("server.address", name.into()));
                     if let Some(p) = host_port.or(self.local.map(|l| l.port())) {
                         a.push(("server.port", (p as i64).into()));
                     }
@@ -462,12 +467,15 @@ impl HttpExchange {
                 }
             }
             SpanKind::Client => {
-                let port = self.server_port();
-                let h: AttrValue = match (self.host.take(), self.peer) {
-                    (Some(host), _) => host_name(host).into(),
-                    (None, Some(peer)) => ip_shared(peer.ip()).into(),
-                    (None, None) => AttrValue::Static(""),
+                let (h, host_port): (AttrValue, _) = match (self.host.take(), self.peer) {
+                    (Some(host), _) => {
+                        let (name, port) = host_parts(host);
+                        (name.into(), port)
+                    }
+                    (None, Some(peer)) => (ip_shared(peer.ip()).into(), None),
+                    (None, None) => (AttrValue::Static(""), None),
                 };
+                let port = self.server_port(host_port);
                 let h_text = h.as_str().unwrap_or_default();
                 let target = privacy.target(&self.target);
                 if target.starts_with("http://") || target.starts_with("https://") {
@@ -822,13 +830,9 @@ mod tests {
         assert_eq!(split_host("a:65536"), ("a", None));
         assert_eq!(split_host("a:008080"), ("a", Some(8080)));
         // The name taken out of the header is the same text, in place or copied.
-        for (host, name) in [
-            ("a:1", "a"),
-            ("a", "a"),
-            ("[::1]:8080", "::1"),
-            ("::1", "::1"),
-        ] {
-            assert_eq!(host_name(host.to_string()), name);
+        for host in ["a:1", "a", "[::1]:8080", "::1", "[::1]"] {
+            let (name, port) = split_host(host);
+            assert_eq!(host_parts(host.to_string()), (name.to_string(), port));
         }
     }
 }

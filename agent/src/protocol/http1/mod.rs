@@ -27,15 +27,37 @@ const KEPT: &[&str] = &[
     "tracestate",
 ];
 
+/// Kept request headers. Host and User-Agent, which every span reads, have places of their
+/// own: most requests keep no other header, and then keeping them allocates no list.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Headers(Vec<(&'static str, String)>);
+pub struct Headers {
+    host: Option<String>,
+    user_agent: Option<String>,
+    /// The others, and any repeat of those two, in arrival order.
+    others: Vec<(&'static str, String)>,
+}
 
 impl Headers {
+    fn place(&mut self, name: &str) -> Option<&mut Option<String>> {
+        match name {
+            "host" => Some(&mut self.host),
+            "user-agent" => Some(&mut self.user_agent),
+            _ => None,
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0
-            .iter()
-            .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
+        let own = match name {
+            "host" => self.host.as_deref(),
+            "user-agent" => self.user_agent.as_deref(),
+            _ => None,
+        };
+        own.or_else(|| {
+            self.others
+                .iter()
+                .find(|(n, _)| *n == name)
+                .map(|(_, v)| v.as_str())
+        })
     }
 
     pub fn insert(&mut self, name: &str, value: &str) {
@@ -46,23 +68,32 @@ impl Headers {
     /// configuration asked to export).
     pub fn insert_with(&mut self, name: &str, value: &str, captured: &'static [&'static str]) {
         if let Some(kept) = kept_name(name, captured) {
-            self.0.push((kept, value.to_string()));
+            self.insert_kept(kept, value.to_string());
         }
     }
 
     /// Keeps `value` under `kept`, a name [`kept_name`] gave.
     pub fn insert_kept(&mut self, kept: &'static str, value: String) {
-        self.0.push((kept, value));
+        match self.place(kept) {
+            Some(place @ None) => *place = Some(value),
+            _ => self.others.push((kept, value)),
+        }
     }
 
     /// Moves a header's value out (the span keeps it; no copy).
     pub fn take(&mut self, name: &str) -> Option<String> {
-        let i = self.0.iter().position(|(n, _)| *n == name)?;
-        Some(self.0.swap_remove(i).1)
+        if let Some(v) = self.place(name).and_then(Option::take) {
+            return Some(v);
+        }
+        let i = self.others.iter().position(|(n, _)| *n == name)?;
+        Some(self.others.swap_remove(i).1)
     }
 
     pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
-        self.0.iter().map(|(n, v)| (*n, v.as_str()))
+        let own = [("host", &self.host), ("user-agent", &self.user_agent)];
+        own.into_iter()
+            .filter_map(|(n, v)| Some((n, v.as_deref()?)))
+            .chain(self.others.iter().map(|(n, v)| (*n, v.as_str())))
     }
 }
 
@@ -432,8 +463,7 @@ impl Decoder {
                 Ok(httparse::Status::Partial) => return Ok(None),
                 Err(_) => return Err(()),
             };
-            // Room for the usual few kept headers (Host, User-Agent, a B3 header or two).
-            let mut headers = Headers(Vec::with_capacity(4));
+            let mut headers = Headers::default();
             let framing = collect(req.headers, &mut headers, self.captured)?;
             let method = method_text(req.method.ok_or(())?);
             let body = match framing {
@@ -563,7 +593,7 @@ fn collect(
     for h in raw {
         if let Some(kept) = kept_name(h.name, captured) {
             let value = std::str::from_utf8(h.value).map_err(|_| ())?.trim();
-            headers.0.push((kept, value.to_string()));
+            headers.insert_kept(kept, value.to_string());
         }
     }
     framing(raw)
@@ -696,6 +726,37 @@ mod tests {
             Message::RequestHead(h) => h,
             other => panic!("expected request head, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn kept_headers_keep_repeats_in_order() {
+        let mut h = Headers::default();
+        for (name, value) in [
+            ("Host", "a"),
+            ("b3", "x"),
+            ("HOST", "b"),
+            ("User-Agent", "u"),
+        ] {
+            h.insert(name, value);
+        }
+        h.insert("cookie", "never kept");
+        assert_eq!(
+            h.iter().collect::<Vec<_>>(),
+            [
+                ("host", "a"),
+                ("user-agent", "u"),
+                ("b3", "x"),
+                ("host", "b")
+            ]
+        );
+        assert_eq!(
+            (h.get("host"), h.get("b3"), h.get("cookie")),
+            (Some("a"), Some("x"), None)
+        );
+        assert_eq!(h.take("host").as_deref(), Some("a"));
+        assert_eq!(h.take("host").as_deref(), Some("b"));
+        assert_eq!(h.take("host"), None);
+        assert_eq!(h.get("user-agent"), Some("u"));
     }
 
     #[test]

@@ -156,6 +156,9 @@ impl Block {
             ":authority" => self.headers.insert_kept("host", value.to_string()),
             ":status" => self.status = value.parse().ok(),
             "grpc-status" => self.grpc_status = value.parse().ok(),
+            // Kept headers are request headers; a response's pseudo-headers come first
+            // (RFC 9113 §8.3), so its status is known by its regular fields.
+            _ if self.status.is_some() => {}
             _ => self.headers.insert_with(name, value, captured),
         }
     }
@@ -779,14 +782,19 @@ mod recognition_tests {
         let mut block = 5u32.to_be_bytes().to_vec(); // promised stream id
         block.extend([0x40, 0x02, b'b', b'3', 0x01, b'v']); // literal with indexing: b3: v
         let mut bytes = frame(PUSH_PROMISE, END_HEADERS, 1, &block);
-        // A later response references the pushed entry by its dynamic index.
-        bytes.extend(frame(HEADERS, END_HEADERS, 1, &[0x88, 0xbe]));
+        // A later block references the pushed entry by its dynamic index (a request's, whose
+        // headers are kept).
+        bytes.extend(frame(HEADERS, END_HEADERS, 1, &[0x82, 0xbe]));
+        // A response's are not kept.
+        bytes.extend(frame(HEADERS, END_HEADERS, 3, &[0x88, 0xbe]));
         let mut out = Vec::new();
         c.feed(false, &bytes, 0, 1, &mut out);
-        assert_eq!(out.len(), 1, "{out:?}");
+        assert_eq!(out.len(), 2, "{out:?}");
+        assert!(matches!(&out[1], Message::Headers { stream: 3, block, .. }
+            if block.status == Some(200) && block.headers == Headers::default()));
         assert!(
             matches!(&out[0], Message::Headers { stream: 1, block, partial: false, .. }
-            if block.status == Some(200) && block.headers.get("b3") == Some("v"))
+            if block.method.as_deref() == Some("GET") && block.headers.get("b3") == Some("v"))
         );
     }
 }
