@@ -5,6 +5,7 @@
 //! semantic conventions for `url.full`), and payload bodies are only ever counted.
 
 use std::borrow::Cow;
+
 /// Headers that are never captured, whatever the configuration says.
 pub const ALWAYS_REDACTED: &[&str] = &[
     "authorization",

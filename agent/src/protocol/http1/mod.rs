@@ -47,17 +47,7 @@ impl Headers {
     }
 
     pub fn get(&self, name: &str) -> Option<&str> {
-        let own = match name {
-            "host" => self.host.as_deref(),
-            "user-agent" => self.user_agent.as_deref(),
-            _ => None,
-        };
-        own.or_else(|| {
-            self.others
-                .iter()
-                .find(|(n, _)| *n == name)
-                .map(|(_, v)| v.as_str())
-        })
+        self.iter().find_map(|(n, v)| (n == name).then_some(v))
     }
 
     pub fn insert(&mut self, name: &str, value: &str) {
